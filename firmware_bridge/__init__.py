@@ -1,0 +1,13 @@
+"""Eyepiece bridge: gets Grad-CAM overlays from the daemon onto the AR microdisplay.
+
+Modules (import them directly; nothing heavy is imported here):
+
+* ``pixel_formats`` - RGBA overlay -> RGB888 / RGB565 LE+BE / GRAY8 / MONO1 bytes.
+* ``registration``  - camera -> display homography, its JSON file, ``warp``.
+* ``link``          - COBS + CRC-32 framed, acknowledged serial protocol (host side).
+* ``simulator``     - the display-controller side, on a pty, with fault injection.
+* ``displays``      - ``png://``, ``serial://``, ``fb://`` outputs behind one interface.
+* ``cli``           - ``simulate_main`` / ``register_main`` for the ``armscope bridge`` commands.
+
+The wire protocol is specified in ``docs/link-protocol.md``.
+"""

@@ -1,0 +1,257 @@
+"""The model bundle: a directory with ``manifest.json`` and ONNX graphs.
+
+The manifest is the contract between the exporter (which has TensorFlow) and
+the runtime (which must not need it): task, classes, preprocessing, graph
+inputs/outputs, members with hashes. It is validated against a versioned JSON
+Schema on every load, and every file's sha256 is checked, so a bundle that was
+truncated, edited or mixed with another bundle's members fails loudly with the
+file and field named instead of producing a wrong overlay in an eyepiece.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import jsonschema
+
+from armscope.errors import ArmscopeError
+from armscope.preprocess import Preprocessing
+
+SCHEMA_VERSION = 1
+MANIFEST = "manifest.json"
+
+_tensor = {
+    "type": "object",
+    "required": ["name", "shape", "dtype"],
+    "properties": {
+        "name": {"type": "string"},
+        "shape": {"type": "array", "items": {"type": ["integer", "string"]}},
+        "dtype": {"enum": ["float32", "float16", "uint8"]},
+    },
+}
+_file = {
+    "type": "object",
+    "required": ["file", "sha256"],
+    "properties": {
+        "file": {"type": "string", "pattern": r"^[^/\\].*\.(onnx|engine|plan)$"},
+        "sha256": {"type": "string", "pattern": "^[0-9a-f]{64}$"},
+    },
+}
+
+MANIFEST_SCHEMA = {
+    "$schema": "https://json-schema.org/draft/2020-12/schema",
+    "type": "object",
+    "required": [
+        "schema_version", "name", "task", "preprocessing", "model", "inputs", "outputs",
+        "members", "ensemble", "precision", "opset", "producer",
+    ],
+    "properties": {
+        "schema_version": {"const": SCHEMA_VERSION},
+        "name": {"type": "string", "minLength": 1},
+        "description": {"type": "string"},
+        "task": {
+            "type": "object",
+            "required": ["type", "classes"],
+            "properties": {
+                "type": {"enum": ["binary", "multiclass", "cascade"]},
+                "classes": {"type": "array", "items": {"type": "string"}, "minItems": 2, "uniqueItems": True},
+                "positive_class": {"type": "string"},
+                "threshold": {"type": "number", "minimum": 0, "maximum": 1},
+                "steps": {
+                    "type": "array",
+                    "items": {
+                        "type": "object",
+                        "required": ["when", "bundle"],
+                        "properties": {"when": {"type": "string"}, "bundle": {"type": "string"}},
+                    },
+                },
+            },
+            "allOf": [
+                {
+                    "if": {"properties": {"type": {"const": "binary"}}},
+                    "then": {"required": ["positive_class", "threshold"],
+                             "properties": {"classes": {"maxItems": 2}}},
+                },
+                {
+                    "if": {"properties": {"type": {"const": "cascade"}}},
+                    "then": {"required": ["positive_class", "threshold", "steps"]},
+                },
+            ],
+        },
+        "preprocessing": {
+            "type": "object",
+            "required": ["center_crop", "resize", "interpolation", "channel_order"],
+            "properties": {
+                "center_crop": {"type": "integer", "minimum": 1},
+                "resize": {"type": "integer", "minimum": 1},
+                "interpolation": {"enum": ["area", "linear", "cubic", "nearest"]},
+                "channel_order": {"enum": ["RGB", "BGR"]},
+            },
+        },
+        "model": {
+            "type": "object",
+            "required": ["architecture", "backbone", "patch_size", "grid", "map_size"],
+        },
+        "inputs": {"type": "array", "items": _tensor, "minItems": 1},
+        "outputs": {"type": "array", "items": _tensor, "minItems": 1},
+        "members": {
+            "type": "array",
+            "minItems": 1,
+            "items": {**_file, "required": ["file", "sha256", "fold"],
+                      "properties": {**_file["properties"], "fold": {"type": "integer", "minimum": 0}}},
+        },
+        "ensemble": _file,
+        "precision": {"enum": ["fp32", "fp16", "int8"]},
+        "opset": {"type": "integer", "minimum": 17},
+        "producer": {"type": "object"},
+    },
+}
+
+REQUIRED_OUTPUTS = ("probs", "patch_probs", "cam")
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+@dataclass
+class Bundle:
+    """A loaded, validated bundle. Paths are absolute."""
+
+    root: Path
+    manifest: dict
+
+    @property
+    def classes(self) -> list[str]:
+        return list(self.manifest["task"]["classes"])
+
+    @property
+    def task(self) -> dict:
+        return self.manifest["task"]
+
+    @property
+    def preprocessing(self) -> Preprocessing:
+        return Preprocessing.from_manifest(self.manifest["preprocessing"])
+
+    @property
+    def ensemble_path(self) -> Path:
+        return self.root / self.manifest["ensemble"]["file"]
+
+    @property
+    def member_paths(self) -> list[Path]:
+        return [self.root / m["file"] for m in self.manifest["members"]]
+
+    def output_shape(self, name: str) -> list:
+        for out in self.manifest["outputs"]:
+            if out["name"] == name:
+                return out["shape"]
+        raise KeyError(name)
+
+
+def _format_validation_error(path: Path, err: jsonschema.ValidationError) -> str:
+    field = ".".join(str(p) for p in err.absolute_path) or "(top level)"
+    return f"{path}: field {field}: {err.message}"
+
+
+def validate_manifest(manifest: dict, path: Path) -> None:
+    """Raise ArmscopeError naming the first invalid field (by schema, then cross-field rules)."""
+    validator = jsonschema.Draft202012Validator(MANIFEST_SCHEMA)
+    errors = sorted(validator.iter_errors(manifest), key=lambda e: list(e.absolute_path))
+    if errors:
+        raise ArmscopeError(_format_validation_error(path, errors[0]))
+    task = manifest["task"]
+    if "positive_class" in task and task["positive_class"] not in task["classes"]:
+        raise ArmscopeError(
+            f"{path}: field task.positive_class: {task['positive_class']!r} is not one of task.classes {task['classes']}"
+        )
+    names = [o["name"] for o in manifest["outputs"]]
+    missing = [n for n in REQUIRED_OUTPUTS if n not in names]
+    if missing:
+        raise ArmscopeError(f"{path}: field outputs: missing {missing}, expected {list(REQUIRED_OUTPUTS)}")
+    pre = manifest["preprocessing"]
+    if manifest["inputs"][0]["shape"][1:] != [pre["resize"], pre["resize"], 3]:
+        raise ArmscopeError(
+            f"{path}: field inputs.0.shape: {manifest['inputs'][0]['shape']} does not match "
+            f"preprocessing.resize {pre['resize']} (expected [N, {pre['resize']}, {pre['resize']}, 3])"
+        )
+
+
+def load_bundle(root: str | Path, verify_hashes: bool = True) -> Bundle:
+    """Load and validate a bundle directory; every member file must exist and match its hash."""
+    root = Path(root).resolve()
+    manifest_path = root / MANIFEST
+    if not root.is_dir():
+        raise ArmscopeError(f"{root}: not a bundle directory (expected a directory with {MANIFEST})")
+    if not manifest_path.is_file():
+        raise ArmscopeError(f"{manifest_path}: missing; a bundle directory must contain {MANIFEST}")
+    try:
+        manifest = json.loads(manifest_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ArmscopeError(f"{manifest_path}: not valid JSON ({exc})") from None
+    if not isinstance(manifest, dict):
+        raise ArmscopeError(f"{manifest_path}: expected a JSON object at the top level")
+    if manifest.get("schema_version") not in (None, SCHEMA_VERSION):
+        raise ArmscopeError(
+            f"{manifest_path}: field schema_version: {manifest.get('schema_version')!r} is not supported "
+            f"by this armscope (supports {SCHEMA_VERSION}); upgrade armscope or re-export the bundle"
+        )
+    validate_manifest(manifest, manifest_path)
+    bundle = Bundle(root, manifest)
+    entries = [("ensemble", manifest["ensemble"])] + [
+        (f"members.{i}", m) for i, m in enumerate(manifest["members"])
+    ]
+    for field, entry in entries:
+        path = root / entry["file"]
+        if not path.is_file():
+            raise ArmscopeError(f"{path}: missing; {MANIFEST} field {field}.file names it")
+        if verify_hashes:
+            actual = sha256_file(path)
+            if actual != entry["sha256"]:
+                raise ArmscopeError(
+                    f"{path}: sha256 {actual} does not match {MANIFEST} field {field}.sha256 "
+                    f"{entry['sha256']} (file changed or belongs to another bundle)"
+                )
+    for i, step in enumerate(manifest["task"].get("steps", [])):
+        sub = root / step["bundle"]
+        if not (sub / MANIFEST).is_file():
+            raise ArmscopeError(f"{manifest_path}: field task.steps.{i}.bundle: {sub} is not a bundle directory")
+    return bundle
+
+
+def write_manifest(root: Path, manifest: dict) -> None:
+    validate_manifest(manifest, root / MANIFEST)
+    (root / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+
+
+@contextmanager
+def staged_directory(final: Path, overwrite: bool = False):
+    """Yield a temporary sibling directory; on success it replaces ``final``
+    atomically (rename), on failure it is removed: nothing half-written is left."""
+    final = Path(final).resolve()
+    if final.exists() and not overwrite:
+        if not final.is_dir() or any(final.iterdir()):
+            raise ArmscopeError(f"{final}: already exists and is not empty (use --force to replace it)")
+    final.parent.mkdir(parents=True, exist_ok=True)
+    stage = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
+    try:
+        yield stage
+    except BaseException:
+        shutil.rmtree(stage, ignore_errors=True)
+        raise
+    if final.exists():
+        trash = final.with_name(f".{final.name}.old.{os.getpid()}")
+        os.rename(final, trash)
+        os.rename(stage, final)
+        shutil.rmtree(trash, ignore_errors=True)
+    else:
+        os.rename(stage, final)

@@ -1,0 +1,180 @@
+"""The ``armscope`` command. Each subcommand imports its heavy modules only when
+it runs, so ``armscope --help``, ``inspect`` and ``classify`` work without
+TensorFlow, TensorRT or CUDA installed."""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+from armscope import __version__
+from armscope.errors import ArmscopeError
+
+
+def _cmd_train(args) -> int:
+    from export.train import train
+
+    members = train(Path(args.data_dir), Path(args.out), backbone=args.backbone, folds=args.folds,
+                    epochs=args.epochs, batch_size=args.batch_size, learning_rate=args.lr, seed=args.seed)
+    for path in members:
+        print(path)
+    return 0
+
+
+def _cmd_export(args) -> int:
+    from armscope.preprocess import Preprocessing
+    from export.onnx_export import TaskSpec, export_bundle
+
+    task = None
+    if args.classes:
+        classes = [c.strip() for c in args.classes.split(",")]
+        kind = args.task or ("binary" if len(classes) == 2 else "multiclass")
+        positive = args.positive_class or (classes[-1] if kind == "binary" else None)
+        threshold = args.threshold if args.threshold is not None else (0.5 if kind == "binary" else None)
+        task = TaskSpec(kind, classes, positive, threshold)
+    elif args.task or args.positive_class or args.threshold is not None:
+        raise ArmscopeError("--task/--positive-class/--threshold need --classes")
+    spec = Preprocessing(center_crop=args.crop, resize=640, interpolation=args.interpolation)
+    out = export_bundle([Path(p) for p in args.members], Path(args.out), task=task, name=args.name,
+                        preprocessing=spec, opset=args.opset, force=args.force, description=args.description)
+    print(f"wrote bundle {out}")
+    return 0
+
+
+def _cmd_inspect(args) -> int:
+    from armscope.bundle import load_bundle
+
+    bundle = load_bundle(args.bundle)
+    if args.json:
+        print(json.dumps(bundle.manifest, indent=2))
+        return 0
+    m = bundle.manifest
+    task = m["task"]
+    print(f"bundle      {bundle.root}")
+    print(f"name        {m['name']}  (schema {m['schema_version']}, precision {m['precision']}, opset {m['opset']})")
+    extra = f", positive {task['positive_class']!r} at threshold {task['threshold']}" if "threshold" in task else ""
+    print(f"task        {task['type']}: {', '.join(task['classes'])}{extra}")
+    pre = m["preprocessing"]
+    print(f"input       centre crop {pre['center_crop']} -> resize {pre['resize']} ({pre['interpolation']}), "
+          f"{pre['channel_order']} float32 0..255")
+    model = m["model"]
+    print(f"model       {model['architecture']}, backbone {model['backbone']}, "
+          f"{model['grid']}x{model['grid']} patches of {model['patch_size']}, map {model['map_size']}x{model['map_size']}")
+    print("outputs     " + ", ".join(f"{o['name']} {o['shape']}" for o in m["outputs"]))
+    for member in m["members"]:
+        print(f"member      {member['file']}  fold {member['fold']}  sha256 {member['sha256'][:16]}...  ok")
+    print(f"ensemble    {m['ensemble']['file']}  sha256 {m['ensemble']['sha256'][:16]}...  ok")
+    print("producer    " + ", ".join(f"{k} {v}" for k, v in m["producer"].items()))
+    print("hashes      all verified")
+    return 0
+
+
+def _cmd_classify(args) -> int:
+    from edge.classify import classify_images
+
+    options = {"layout": args.layout}
+    if args.threads:
+        options["threads"] = args.threads
+    report = classify_images(Path(args.bundle), [Path(p) for p in args.images],
+                             json_out=Path(args.json) if args.json else None,
+                             overlay_dir=Path(args.overlay_dir) if args.overlay_dir else None,
+                             backend=args.backend, threshold=args.threshold, force=args.force, **options)
+    classes = report["classes"]
+    width = max(len(Path(r["image"]).name) for r in report["images"])
+    print(f"{'image':<{width}}  " + "  ".join(f"{c:>10}" for c in classes) + "  decision")
+    for r in report["images"]:
+        print(f"{Path(r['image']).name:<{width}}  " + "  ".join(f"{r['probs'][c]:>10.4f}" for c in classes)
+              + f"  {r['decision']['label']}" + (f" -> {r['subtype']['decision']['label']}" if "subtype" in r else ""))
+    slide = report["slide"]
+    print(f"{'slide (mean)':<{width}}  " + "  ".join(f"{slide['probs'][c]:>10.4f}" for c in classes)
+          + f"  {slide['decision']['label']}")
+    if args.overlay_dir:
+        print(f"overlays in {args.overlay_dir}")
+    return 0
+
+
+def _cmd_bridge(args) -> int:
+    from firmware_bridge import cli as bridge_cli
+
+    handlers = {"simulate": bridge_cli.simulate_main, "register": bridge_cli.register_main}
+    return handlers[args.bridge_command](args.rest)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="armscope", description=__doc__.split("\n")[0] + " "
+                                     "Edge toolkit for AR microscopes.")
+    parser.add_argument("--version", action="version", version=f"armscope {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log progress (INFO)")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    p = sub.add_parser("train", help="train a member or a K-fold ensemble on a folder of class subfolders (needs [tf])")
+    p.add_argument("data_dir")
+    p.add_argument("--out", required=True, help="directory for member_N.keras and their .json sidecars")
+    p.add_argument("--backbone", default="densenet-mini", choices=["densenet121", "densenet-mini"])
+    p.add_argument("--folds", type=int, default=1)
+    p.add_argument("--epochs", type=int, default=10)
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=_cmd_train)
+
+    p = sub.add_parser("export", help="Keras members -> ONNX bundle with in-graph tiling and Grad-CAM (needs [tf])")
+    p.add_argument("members", nargs="+", help=".keras, .h5 or SavedModel directories, one per ensemble member")
+    p.add_argument("--out", required=True, help="bundle directory to create")
+    p.add_argument("--name")
+    p.add_argument("--description", default="")
+    p.add_argument("--classes", help="comma-separated class names (default: from the training sidecars)")
+    p.add_argument("--task", choices=["binary", "multiclass"])
+    p.add_argument("--positive-class")
+    p.add_argument("--threshold", type=float, help="decision threshold on the positive class (binary tasks)")
+    p.add_argument("--crop", type=int, default=1024, help="centre crop of the camera frame, pixels")
+    p.add_argument("--interpolation", default="area", choices=["area", "linear", "cubic", "nearest"])
+    p.add_argument("--opset", type=int, default=17)
+    p.add_argument("--force", action="store_true", help="replace an existing bundle directory")
+    p.set_defaults(func=_cmd_export)
+
+    p = sub.add_parser("inspect", help="print a bundle's manifest and verify every file hash")
+    p.add_argument("bundle")
+    p.add_argument("--json", action="store_true", help="print the manifest as JSON")
+    p.set_defaults(func=_cmd_inspect)
+
+    p = sub.add_parser("classify", help="classify camera images with a bundle; slide-level mean; overlays")
+    p.add_argument("images", nargs="+")
+    p.add_argument("--bundle", required=True)
+    p.add_argument("--json", help="write the per-image and slide results here")
+    p.add_argument("--overlay-dir", help="write Grad-CAM overlay PNGs into this (new) directory")
+    p.add_argument("--backend", default="auto", choices=["auto", "onnxruntime"])
+    p.add_argument("--layout", default="merged", choices=["merged", "members"],
+                   help="onnxruntime: one merged-ensemble session, or concurrent per-member sessions")
+    p.add_argument("--threads", type=int, help="onnxruntime intra-op threads (default: all cores)")
+    p.add_argument("--threshold", type=float, help="override the manifest's decision threshold")
+    p.add_argument("--force", action="store_true", help="replace an existing overlay directory")
+    p.set_defaults(func=_cmd_classify)
+
+    p = sub.add_parser("bridge", help="eyepiece side: 'bridge simulate' (display controller on a pty), "
+                       "'bridge register' (camera->display homography)")
+    p.add_argument("bridge_command", choices=["simulate", "register"])
+    p.add_argument("rest", nargs=argparse.REMAINDER)
+    p.set_defaults(func=_cmd_bridge)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    try:
+        return args.func(args)
+    except ArmscopeError as exc:
+        print(f"armscope {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,94 @@
+"""ONNX Runtime on the CPU.
+
+Two layouts, both measured in BENCHMARKS.md: ``merged`` runs the bundle's
+ensemble graph in one session (the members' averaging is in the graph);
+``members`` runs one session per member concurrently in threads and averages
+on the host (ONNX Runtime releases the GIL while it computes).
+"""
+from __future__ import annotations
+
+import os
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+
+from armscope.bundle import Bundle
+from armscope.errors import ArmscopeError
+from edge.backends.base import OUTPUTS, InferenceBackend
+
+LAYOUTS = ("merged", "members")
+
+
+def session_options(threads: int):
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    opts.intra_op_num_threads = max(1, threads)
+    opts.inter_op_num_threads = 1
+    return opts
+
+
+def open_session(path, threads: int):
+    import onnxruntime as ort
+
+    try:
+        return ort.InferenceSession(str(path), sess_options=session_options(threads),
+                                    providers=["CPUExecutionProvider"])
+    except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph types
+        raise ArmscopeError(f"{path}: ONNX Runtime could not load it ({str(exc)[:300]})") from None
+
+
+class OnnxRuntimeBackend(InferenceBackend):
+    name = "onnxruntime"
+
+    def __init__(self, bundle: Bundle, layout: str = "merged", threads: int | None = None):
+        if layout not in LAYOUTS:
+            raise ArmscopeError(f"onnxruntime layout {layout!r}: expected one of {', '.join(LAYOUTS)}")
+        self.bundle = bundle
+        self.layout = layout
+        self.threads = threads or os.cpu_count() or 1
+        if layout == "merged":
+            self.sessions = [open_session(bundle.ensemble_path, self.threads)]
+            self.pool = None
+        else:
+            paths = bundle.member_paths
+            per = max(1, self.threads // len(paths))
+            self.sessions = [open_session(p, per) for p in paths]
+            self.pool = ThreadPoolExecutor(max_workers=len(paths), thread_name_prefix="ort-member")
+        self._check_io()
+
+    def _check_io(self) -> None:
+        for session in self.sessions:
+            names = [o.name for o in session.get_outputs()]
+            inputs = session.get_inputs()
+            if [i.name for i in inputs] != ["image"] or any(n not in names for n in OUTPUTS):
+                raise ArmscopeError(
+                    f"{self.bundle.root}: a graph has inputs {[i.name for i in inputs]} and outputs {names}; "
+                    f"expected input ['image'] and outputs {list(OUTPUTS)}"
+                )
+            n_classes = len(self.bundle.classes)
+            probs_shape = next(o.shape for o in session.get_outputs() if o.name == "probs")
+            if isinstance(probs_shape[-1], int) and probs_shape[-1] != n_classes:
+                raise ArmscopeError(
+                    f"{self.bundle.root}: graph 'probs' has {probs_shape[-1]} classes, manifest task.classes has {n_classes}"
+                )
+
+    def infer(self, images: np.ndarray) -> dict[str, np.ndarray]:
+        images = np.ascontiguousarray(images, dtype=np.float32)
+        if len(self.sessions) == 1:
+            return dict(zip(OUTPUTS, self.sessions[0].run(list(OUTPUTS), {"image": images})))
+        results = list(self.pool.map(lambda s: s.run(list(OUTPUTS), {"image": images}), self.sessions))
+        return {name: np.mean([r[i] for r in results], axis=0) for i, name in enumerate(OUTPUTS)}
+
+    def describe(self) -> dict:
+        import onnxruntime as ort
+
+        return {"backend": self.name, "layout": self.layout, "threads": self.threads,
+                "sessions": len(self.sessions), "onnxruntime": ort.__version__}
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.shutdown(wait=True)
+        self.sessions = []

@@ -1,0 +1,116 @@
+"""Offline classification of camera-sized images with a bundle: per-image and
+slide-level (mean over the images, as in the paper) probabilities, decisions,
+and Grad-CAM overlay PNGs for review."""
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from armscope.bundle import Bundle, load_bundle, staged_directory
+from armscope.errors import ArmscopeError
+from armscope.preprocess import crop_box, load_image, preprocess_frame
+from edge.backends import open_backend
+from edge.decision import decide
+from edge.overlay import blend_on_frame
+
+log = logging.getLogger(__name__)
+
+
+def _probs_dict(classes, probs) -> dict:
+    return {c: round(float(p), 6) for c, p in zip(classes, probs)}
+
+
+class Classifier:
+    """A bundle with its backend, plus the sub-bundles of a cascade task."""
+
+    def __init__(self, bundle: Bundle, backend: str = "auto", **backend_options):
+        self.bundle = bundle
+        self.backend = open_backend(bundle, backend, **backend_options)
+        self.steps = {
+            step["when"]: Classifier(load_bundle(bundle.root / step["bundle"]), backend, **backend_options)
+            for step in bundle.task.get("steps", [])
+        }
+
+    def run(self, batch: np.ndarray) -> dict[str, np.ndarray]:
+        return self.backend.infer(batch)
+
+    def decide(self, probs: np.ndarray, threshold: float | None = None) -> dict:
+        return decide(probs, self.bundle.task, threshold)
+
+    def close(self):
+        self.backend.close()
+        for sub in self.steps.values():
+            sub.close()
+
+
+def classify_images(
+    bundle_dir: Path,
+    images: list[Path],
+    json_out: Path | None = None,
+    overlay_dir: Path | None = None,
+    backend: str = "auto",
+    threshold: float | None = None,
+    force: bool = False,
+    **backend_options,
+) -> dict:
+    """Classify ``images`` as one slide. Every image is read and checked before
+    any inference, so a bad file fails the run before anything is written."""
+    if not images:
+        raise ArmscopeError("no images given")
+    bundle = load_bundle(bundle_dir)
+    spec = bundle.preprocessing
+    frames = [load_image(p) for p in images]
+    batch = np.stack([preprocess_frame(f, spec, source=str(p)) for f, p in zip(frames, images)])
+    classifier = Classifier(bundle, backend, **backend_options)
+    try:
+        results, cams = _run(classifier, batch, images, threshold)
+    finally:
+        classifier.close()
+    slide_probs = np.mean([r["_probs"] for r in results], axis=0)
+    report = {
+        "bundle": bundle.manifest["name"],
+        "backend": classifier.backend.describe(),
+        "classes": bundle.classes,
+        "images": [{k: v for k, v in r.items() if not k.startswith("_")} for r in results],
+        "slide": {"n_images": len(results), "probs": _probs_dict(bundle.classes, slide_probs),
+                  "decision": classifier.decide(slide_probs, threshold)},
+    }
+    if overlay_dir is not None:
+        with staged_directory(Path(overlay_dir), overwrite=force) as stage:
+            for frame, path, result, cam in zip(frames, images, results, cams):
+                label = f"{result['decision']['label']} {result['decision']['score']:.2f}"
+                out = blend_on_frame(frame, cam, crop_box(frame.shape, spec), label)
+                target = stage / f"{Path(path).stem}_overlay.png"
+                if not cv2.imwrite(str(target), out):
+                    raise ArmscopeError(f"{target}: could not write the overlay PNG")
+    if json_out is not None:
+        json_out = Path(json_out)
+        json_out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = json_out.with_name(f".{json_out.name}.tmp")
+        tmp.write_text(json.dumps(report, indent=2) + "\n")
+        tmp.replace(json_out)
+    return report
+
+
+def _run(classifier: Classifier, batch: np.ndarray, images: list[Path], threshold):
+    outputs = classifier.run(batch)
+    classes = classifier.bundle.classes
+    results, cams = [], []
+    for i, path in enumerate(images):
+        probs = outputs["probs"][i]
+        decision = classifier.decide(probs, threshold)
+        result = {"image": str(path), "probs": _probs_dict(classes, probs), "decision": decision, "_probs": probs}
+        sub = classifier.steps.get(decision["label"])
+        if sub is not None:
+            sub_out = sub.run(batch[i : i + 1])
+            sub_probs = sub_out["probs"][0]
+            result["subtype"] = {"bundle": sub.bundle.manifest["name"],
+                                 "probs": _probs_dict(sub.bundle.classes, sub_probs),
+                                 "decision": sub.decide(sub_probs)}
+        results.append(result)
+        cams.append(outputs["cam"][i, decision["index"]])
+    return results, cams

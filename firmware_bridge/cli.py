@@ -1,0 +1,161 @@
+"""Entry points for ``armscope bridge simulate`` and ``armscope bridge register``.
+
+Why this module exists
+----------------------
+Both are operator tasks run at a bench: bring up a fake display controller
+on a pseudo-terminal (to test a host set-up with no hardware), and measure
+the camera -> display registration.  They are plain ``main(argv) -> int``
+functions so the main ``armscope`` CLI can mount them as subcommands and
+tests can call them directly.  Exit codes: 0 ok, 2 bad arguments or input.
+"""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+import threading
+import time
+
+import cv2
+
+from .pixel_formats import PixelFormat
+from .registration import (
+    RegistrationError,
+    from_camera_image,
+    from_point_pairs,
+    load_point_pairs,
+    save_registration,
+)
+from .simulator import ControllerCore, FaultPlan, PtyController
+
+__all__ = ["simulate_main", "register_main"]
+
+
+def _size(text: str) -> tuple[int, int]:
+    try:
+        w, h = text.lower().split("x")
+        w, h = int(w), int(h)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected WIDTHxHEIGHT, e.g. 1280x720, got {text!r}") from None
+    if w <= 0 or h <= 0:
+        raise argparse.ArgumentTypeError(f"size must be positive, got {text!r}")
+    return w, h
+
+
+def _prob(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a probability, got {text!r}") from None
+    if not 0.0 <= v <= 1.0:
+        raise argparse.ArgumentTypeError(f"probability must be within [0, 1], got {text!r}")
+    return v
+
+
+def _fmt(text: str) -> PixelFormat:
+    try:
+        return PixelFormat.parse(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def simulate_main(argv: list[str] | None = None) -> int:
+    """Run a simulated display controller on a pty until SIGINT/SIGTERM or ``--duration``.
+
+    Prints the pty path as the first stdout line (for scripts), then a
+    summary on stderr when it stops.
+    """
+    p = argparse.ArgumentParser(prog="armscope bridge simulate", description=simulate_main.__doc__)
+    p.add_argument("--pty", action="store_true", required=True, help="serve on a new pseudo-terminal (the only transport)")
+    p.add_argument("--width", type=int, required=True)
+    p.add_argument("--height", type=int, required=True)
+    p.add_argument("--format", type=_fmt, default=PixelFormat.RGB565_LE, help="rgb888, rgb565le, rgb565be, gray8, mono1")
+    p.add_argument("--png-dir", help="write every shown frame/blank as a numbered PNG here")
+    p.add_argument("--max-payload", type=int, default=4096, help="largest FRAME body the controller accepts")
+    p.add_argument("--drop", type=_prob, default=0.0, help="probability of dropping each received byte")
+    p.add_argument("--corrupt", type=_prob, default=0.0, help="probability of corrupting each received byte")
+    p.add_argument("--reset-prob", type=_prob, default=0.0, help="probability of a controller reset per FRAME message")
+    p.add_argument("--drop-replies", type=_prob, default=0.0, help="probability of losing each reply")
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--duration", type=float, default=0.0, help="stop after this many seconds (0 = until interrupted)")
+    try:
+        args = p.parse_args(argv)
+    except SystemExit as exc:
+        return int(exc.code or 0)
+    try:
+        faults = FaultPlan(
+            drop_prob=args.drop, corrupt_prob=args.corrupt, reset_prob=args.reset_prob,
+            drop_reply_prob=args.drop_replies, seed=args.seed,
+        )
+        core = ControllerCore(args.width, args.height, args.format, max_payload=args.max_payload,
+                              png_dir=args.png_dir, faults=faults)
+    except (ValueError, OSError) as exc:
+        print(f"armscope bridge simulate: {exc}", file=sys.stderr)
+        return 2
+    sim = PtyController(core, announce_boot=True)
+    path = sim.start()
+    print(path, flush=True)
+    stop = threading.Event()
+    previous = {}
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            previous[sig] = signal.signal(sig, lambda *_: stop.set())
+    try:
+        end = time.monotonic() + args.duration if args.duration > 0 else None
+        while not stop.is_set():
+            if end is not None and time.monotonic() >= end:
+                break
+            stop.wait(0.1)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        sim.stop()
+    s = core.stats
+    print(
+        f"simulator stopped: frames={s.frames_shown} blanks={s.blanks} resets={s.resets} acks={s.acks} "
+        f"naks={s.naks} rejected={core.decoder.rejected} bytes_in={s.bytes_in}",
+        file=sys.stderr,
+    )
+    return 0
+
+
+def register_main(argv: list[str] | None = None) -> int:
+    """Compute the camera -> display registration and write it as JSON."""
+    p = argparse.ArgumentParser(prog="armscope bridge register", description=register_main.__doc__)
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--points", help="JSON or CSV file of camera/display point pairs")
+    src.add_argument("--camera-image", help="camera image of the dot grid shown on the display")
+    p.add_argument("--grid", type=_size, help="dot grid as COLSxROWS (with --camera-image)")
+    p.add_argument("--margin", type=float, default=0.1, help="grid margin as a fraction of the display size")
+    p.add_argument("--display-size", type=_size, required=True, help="display size as WxH")
+    p.add_argument("--ransac", action="store_true", help="reject outlier pairs with RANSAC")
+    p.add_argument("--ransac-threshold", type=float, default=3.0, help="RANSAC inlier distance, display px")
+    p.add_argument("--out", required=True, help="registration JSON to write")
+    try:
+        args = p.parse_args(argv)
+    except SystemExit as exc:
+        return int(exc.code or 0)
+    try:
+        if args.points:
+            cam, disp = load_point_pairs(args.points)
+            reg = from_point_pairs(cam, disp, args.display_size, ransac=args.ransac,
+                                   ransac_threshold=args.ransac_threshold)
+        else:
+            if args.grid is None:
+                print("armscope bridge register: --camera-image needs --grid COLSxROWS", file=sys.stderr)
+                return 2
+            image = cv2.imread(args.camera_image, cv2.IMREAD_GRAYSCALE)
+            if image is None:
+                print(f"armscope bridge register: cannot read image {args.camera_image}", file=sys.stderr)
+                return 2
+            reg = from_camera_image(image, args.grid, args.display_size, margin=args.margin, ransac=args.ransac)
+        save_registration(reg, args.out)
+    except (RegistrationError, OSError) as exc:
+        print(f"armscope bridge register: {exc}", file=sys.stderr)
+        return 2
+    print(
+        f"wrote {args.out}: rms error {reg.rms_error:.3f} px, max {reg.max_error:.3f} px, "
+        f"{reg.n_inliers}/{reg.n_points} points"
+    )
+    return 0

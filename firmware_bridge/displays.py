@@ -1,0 +1,371 @@
+"""Display outputs behind one small interface, opened by URI.
+
+Why this module exists
+----------------------
+The daemon should not care whether its overlays go to a serial-attached
+eyepiece controller, a Linux framebuffer (SPI/HDMI microdisplays with a
+kernel driver), or a directory of PNGs on a developer's laptop.  Each output
+implements ``show(image)`` / ``blank()`` / ``close()`` and is chosen by one
+configuration string:
+
+* ``png://DIR[?width=W&height=H&format=F&brightness=B&gamma=G&dither=1]``
+  writes what the display would show as numbered PNGs (``blank`` writes a
+  black frame).  With ``format`` the image goes through that pixel format
+  and back, so quantisation/thresholding is visible.
+* ``serial:///dev/ttyUSB0?baud=921600[&width=W&height=H][&format=rgb565le]
+  [&brightness=B&gamma=G&dither=1&deadline=S&ack_timeout=S&window=N&max_payload=N]``
+  drives a display controller over ``link.LinkSender``.  Size and format
+  default to what the controller reports in its HELLO reply; if given they
+  must match it.
+* ``fb:///dev/fb1[?brightness=B&gamma=G]`` writes a Linux framebuffer via
+  mmap; geometry comes from ``<sysfs_root>/fb1/{virtual_size,bits_per_pixel,stride}``
+  (``sysfs_root`` is injectable for tests).
+
+``show`` takes the overlay already in display coordinates (see
+``registration.warp``): straight-alpha RGBA ``(H, W, 4)``, or RGB
+``(H, W, 3)`` already composited over black.  ``SerialDisplay.show`` raises
+``link.LinkError`` when delivery fails; the caller should then ``blank()``.
+"""
+
+from __future__ import annotations
+
+import abc
+import mmap
+import os
+import re
+import urllib.parse
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from . import pixel_formats as pf
+from .link import LinkProtocolError, LinkSender
+from .pixel_formats import PixelFormat
+
+__all__ = [
+    "Display",
+    "DisplayURIError",
+    "PngDisplay",
+    "SerialDisplay",
+    "FramebufferDisplay",
+    "open_display",
+]
+
+DEFAULT_SYSFS_ROOT = "/sys/class/graphics"
+
+
+class DisplayURIError(ValueError):
+    """A display URI is malformed; the message names the URI and what was expected."""
+
+
+class Display(abc.ABC):
+    """What the daemon drives.  ``size`` is (width, height) or None if not fixed yet."""
+
+    size: tuple[int, int] | None = None
+
+    @abc.abstractmethod
+    def show(self, image: np.ndarray) -> None: ...
+
+    @abc.abstractmethod
+    def blank(self) -> None: ...
+
+    def close(self) -> None:
+        pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _check(self, image: np.ndarray) -> np.ndarray:
+        if not isinstance(image, np.ndarray) or image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] not in (3, 4):
+            raise ValueError(
+                f"show() expects a uint8 (H, W, 4) RGBA or (H, W, 3) RGB image, got "
+                f"{getattr(image, 'dtype', type(image).__name__)} {getattr(image, 'shape', '')}"
+            )
+        if self.size is not None and (image.shape[1], image.shape[0]) != self.size:
+            raise ValueError(
+                f"image is {image.shape[1]}x{image.shape[0]} but the display is {self.size[0]}x{self.size[1]}; "
+                "warp it to display coordinates first"
+            )
+        return image
+
+
+class PngDisplay(Display):
+    """Numbered PNGs of what the display would emit (black = off)."""
+
+    def __init__(
+        self,
+        directory: "str | os.PathLike",
+        *,
+        width: int | None = None,
+        height: int | None = None,
+        fmt: "PixelFormat | str | None" = None,
+        brightness: float = 1.0,
+        gamma: float = 1.0,
+        dither: bool = False,
+    ):
+        self.directory = Path(directory)
+        self.directory.mkdir(parents=True, exist_ok=True)
+        if (width is None) != (height is None):
+            raise ValueError("give both width and height, or neither")
+        self.size = (int(width), int(height)) if width is not None else None
+        self.fmt = PixelFormat.parse(fmt) if fmt is not None else None
+        self.brightness, self.gamma, self.dither = brightness, gamma, dither
+        pf.make_lut(brightness, gamma)  # validate now
+        self.count = 0
+        self.paths: list[Path] = []
+        self._last_size = self.size
+
+    def _write(self, rgb: np.ndarray, kind: str) -> Path:
+        self.count += 1
+        path = self.directory / f"{self.count:06d}_{kind}.png"
+        if not cv2.imwrite(str(path), cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR)):
+            raise OSError(f"could not write {path}")
+        self.paths.append(path)
+        return path
+
+    def show(self, image: np.ndarray) -> None:
+        image = self._check(image)
+        h, w = image.shape[:2]
+        self._last_size = (w, h)
+        if self.fmt is None:
+            rgb = pf.composite_over_black(image)
+            if (self.brightness, self.gamma) != (1.0, 1.0):
+                rgb = cv2.LUT(rgb, pf.make_lut(self.brightness, self.gamma))
+        else:
+            data = pf.encode(image, self.fmt, brightness=self.brightness, gamma=self.gamma, dither=self.dither)
+            rgb = pf.decode(data, self.fmt, w, h)
+        self._write(rgb, "frame")
+
+    def blank(self) -> None:
+        w, h = self._last_size or (1, 1)
+        self._write(np.zeros((h, w, 3), np.uint8), "blank")
+
+
+class SerialDisplay(Display):
+    """A display controller on a serial/USB-CDC port, via ``LinkSender``."""
+
+    def __init__(
+        self,
+        port_path: str | None = None,
+        *,
+        baud: int = 921600,
+        width: int | None = None,
+        height: int | None = None,
+        fmt: "PixelFormat | str | None" = None,
+        brightness: float = 1.0,
+        gamma: float = 1.0,
+        dither: bool = False,
+        deadline: float = 2.0,
+        ack_timeout: float = 0.25,
+        window: int = 8,
+        max_payload: int = 4096,
+        port=None,
+    ):
+        if port is None:
+            import serial  # pyserial; imported lazily so png:// and fb:// need nothing extra
+
+            port = serial.Serial(port_path, int(baud), timeout=0.01, write_timeout=max(1.0, deadline))
+        self.port = port
+        self.sender = LinkSender(port, deadline=deadline, ack_timeout=ack_timeout, window=window, max_payload=max_payload)
+        info = self.sender.hello()
+        want_fmt = PixelFormat.parse(fmt) if fmt is not None else None
+        if (width is not None and width != info.width) or (height is not None and height != info.height):
+            raise LinkProtocolError(
+                f"{port_path}: controller reports a {info.width}x{info.height} display, configured {width}x{height}"
+            )
+        if want_fmt is not None and want_fmt is not info.pixel_format:
+            raise LinkProtocolError(
+                f"{port_path}: controller holds {info.pixel_format.slug}, configured {want_fmt.slug}"
+            )
+        self.size = (info.width, info.height)
+        self.fmt = info.pixel_format
+        self.brightness, self.gamma, self.dither = brightness, gamma, dither
+        pf.make_lut(brightness, gamma)
+
+    def show(self, image: np.ndarray) -> None:
+        image = self._check(image)
+        data = pf.encode(image, self.fmt, brightness=self.brightness, gamma=self.gamma, dither=self.dither)
+        self.sender.send_frame(data)
+
+    def blank(self) -> None:
+        self.sender.blank()
+
+    def close(self) -> None:
+        try:
+            self.port.close()
+        except Exception:
+            pass
+
+
+_FB_LAYOUTS = {
+    # bits_per_pixel -> memory layout of one pixel
+    8: "gray8",
+    16: "rgb565le",
+    24: "bgr888",
+    32: "bgrx8888",
+}
+
+
+class FramebufferDisplay(Display):
+    """Linux framebuffer (``/dev/fbN``) written through mmap.
+
+    Pixel layouts by ``bits_per_pixel``: 16 = RGB565 little-endian (the
+    usual fbtft/DRM-emulation layout), 32 = B,G,R,X bytes (XRGB8888 on a
+    little-endian CPU), 24 = B,G,R, 8 = grey.  Rows are ``stride`` bytes
+    apart (from sysfs; computed if the file is missing).
+    """
+
+    def __init__(
+        self,
+        device: "str | os.PathLike",
+        *,
+        sysfs_root: "str | os.PathLike" = DEFAULT_SYSFS_ROOT,
+        brightness: float = 1.0,
+        gamma: float = 1.0,
+    ):
+        self.device = str(device)
+        name = os.path.basename(self.device)
+        if not re.fullmatch(r"fb\d+", name):
+            raise ValueError(f"{self.device}: framebuffer device name must look like /dev/fbN")
+        sysdir = Path(sysfs_root) / name
+        self.sysdir = sysdir
+        vs = self._read_sys("virtual_size")
+        m = re.fullmatch(r"\s*(\d+)\s*,\s*(\d+)\s*", vs)
+        if not m:
+            raise ValueError(f"{sysdir / 'virtual_size'}: expected 'WIDTH,HEIGHT', got {vs!r}")
+        w, h = int(m.group(1)), int(m.group(2))
+        bpp_text = self._read_sys("bits_per_pixel").strip()
+        if not bpp_text.isdigit() or int(bpp_text) not in _FB_LAYOUTS:
+            raise ValueError(
+                f"{sysdir / 'bits_per_pixel'}: unsupported value {bpp_text!r}; expected one of {sorted(_FB_LAYOUTS)}"
+            )
+        self.bpp = int(bpp_text)
+        self.layout = _FB_LAYOUTS[self.bpp]
+        row = w * self.bpp // 8
+        try:
+            stride_text = self._read_sys("stride").strip()
+            self.stride = int(stride_text)
+        except FileNotFoundError:
+            self.stride = row
+        except ValueError:
+            raise ValueError(f"{sysdir / 'stride'}: expected an integer") from None
+        if self.stride < row:
+            raise ValueError(f"{sysdir / 'stride'}: stride {self.stride} is smaller than a row ({row} bytes)")
+        self.size = (w, h)
+        self.brightness, self.gamma = brightness, gamma
+        pf.make_lut(brightness, gamma)
+        self._fd = os.open(self.device, os.O_RDWR)
+        try:
+            length = self.stride * h
+            if os.fstat(self._fd).st_size and os.fstat(self._fd).st_size < length:
+                raise ValueError(f"{self.device}: is {os.fstat(self._fd).st_size} bytes, need {length}")
+            self._mm = mmap.mmap(self._fd, length, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+        except BaseException:
+            os.close(self._fd)
+            raise
+        self._view = np.frombuffer(self._mm, dtype=np.uint8).reshape(h, self.stride)
+
+    def _read_sys(self, field: str) -> str:
+        path = self.sysdir / field
+        try:
+            return path.read_text()
+        except FileNotFoundError:
+            if field == "stride":
+                raise
+            raise ValueError(f"{path}: missing (is {self.device} a framebuffer?)") from None
+
+    def _pixels(self, image: np.ndarray) -> np.ndarray:
+        h = image.shape[0]
+        if self.layout == "rgb565le":
+            return pf.encode(image, PixelFormat.RGB565_LE, brightness=self.brightness, gamma=self.gamma)
+        if self.layout == "gray8":
+            return pf.encode(image, PixelFormat.GRAY8, brightness=self.brightness, gamma=self.gamma)
+        rgb = pf.composite_over_black(image)
+        if (self.brightness, self.gamma) != (1.0, 1.0):
+            rgb = cv2.LUT(rgb, pf.make_lut(self.brightness, self.gamma))
+        code = cv2.COLOR_RGB2BGRA if self.layout == "bgrx8888" else cv2.COLOR_RGB2BGR
+        return cv2.cvtColor(rgb, code).reshape(h, -1)
+
+    def show(self, image: np.ndarray) -> None:
+        image = self._check(image)
+        data = self._pixels(image)
+        self._view[:, : data.shape[1]] = data
+
+    def blank(self) -> None:
+        self._view[:] = 0
+
+    def close(self) -> None:
+        if getattr(self, "_mm", None) is not None:
+            self._view = None
+            self._mm.close()
+            self._mm = None
+            os.close(self._fd)
+
+
+# ---------------------------------------------------------------- URIs
+
+_EXPECTED = (
+    "png://DIR[?width=W&height=H&format=F], "
+    "serial:///dev/ttyX?baud=N[&width=W&height=H&format=F], or fb:///dev/fbN"
+)
+_COMMON = {"brightness": float, "gamma": float}
+_KEYS = {
+    "png": {"width": int, "height": int, "format": str, "dither": bool, **_COMMON},
+    "serial": {
+        "baud": int, "width": int, "height": int, "format": str, "dither": bool,
+        "deadline": float, "ack_timeout": float, "window": int, "max_payload": int, **_COMMON,
+    },
+    "fb": dict(_COMMON),
+}
+
+
+def _parse_query(uri: str, scheme: str, query: str) -> dict:
+    out = {}
+    for key, values in urllib.parse.parse_qs(query, keep_blank_values=True, strict_parsing=False).items():
+        kinds = _KEYS[scheme]
+        if key not in kinds:
+            raise DisplayURIError(f"display URI {uri!r}: unknown option {key!r}; {scheme}:// accepts {', '.join(sorted(kinds))}")
+        raw = values[-1]
+        typ = kinds[key]
+        try:
+            if typ is bool:
+                if raw.lower() not in ("1", "0", "true", "false", "yes", "no", ""):
+                    raise ValueError
+                val = raw.lower() in ("1", "true", "yes", "")
+            else:
+                val = typ(raw)
+        except ValueError:
+            raise DisplayURIError(f"display URI {uri!r}: option {key}={raw!r} is not a valid {typ.__name__}") from None
+        out[key] = val
+    if "format" in out:
+        try:
+            out["format"] = PixelFormat.parse(out["format"])
+        except ValueError as exc:
+            raise DisplayURIError(f"display URI {uri!r}: {exc}") from None
+    return out
+
+
+def open_display(uri: str, *, sysfs_root: "str | os.PathLike" = DEFAULT_SYSFS_ROOT, port=None) -> Display:
+    """Open a display by URI (see the module docstring).  ``port`` injects an open serial port."""
+    parts = urllib.parse.urlsplit(uri)
+    scheme = parts.scheme.lower()
+    if scheme not in _KEYS:
+        raise DisplayURIError(f"display URI {uri!r}: unknown scheme {parts.scheme!r}; expected {_EXPECTED}")
+    opts = _parse_query(uri, scheme, parts.query)
+    target = parts.netloc + parts.path
+    if not target:
+        raise DisplayURIError(f"display URI {uri!r}: missing the path; expected {_EXPECTED}")
+    fmt = opts.pop("format", None)
+    if scheme == "png":
+        return PngDisplay(target, fmt=fmt, **opts)
+    if scheme == "serial":
+        if parts.netloc:
+            raise DisplayURIError(f"display URI {uri!r}: use three slashes, e.g. serial:///dev/ttyUSB0")
+        return SerialDisplay(parts.path, fmt=fmt, port=port, **opts)
+    if parts.netloc or not re.fullmatch(r"/.*/fb\d+", parts.path):
+        raise DisplayURIError(f"display URI {uri!r}: expected fb:///dev/fbN")
+    return FramebufferDisplay(parts.path, sysfs_root=sysfs_root, **opts)

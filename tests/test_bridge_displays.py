@@ -1,0 +1,133 @@
+"""Display outputs by URI: png://, fb:// (fake sysfs + regular file), serial:// (simulator), bad URIs."""
+
+import cv2
+import numpy as np
+import pytest
+
+from firmware_bridge import pixel_formats as pf
+from firmware_bridge.displays import DisplayURIError, FramebufferDisplay, PngDisplay, open_display
+
+
+def rgba(seed=0, w=40, h=30):
+    rng = np.random.default_rng(seed)
+    img = rng.integers(0, 256, (h, w, 4), dtype=np.uint8)
+    img[:, :5, 3] = 0
+    return img
+
+
+def read_rgb(path):
+    return cv2.cvtColor(cv2.imread(str(path), cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB)
+
+
+def test_png_display_writes_what_the_display_shows(tmp_path):
+    with open_display(f"png://{tmp_path}/out?format=mono1&dither=1") as d:
+        assert isinstance(d, PngDisplay)
+        img = rgba()
+        d.show(img)
+        d.blank()
+    first, second = sorted((tmp_path / "out").glob("*.png"))
+    expected = pf.decode(pf.encode(img, "mono1", dither=True), "mono1", 40, 30)
+    assert np.array_equal(read_rgb(first), expected)
+    blank = read_rgb(second)
+    assert blank.shape == (30, 40, 3) and not blank.any()
+    assert "blank" in second.name
+
+
+def test_png_display_without_format_composites_over_black(tmp_path):
+    d = open_display(f"png://{tmp_path}?width=40&height=30&brightness=0.5")
+    img = rgba(1)
+    d.show(img)
+    expected = cv2.LUT(pf.composite_over_black(img), pf.make_lut(0.5, 1.0))
+    assert np.array_equal(read_rgb(d.paths[0]), expected)
+    with pytest.raises(ValueError, match="warp it to display coordinates"):
+        d.show(rgba(2, 20, 20))
+
+
+def fake_fb(tmp_path, bpp, w=40, h=30, stride=None, fill=0xAB):
+    sysfs = tmp_path / "sys"
+    (sysfs / "fb1").mkdir(parents=True)
+    (sysfs / "fb1" / "virtual_size").write_text(f"{w},{h}\n")
+    (sysfs / "fb1" / "bits_per_pixel").write_text(f"{bpp}\n")
+    stride = stride or w * bpp // 8
+    (sysfs / "fb1" / "stride").write_text(f"{stride}\n")
+    dev = tmp_path / "dev" / "fb1"
+    dev.parent.mkdir()
+    dev.write_bytes(bytes([fill]) * stride * h)
+    return sysfs, dev, stride
+
+
+def test_framebuffer_rgb565_with_padded_stride(tmp_path):
+    sysfs, dev, stride = fake_fb(tmp_path, 16, stride=96)
+    d = open_display(f"fb://{dev}", sysfs_root=sysfs)
+    assert isinstance(d, FramebufferDisplay) and d.size == (40, 30)
+    img = rgba(3)
+    d.show(img)
+    d.close()
+    mem = np.frombuffer(dev.read_bytes(), np.uint8).reshape(30, stride)
+    assert np.array_equal(mem[:, :80], pf.encode(img, "rgb565le"))
+    assert (mem[:, 80:] == 0xAB).all()  # padding bytes untouched
+
+
+def test_framebuffer_32bpp_bgrx_and_blank(tmp_path):
+    sysfs, dev, stride = fake_fb(tmp_path, 32)
+    d = FramebufferDisplay(dev, sysfs_root=sysfs)
+    img = rgba(4)
+    d.show(img)
+    mem = np.frombuffer(dev.read_bytes(), np.uint8).reshape(30, 40, 4)
+    comp = pf.composite_over_black(img)
+    assert np.array_equal(mem[..., 2::-1], comp)  # B, G, R order
+    assert (mem[..., 3] == 255).all()
+    d.blank()
+    assert not any(dev.read_bytes())
+    d.close()
+
+
+def test_framebuffer_bad_sysfs(tmp_path):
+    sysfs, dev, _ = fake_fb(tmp_path, 12)
+    with pytest.raises(ValueError, match="bits_per_pixel"):
+        FramebufferDisplay(dev, sysfs_root=sysfs)
+    with pytest.raises(ValueError, match="missing"):
+        FramebufferDisplay(dev, sysfs_root=tmp_path / "nowhere")
+
+
+@pytest.mark.parametrize(
+    "uri,needle",
+    [
+        ("ftp://x", "unknown scheme"),
+        ("png://", "missing the path"),
+        ("png://d?widht=3", "unknown option 'widht'"),
+        ("png://d?width=abc", "width='abc'"),
+        ("png://d?format=rgb444", "unknown pixel format"),
+        ("fb://dev/fb1", "fb:///dev/fbN"),
+        ("fb:///dev/sda", "fb:///dev/fbN"),
+        ("serial://ttyUSB0", "three slashes"),
+        ("serial:///dev/ttyUSB0?bauds=9600", "unknown option 'bauds'"),
+    ],
+)
+def test_bad_uris_name_the_uri_and_the_expectation(uri, needle):
+    with pytest.raises(DisplayURIError) as exc:
+        open_display(uri)
+    assert repr(uri) in str(exc.value) and needle in str(exc.value)
+
+
+def test_serial_display_through_simulator():
+    serial = pytest.importorskip("serial")
+    from firmware_bridge.link import LinkProtocolError
+    from firmware_bridge.simulator import ControllerCore, PtyController
+
+    core = ControllerCore(40, 30, "rgb565be")
+    with PtyController(core) as sim:
+        d = open_display(f"serial://{sim.slave_path}?baud=115200&format=rgb565be&deadline=2")
+        assert d.size == (40, 30)
+        img = rgba(5)
+        d.show(img)
+        assert np.array_equal(core.front, pf.encode(img, "rgb565be"))
+        d.blank()
+        assert not core.front.any()
+        d.close()
+        with pytest.raises(LinkProtocolError, match="64x30"):
+            open_display(f"serial://{sim.slave_path}?width=64&height=30").close()
+        port = serial.Serial(sim.slave_path, 115200, timeout=0.01, write_timeout=1)
+        with pytest.raises(LinkProtocolError, match="mono1"):
+            open_display("serial:///dev/null?format=mono1", port=port)
+        port.close()

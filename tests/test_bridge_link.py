@@ -1,0 +1,186 @@
+"""Link framing: CRC, COBS (vectors, round trip, cross-check), chunk encoding, decoder fuzzing."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from firmware_bridge import link as L
+from firmware_bridge.pixel_formats import PixelFormat
+
+try:
+    from cobs import cobs as cobs_pkg
+except ImportError:  # optional cross-check
+    cobs_pkg = None
+
+DOC = Path(__file__).resolve().parents[1] / "docs" / "link-protocol.md"
+EXAMPLE_WIRE = "04 01 10 01 01 01 01 01 02 01 01 01 01 01 01 01 01 01 01 01 02 02 02 01 02 02 01 03 f8 1f 05 3b 94 2b 5f 00"
+
+
+def test_crc32_check_value():
+    assert L.crc32(b"123456789") == 0xCBF43926
+
+
+@pytest.mark.parametrize(
+    "raw,enc",
+    [
+        ("", "01"),
+        ("00", "01 01"),
+        ("00 00", "01 01 01"),
+        ("00 11 00", "01 02 11 01"),
+        ("11 22 00 33", "03 11 22 02 33"),
+        ("11 22 33 44", "05 11 22 33 44"),
+        ("11 00 00 00", "02 11 01 01 01"),
+    ],
+)
+def test_cobs_known_vectors(raw, enc):
+    raw_b, enc_b = bytes.fromhex(raw), bytes.fromhex(enc)
+    assert L.cobs_encode(raw_b) == enc_b
+    assert L.cobs_decode(enc_b) == raw_b
+
+
+def test_cobs_long_runs():
+    seq = bytes(range(1, 255))  # 254 non-zero bytes
+    assert L.cobs_encode(seq) == b"\xff" + seq
+    assert L.cobs_encode(b"\x00" + seq) == b"\x01\xff" + seq
+    assert L.cobs_encode(bytes(range(1, 256))) == b"\xff" + bytes(range(1, 255)) + b"\x02\xff"
+    assert L.cobs_encode(seq + b"\x00") == b"\xff" + seq + b"\x01\x01"
+    # Decoders must accept the form with an explicit trailing 0x01 block too.
+    assert L.cobs_decode(b"\xff" + seq + b"\x01") == seq
+
+
+def test_cobs_decode_errors():
+    with pytest.raises(L.CobsError):
+        L.cobs_decode(b"\x05\x11\x22")  # block runs past the end
+    with pytest.raises(L.CobsError):
+        L.cobs_decode(b"\x03\x11\x00")
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=2000))
+def test_cobs_round_trip_and_no_zeros(data):
+    enc = L.cobs_encode(data)
+    assert 0 not in enc
+    assert len(enc) <= len(data) + 1 + len(data) // 254
+    assert L.cobs_decode(enc) == data
+    if cobs_pkg is not None:
+        assert enc == cobs_pkg.encode(data)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    w=st.integers(1, 70),
+    h=st.integers(1, 20),
+    fmt=st.sampled_from(list(PixelFormat)),
+    max_payload=st.integers(L.FRAME_BODY_HEADER_SIZE + 1, 700),
+    seq0=st.integers(0, L.MAX_SEQ),
+    kind=st.sampled_from(["random", "zeros", "nonzero", "sparse"]),
+    seed=st.integers(0, 2**31),
+)
+def test_encode_frame_chunks_decodes_back(w, h, fmt, max_payload, seq0, kind, seed):
+    rng = np.random.default_rng(seed)
+    n = fmt.frame_bytes(w, h)
+    payload = {
+        "random": lambda: rng.integers(0, 256, n, dtype=np.uint8),
+        "zeros": lambda: np.zeros(n, np.uint8),
+        "nonzero": lambda: rng.integers(1, 256, n, dtype=np.uint8),
+        "sparse": lambda: (rng.random(n) < 0.02).astype(np.uint8) * rng.integers(0, 256, n, dtype=np.uint8),
+    }[kind]()
+    enc = L.encode_frame_chunks(payload, seq0=seq0, frame_id=9, region=(0, 0, w, h), fmt=fmt, max_payload=max_payload)
+    dec = L.FrameDecoder()
+    msgs = dec.feed(enc.wire.tobytes())
+    assert dec.rejected_total == 0 and len(msgs) == enc.n_chunks
+    got = bytearray()
+    for k, m in enumerate(msgs):
+        assert m.type == L.MsgType.FRAME and m.seq == L.seq_add(seq0, k)
+        assert m.flags == (L.FLAG_LAST if k == enc.n_chunks - 1 else 0)
+        hdr, data = L.parse_frame_body(m.body)
+        assert (hdr.frame_id, hdr.x, hdr.y, hdr.w, hdr.h, hdr.fmt) == (9, 0, 0, w, h, fmt.wire_code)
+        assert hdr.offset == len(got) and len(m.body) <= max_payload
+        got += data
+        assert bytes(enc.chunk(k)) == L.frame_message(m)  # batch encoder == one-at-a-time encoder
+    assert bytes(got) == payload.tobytes()
+
+
+def _segments(stream: bytes) -> int:
+    """Non-empty 0x00-terminated segments, counted independently of the decoder."""
+    return sum(1 for s in stream.split(b"\x00")[:-1] if s)
+
+
+@settings(max_examples=300, deadline=None)
+@given(garbage=st.binary(max_size=3000), cuts=st.lists(st.integers(0, 3000), max_size=8))
+def test_decoder_fuzz_never_crashes_and_counts_every_rejection(garbage, cuts):
+    dec = L.FrameDecoder(max_frame=1 << 16)
+    events = []
+    prev = 0
+    for c in sorted(set(min(c, len(garbage)) for c in cuts)) + [len(garbage)]:
+        events += dec.feed(garbage[prev:c])
+        prev = c
+    rejected = [e for e in events if isinstance(e, L.Rejected)]
+    assert len(events) == _segments(garbage)  # one event per delimited frame, none lost
+    assert dec.rejected_total == len(rejected)
+    assert dec.messages == len(events) - len(rejected)
+    # ...and a valid message after the garbage always gets through.
+    good = L.Message(L.MsgType.PING, 77, 0, b"after garbage")
+    out = dec.feed(b"\x00" + L.frame_message(good))
+    assert out and out[-1] == good
+
+
+def test_decoder_rejection_reasons_and_resync():
+    dec = L.FrameDecoder(max_frame=64)
+    good = L.frame_message(L.Message(L.MsgType.BLANK, 5))
+    bad_crc = bytearray(good)
+    assert good[:3] == b"\x03\x01\x11"
+    bad_crc[2] ^= 0x40  # the type byte: still valid COBS, wrong CRC
+    events = dec.feed(bytes(bad_crc) + b"\x07\x01\x00" + b"\x02\x01\x01\x00" + bytes(range(1, 120)) + b"\x00" + good)
+    reasons = [e.reason if isinstance(e, L.Rejected) else e.type for e in events]
+    assert reasons == ["crc", "cobs", "short", "overflow", L.MsgType.BLANK]
+    assert dec.rejected == {"crc": 1, "cobs": 1, "short": 1, "overflow": 1}
+    wrong_version = L.frame_message(L.Message(L.MsgType.BLANK, 5, version=2))
+    assert dec.feed(wrong_version)[0].reason == "version"
+
+
+def test_decoder_handles_byte_at_a_time_feeding():
+    dec = L.FrameDecoder()
+    msgs = [L.Message(L.MsgType.PING, i, 0, bytes([i] * i)) for i in range(5)]
+    stream = b"".join(L.frame_message(m) for m in msgs)
+    got = []
+    for b in stream:
+        got += dec.feed(bytes([b]))
+    assert got == msgs
+
+
+def test_sequence_arithmetic_wraps():
+    assert L.seq_add(L.MAX_SEQ, 1) == 0
+    assert L.seq_diff(0, L.MAX_SEQ) == 1
+    assert L.seq_diff(L.MAX_SEQ, 0) == -1
+    assert L.seq_diff(5, 5) == 0
+    enc = L.encode_frame_chunks(np.ones(300, np.uint8), seq0=L.MAX_SEQ - 1, frame_id=1,
+                                region=(0, 0, 150, 1), fmt="rgb565le", max_payload=L.FRAME_BODY_HEADER_SIZE + 100)
+    seqs = [m.seq for m in L.FrameDecoder().feed(enc.wire.tobytes())]
+    assert seqs == [L.MAX_SEQ - 1, L.MAX_SEQ, 0]
+
+
+def test_encode_frame_chunks_validates_size():
+    with pytest.raises(ValueError, match="does not match region"):
+        L.encode_frame_chunks(np.zeros(10, np.uint8), seq0=0, frame_id=1, region=(0, 0, 4, 4), fmt="gray8", max_payload=100)
+
+
+@pytest.mark.parametrize("max_payload", [1024, 2048, 4096])
+def test_full_frame_wire_efficiency(max_payload):
+    rng = np.random.default_rng(0)
+    for payload in (rng.integers(0, 256, 1280 * 720 * 2, dtype=np.uint8), np.zeros(1280 * 720 * 2, np.uint8)):
+        enc = L.encode_frame_chunks(payload, seq0=0, frame_id=1, region=(0, 0, 1280, 720), fmt="rgb565le",
+                                    max_payload=max_payload)
+        assert enc.efficiency >= 0.95
+
+
+def test_worked_example_in_protocol_doc_matches_encoder():
+    body = L.pack_frame_body(L.FrameChunkHeader(1, 0, 0, 0, 2, 1, PixelFormat.RGB565_LE.wire_code),
+                             bytes([0x00, 0xF8, 0x1F, 0x00]))
+    wire = L.frame_message(L.Message(L.MsgType.FRAME, 0, L.FLAG_LAST, body))
+    assert wire.hex(" ") == EXAMPLE_WIRE
+    text = DOC.read_text()
+    assert EXAMPLE_WIRE.upper() in text.upper().replace("\n", " ")
