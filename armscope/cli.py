@@ -103,6 +103,37 @@ def _cmd_bridge(args) -> int:
     return handlers[args.bridge_command](args.rest)
 
 
+def _cmd_run(args) -> int:
+    from edge.config import from_args
+    from edge.daemon import run_daemon
+
+    return run_daemon(from_args(args))
+
+
+def _cmd_bench(args) -> int:
+    from edge.bench import run_bench
+    from edge.config import from_args
+
+    report = run_bench(from_args(args), frames=args.frames, json_out=args.json, plot=args.plot,
+                       warmup=args.warmup)
+    e2e = report["latency_ms"]["capture_to_publish"]
+    print(f"{report['frames']} overlays in {report['wall_s']:.1f} s: {report['fps']:.2f} fps; capture->publish "
+          f"p50 {e2e['p50']} ms, p95 {e2e['p95']} ms, p99 {e2e['p99']} ms; pure inference p50 "
+          f"{report['latency_ms']['inference']['p50']} ms")
+    for path in report["files"]:
+        print(f"wrote {path}")
+    return 0
+
+
+def _cmd_keys(args) -> int:
+    from armscope.protocol import write_keypair
+
+    for name in args.names:
+        public, secret = write_keypair(Path(args.out), name, force=args.force)
+        print(f"wrote {public} (public) and {secret} (secret, mode 0600)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="armscope", description=__doc__.split("\n")[0] + " "
                                      "Edge toolkit for AR microscopes.")
@@ -159,6 +190,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("bridge_command", choices=["simulate", "register"])
     p.add_argument("rest", nargs=argparse.REMAINDER)
     p.set_defaults(func=_cmd_bridge)
+
+    from edge.config import add_arguments
+
+    p = sub.add_parser("run", help="the real-time edge daemon: camera -> ensemble -> Grad-CAM overlays on ZeroMQ")
+    add_arguments(p)
+    p.set_defaults(func=_cmd_run)
+
+    p = sub.add_parser("bench", help="end-to-end latency and fps of the daemon pipeline on a config's source")
+    add_arguments(p)
+    p.add_argument("--frames", type=int, default=50, help="overlays to measure (after warm-up)")
+    p.add_argument("--warmup", type=int, default=3, help="overlays to discard first")
+    p.add_argument("--json", dest="json", help="write the report here")
+    p.add_argument("--plot", help="write a latency histogram PNG here")
+    p.set_defaults(func=_cmd_bench)
+
+    p = sub.add_parser("keys", help="make CurveZMQ keypairs for the daemon's sockets (server, client)")
+    p.add_argument("--out", required=True, help="directory for NAME.key and NAME.key_secret")
+    p.add_argument("--names", nargs="+", default=["server", "client"])
+    p.add_argument("--force", action="store_true", help="replace existing key files")
+    p.set_defaults(func=_cmd_keys)
     return parser
 
 

@@ -21,9 +21,11 @@ def focus_mask(cam: np.ndarray) -> np.ndarray:
 
 
 def focus_contours(cam: np.ndarray, size: int) -> list[np.ndarray]:
-    """Outline of the focused region, traced on the CAM upsampled to ``size`` pixels."""
-    mask = focus_mask(cam).astype(np.uint8) * 255
-    mask = cv2.resize(mask, (size, size), interpolation=cv2.INTER_NEAREST)
+    """Outline of the focused region: the CAM upsampled (bilinear, like the heat map)
+    to ``size`` pixels and cut at the median of the 20x20 cells, so the outline
+    follows the heat map instead of the cell grid."""
+    smooth = cv2.resize(cam.astype(np.float32), (size, size), interpolation=cv2.INTER_LINEAR)
+    mask = (smooth > np.median(cam)).astype(np.uint8) * 255
     contours, _ = cv2.findContours(mask, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
     return list(contours)
 

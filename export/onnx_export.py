@@ -1,7 +1,7 @@
 """Keras members -> ONNX graphs (tf2onnx) -> a model bundle.
 
-Per member one graph, plus one merged graph that averages the members inside
-the graph (one session, one pass). Each graph takes ``image`` (N, 640, 640, 3)
+Per member one graph (tf2onnx), plus one merged graph (``export.merge``) that
+averages the members inside the graph (one session, one pass). Each graph takes ``image`` (N, 640, 640, 3)
 float32 RGB 0..255 and returns ``probs`` (N, C), ``patch_probs`` (N, 16, C)
 and ``cam`` (N, C, 20, 20). The bundle is written to a temporary directory and
 renamed into place, so a failed export leaves nothing behind.
@@ -22,6 +22,7 @@ from armscope.errors import ArmscopeError, require_module
 from armscope.preprocess import Preprocessing
 from export import architecture as arch
 from export.keras_io import backbone_of, load_member, n_classes_of
+from export.merge import merge_members
 
 log = logging.getLogger(__name__)
 
@@ -131,8 +132,8 @@ def export_bundle(
                 "parity_max_abs_probs": _check_parity([model], target),
             })
         ensemble = stage / "ensemble.onnx"
-        log.info("converting the merged ensemble graph (%d members)", len(models))
-        convert_to_onnx(models, ensemble, opset)
+        log.info("merging %d member graphs into the ensemble graph", len(models))
+        onnx.save(merge_members([stage / m["file"] for m in members]), str(ensemble))
         ensemble_parity = _check_parity(models, ensemble)
         channels = int(models[0].get_layer(arch.FEATURE_MAP).output.shape[-1])
         manifest = {

@@ -1,6 +1,5 @@
 """Pixel conversion: exact layouts, error bounds, MONO1 packing, LUT, on synthetic and H&E data."""
 
-import os
 from pathlib import Path
 
 import cv2
@@ -10,19 +9,12 @@ import pytest
 from firmware_bridge import pixel_formats as pf
 from firmware_bridge.pixel_formats import PixelFormat
 
-HE_IMAGE = Path(
-    os.environ.get(
-        "ARMSCOPE_HE_IMAGE",
-        Path(__file__).resolve().parents[2] / "shared/data/he/cmu-small-region/cmu_small_region_level0.jpg",
-    )
-)
+HE_IMAGE = Path(__file__).resolve().parents[1] / "samples/he/cmu-small-region/cmu_small_region_level0.jpg"
 
 
 @pytest.fixture(scope="module")
 def he_rgba():
     """A 384x256 crop of a real H&E slide with a radial alpha ramp (skips if absent)."""
-    if not HE_IMAGE.is_file():
-        pytest.skip(f"H&E sample image not available at {HE_IMAGE}")
     bgr = cv2.imread(str(HE_IMAGE), cv2.IMREAD_COLOR)
     assert bgr is not None
     rgb = cv2.cvtColor(bgr[1000:1256, 800:1184], cv2.COLOR_BGR2RGB)

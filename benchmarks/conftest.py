@@ -1,0 +1,60 @@
+"""Benchmark fixtures. The full-size ensemble (5 x DenseNet-121, random
+weights: speed does not depend on the weights) is exported once and cached in
+benchmarks/.cache, since tf2onnx needs minutes per DenseNet-121 member."""
+from __future__ import annotations
+
+import os
+import platform
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+CACHE = Path(__file__).resolve().parent / ".cache"
+FULL_MEMBERS = 5
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
+def pytest_benchmark_update_machine_info(config, machine_info):
+    machine_info["cpu_model"] = cpu_name()
+    machine_info["cores"] = os.cpu_count()
+
+
+@pytest.fixture(scope="session")
+def full_members():
+    """5 DenseNet-121 tiled members saved as .keras (cached)."""
+    pytest.importorskip("tensorflow")
+    import keras
+
+    from export.architecture import ArchitectureSpec, build_tiled_model
+
+    folder = CACHE / "densenet121_members"
+    paths = [folder / f"member_{i}.keras" for i in range(FULL_MEMBERS)]
+    if not all(p.is_file() for p in paths):
+        folder.mkdir(parents=True, exist_ok=True)
+        for i, path in enumerate(paths):
+            keras.utils.set_random_seed(i)
+            build_tiled_model(ArchitectureSpec("densenet121", 2)).save(path)
+    return paths
+
+
+@pytest.fixture(scope="session")
+def full_bundle(full_members):
+    from armscope.bundle import load_bundle
+    from export.onnx_export import TaskSpec, export_bundle
+
+    target = CACHE / "densenet121_x5_bundle"
+    if not (target / "manifest.json").is_file():
+        export_bundle(full_members, target, TaskSpec("binary", ["other", "IIM"], "IIM", 0.3),
+                      name="densenet121-x5-random", force=True)
+    return load_bundle(target)

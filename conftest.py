@@ -1,0 +1,61 @@
+"""Fixtures shared by tests/ and benchmarks/: the repo's real H&E samples and
+the skip rule for GPU-only tests."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+REPO = Path(__file__).resolve().parents[1]
+SAMPLES = REPO / "samples"
+
+
+def _has_gpu() -> bool:
+    try:
+        import tensorrt  # noqa: F401
+        import subprocess
+
+        return subprocess.run(["nvidia-smi", "-L"], capture_output=True, timeout=10).returncode == 0
+    except Exception:
+        return False
+
+
+def pytest_collection_modifyitems(config, items):
+    if _has_gpu():
+        return
+    skip = pytest.mark.skip(reason="needs an NVIDIA GPU with TensorRT")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def frame_paths() -> list[Path]:
+    paths = sorted((SAMPLES / "frames").glob("*.jpg"))
+    assert len(paths) >= 4, "samples/frames is missing; run scripts/make_demo_data.py"
+    return paths
+
+
+@pytest.fixture(scope="session")
+def tile_paths() -> list[Path]:
+    paths = sorted((SAMPLES / "he" / "nct-crc-he-100k").glob("*/*.tif"))
+    assert len(paths) == 9
+    return paths
+
+
+@pytest.fixture(scope="session")
+def real_inputs(frame_paths, tile_paths) -> np.ndarray:
+    """Model inputs from real H&E: the camera frames through the daemon's
+    preprocessing, and the NCT tiles upsampled to 640x640."""
+    from armscope.preprocess import Preprocessing, load_image, preprocess_frame
+
+    spec = Preprocessing()
+    frames = [preprocess_frame(load_image(p), spec) for p in frame_paths]
+    tiles = [cv2.cvtColor(cv2.resize(load_image(p), (640, 640), interpolation=cv2.INTER_CUBIC),
+                          cv2.COLOR_BGR2RGB).astype(np.float32) for p in tile_paths[:4]]
+    return np.stack(frames + tiles)
