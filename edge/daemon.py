@@ -1,0 +1,537 @@
+"""The real-time edge daemon: camera -> tissue/focus gate + preprocessing ->
+ensemble inference -> Grad-CAM overlay -> ZeroMQ, as four threads joined by
+newest-wins slots (``edge.pipeline``), so throughput is that of the slowest
+stage (inference) and latency never grows with a backlog.
+
+Threads: ``capture`` (edge.sources.Capture), ``preprocess``, ``inference``,
+``render`` (overlay + publish), ``heartbeat`` (status at a fixed rate),
+``control`` (REP socket). The inference backend releases the GIL, so the
+other stages run while it computes.
+
+Shutdown (SIGTERM/SIGINT, ``max_frames``, a finite source ending with
+``exit_on_source_end``): capture and preprocessing stop taking frames, the
+frame being inferred is finished and published, then a ``stopping`` status is
+sent, sockets are closed and ``run`` returns 0.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import signal
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import cv2
+import numpy as np
+import zmq
+
+from armscope import protocol
+from armscope.bundle import load_bundle
+from armscope.errors import ArmscopeError
+from armscope.preprocess import crop_box, preprocess_frame
+from edge.config import Config
+from edge.control import ControlServer
+from edge.decision import decide
+from edge.metrics import Metrics, prometheus_text, serve_prometheus
+from edge.overlay import focus_mask, heat_rgba
+from edge.pipeline import LatestSlot, SlotClosed
+from edge.publisher import Publisher, bind, setup_curve_server
+from edge.slides import SlideRecorder
+from edge.sources import Capture, Frame, parse_source
+from edge.tissue import TissueGate
+
+log = logging.getLogger(__name__)
+
+POLL_S = 0.1
+
+
+@dataclass
+class Work:
+    """One frame on its way through the pipeline, with its stage timings (ms)."""
+
+    frame: Frame
+    box: tuple[int, int, int]
+    measures: dict
+    times: dict
+    batch: np.ndarray | None = None
+    outputs: dict | None = None
+
+
+def model_id(bundle) -> str:
+    return f"{bundle.manifest['name']}@{bundle.manifest['ensemble']['sha256'][:12]}"
+
+
+def focus_bbox(cam: np.ndarray, size: int) -> list[int] | None:
+    """[x, y, w, h] in overlay pixels of the AI-focused region (edge.overlay.focus_mask)."""
+    ys, xs = np.nonzero(focus_mask(cam))
+    if len(xs) == 0:
+        return None
+    sy, sx = size / cam.shape[0], size / cam.shape[1]
+    x0, y0 = int(xs.min() * sx), int(ys.min() * sy)
+    return [x0, y0, int((xs.max() + 1) * sx) - x0, int((ys.max() + 1) * sy) - y0]
+
+
+class Daemon:
+    def __init__(self, config: Config, context: zmq.Context | None = None):
+        self.config = config
+        try:
+            self.bundle = load_bundle(config.bundle)
+        except ArmscopeError as exc:
+            raise ArmscopeError(f"key 'bundle': {exc}") from None
+        self.spec = self.bundle.preprocessing
+        self.source = parse_source(config.source)
+        self.model_id = model_id(self.bundle)
+        self.classes = self.bundle.classes
+        self.threshold = None
+        if config.threshold >= 0:
+            self._check_threshold(config.threshold, "key 'threshold'")
+            self.threshold = config.threshold
+        self.gate = TissueGate(config.min_tissue_fraction, config.min_focus,
+                               config.tissue_min_saturation, config.tissue_max_brightness)
+        self.overlay_size = config.overlay_size or self.spec.center_crop
+        self.metrics = Metrics()
+        self.slides = SlideRecorder(config.slides_dir, self.classes)
+        self.stop = threading.Event()        # pipeline: stop taking new frames
+        self.halt = threading.Event()        # heartbeat/control: the daemon is going away
+        self.state_lock = threading.Lock()
+        self.state, self.reason, self.measures = protocol.STATE_STARTING, None, None
+        self.paused = False
+        self.signal_ok = False
+        self.last_reject_id = 0
+        self.last_lock = threading.Lock()
+        self.last: tuple[Frame, np.ndarray, dict] | None = None
+        self.published = 0
+        self.stop_reason = None
+        self.started_mono = time.monotonic()
+        self._own_context = context is None
+        self.context = context or zmq.Context()
+        self.backend = None
+        self.backend_info = None
+        self.publisher: Publisher | None = None
+        self.threads: list[threading.Thread] = []
+        self.http = None
+        self.auth = None
+
+    # ------------------------------------------------------------ lifecycle
+
+    def _check_threshold(self, value: float, where: str) -> None:
+        if self.bundle.task["type"] not in ("binary", "cascade"):
+            raise ArmscopeError(f"{where}: the bundle's task is {self.bundle.task['type']!r}; "
+                                "a threshold applies to binary and cascade tasks only")
+        if not 0.0 <= value <= 1.0:
+            raise ArmscopeError(f"{where}: {value} is outside 0..1")
+
+    def open(self) -> None:
+        """Open the backend and the sockets (no threads yet)."""
+        from edge.backends import open_backend
+
+        cfg = self.config
+        options = {"layout": cfg.layout}
+        if cfg.threads:
+            options["threads"] = cfg.threads
+        self.backend = open_backend(self.bundle, cfg.backend, **options)
+        self.backend_info = self.backend.describe()
+        log.info("model %s, classes %s, backend %s (requested %r)", self.model_id, self.classes,
+                 self.backend_info, cfg.backend)
+        pub = self.context.socket(zmq.PUB)
+        rep = self.context.socket(zmq.REP)
+        rep.setsockopt(zmq.LINGER, 0)
+        if cfg.curve_server_secret:
+            self.auth = setup_curve_server(self.context, [pub, rep], cfg.curve_server_secret, cfg.curve_clients_dir)
+            log.info("CurveZMQ on: %s", "only keys in " + cfg.curve_clients_dir if cfg.curve_clients_dir
+                     else "any client with the server key")
+        try:
+            bind(pub, cfg.publish, "publish")
+            bind(rep, cfg.control, "control")
+        except ArmscopeError:
+            pub.close(0)
+            rep.close(0)
+            raise
+        self.publisher = Publisher(pub, self.model_id, cfg.stale_after_ms)
+        self._rep = rep
+        log.info("publishing on %s, control on %s, source %s", cfg.publish, cfg.control, cfg.source)
+        self._send_status(heartbeat=False)
+        self.frames = LatestSlot("capture")
+        self.inputs = LatestSlot("preprocessed")
+        self.results = LatestSlot("inferred")
+
+    def start(self) -> None:
+        """Open backend and sockets and start every thread (returns at once)."""
+        self.open()
+        cfg = self.config
+        rep = self._rep
+        self.capture = Capture(self.source, self.frames, self.stop, on_signal=self._on_signal,
+                               on_end=lambda: self.request_stop("source ended"),
+                               backoff_min=cfg.reconnect_min_s, backoff_max=cfg.reconnect_max_s,
+                               exit_on_end=cfg.exit_on_source_end)
+        self.threads = [
+            self.capture,
+            threading.Thread(target=self._preprocess_loop, name="preprocess", daemon=True),
+            threading.Thread(target=self._inference_loop, name="inference", daemon=True),
+            threading.Thread(target=self._render_loop, name="render", daemon=True),
+        ]
+        self.aux = [threading.Thread(target=self._heartbeat_loop, name="heartbeat", daemon=True),
+                    ControlServer(rep, self.handle_command, self.halt)]
+        for thread in self.threads + self.aux:
+            thread.start()
+        if cfg.metrics_http:
+            try:
+                self.http = serve_prometheus(cfg.metrics_http, lambda: prometheus_text(self.metrics_snapshot()))
+            except OSError as exc:
+                self.request_stop("metrics_http failed")
+                raise ArmscopeError(f"key 'metrics_http': cannot serve on {cfg.metrics_http} ({exc})") from None
+
+    def request_stop(self, reason: str = "requested") -> None:
+        if not self.stop.is_set():
+            self.stop_reason = reason
+            log.info("stopping: %s", reason)
+            self.stop.set()
+
+    def run(self, install_signals: bool = True) -> int:
+        """Start, block until stopped, shut down cleanly; returns the exit code (0)."""
+        if install_signals and threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                signal.signal(sig, lambda signum, _frame: self.request_stop(signal.Signals(signum).name))
+        try:
+            self.start()
+            while not self.stop.wait(0.2):
+                pass
+        finally:
+            self.shutdown()
+        return 0
+
+    def shutdown(self, timeout: float = 60.0) -> None:
+        """Let the in-flight frame finish, then close everything. Idempotent."""
+        self.request_stop(self.stop_reason or "shutdown")
+        deadline = time.monotonic() + timeout
+        for thread in getattr(self, "threads", []):
+            if thread.is_alive():
+                thread.join(max(0.1, deadline - time.monotonic()) if thread.name != "capture" else 2.0)
+                if thread.is_alive():
+                    log.warning("thread %s did not finish in time", thread.name)
+        if self.publisher is not None and not self.publisher.closed:
+            self._set_state(protocol.STATE_STOPPING, self.stop_reason)
+        self.halt.set()
+        for thread in getattr(self, "aux", []):
+            thread.join(2.0)
+        if not getattr(self, "aux", None) and getattr(self, "_rep", None) is not None:
+            self._rep.close(0)          # opened for process_frame only: no control thread owns it
+        if self.publisher is not None:
+            self.publisher.close()
+        if self.http is not None:
+            self.http.shutdown()
+            self.http.server_close()
+            self.http = None
+        if self.auth is not None:
+            self.auth.stop()
+            self.auth = None
+        if self.backend is not None:
+            self.backend.close()
+            self.backend = None
+        if self._own_context and not self.context.closed:
+            self.context.term()
+        log.info("stopped after %d overlays", self.published)
+
+    # ------------------------------------------------------------ state
+
+    def _set_state(self, state: str, reason: str | None = None, measures: dict | None = None) -> None:
+        with self.state_lock:
+            changed = (state, reason) != (self.state, self.reason)
+            self.state, self.reason = state, reason
+            if measures is not None:
+                self.measures = measures
+            if changed:
+                log.info("state %s%s", state, f" ({reason})" if reason else "")
+                self._send_status(heartbeat=False)
+
+    def _send_status(self, heartbeat: bool) -> None:
+        header = {"state": self.state, "reason": self.reason, "heartbeat": heartbeat,
+                  "frame_id": self.capture.captured if hasattr(self, "capture") and self.capture.captured else None,
+                  "encoding": protocol.ENCODING_NONE,
+                  "detail": {"fps": self.metrics.published.rate(), "measures": self.measures,
+                             "threshold": self.effective_threshold(), "source": self.config.source,
+                             **self._counters()}}
+        self.publisher.send(protocol.TOPIC_STATUS, header, b"", self.slides.slide_id)
+
+    def _on_signal(self, ok: bool, reason: str | None) -> None:
+        self.signal_ok = ok
+        if self.paused:
+            return
+        if ok:
+            self._set_state(protocol.STATE_STARTING)
+        else:
+            self._set_state(protocol.STATE_NO_SIGNAL, reason)
+
+    def effective_threshold(self) -> float | None:
+        return self.threshold if self.threshold is not None else self.bundle.task.get("threshold")
+
+    def _counters(self) -> dict:
+        capture = getattr(self, "capture", None)
+        slots = [getattr(self, name, None) for name in ("frames", "inputs", "results")]
+        return {"frames_captured": capture.captured if capture else 0,
+                "corrupt": capture.corrupt if capture else 0,
+                "reconnects": capture.reconnects if capture else 0,
+                "dropped": sum(s.dropped for s in slots if s is not None),
+                "frames_published": self.published}
+
+    def metrics_snapshot(self) -> dict:
+        return self.metrics.snapshot(self._counters())
+
+    # ------------------------------------------------------------ stages
+
+    def _preprocess_loop(self) -> None:
+        try:
+            while not self.stop.is_set():
+                try:
+                    frame = self.frames.get(POLL_S)
+                except SlotClosed:
+                    break
+                if frame is None:
+                    continue
+                self.metrics.captured.tick(frame.capture_mono)
+                if self.paused:
+                    self.metrics.count("paused_frames")
+                    continue
+                work = self._preprocess(frame)
+                if work is not None:
+                    self.inputs.put(work)
+        except Exception:
+            log.exception("preprocess stage failed")
+            self.request_stop("preprocess stage failed")
+        finally:
+            self.inputs.close()
+
+    def _preprocess(self, frame: Frame) -> Work | None:
+        """Gate and preprocess one frame; None when it is not to be classified."""
+        t0 = time.monotonic()
+        h, w = frame.image.shape[:2]
+        c = self.spec.center_crop
+        if h < c or w < c:
+            self.metrics.count("too_small")
+            log.warning("frame %d is %dx%d, smaller than the bundle's %d px crop; skipped", frame.id, w, h, c)
+            return None
+        top, left, size = crop_box(frame.image.shape, self.spec)
+        measures = self.gate.measure(frame.image[top:top + size, left:left + size])
+        reason = self.gate.verdict(measures)
+        if reason is not None:
+            self.metrics.count("no_tissue")
+            self.last_reject_id = frame.id
+            self._set_state(protocol.STATE_NO_TISSUE, reason, measures)
+            return None
+        batch = preprocess_frame(frame.image, self.spec, source=f"frame {frame.id}")[None]
+        t1 = time.monotonic()
+        times = {"queue": (t0 - frame.capture_mono) * 1000, "preprocess": (t1 - t0) * 1000, "_t": t1}
+        self.metrics.observe("queue", times["queue"])
+        self.metrics.observe("preprocess", times["preprocess"])
+        return Work(frame, (top, left, size), measures, times, batch=batch)
+
+    def _inference_loop(self) -> None:
+        try:
+            while not self.stop.is_set():
+                try:
+                    work = self.inputs.get(POLL_S)
+                except SlotClosed:
+                    break
+                if work is None:
+                    continue
+                self.results.put(self._infer(work))
+        except Exception:
+            log.exception("inference stage failed")
+            self.request_stop("inference stage failed")
+        finally:
+            self.results.close()
+
+    def _infer(self, work: Work) -> Work:
+        t0 = time.monotonic()
+        work.outputs = self.backend.infer(work.batch)
+        work.batch = None
+        t1 = time.monotonic()
+        work.times["inference"] = (t1 - t0) * 1000
+        work.times["_t"] = t1
+        self.metrics.observe("inference", work.times["inference"])
+        return work
+
+    def process_frame(self, frame: Frame) -> dict | None:
+        """All stages for one frame, serially, in the calling thread (after ``open``):
+        what the benchmark compares with pure inference. Returns the header sent,
+        or None if the gate rejected the frame."""
+        work = self._preprocess(frame)
+        if work is None:
+            return None
+        self._render_and_publish(self._infer(work))
+        with self.last_lock:
+            return self.last[2]
+
+    def _render_loop(self) -> None:
+        """Runs until the inference stage has closed its slot, so the frame in
+        flight at shutdown is still published."""
+        try:
+            while True:
+                try:
+                    work = self.results.get(POLL_S)
+                except SlotClosed:
+                    break
+                if work is None:
+                    continue
+                if self.paused:
+                    self.metrics.count("paused_frames")
+                    continue
+                self._render_and_publish(work)
+                if self.config.max_frames and self.published >= self.config.max_frames:
+                    self.request_stop(f"published max_frames={self.config.max_frames}")
+        except Exception:
+            log.exception("render stage failed")
+            self.request_stop("render stage failed")
+
+    def _render_and_publish(self, work: Work) -> None:
+        t0 = time.monotonic()
+        probs = work.outputs["probs"][0]
+        decision = decide(probs, self.bundle.task, self.threshold)
+        cam = work.outputs["cam"][0, decision["index"]]
+        size = self.overlay_size
+        rgba = heat_rgba(cam, size, max_alpha=self.config.max_alpha)
+        if self.config.encoding == protocol.ENCODING_PNG:
+            ok, png = cv2.imencode(".png", cv2.cvtColor(rgba, cv2.COLOR_RGBA2BGRA), [cv2.IMWRITE_PNG_COMPRESSION, 1])
+            payload = png.tobytes()
+        else:
+            payload = rgba.tobytes()
+        frame = work.frame
+        top, left, crop = work.box
+        t1 = time.monotonic()
+        times = work.times
+        times["render"] = (t1 - t0) * 1000
+        times["total"] = (t1 - frame.capture_mono) * 1000
+        header = {
+            "frame_id": frame.id, "capture_mono": frame.capture_mono, "capture_wall": frame.capture_wall,
+            "classes": self.classes, "probs": [protocol.finite(p) for p in probs],
+            "decision": {k: (protocol.finite(v) if k in ("score", "threshold") else v) for k, v in decision.items()},
+            "width": size, "height": size, "format": protocol.FORMAT_RGBA8, "encoding": self.config.encoding,
+            "region": {"frame_width": frame.image.shape[1], "frame_height": frame.image.shape[0],
+                       "x": left, "y": top, "size": crop},
+            "focus_bbox": focus_bbox(cam, size), "measures": work.measures,
+            "latency_ms": {k: round(v, 2) for k, v in times.items() if not k.startswith("_")},
+        }
+        slide_id = self.slides.slide_id
+        sent = self.publisher.send(protocol.TOPIC_OVERLAY, header, payload, slide_id)
+        t2 = time.monotonic()
+        self.published += 1
+        self.metrics.observe("render", times["render"])
+        self.metrics.observe("publish", (t2 - t1) * 1000)
+        self.metrics.observe("capture_to_publish", (sent.get("publish_mono", t2) - frame.capture_mono) * 1000)
+        self.metrics.published.tick(t2)
+        self.slides.add(probs, slide_id)
+        with self.last_lock:
+            self.last = (frame, rgba, sent)
+        if self.signal_ok and not self.paused and frame.id > self.last_reject_id:
+            self._set_state(protocol.STATE_RUNNING, None, work.measures)
+
+    def _heartbeat_loop(self) -> None:
+        period = 1.0 / self.config.heartbeat_hz
+        while not self.halt.wait(period):
+            try:
+                with self.state_lock:
+                    self._send_status(heartbeat=True)
+            except Exception:
+                log.exception("heartbeat failed")
+
+    # ------------------------------------------------------------ control
+
+    COMMANDS = ("status", "pause", "resume", "slide start ID", "slide end", "threshold X", "threshold reset",
+                "snapshot", "help")
+
+    def handle_command(self, cmd: str, args: list[str]) -> dict:
+        """Control-socket commands (docs/protocol.md, section 2). Raise ArmscopeError for bad requests."""
+        def need(n: int, usage: str):
+            if len(args) != n:
+                raise ArmscopeError(f"{cmd}: usage: {usage}")
+
+        if cmd == "status":
+            need(0, "status")
+            return self.status_reply()
+        if cmd == "help":
+            return {"commands": list(self.COMMANDS)}
+        if cmd in ("pause", "resume"):
+            need(0, cmd)
+            self.paused = cmd == "pause"
+            if self.paused:
+                self._set_state(protocol.STATE_PAUSED)
+            else:
+                self._set_state(protocol.STATE_STARTING if self.signal_ok else protocol.STATE_NO_SIGNAL)
+            return {"state": self.state}
+        if cmd == "slide":
+            if args[:1] == ["start"] and len(args) == 2:
+                ended = None
+                if self.slides.slide_id is not None:
+                    ended = self._end_slide()
+                self.slides.start(args[1])
+                log.info("slide %s started", args[1])
+                return {"slide_id": args[1], "ended": ended}
+            if args == ["end"]:
+                return self._end_slide()
+            raise ArmscopeError("slide: usage: slide start ID | slide end")
+        if cmd == "threshold":
+            need(1, "threshold X (0..1) | threshold reset")
+            if args[0] == "reset":
+                self.threshold = None
+            else:
+                try:
+                    value = float(args[0])
+                except ValueError:
+                    raise ArmscopeError(f"threshold: {args[0]!r} is not a number") from None
+                self._check_threshold(value, "threshold")
+                self.threshold = value
+            return {"threshold": self.effective_threshold()}
+        if cmd == "snapshot":
+            need(0, "snapshot")
+            return {"files": [str(p) for p in self.snapshot()]}
+        raise ArmscopeError(f"unknown command {cmd!r} (commands: {', '.join(self.COMMANDS)})")
+
+    def _end_slide(self) -> dict:
+        record, path = self.slides.end({"model_id": self.model_id, "threshold": self.effective_threshold()},
+                                       lambda mean: decide(mean, self.bundle.task, self.threshold))
+        log.info("slide %s ended: %d frames -> %s", record["slide_id"], record["n_frames"], path)
+        return {"slide": record, "record": str(path)}
+
+    def status_reply(self) -> dict:
+        return {"state": self.state, "reason": self.reason, "run_id": self.publisher.run_id,
+                "model_id": self.model_id, "classes": self.classes,
+                "backend": self.backend_info, "source": self.config.source,
+                "slide_id": self.slides.slide_id, "threshold": self.effective_threshold(), "paused": self.paused,
+                "uptime_s": round(time.monotonic() - self.started_mono, 3), "measures": self.measures,
+                "metrics": self.metrics_snapshot()}
+
+    def snapshot(self) -> list[Path]:
+        """Save the last classified frame, its overlay and header (or, before any
+        overlay, the newest captured frame and the daemon status)."""
+        with self.last_lock:
+            last = self.last
+        directory = Path(self.config.snapshot_dir)
+        directory.mkdir(parents=True, exist_ok=True)
+        if last is not None:
+            frame, rgba, header = last
+        else:
+            frame = getattr(self, "capture", None) and self.capture.latest
+            if frame is None:
+                raise ArmscopeError("snapshot: no frame captured yet")
+            rgba, header = None, {"topic": "status", "state": self.state, "reason": self.reason}
+        stem = directory / f"{time.strftime('%Y%m%dT%H%M%S')}_frame{frame.id:06d}"
+        written = []
+        if not cv2.imwrite(f"{stem}_frame.png", frame.image):
+            raise ArmscopeError(f"snapshot: could not write {stem}_frame.png")
+        written.append(Path(f"{stem}_frame.png"))
+        if rgba is not None:
+            cv2.imwrite(f"{stem}_overlay.png", cv2.cvtColor(rgba, cv2.COLOR_RGBA2BGRA))
+            written.append(Path(f"{stem}_overlay.png"))
+        Path(f"{stem}_header.json").write_text(json.dumps(header, indent=2, default=str) + "\n")
+        written.append(Path(f"{stem}_header.json"))
+        return written
+
+
+def run_daemon(config: Config) -> int:
+    """Entry point for ``armscope run``."""
+    from edge.logs import setup_logging
+
+    setup_logging(config.log_format, config.log_level)
+    return Daemon(config).run()

@@ -1,0 +1,136 @@
+"""Daemon metrics: counters, per-stage latency windows with p50/p95/p99, fps,
+for the control socket's ``status`` reply, the benchmark, and an optional
+Prometheus text endpoint. Windows are bounded (last N samples) so a daemon
+that runs for weeks uses constant memory."""
+from __future__ import annotations
+
+import collections
+import logging
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+STAGES = ("queue", "preprocess", "inference", "render", "publish", "capture_to_publish")
+WINDOW = 1000
+
+
+class LatencyWindow:
+    """The last ``size`` durations (milliseconds) of one stage."""
+
+    def __init__(self, size: int = WINDOW):
+        self.samples: collections.deque[float] = collections.deque(maxlen=size)
+        self.count = 0
+        self.total_ms = 0.0
+
+    def add(self, ms: float) -> None:
+        self.samples.append(ms)
+        self.count += 1
+        self.total_ms += ms
+
+    def summary(self) -> dict:
+        if not self.samples:
+            return {"p50": None, "p95": None, "p99": None, "mean": None, "n": 0}
+        values = np.fromiter(self.samples, dtype=np.float64)
+        p50, p95, p99 = np.percentile(values, [50, 95, 99])
+        return {"p50": round(float(p50), 2), "p95": round(float(p95), 2), "p99": round(float(p99), 2),
+                "mean": round(float(values.mean()), 2), "n": len(values)}
+
+
+class RateMeter:
+    """Events per second over the last ``span`` seconds."""
+
+    def __init__(self, span: float = 5.0):
+        self.span = span
+        self.times: collections.deque[float] = collections.deque(maxlen=10000)
+        self.lock = threading.Lock()   # ticks and reads come from different threads
+
+    def tick(self, now: float | None = None) -> None:
+        with self.lock:
+            self.times.append(time.monotonic() if now is None else now)
+
+    def rate(self, now: float | None = None) -> float:
+        now = time.monotonic() if now is None else now
+        with self.lock:
+            while self.times and now - self.times[0] > self.span:
+                self.times.popleft()
+            if len(self.times) < 2:
+                return 0.0
+            elapsed = max(now - self.times[0], self.times[-1] - self.times[0])
+            count = len(self.times) - 1
+        return round(count / elapsed, 2) if elapsed > 0 else 0.0
+
+
+class Metrics:
+    """Thread-safe container; stages call ``observe`` and ``count``."""
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.latency = {stage: LatencyWindow() for stage in STAGES}
+        # Named up front so the status reply always has them, zero or not.
+        self.counters = collections.Counter({name: 0 for name in ("no_tissue", "paused_frames", "too_small")})
+        self.published = RateMeter()
+        self.captured = RateMeter()
+
+    def observe(self, stage: str, ms: float) -> None:
+        with self.lock:
+            self.latency[stage].add(ms)
+
+    def count(self, name: str, n: int = 1) -> None:
+        with self.lock:
+            self.counters[name] += n
+
+    def snapshot(self, extra_counters: dict | None = None) -> dict:
+        with self.lock:
+            counters = dict(self.counters)
+            latency = {stage: w.summary() for stage, w in self.latency.items()}
+            fps, capture_fps = self.published.rate(), self.captured.rate()
+        counters.update(extra_counters or {})
+        return {**counters, "fps": fps, "capture_fps": capture_fps, "latency_ms": latency}
+
+
+def prometheus_text(snapshot: dict, labels: str = "") -> str:
+    """The snapshot in the Prometheus text exposition format (version 0.0.4)."""
+    lines = []
+    for key, value in sorted(snapshot.items()):
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            kind = "gauge" if key in ("fps", "capture_fps") else "counter"
+            name = f"armscope_{key}" + ("_total" if kind == "counter" else "")
+            lines += [f"# TYPE {name} {kind}", f"{name}{{{labels}}} {value}"]
+    lines.append("# TYPE armscope_latency_ms summary")
+    for stage, summary in snapshot.get("latency_ms", {}).items():
+        for q in ("p50", "p95", "p99"):
+            if summary[q] is not None:
+                sep = "," if labels else ""
+                lines.append(f'armscope_latency_ms{{{labels}{sep}stage="{stage}",quantile="0.{q[1:]}"}} {summary[q]}')
+        lines.append(f'armscope_latency_ms_count{{{labels}{"," if labels else ""}stage="{stage}"}} {summary["n"]}')
+    return "\n".join(lines) + "\n"
+
+
+def serve_prometheus(address: str, provider) -> ThreadingHTTPServer:
+    """Serve ``GET /metrics`` on ``HOST:PORT`` from a daemon thread; ``provider()`` returns the text."""
+    host, _, port = address.rpartition(":")
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802 - http.server API
+            if self.path.split("?")[0] != "/metrics":
+                self.send_error(404, "only /metrics")
+                return
+            body = provider().encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "text/plain; version=0.0.4")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer((host, int(port)), Handler)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, name="metrics-http", daemon=True).start()
+    log.info("Prometheus metrics on http://%s/metrics", address)
+    return server

@@ -1,0 +1,401 @@
+"""Frame sources by URI, and the capture thread that keeps only the newest frame.
+
+Why a thread that overwrites: a camera produces frames faster than a CPU
+ensemble classifies them. Queueing them would make the overlay lag further
+behind the slide with every frame; the pathologist needs the overlay of what is
+under the objective *now*. So capture runs on its own, each new frame replaces
+the unread one (counted as dropped), and the pipeline always takes the newest.
+
+URIs::
+
+    v4l2:///dev/video0[?width=1600&height=1200&fps=30]   USB/V4L2 camera
+    csi://0[?width=1920&height=1080&fps=30]              Jetson CSI camera (GStreamer nvarguscamerasrc)
+    rtsp://host/stream                                   network camera (FFmpeg)
+    file://video.mp4[?fps=max|N][&loop=1]                recorded video, at its own fps by default
+    dir://frames/[?fps=N][&loop=1]                       image sequence replay (sorted by name), default 10 fps
+    image://still.png[?fps=N]                            one image repeated, default 10 fps (fps=max: as fast as taken)
+
+A source that cannot be opened, ends or stops delivering frames is "lost": the
+capture thread reports ``no_signal`` and reopens it with exponential backoff.
+A frame that cannot be decoded (a corrupt file in a dir:// sequence, a
+truncated image) is skipped and counted, never fatal.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from urllib.parse import parse_qs, urlsplit
+
+import cv2
+import numpy as np
+
+from armscope.errors import ArmscopeError
+from armscope.preprocess import IMAGE_SUFFIXES
+
+log = logging.getLogger(__name__)
+
+SCHEMES = ("v4l2", "csi", "rtsp", "rtsps", "file", "dir", "image")
+_PATH_SCHEMES = ("file", "dir", "image")
+
+
+class SourceLost(Exception):
+    """The source cannot deliver frames any more (unplugged, stream ended, gone)."""
+
+
+class CorruptFrame(Exception):
+    """One frame could not be decoded; the next one may be fine."""
+
+
+@dataclass(frozen=True)
+class SourceSpec:
+    scheme: str
+    target: str            # device path, sensor id, URL or filesystem path
+    params: dict = field(default_factory=dict)
+    uri: str = ""
+
+    @property
+    def finite(self) -> bool:
+        return self.scheme in ("file", "dir") and not self.params.get("loop")
+
+    def fps(self, default: float | None) -> float | None:
+        """Replay rate: None = as fast as possible (``fps=max``)."""
+        value = self.params.get("fps")
+        if value is None:
+            return default
+        return None if value == "max" else float(value)
+
+
+def _split_path_uri(uri: str) -> tuple[str, str, str]:
+    scheme, _, rest = uri.partition("://")
+    path, _, query = rest.partition("?")
+    return scheme, path, query
+
+
+def parse_source(uri: str) -> SourceSpec:
+    """Validate a source URI; raises ArmscopeError saying what is wrong with it."""
+    if "://" not in uri:
+        raise ArmscopeError(f"{uri!r} is not a source URI (expected one of {', '.join(s + '://' for s in SCHEMES)})")
+    scheme = uri.split("://", 1)[0].lower()
+    if scheme not in SCHEMES:
+        raise ArmscopeError(f"{uri!r}: unknown scheme {scheme!r} (expected one of {', '.join(SCHEMES)})")
+    if scheme in _PATH_SCHEMES:
+        _, target, query = _split_path_uri(uri)
+    elif scheme in ("rtsp", "rtsps"):
+        target, query = uri, ""
+    else:
+        parts = urlsplit(uri)
+        target = (parts.netloc + parts.path) if scheme == "v4l2" else parts.netloc
+        query = parts.query
+    if not target:
+        raise ArmscopeError(f"{uri!r}: no device, path or address after {scheme}://")
+    params = {k: v[-1] for k, v in parse_qs(query, keep_blank_values=True).items()}
+    allowed = {"v4l2": {"width", "height", "fps"}, "csi": {"width", "height", "fps", "flip"},
+               "rtsp": set(), "rtsps": set(), "file": {"fps", "loop"}, "dir": {"fps", "loop"}, "image": {"fps"}}
+    for key, value in params.items():
+        if key not in allowed[scheme]:
+            raise ArmscopeError(f"{uri!r}: unknown parameter {key!r} for {scheme}:// "
+                                f"(allowed: {', '.join(sorted(allowed[scheme])) or 'none'})")
+        if key == "fps" and value != "max":
+            try:
+                if float(value) <= 0:
+                    raise ValueError
+            except ValueError:
+                raise ArmscopeError(f"{uri!r}: parameter fps={value!r}: expected a positive number or 'max'") from None
+        if key in ("width", "height", "flip") and not value.isdigit():
+            raise ArmscopeError(f"{uri!r}: parameter {key}={value!r}: expected a non-negative integer")
+        if key == "loop" and value not in ("0", "1", "true", "false"):
+            raise ArmscopeError(f"{uri!r}: parameter loop={value!r}: expected 1 or 0")
+    if "loop" in params:
+        params["loop"] = params["loop"] in ("1", "true")
+    if scheme == "csi" and not target.isdigit():
+        raise ArmscopeError(f"{uri!r}: csi:// takes a sensor number, e.g. csi://0")
+    return SourceSpec(scheme, target, params, uri)
+
+
+def resolve_relative(uri: str, base: Path) -> str:
+    """Make a relative file/dir/image path in ``uri`` relative to ``base`` (the config file's directory)."""
+    if "://" not in uri:
+        return uri
+    scheme, path, query = _split_path_uri(uri)
+    if scheme.lower() not in _PATH_SCHEMES or not path or Path(path).is_absolute():
+        return uri
+    resolved = str(Path(base) / path) + ("/" if path.endswith("/") else "")
+    return f"{scheme}://{resolved}" + (f"?{query}" if query else "")
+
+
+def gstreamer_csi_pipeline(sensor: int, width: int = 1920, height: int = 1080, fps: int = 30, flip: int = 0) -> str:
+    """The nvarguscamerasrc pipeline for cv2.VideoCapture(..., cv2.CAP_GSTREAMER) on a Jetson:
+    NVMM NV12 from the ISP -> nvvidconv to BGRx in system memory -> BGR for OpenCV; the
+    appsink drops late buffers and keeps one, the same newest-wins policy as the daemon."""
+    return (
+        f"nvarguscamerasrc sensor-id={sensor} ! "
+        f"video/x-raw(memory:NVMM), width=(int){width}, height=(int){height}, framerate=(fraction){fps}/1 ! "
+        f"nvvidconv flip-method={flip} ! video/x-raw, format=(string)BGRx ! "
+        f"videoconvert ! video/x-raw, format=(string)BGR ! appsink drop=true max-buffers=1 sync=false"
+    )
+
+
+class FrameSource:
+    """open() / read() -> BGR uint8 frame / close(). read raises SourceLost or CorruptFrame."""
+
+    def __init__(self, spec: SourceSpec):
+        self.spec = spec
+        self.pace = None          # seconds between frames for replayed sources, None = unpaced
+
+    def open(self) -> None:
+        raise NotImplementedError
+
+    def read(self) -> np.ndarray:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        pass
+
+
+def _check_frame(frame, what: str) -> np.ndarray:
+    if frame is None or not isinstance(frame, np.ndarray) or frame.ndim != 3 or frame.shape[2] != 3 \
+            or frame.dtype != np.uint8 or frame.size == 0:
+        raise CorruptFrame(f"{what}: not a BGR uint8 image")
+    return frame
+
+
+class VideoCaptureSource(FrameSource):
+    """v4l2, csi, rtsp and file sources through cv2.VideoCapture."""
+
+    def __init__(self, spec: SourceSpec):
+        super().__init__(spec)
+        self.cap = None
+        self.failures = 0
+
+    def _open_args(self):
+        s, p = self.spec, self.spec.params
+        if s.scheme == "v4l2":
+            return (s.target, cv2.CAP_V4L2)
+        if s.scheme == "csi":
+            pipeline = gstreamer_csi_pipeline(int(s.target), int(p.get("width", 1920)), int(p.get("height", 1080)),
+                                              int(float(p.get("fps", 30))), int(p.get("flip", 0)))
+            return (pipeline, cv2.CAP_GSTREAMER)
+        if s.scheme in ("rtsp", "rtsps"):
+            return (s.target, cv2.CAP_FFMPEG)
+        return (s.target, cv2.CAP_ANY)
+
+    def open(self) -> None:
+        if self.spec.scheme == "file" and not Path(self.spec.target).is_file():
+            raise SourceLost(f"{self.spec.target}: no such video file")
+        target, api = self._open_args()
+        cap = cv2.VideoCapture(target, api)
+        if not cap.isOpened():
+            cap.release()
+            raise SourceLost(f"{self.spec.uri}: could not open (backend {api})")
+        p = self.spec.params
+        if self.spec.scheme == "v4l2":
+            for key, prop in (("width", cv2.CAP_PROP_FRAME_WIDTH), ("height", cv2.CAP_PROP_FRAME_HEIGHT),
+                              ("fps", cv2.CAP_PROP_FPS)):
+                if key in p:
+                    cap.set(prop, float(p[key]))
+            cap.set(cv2.CAP_PROP_BUFFERSIZE, 1)   # the driver's queue, not ours, would otherwise add latency
+        if self.spec.scheme == "file":
+            native = cap.get(cv2.CAP_PROP_FPS) or 0.0
+            fps = self.spec.fps(native if native > 0 else 25.0)
+            self.pace = None if fps is None else 1.0 / fps
+        self.cap, self.failures = cap, 0
+
+    def read(self) -> np.ndarray:
+        ok, frame = self.cap.read()
+        if not ok:
+            if self.spec.scheme == "file":
+                if self.spec.params.get("loop"):
+                    self.cap.set(cv2.CAP_PROP_POS_FRAMES, 0)
+                    ok, frame = self.cap.read()
+                if not ok:
+                    raise SourceLost("source ended")
+            else:
+                # A live camera that returns nothing a few times in a row is gone (unplugged, stream dropped).
+                self.failures += 1
+                if self.failures >= 3:
+                    raise SourceLost("camera stopped delivering frames")
+                raise CorruptFrame("camera returned no frame")
+        self.failures = 0
+        return _check_frame(frame, self.spec.uri)
+
+    def close(self) -> None:
+        if self.cap is not None:
+            self.cap.release()
+            self.cap = None
+
+
+class DirSource(FrameSource):
+    """An image sequence, replayed in name order at ``fps`` (default 10)."""
+
+    def __init__(self, spec: SourceSpec):
+        super().__init__(spec)
+        self.files: list[Path] = []
+        self.index = 0
+        fps = spec.fps(10.0)
+        self.pace = None if fps is None else 1.0 / fps
+
+    def open(self) -> None:
+        root = Path(self.spec.target)
+        if not root.is_dir():
+            raise SourceLost(f"{root}: no such directory")
+        self.files = sorted(p for p in root.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+        if not self.files:
+            raise SourceLost(f"{root}: no image files ({', '.join(IMAGE_SUFFIXES)})")
+        self.index = 0
+
+    def read(self) -> np.ndarray:
+        if self.index >= len(self.files):
+            if not self.spec.params.get("loop"):
+                raise SourceLost("source ended")
+            self.index = 0
+        path = self.files[self.index]
+        self.index += 1
+        try:
+            data = np.fromfile(str(path), dtype=np.uint8)
+        except OSError:
+            if not path.parent.is_dir():
+                raise SourceLost(f"{path.parent}: directory vanished") from None
+            raise CorruptFrame(f"{path}: unreadable") from None
+        image = cv2.imdecode(data, cv2.IMREAD_COLOR) if data.size else None
+        return _check_frame(image, str(path))
+
+
+class ImageSource(FrameSource):
+    """One still image, delivered repeatedly (a copy each time, as a camera would)."""
+
+    def __init__(self, spec: SourceSpec):
+        super().__init__(spec)
+        self.image = None
+        fps = spec.fps(10.0)
+        self.pace = None if fps is None else 1.0 / fps
+
+    def open(self) -> None:
+        path = Path(self.spec.target)
+        data = np.fromfile(str(path), dtype=np.uint8) if path.is_file() else np.empty(0, np.uint8)
+        image = cv2.imdecode(data, cv2.IMREAD_COLOR) if data.size else None
+        if image is None:
+            raise SourceLost(f"{path}: missing or not a readable image")
+        self.image = image
+
+    def read(self) -> np.ndarray:
+        return self.image.copy()
+
+
+def open_source(spec: SourceSpec | str) -> FrameSource:
+    spec = parse_source(spec) if isinstance(spec, str) else spec
+    if spec.scheme == "dir":
+        return DirSource(spec)
+    if spec.scheme == "image":
+        return ImageSource(spec)
+    return VideoCaptureSource(spec)
+
+
+@dataclass
+class Frame:
+    """One captured frame and when it was taken."""
+
+    id: int
+    image: np.ndarray
+    capture_mono: float
+    capture_wall: float
+
+
+class Capture(threading.Thread):
+    """Reads a source into a :class:`edge.pipeline.LatestSlot`, reconnecting with backoff.
+
+    ``on_signal(ok: bool, reason: str | None)`` is called when the source is
+    lost or comes back, ``on_end()`` when a finite source ended (the daemon may
+    exit). Counters: ``captured``, ``corrupt``, ``reconnects``; the slot counts drops.
+    """
+
+    def __init__(self, spec: SourceSpec, slot, stop: threading.Event, on_signal=None, on_end=None,
+                 backoff_min: float = 0.5, backoff_max: float = 10.0, exit_on_end: bool = False):
+        super().__init__(name="capture", daemon=True)
+        self.spec, self.slot, self.stop = spec, slot, stop
+        self.on_signal = on_signal or (lambda ok, reason: None)
+        self.on_end = on_end or (lambda: None)
+        self.backoff_min, self.backoff_max = backoff_min, backoff_max
+        self.exit_on_end = exit_on_end
+        self.captured = self.corrupt = self.reconnects = 0
+        self.latest: Frame | None = None
+        self.error: str | None = None
+
+    def run(self) -> None:
+        delay = self.backoff_min
+        first = True
+        try:
+            while not self.stop.is_set():
+                source = open_source(self.spec)
+                try:
+                    source.open()
+                except SourceLost as exc:
+                    self._lost(str(exc), "open failed")
+                    self.stop.wait(delay)
+                    delay = min(delay * 2, self.backoff_max)
+                    continue
+                except Exception as exc:  # OpenCV/GStreamer errors must not kill the thread
+                    log.exception("source %s: open raised", self.spec.uri)
+                    self._lost(f"open raised {type(exc).__name__}: {exc}", "open failed")
+                    self.stop.wait(delay)
+                    delay = min(delay * 2, self.backoff_max)
+                    continue
+                if not first:
+                    self.reconnects += 1
+                first = False
+                log.info("source %s opened", self.spec.uri)
+                try:
+                    ended = self._read_loop(source)
+                finally:
+                    source.close()
+                if self.stop.is_set():
+                    break
+                if ended and self.spec.finite and self.exit_on_end:
+                    self.on_end()
+                    break
+                delay = self.backoff_min if self.captured else delay
+                self.stop.wait(delay)
+                delay = min(delay * 2, self.backoff_max)
+        finally:
+            self.slot.close()
+
+    def _lost(self, message: str, reason: str) -> None:
+        if self.error != message:
+            log.warning("source %s: %s", self.spec.uri, message)
+        self.error = message
+        self.on_signal(False, reason)
+
+    def _read_loop(self, source: FrameSource) -> bool:
+        """Read until the source is lost or stop is set; True if it ended normally."""
+        next_due = time.monotonic()
+        signalled = False
+        while not self.stop.is_set():
+            if source.pace is not None:
+                wait = next_due - time.monotonic()
+                if wait > 0 and self.stop.wait(wait):
+                    return False
+                next_due = max(next_due + source.pace, time.monotonic() - source.pace)
+            try:
+                image = source.read()
+            except CorruptFrame as exc:
+                self.corrupt += 1
+                log.warning("source %s: skipped a corrupt frame (%s)", self.spec.uri, exc)
+                continue
+            except SourceLost as exc:
+                self._lost(str(exc), str(exc))
+                return str(exc) == "source ended"
+            except Exception as exc:  # a driver error is a lost source, not a crash
+                self._lost(f"read raised {type(exc).__name__}: {exc}", "read failed")
+                return False
+            mono, wall = time.monotonic(), time.time()
+            self.captured += 1
+            frame = Frame(self.captured, image, mono, wall)
+            self.latest = frame
+            self.slot.put(frame)
+            if not signalled:
+                self.error = None
+                self.on_signal(True, None)
+                signalled = True
+        return False

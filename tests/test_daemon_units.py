@@ -1,0 +1,241 @@
+"""Daemon building blocks without a model: the protocol schema, control
+request parsing, CurveZMQ key files, config validation (errors name the key),
+source URIs, the newest-wins slot, the tissue/focus gate on real H&E, slide
+records and metrics. Each runs in well under a second."""
+from __future__ import annotations
+
+import json
+import threading
+import time
+
+import cv2
+import numpy as np
+import pytest
+import zmq
+
+from armscope import protocol
+from armscope.errors import ArmscopeError
+from edge.config import load_config
+from edge.metrics import LatencyWindow, Metrics, prometheus_text
+from edge.pipeline import LatestSlot, SlotClosed
+from edge.slides import SlideRecorder
+from edge.sources import gstreamer_csi_pipeline, open_source, parse_source, resolve_relative
+from edge.tissue import TissueGate
+
+from daemon_support import free_endpoint, camera_frames  # noqa: F401 (fixture)
+
+
+def _overlay_header(w=4, h=3, encoding="raw"):
+    return {"run_id": "r", "seq": 1, "publish_mono": 1.0, "publish_wall": 2.0, "model_id": "m@0", "slide_id": None,
+            "stale_after_ms": 1000, "encoding": encoding, "frame_id": 7, "capture_mono": 0.5, "capture_wall": 1.5,
+            "classes": ["other", "tumour"], "probs": [0.25, 0.75],
+            "decision": {"label": "tumour", "index": 1, "score": 0.75}, "width": w, "height": h,
+            "format": "RGBA8", "region": {"frame_width": 10, "frame_height": 10, "x": 0, "y": 0, "size": 10}}
+
+
+def test_overlay_roundtrip_raw_and_png():
+    rgba = np.random.default_rng(0).integers(0, 256, (3, 4, 4), dtype=np.uint8)
+    frames = protocol.encode(protocol.TOPIC_OVERLAY, _overlay_header(), rgba.tobytes())
+    assert frames[0] == b"overlay" and len(frames) == 3
+    message = protocol.decode(frames)
+    assert message.header["schema"] == protocol.SCHEMA_VERSION and message.header["payload_bytes"] == 48
+    assert np.array_equal(protocol.overlay_image(message), rgba)
+    assert message.latency_ms() == pytest.approx(500.0)
+    ok, png = cv2.imencode(".png", cv2.cvtColor(rgba, cv2.COLOR_RGBA2BGRA))
+    message = protocol.decode(protocol.encode("overlay", _overlay_header(encoding="png"), png.tobytes()))
+    assert np.array_equal(protocol.overlay_image(message), rgba)
+
+
+@pytest.mark.parametrize("mutate, needle", [
+    (lambda f: f[:2], "expected 3 frames"),
+    (lambda f: [b"video", *f[1:]], "topic"),
+    (lambda f: [f[0], b"{not json", f[2]], "not UTF-8 JSON"),
+    (lambda f: [f[0], f[1], f[2][:-1]], "payload_bytes"),
+    (lambda f: [f[0], f[1].replace(b'"schema":1', b'"schema":2'), f[2]], "schema"),
+    (lambda f: [f[0], f[1].replace(b'"width":4', b'"width":5'), f[2]], "width/height"),
+    (lambda f: [f[0], f[1].replace(b'"frame_id":7,', b""), f[2]], "frame_id"),
+])
+def test_decode_rejects_malformed_messages(mutate, needle):
+    frames = protocol.encode("overlay", _overlay_header(), bytes(48))
+    with pytest.raises(protocol.ProtocolError, match=needle):
+        protocol.decode(mutate(frames))
+
+
+def test_staleness_is_measured_from_receipt():
+    message = protocol.decode(protocol.encode("overlay", dict(_overlay_header(), stale_after_ms=200), bytes(48)))
+    assert not message.is_stale(received_mono=10.0, now_mono=10.1)
+    assert message.is_stale(received_mono=10.0, now_mono=10.3)
+
+
+def test_parse_command_text_and_json():
+    assert protocol.parse_command(b"  Slide start S-1 ") == ("slide", ["start", "S-1"])
+    assert protocol.parse_command(b'{"cmd": "threshold", "args": [0.4]}') == ("threshold", ["0.4"])
+    for bad, needle in [(b"", "empty"), (b"{", "invalid JSON"), (b'{"args": []}', "cmd"), (b"\xff", "UTF-8")]:
+        with pytest.raises(protocol.ProtocolError, match=needle):
+            protocol.parse_command(bad)
+
+
+def test_keys_are_zpl_certificates_and_curve_works(tmp_path):
+    server_pub, server_sec = protocol.write_keypair(tmp_path, "server")
+    client_pub, client_sec = protocol.write_keypair(tmp_path, "client")
+    assert oct(server_sec.stat().st_mode & 0o777) == "0o600"
+    import zmq.auth
+
+    assert zmq.auth.load_certificate(str(server_sec)) == protocol.load_keypair(server_sec)
+    assert protocol.load_keypair(server_pub)[1] is None
+    with pytest.raises(ArmscopeError, match="already exists"):
+        protocol.write_keypair(tmp_path, "server")
+    # A CURVE PUB/SUB pair over real TCP with those files.
+    from edge.publisher import setup_curve_server
+
+    ctx = zmq.Context()
+    pub = ctx.socket(zmq.PUB)
+    setup_curve_server(ctx, [pub], str(server_sec), "")
+    endpoint = free_endpoint()
+    pub.bind(endpoint)
+    try:
+        with protocol.Subscriber(endpoint, context=ctx,
+                                 curve={"server_public": server_pub, "client_secret": client_sec}) as sub:
+            deadline = time.monotonic() + 5
+            got = None
+            while got is None and time.monotonic() < deadline:
+                pub.send_multipart(protocol.encode("overlay", _overlay_header(), bytes(48)))
+                got = sub.recv(100)
+            assert got is not None and got.header["frame_id"] == 7
+    finally:
+        pub.close(0)
+        ctx.term()
+
+
+def _write(tmp_path, text):
+    path = tmp_path / "edge.toml"
+    path.write_text(text)
+    return path
+
+
+@pytest.mark.parametrize("text, key", [
+    ('heartbeat_hz = 0\n', "heartbeat_hz"),
+    ('threads = "two"\n', "threads"),
+    ('encoding = "jpeg"\n', "encoding"),
+    ('publish = "127.0.0.1:5556"\n', "publish"),
+    ('min_tissue_fraction = 1.5\n', "min_tissue_fraction"),
+    ('exit_on_source_end = 1\n', "exit_on_source_end"),
+    ('sourse = "file://x.avi"\n', "sourse"),
+    ('source = "webcam://0"\n', "source"),
+    ('source = "dir://frames/?fps=fast"\n', "source"),
+    ('reconnect_min_s = 5.0\nreconnect_max_s = 1.0\n', "reconnect_max_s"),
+    ('metrics_http = "localhost"\n', "metrics_http"),
+    ('control = "tcp://127.0.0.1:5556"\n', "control"),
+])
+def test_bad_config_values_name_the_key(tmp_path, text, key):
+    path = _write(tmp_path, text)
+    with pytest.raises(ArmscopeError) as info:
+        load_config(path)
+    assert repr(key) in str(info.value) and str(path) in str(info.value)
+
+
+def test_config_file_flags_and_relative_paths(tmp_path):
+    path = _write(tmp_path, '[edge]\nbundle = "b"\nsource = "dir://frames/?fps=5"\nthreshold = 0.4\n')
+    config = load_config(path, {"threshold": 0.6, "publish": None})
+    assert config.bundle == str(tmp_path / "b")
+    assert config.source == f"dir://{tmp_path}/frames/?fps=5"
+    assert config.threshold == 0.6                         # flag beats file
+    assert config.publish == protocol.DEFAULT_PUBLISH      # unset flag keeps the default
+    with pytest.raises(ArmscopeError, match="not valid TOML"):
+        load_config(_write(tmp_path, "bundle = \n"))
+
+
+def test_cli_run_reports_bad_config_key(tmp_path, capsys):
+    from armscope.cli import main
+
+    assert main(["run", "--config", str(_write(tmp_path, "stale_after_ms = 10\n"))]) == 2
+    assert "'stale_after_ms'" in capsys.readouterr().err
+
+
+def test_source_uris():
+    spec = parse_source("file://video.mp4?fps=max")
+    assert (spec.scheme, spec.target, spec.fps(25.0), spec.finite) == ("file", "video.mp4", None, True)
+    assert parse_source("dir://frames/?fps=4&loop=1").finite is False
+    assert parse_source("v4l2:///dev/video2?width=1600").target == "/dev/video2"
+    assert parse_source("rtsp://cam.local:554/stream").target == "rtsp://cam.local:554/stream"
+    assert resolve_relative("image://a.png?fps=2", __import__("pathlib").Path("/cfg")) == "image:///cfg/a.png?fps=2"
+    for bad in ("video.mp4", "http://x", "csi://left", "file://", "dir://x?fps=-1", "image://x?loop=1"):
+        with pytest.raises(ArmscopeError):
+            parse_source(bad)
+    pipeline = gstreamer_csi_pipeline(1, 1920, 1080, 30, 2)
+    assert "nvarguscamerasrc sensor-id=1" in pipeline and "flip-method=2" in pipeline
+    assert pipeline.endswith("appsink drop=true max-buffers=1 sync=false")
+
+
+def test_dir_source_skips_corrupt_and_ends(tmp_path, camera_frames):
+    import shutil
+
+    from edge.sources import CorruptFrame, SourceLost
+
+    shutil.copy(camera_frames[0], tmp_path / "a.jpg")
+    (tmp_path / "b.jpg").write_bytes(b"\xff\xd8 this is not a jpeg")
+    source = open_source(f"dir://{tmp_path}?fps=max")
+    source.open()
+    assert source.read().shape == (1200, 1600, 3)
+    with pytest.raises(CorruptFrame):
+        source.read()
+    with pytest.raises(SourceLost, match="ended"):
+        source.read()
+
+
+def test_latest_slot_newest_wins_and_closes():
+    slot = LatestSlot()
+    assert slot.get(0.01) is None
+    assert slot.put(1) is False and slot.put(2) is True
+    assert slot.get(0.01) == 2 and slot.dropped == 1
+    got = []
+    reader = threading.Thread(target=lambda: got.append(slot.get(5)))
+    reader.start()
+    slot.put(3)
+    reader.join(5)
+    assert got == [3]
+    slot.close()
+    with pytest.raises(SlotClosed):
+        slot.get(1)
+
+
+def test_tissue_gate_on_real_he(camera_frames):
+    gate = TissueGate()
+    crop = cv2.imread(str(camera_frames[1]))[88:1112, 288:1312]
+    sharp = gate.measure(crop)
+    assert gate.verdict(sharp) is None
+    assert gate.verdict(gate.measure(cv2.GaussianBlur(crop, (0, 0), 8))) == protocol.REASON_OUT_OF_FOCUS
+    glass = np.full_like(crop, 238)
+    glass[::7, ::5] = (200, 120, 200)  # a few stained specks on glass
+    assert gate.verdict(gate.measure(glass)) == protocol.REASON_NO_TISSUE
+
+
+def test_slide_recorder_means_and_writes(tmp_path):
+    slides = SlideRecorder(tmp_path, ["other", "tumour"])
+    with pytest.raises(ArmscopeError, match="no slide"):
+        slides.end({}, lambda p: {})
+    with pytest.raises(ArmscopeError, match="slide id"):
+        slides.start("../etc")
+    slides.start("S-1")
+    slides.add([0.8, 0.2], "S-1")
+    slides.add([0.4, 0.6], "S-1")
+    slides.add([0.0, 1.0], None)      # a frame from before the slide started: not counted
+    record, path = slides.end({"model_id": "m"}, lambda p: {"label": "x", "score": float(p[1])})
+    assert record["n_frames"] == 2 and record["probs"] == {"other": 0.6, "tumour": 0.4}
+    assert json.loads(path.read_text())["decision"]["score"] == pytest.approx(0.4)
+    slides.start("S-1")
+    assert slides.end({}, lambda p: {})[1].name == "S-1.1.json"
+
+
+def test_metrics_percentiles_and_prometheus():
+    window = LatencyWindow(size=100)
+    for v in range(1, 201):
+        window.add(float(v))
+    summary = window.summary()
+    assert summary["n"] == 100 and summary["p50"] == pytest.approx(150.5) and summary["p99"] > 199
+    metrics = Metrics()
+    metrics.observe("inference", 12.0)
+    metrics.count("no_tissue", 3)
+    text = prometheus_text(metrics.snapshot({"dropped": 4}))
+    assert "armscope_dropped_total{} 4" in text and "armscope_no_tissue_total{} 3" in text
+    assert 'armscope_latency_ms{stage="inference",quantile="0.50"} 12.0' in text
