@@ -99,8 +99,7 @@ def _cmd_classify(args) -> int:
 def _cmd_bridge(args) -> int:
     from firmware_bridge import cli as bridge_cli
 
-    handlers = {"simulate": bridge_cli.simulate_main, "register": bridge_cli.register_main}
-    return handlers[args.bridge_command](args.rest)
+    return bridge_cli.main(args.rest)
 
 
 def _cmd_run(args) -> int:
@@ -185,10 +184,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="replace an existing overlay directory")
     p.set_defaults(func=_cmd_classify)
 
-    p = sub.add_parser("bridge", help="eyepiece side: 'bridge simulate' (display controller on a pty), "
-                       "'bridge register' (camera->display homography)")
-    p.add_argument("bridge_command", choices=["simulate", "register"])
-    p.add_argument("rest", nargs=argparse.REMAINDER)
+    # Everything after "bridge" goes to firmware_bridge.cli.main, which has its own
+    # parsers; prefix_chars="+" stops this one from claiming --options for itself.
+    p = sub.add_parser("bridge", prefix_chars="+", add_help=False,
+                       help="eyepiece side: 'bridge [run] --connect EP --display URI' (daemon -> display), "
+                       "'bridge simulate' (display controller on a pty), 'bridge register' (camera->display "
+                       "homography); 'bridge --help' for details")
+    p.add_argument("rest", nargs="*")
     p.set_defaults(func=_cmd_bridge)
 
     from edge.config import add_arguments

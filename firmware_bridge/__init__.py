@@ -7,7 +7,9 @@ Modules (import them directly; nothing heavy is imported here):
 * ``link``          - COBS + CRC-32 framed, acknowledged serial protocol (host side).
 * ``simulator``     - the display-controller side, on a pty, with fault injection.
 * ``displays``      - ``png://``, ``serial://``, ``fb://`` outputs behind one interface.
-* ``cli``           - ``simulate_main`` / ``register_main`` for the ``armscope bridge`` commands.
+* ``bridge``        - the runtime: daemon overlays (ZeroMQ) -> registered, converted -> display,
+  blanking on every unsafe condition (``docs/bridge.md``).
+* ``cli``           - ``run_main`` / ``simulate_main`` / ``register_main`` for ``armscope bridge``.
 
 The wire protocol is specified in ``docs/link-protocol.md``.
 """

@@ -1,12 +1,15 @@
-"""Entry points for ``armscope bridge simulate`` and ``armscope bridge register``.
+"""Entry points for ``armscope bridge [run]``, ``bridge simulate`` and ``bridge register``.
 
 Why this module exists
 ----------------------
-Both are operator tasks run at a bench: bring up a fake display controller
-on a pseudo-terminal (to test a host set-up with no hardware), and measure
-the camera -> display registration.  They are plain ``main(argv) -> int``
+``run`` is the eyepiece-side runtime (``bridge.Bridge``): subscribe to the
+daemon, drive the display, blank on every unsafe condition.  The other two
+are operator tasks run at a bench: bring up a fake display controller on a
+pseudo-terminal (to test a host set-up with no hardware), and measure the
+camera -> display registration.  They are plain ``main(argv) -> int``
 functions so the main ``armscope`` CLI can mount them as subcommands and
-tests can call them directly.  Exit codes: 0 ok, 2 bad arguments or input.
+tests can call them directly.  Exit codes: 0 ok, 1 unexpected error,
+2 bad arguments or input.
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ from .registration import (
 )
 from .simulator import ControllerCore, FaultPlan, PtyController
 
-__all__ = ["simulate_main", "register_main"]
+__all__ = ["run_main", "simulate_main", "register_main", "main"]
 
 
 def _size(text: str) -> tuple[int, int]:
@@ -159,3 +162,119 @@ def register_main(argv: list[str] | None = None) -> int:
         f"{reg.n_inliers}/{reg.n_points} points"
     )
     return 0
+
+
+def _with_query(uri: str, key: str, value: float) -> str:
+    """Add ``key=value`` to a display URI; an URI that already sets it differently is an error."""
+    import urllib.parse
+
+    parts = urllib.parse.urlsplit(uri)
+    query = urllib.parse.parse_qs(parts.query, keep_blank_values=True)
+    if key in query:
+        if float(query[key][-1]) != float(value):
+            raise ValueError(f"--{key} {value} contradicts {key}={query[key][-1]} in the display URI")
+        return uri
+    extra = f"{key}={value}"
+    return urllib.parse.urlunsplit(parts._replace(query=f"{parts.query}&{extra}" if parts.query else extra))
+
+
+def run_main(argv: list[str] | None = None) -> int:
+    """Subscribe to the edge daemon and show its overlays on the eyepiece display.
+
+    Blanks the display on start-up, on exit (SIGTERM/SIGINT too) and whenever
+    an overlay is stale, the daemon is silent or not running, a message is
+    invalid or the display link fails (docs/bridge.md).  Prints the final
+    counters as JSON on stderr.
+    """
+    import json
+    import logging
+
+    from armscope.errors import ArmscopeError
+
+    from .bridge import CLOCK_MODES, Bridge
+    from .displays import DisplayURIError, open_display
+    from .link import LinkError
+    from .registration import load_registration
+
+    p = argparse.ArgumentParser(
+        prog="armscope bridge",
+        description=run_main.__doc__,
+        epilog="Other bridge commands: 'armscope bridge simulate --help', 'armscope bridge register --help'.",
+    )
+    p.add_argument("--connect", required=True, help="the daemon's publish endpoint, e.g. tcp://127.0.0.1:5556")
+    p.add_argument("--display", required=True, help="png://DIR, serial:///dev/ttyX?baud=N, fb:///dev/fbN (see displays.py)")
+    p.add_argument("--registration", help="camera -> display registration JSON ('armscope bridge register'); "
+                   "without it the display is assumed to show the whole camera frame, scaled to fit")
+    p.add_argument("--brightness", type=float, help="0..1, applied before pixel packing (default: the URI's, else 1)")
+    p.add_argument("--gamma", type=float, help="> 0 (default: the URI's, else 1)")
+    p.add_argument("--curve-server-key", help="the daemon's public CurveZMQ key file (server.key)")
+    p.add_argument("--curve-keys", help="this client's secret CurveZMQ key file (client.key_secret)")
+    p.add_argument("--clock", choices=CLOCK_MODES, default="auto",
+                   help="staleness also from publish time: mono (same host), wall (synchronised clocks), "
+                   "receipt (bridge clock only), auto (mono for loopback/ipc endpoints, else receipt)")
+    p.add_argument("--max-stale-ms", type=float, default=5000.0, help="cap on the daemon's stale_after_ms")
+    p.add_argument("--poll-ms", type=float, default=50.0, help="watchdog poll interval, ms (<= 1000)")
+    p.add_argument("--stats-interval", type=float, default=10.0, help="log counters every N s (0 = never)")
+    p.add_argument("--duration", type=float, default=0.0, help="stop after N s (0 = until SIGINT/SIGTERM)")
+    p.add_argument("-v", "--verbose", action="store_true", help="log at INFO (blanks, state changes, counters)")
+    try:
+        args = p.parse_args(argv)
+    except SystemExit as exc:
+        return int(exc.code or 0)
+    if args.verbose:
+        logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        logging.getLogger("firmware_bridge").setLevel(logging.INFO)
+    if (args.curve_server_key is None) != (args.curve_keys is None):
+        print("armscope bridge: give both --curve-server-key and --curve-keys, or neither", file=sys.stderr)
+        return 2
+    curve = None
+    if args.curve_server_key:
+        curve = {"server_public": args.curve_server_key, "client_secret": args.curve_keys}
+    display = None
+    try:
+        registration = load_registration(args.registration) if args.registration else None
+        uri = args.display
+        for key in ("brightness", "gamma"):
+            if getattr(args, key) is not None:
+                uri = _with_query(uri, key, getattr(args, key))
+        display = open_display(uri)
+        bridge = Bridge(display, connect=args.connect, registration=registration, curve=curve,
+                        poll_interval=args.poll_ms / 1000.0, max_stale_ms=args.max_stale_ms, clock_mode=args.clock,
+                        stats_interval=args.stats_interval)
+        if registration is None:
+            logging.getLogger("firmware_bridge").warning(
+                "no --registration: assuming the display shows the whole camera frame (uncalibrated)")
+        bridge.start()
+    except (RegistrationError, DisplayURIError, ValueError, OSError, LinkError, ArmscopeError) as exc:
+        print(f"armscope bridge: {exc}", file=sys.stderr)
+        if display is not None:
+            try:
+                display.blank()
+            except Exception:
+                pass
+            display.close()
+        return 2
+    previous = {}
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            previous[sig] = signal.signal(sig, lambda *_: bridge.stop())
+    code = 0
+    try:
+        bridge.run(duration=args.duration if args.duration > 0 else None)
+    except Exception as exc:  # run() has blanked and closed on the way out
+        print(f"armscope bridge: unexpected error: {exc!r}", file=sys.stderr)
+        code = 1
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    print("bridge stopped: " + json.dumps(bridge.stats(), default=str), file=sys.stderr)
+    return code
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``armscope bridge [run|simulate|register] ...``: the first word picks the command (default run)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    commands = {"run": run_main, "simulate": simulate_main, "register": register_main}
+    if argv and argv[0] in commands:
+        return commands[argv[0]](argv[1:])
+    return run_main(argv)

@@ -65,7 +65,11 @@ class Display(abc.ABC):
     size: tuple[int, int] | None = None
 
     @abc.abstractmethod
-    def show(self, image: np.ndarray) -> None: ...
+    def show(self, image: np.ndarray, *, deadline: float | None = None):
+        """Show ``image``.  ``deadline`` (seconds) bounds how long delivery may
+        take; only outputs that can block (``serial://``) use it.  The bridge
+        passes the time left before what is on screen goes stale, so the
+        eyepiece never keeps a stale overlay while a new one is in transit."""
 
     @abc.abstractmethod
     def blank(self) -> None: ...
@@ -127,7 +131,7 @@ class PngDisplay(Display):
         self.paths.append(path)
         return path
 
-    def show(self, image: np.ndarray) -> None:
+    def show(self, image: np.ndarray, *, deadline: float | None = None) -> None:
         image = self._check(image)
         h, w = image.shape[:2]
         self._last_size = (w, h)
@@ -186,10 +190,11 @@ class SerialDisplay(Display):
         self.brightness, self.gamma, self.dither = brightness, gamma, dither
         pf.make_lut(brightness, gamma)
 
-    def show(self, image: np.ndarray) -> None:
+    def show(self, image: np.ndarray, *, deadline: float | None = None):
+        """Send one frame; returns the link's ``SendReport`` (retries, resyncs)."""
         image = self._check(image)
         data = pf.encode(image, self.fmt, brightness=self.brightness, gamma=self.gamma, dither=self.dither)
-        self.sender.send_frame(data)
+        return self.sender.send_frame(data, deadline=deadline)
 
     def blank(self) -> None:
         self.sender.blank()
@@ -290,7 +295,7 @@ class FramebufferDisplay(Display):
         code = cv2.COLOR_RGB2BGRA if self.layout == "bgrx8888" else cv2.COLOR_RGB2BGR
         return cv2.cvtColor(rgb, code).reshape(h, -1)
 
-    def show(self, image: np.ndarray) -> None:
+    def show(self, image: np.ndarray, *, deadline: float | None = None) -> None:
         image = self._check(image)
         data = self._pixels(image)
         self._view[:, : data.shape[1]] = data

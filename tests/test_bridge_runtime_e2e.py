@@ -1,0 +1,215 @@
+"""Bridge runtime end to end: a publisher speaking docs/protocol.md on a real
+PUB socket -> Bridge (real Subscriber, validation, warp, conversion) ->
+serial:// over pyserial to the simulated controller on a pty -> its PNGs,
+compared with the overlay warped and converted independently; also png://,
+CurveZMQ, and the CLI process (SIGTERM blanks)."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import cv2
+import numpy as np
+import pytest
+
+pytest.importorskip("serial")
+
+from armscope import protocol  # noqa: E402
+from bridge_runtime_support import (  # noqa: E402
+    BOX, DISPLAY, REPO, FakeDaemon, assert_close_image, cam_overlay, expected_display, publish_until,
+    read_rgb, registration, running_bridge,
+)
+from firmware_bridge.bridge import Bridge  # noqa: E402
+from firmware_bridge.displays import PngDisplay, open_display  # noqa: E402
+from firmware_bridge.registration import save_registration  # noqa: E402
+from firmware_bridge.simulator import ControllerCore, PtyController  # noqa: E402
+
+
+@pytest.fixture
+def sim(tmp_path):
+    core = ControllerCore(DISPLAY[0], DISPLAY[1], "rgb565le", png_dir=tmp_path / "sim")
+    pty = PtyController(core)
+    path = pty.start()
+    try:
+        yield core, path
+    finally:
+        pty.stop()
+
+
+def last_frame(core: ControllerCore):
+    kind, _fid, png = core.history[-1]
+    return kind, png
+
+
+def test_serial_end_to_end_shows_the_registered_converted_overlay(sim, tmp_path):
+    core, pty_path = sim
+    reg_file = tmp_path / "reg.json"
+    save_registration(registration(), reg_file)
+    from firmware_bridge.registration import load_registration
+
+    display = open_display(f"serial://{pty_path}?baud=921600&deadline=1.0&brightness=0.8&gamma=1.2")
+    daemon = FakeDaemon(stale_after_ms=1500)
+    bridge = Bridge(display, connect=daemon.endpoint, registration=load_registration(reg_file), stats_interval=0)
+    first, second = cam_overlay(0), cam_overlay(40)
+    want_first = expected_display(first, "rgb565le", brightness=0.8, gamma=1.2)
+    want_second = expected_display(second, "rgb565le", brightness=0.8, gamma=1.2)
+    assert np.abs(want_first.astype(int) - want_second).mean() > 0.5  # the two overlays really differ
+    try:
+        with running_bridge(bridge):
+            # start-up blank reaches the controller before anything else
+            assert core.history[0][0] == "blank"
+            assert publish_until(daemon, lambda: bridge.stats()["shown"] >= 1, first)
+            kind, png = last_frame(core)
+            assert kind == "frame"
+            assert_close_image(read_rgb(png), want_first)
+            assert_close_image(core.shown_rgb(), want_first)
+            # a newer overlay replaces it
+            assert publish_until(daemon, lambda: bridge.stats()["shown"] >= 2 and
+                                 np.array_equal(core.shown_rgb(), want_second), second, timeout=5)
+            s = bridge.stats()
+            assert s["displayed"] == "overlay" and s["rejected_total"] == 0
+            assert s["daemon"]["state"] == "running" and s["clock_mode"] == "mono"
+            assert s["link"]["frames"] == s["shown"] >= 2
+    finally:
+        daemon.close()
+    # exit blanks the eyepiece
+    assert core.history[-1][0] == "blank"
+    assert not core.shown_rgb().any()
+    s = bridge.stats()
+    assert s["blanks"]["startup"] == 1 and s["blanks"]["exit"] == 1
+
+
+def test_png_display_end_to_end_with_png_payloads(tmp_path):
+    """png:// output with GRAY8 conversion; overlays sent PNG-encoded."""
+    display = PngDisplay(tmp_path / "out", width=DISPLAY[0], height=DISPLAY[1], fmt="gray8")
+    daemon = FakeDaemon(stale_after_ms=1500, encoding="png")
+    bridge = Bridge(display, connect=daemon.endpoint, registration=registration(), stats_interval=0)
+    rgba = cam_overlay(10)
+    try:
+        with running_bridge(bridge):
+            assert publish_until(daemon, lambda: bridge.stats()["shown"] >= 1, rgba)
+            frames = [p for p in display.paths if p.name.endswith("_frame.png")]
+            assert frames
+            assert_close_image(read_rgb(frames[-1]), expected_display(rgba, "gray8"))
+    finally:
+        daemon.close()
+    assert display.paths[0].name.endswith("_blank.png") and display.paths[-1].name.endswith("_blank.png")
+    assert not read_rgb(display.paths[-1]).any()
+
+
+def test_scaled_overlay_lands_on_its_crop(tmp_path):
+    """An overlay smaller than its crop (scale size/width = 2) is scaled onto the
+    crop: compare with resizing it to the crop first, then the registration."""
+    display = PngDisplay(tmp_path, width=DISPLAY[0], height=DISPLAY[1])
+    bridge = Bridge(display, registration=registration(), stats_interval=0)
+    daemon = FakeDaemon(stale_after_ms=1500)
+    try:
+        bridge.start()
+        # smooth content (blurred CAM): thin outlines would alias differently in a 1- and a 2-step resampling
+        small = cv2.resize(cv2.GaussianBlur(cam_overlay(5), (0, 0), 6), (128, 128), interpolation=cv2.INTER_AREA)
+        assert bridge.feed(daemon.overlay_frames(small))
+        assert bridge.feed(daemon.status_frames("running"))
+        assert bridge.stats()["shown"] == 1
+        got = read_rgb(display.paths[-1])
+        up = cv2.resize(small, (BOX[2], BOX[2]), interpolation=cv2.INTER_LINEAR)
+        want = expected_display(up, "rgb888")
+        diff = np.abs(got.astype(int) - want)
+        assert want.max() > 100 and diff.mean() < 0.2 and np.percentile(diff, 99.5) <= 3, diff.mean()
+
+        def centroid(im):
+            g = im.astype(float).sum(2)
+            yy, xx = np.mgrid[: g.shape[0], : g.shape[1]]
+            return np.array([(g * xx).sum(), (g * yy).sum()]) / g.sum()
+
+        # a half-pixel convention error would move it by >= 0.125 display px
+        assert np.abs(centroid(got) - centroid(want)).max() < 0.06, (centroid(got), centroid(want))
+    finally:
+        bridge.close()
+        daemon.close()
+
+
+def test_without_registration_the_camera_frame_is_fitted_to_the_display(tmp_path):
+    display = PngDisplay(tmp_path, width=320, height=320)
+    bridge = Bridge(display, stats_interval=0)
+    daemon = FakeDaemon(stale_after_ms=1500)
+    try:
+        bridge.start()
+        rgba = np.zeros((64, 64, 4), np.uint8)
+        rgba[...] = (255, 255, 255, 255)
+        bridge.feed(daemon.status_frames("running"))
+        # crop at the frame's top-left corner: 640x480 fitted into 320x320 is scale 0.5, 40 px letterbox
+        assert bridge.feed(daemon.overlay_frames(rgba, box=(0, 0, 128)))
+        lit = np.argwhere(read_rgb(display.paths[-1]).max(2) > 128)
+        (y0, x0), (y1, x1) = lit.min(0), lit.max(0)
+        assert (x0, y0) == (0, 40) and (x1, y1) == (63, 103)
+    finally:
+        bridge.close()
+        daemon.close()
+
+
+def test_curve_encrypted_subscription(tmp_path):
+    keys = tmp_path / "keys"
+    protocol.write_keypair(keys, "server")
+    protocol.write_keypair(keys, "client")
+    daemon = FakeDaemon(stale_after_ms=1500, curve_secret=str(keys / "server.key_secret"))
+    curve = {"server_public": str(keys / "server.key"), "client_secret": str(keys / "client.key_secret")}
+    display = PngDisplay(tmp_path / "out", width=DISPLAY[0], height=DISPLAY[1])
+    bridge = Bridge(display, connect=daemon.endpoint, registration=registration(), curve=curve, stats_interval=0)
+    try:
+        with running_bridge(bridge):
+            assert publish_until(daemon, lambda: bridge.stats()["shown"] >= 1, cam_overlay(0))
+    finally:
+        daemon.close()
+
+
+def test_cli_process_shows_overlays_and_blanks_on_sigterm(tmp_path):
+    """``armscope bridge --connect ... --display png://...`` as a real process."""
+    save_registration(registration(), tmp_path / "reg.json")
+    out = tmp_path / "out"
+    daemon = FakeDaemon(stale_after_ms=1500)
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    cmd = [sys.executable, "-m", "armscope.cli", "bridge", "--connect", daemon.endpoint,
+           "--display", f"png://{out}?width={DISPLAY[0]}&height={DISPLAY[1]}&format=rgb565le",
+           "--registration", str(tmp_path / "reg.json"), "--brightness", "0.9", "--gamma", "1.1",
+           "--stats-interval", "0"]
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    rgba = cam_overlay(20)
+    try:
+        def shown():
+            return any(p.name.endswith("_frame.png") for p in out.glob("*.png")) if out.exists() else False
+
+        assert publish_until(daemon, shown, rgba, timeout=20), proc.poll()
+        time.sleep(0.1)
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=10)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+        daemon.close()
+    assert proc.returncode == 0, err
+    pngs = sorted(out.glob("*.png"))
+    assert pngs[0].name.endswith("_blank.png") and pngs[-1].name.endswith("_blank.png")
+    frames = [p for p in pngs if p.name.endswith("_frame.png")]
+    assert_close_image(read_rgb(frames[-1]), expected_display(rgba, "rgb565le", brightness=0.9, gamma=1.1))
+    stats = json.loads(err.split("bridge stopped: ", 1)[1].splitlines()[0])
+    assert stats["blanks"]["exit"] == 1 and stats["blanks"]["startup"] == 1 and stats["shown"] >= 1
+
+
+def test_cli_bad_arguments_exit_2(tmp_path, capsys):
+    from armscope.cli import main
+
+    assert main(["bridge", "--connect", "tcp://127.0.0.1:1", "--display", "nope://x"]) == 2
+    assert "unknown scheme" in capsys.readouterr().err
+    assert main(["bridge", "run", "--connect", "tcp://127.0.0.1:1", "--display", f"png://{tmp_path}",
+                 "--curve-keys", "x"]) == 2
+    assert main(["bridge", "--connect", "tcp://127.0.0.1:1", "--display", f"png://{tmp_path}?brightness=0.5",
+                 "--brightness", "0.7"]) == 2
+    assert "contradicts" in capsys.readouterr().err
+    # the old subcommands still dispatch
+    assert main(["bridge", "simulate", "--pty", "--width", "10", "--height", "10", "--format", "rgb444"]) == 2
+    assert "rgb444" in capsys.readouterr().err
