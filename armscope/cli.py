@@ -124,6 +124,13 @@ def _cmd_bench(args) -> int:
     return 0
 
 
+def _cmd_demo(args) -> int:
+    from edge.demo import run_demo
+
+    run_demo(args.bundle, args.source, args.overlays, Path(args.out), args.timeout, threads=args.threads)
+    return 0
+
+
 def _cmd_keys(args) -> int:
     from armscope.protocol import write_keypair
 
@@ -206,6 +213,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", dest="json", help="write the report here")
     p.add_argument("--plot", help="write a latency histogram PNG here")
     p.set_defaults(func=_cmd_bench)
+
+    p = sub.add_parser("demo", help="daemon + eyepiece bridge on the bundled real H&E frames, on the CPU: "
+                       "prints decisions and latency, writes what the eyepiece display shows")
+    p.add_argument("--bundle", default="samples/demo_bundle")
+    p.add_argument("--source", default="dir://samples/frames/?fps=2&loop=1", help="camera URI (see 'run --help')")
+    p.add_argument("--overlays", type=int, default=8, help="stop after this many overlays reached the eyepiece")
+    p.add_argument("--out", default="out/demo", help="eyepiece PNGs go to OUT/eyepiece")
+    p.add_argument("--timeout", type=float, default=180.0, help="give up after this many seconds")
+    p.add_argument("--threads", type=int, default=0, help="inference threads (0 = all cores)")
+    p.set_defaults(func=_cmd_demo)
 
     p = sub.add_parser("keys", help="make CurveZMQ keypairs for the daemon's sockets (server, client)")
     p.add_argument("--out", required=True, help="directory for NAME.key and NAME.key_secret")

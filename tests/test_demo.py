@@ -1,0 +1,32 @@
+"""The README's main job: `armscope demo` (daemon -> ZeroMQ -> bridge -> eyepiece PNGs)."""
+from __future__ import annotations
+
+import cv2
+import numpy as np
+
+from armscope.cli import main
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_demo_runs_the_whole_chain(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(REPO)
+    out = tmp_path / "demo"
+    assert main(["demo", "--overlays", "2", "--out", str(out), "--timeout", "120"]) == 0
+    printed = capsys.readouterr().out
+    assert printed.count("overlay frame") >= 2 and "2 overlays shown" in printed
+    shown = sorted((out / "eyepiece").glob("*_frame.png"))
+    blanks = sorted((out / "eyepiece").glob("*_blank.png"))
+    assert len(shown) >= 2
+    # the display is blanked at start-up and on exit: first and last images are black
+    first, last = sorted((out / "eyepiece").glob("*.png"))[0], sorted((out / "eyepiece").glob("*.png"))[-1]
+    assert first in blanks and last in blanks
+    assert cv2.imread(str(blanks[0])).max() == 0
+    image = cv2.imread(str(shown[0]))
+    assert image.shape == (1200, 1600, 3)            # display = camera frame size without registration
+    lit = image.max(axis=2) > 0
+    ys, xs = np.nonzero(lit)
+    # the overlay lies inside the 1024x1024 centre crop of the 1600x1200 frame
+    assert xs.min() >= 288 and xs.max() < 288 + 1024 and ys.min() >= 88 and ys.max() < 88 + 1024
+    assert lit.mean() > 0.05
