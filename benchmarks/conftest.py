@@ -30,10 +30,8 @@ def pytest_benchmark_update_machine_info(config, machine_info):
     machine_info["cores"] = os.cpu_count()
 
 
-@pytest.fixture(scope="session")
-def full_members():
+def ensure_full_members() -> list[Path]:
     """5 DenseNet-121 tiled members saved as .keras (cached)."""
-    pytest.importorskip("tensorflow")
     import keras
 
     from export.architecture import ArchitectureSpec, build_tiled_model
@@ -48,13 +46,24 @@ def full_members():
     return paths
 
 
-@pytest.fixture(scope="session")
-def full_bundle(full_members):
-    from armscope.bundle import load_bundle
+def ensure_full_bundle() -> Path:
     from export.onnx_export import TaskSpec, export_bundle
 
     target = CACHE / "densenet121_x5_bundle"
     if not (target / "manifest.json").is_file():
-        export_bundle(full_members, target, TaskSpec("binary", ["other", "IIM"], "IIM", 0.3),
+        export_bundle(ensure_full_members(), target, TaskSpec("binary", ["other", "IIM"], "IIM", 0.3),
                       name="densenet121-x5-random", force=True)
-    return load_bundle(target)
+    return target
+
+
+@pytest.fixture(scope="session")
+def full_members():
+    pytest.importorskip("tensorflow")
+    return ensure_full_members()
+
+
+@pytest.fixture(scope="session")
+def full_bundle(full_members):
+    from armscope.bundle import load_bundle
+
+    return load_bundle(ensure_full_bundle())

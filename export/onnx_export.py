@@ -66,8 +66,15 @@ def convert_to_onnx(models, output_path: Path, opset: int = DEFAULT_OPSET) -> No
     tf2onnx = require_module("tf2onnx", "tf", "ONNX export")
     from export.deploy_graph import make_deploy_function
 
+    import onnx
+
     deploy, spec = make_deploy_function(models)
-    tf2onnx.convert.from_function(deploy, input_signature=[spec], opset=opset, output_path=str(output_path))
+    model, _ = tf2onnx.convert.from_function(deploy, input_signature=[spec], opset=opset)
+    # tf2onnx names the dynamic batch dimension 'unk__NNN'; call it N everywhere so
+    # runtimes (TensorRT profiles, Triton configs) see one shared batch axis.
+    for value in list(model.graph.input) + list(model.graph.output):
+        value.type.tensor_type.shape.dim[0].dim_param = "N"
+    onnx.save(model, str(output_path))
 
 
 def _check_parity(models, onnx_path: Path, seed: int = 0) -> float:

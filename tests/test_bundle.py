@@ -82,3 +82,14 @@ def test_not_json_and_not_a_bundle(bundle_copy, tmp_path):
         load_bundle(bundle_copy)
     with pytest.raises(ArmscopeError, match="manifest.json: missing"):
         load_bundle(tmp_path)
+
+
+def test_graph_that_disagrees_with_manifest_is_refused(bundle_copy):
+    from edge.backends.onnxruntime_backend import OnnxRuntimeBackend
+
+    path = bundle_copy / "manifest.json"
+    manifest = json.loads(path.read_text())
+    manifest["task"] = {"type": "multiclass", "classes": ["a", "b", "c"]}
+    path.write_text(json.dumps(manifest))
+    with pytest.raises(ArmscopeError, match=r"graph 'probs' has 2 classes, manifest task.classes has 3"):
+        OnnxRuntimeBackend(load_bundle(bundle_copy))

@@ -68,6 +68,12 @@ class OnnxRuntimeBackend(InferenceBackend):
                     f"{self.bundle.root}: a graph has inputs {[i.name for i in inputs]} and outputs {names}; "
                     f"expected input ['image'] and outputs {list(OUTPUTS)}"
                 )
+            expected = self.bundle.manifest["inputs"][0]["shape"][1:]
+            if list(inputs[0].shape[1:]) != expected:
+                raise ArmscopeError(
+                    f"{self.bundle.root}: graph input 'image' has shape {inputs[0].shape}, "
+                    f"manifest inputs.0.shape expects [N, {', '.join(map(str, expected))}]"
+                )
             n_classes = len(self.bundle.classes)
             probs_shape = next(o.shape for o in session.get_outputs() if o.name == "probs")
             if isinstance(probs_shape[-1], int) and probs_shape[-1] != n_classes:
