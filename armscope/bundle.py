@@ -110,6 +110,34 @@ MANIFEST_SCHEMA = {
         "precision": {"enum": ["fp32", "fp16", "int8"]},
         "opset": {"type": "integer", "minimum": 17},
         "producer": {"type": "object"},
+        # reduced-precision bundles (armscope quantize): how they were made, how they
+        # measured against their FP32 source, and whether they may be deployed
+        "quantization": {
+            "type": "object",
+            "required": ["source", "deployable"],
+            "properties": {
+                "source": {"type": "object", "required": ["name", "ensemble_sha256"]},
+                "deployable": {"type": "boolean"},
+                "forced": {"type": "boolean"},
+            },
+        },
+        # TensorRT engines built on a target (armscope build): one per member and one
+        # for the merged ensemble, each valid only for its TensorRT version and GPU
+        "engines": {
+            "type": "array",
+            "items": {
+                **_file,
+                "required": ["file", "sha256", "graph", "precision", "tensorrt", "gpu", "compute_capability"],
+                "properties": {
+                    **_file["properties"],
+                    "graph": {"type": "string", "pattern": r"^(ensemble|member_[0-9]+)$"},
+                    "precision": {"enum": ["fp32", "fp16", "int8"]},
+                    "tensorrt": {"type": "string"},
+                    "gpu": {"type": "string"},
+                    "compute_capability": {"type": "string", "pattern": r"^[0-9]+\.[0-9]+$"},
+                },
+            },
+        },
     },
 }
 
@@ -209,7 +237,7 @@ def load_bundle(root: str | Path, verify_hashes: bool = True) -> Bundle:
     bundle = Bundle(root, manifest)
     entries = [("ensemble", manifest["ensemble"])] + [
         (f"members.{i}", m) for i, m in enumerate(manifest["members"])
-    ]
+    ] + [(f"engines.{i}", e) for i, e in enumerate(manifest.get("engines", []))]
     for field, entry in entries:
         path = root / entry["file"]
         if not path.is_file():

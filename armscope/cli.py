@@ -140,6 +140,81 @@ def _cmd_keys(args) -> int:
     return 0
 
 
+def _frame_size(text: str | None):
+    if not text:
+        return None
+    try:
+        w, h = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise ArmscopeError(f"--frame-size {text!r}: expected WIDTHxHEIGHT, e.g. 1600x1200") from None
+    return w, h
+
+
+def _cmd_calibration_set(args) -> int:
+    from armscope.bundle import load_bundle
+    from calibration.calibration_set import build_calibration_set
+
+    spec = load_bundle(args.bundle).preprocessing if args.bundle else None
+    m = build_calibration_set([Path(p) for p in args.inputs], Path(args.out), args.size, spec=spec,
+                              frame_size=_frame_size(args.frame_size), per_video=args.per_video,
+                              seed=args.seed, force=args.force)
+    skipped = ", ".join(f"{v} {k.replace('_', ' ')}" for k, v in sorted(m["skipped"].items())) or "none"
+    print(f"wrote {args.out}: {m['size']} frames from {len(m['per_source'])} source(s)"
+          + (f", classes {m['per_class']}" if m["classes"] else "") + f"; skipped: {skipped}")
+    return 0
+
+
+def _cmd_quantize(args) -> int:
+    from calibration.quantize import make_reduced_bundle
+
+    block = make_reduced_bundle(
+        Path(args.bundle), Path(args.out), args.precision, calib=Path(args.calib) if args.calib else None,
+        method=args.method, keep_fp32=args.keep_fp32, holdout=[Path(p) for p in args.holdout or []] or None,
+        labels_csv=Path(args.labels) if args.labels else None, tool=args.tool,
+        op_types=[t.strip() for t in args.op_types.split(",")] if args.op_types else None,
+        per_channel=not args.per_tensor, force=args.force, force_deployable=args.force)
+    for name, v in block["variants"].items():
+        s = v["summary"]
+        print(f"{name:<40} top-1 agreement {s['top1_agreement']:.2%}  max|dp| {s['max_abs_delta_p']:.4f}  "
+              f"flips pos->neg {s['positive_to_negative_flips']}  CAM r {s['cam_pearson_mean']:.3f}")
+    print(f"wrote {args.precision} bundle {args.out} (variant {block['variant']}, evaluated on "
+          f"{block['evaluated_on']})")
+    if not block["deployable"]:
+        print(f"armscope quantize: NOT deployable: {'; '.join(block['gate']['failed'])} "
+              "(manifest quantization.deployable false; --force marks it deployable anyway)", file=sys.stderr)
+        return 3
+    if block["forced"]:
+        print("deployable: forced with --force despite: " + "; ".join(block["gate"]["failed"]), file=sys.stderr)
+    return 0
+
+
+def _cmd_build(args) -> int:
+    from edge.trt_build import build_bundle
+
+    result = build_bundle(Path(args.bundle), args.precision, calib=Path(args.calib) if args.calib else None,
+                          workspace_mb=args.workspace, dla_core=args.dla, out=Path(args.out) if args.out else None,
+                          int8_mode=args.int8_mode, max_batch=args.max_batch, force=args.force,
+                          holdout=[Path(p) for p in args.holdout or []] or None)
+    print(result["message"])
+    return 0
+
+
+def _cmd_accuracy(args) -> int:
+    from calibration.accuracy import accuracy_report
+
+    report = accuracy_report(Path(args.bundle), Path(args.candidate), [Path(p) for p in args.images],
+                             Path(args.out), labels_csv=Path(args.labels) if args.labels else None,
+                             force=args.force, threads=args.threads)
+    s = report["summary"]
+    print(f"{s['n_images']} images: top-1 agreement {s['top1_agreement']:.2%}, max|dp| {s['max_abs_delta_p']:.4f}, "
+          f"mean|dp| {s['mean_abs_delta_p']:.5f}, flips {s['decision_flips']} "
+          f"({s['positive_to_negative_flips']} positive->negative), CAM r {s['cam_pearson_mean']:.4f}, "
+          f"focus IoU {s['cam_iou_mean']:.3f}")
+    print(f"report in {Path(args.out) / 'report.md'}"
+          + ("" if not report["gate_reasons"] else f" (gate fails: {'; '.join(report['gate_reasons'])})"))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="armscope", description=__doc__.split("\n")[0] + " "
                                      "Edge toolkit for AR microscopes.")
@@ -199,6 +274,59 @@ def build_parser() -> argparse.ArgumentParser:
                        "homography); 'bridge --help' for details")
     p.add_argument("rest", nargs="*")
     p.set_defaults(func=_cmd_bridge)
+
+    p = sub.add_parser("calibration-set", help="sample preprocessed calibration frames from images/videos (INT8)")
+    p.add_argument("inputs", nargs="+", help="image/video files or directories (class subfolders are strata)")
+    p.add_argument("--out", required=True, help="CALIB.npz to write")
+    p.add_argument("--size", type=int, required=True, help="number of usable frames to sample")
+    p.add_argument("--bundle", help="take the preprocessing from this bundle (default: 1024 crop -> 640, area)")
+    p.add_argument("--frame-size", help="cut WIDTHxHEIGHT camera-sized windows from larger still images")
+    p.add_argument("--per-video", type=int, default=64, help="candidate frames per video, evenly spaced")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--force", action="store_true", help="replace an existing file")
+    p.set_defaults(func=_cmd_calibration_set)
+
+    p = sub.add_parser("quantize", help="INT8 (Q/DQ) or FP16 bundle from an FP32 bundle, measured against it")
+    p.add_argument("bundle", help="the FP32 bundle")
+    p.add_argument("--out", required=True, help="bundle directory to create")
+    p.add_argument("--precision", default="int8", choices=["int8", "fp16"])
+    p.add_argument("--calib", help="CALIB.npz from 'armscope calibration-set' (int8)")
+    p.add_argument("--method", default="minmax", choices=["minmax", "entropy", "percentile"])
+    p.add_argument("--keep-fp32", default="auto",
+                   help="auto (measure all-INT8 and first_conv,heads,cam in FP32; keep the better), none, "
+                        "or a comma list of first_conv, heads, cam")
+    p.add_argument("--holdout", nargs="+", help="hold-out camera images/dirs for the deployability gate")
+    p.add_argument("--labels", help="CSV image,label for the hold-out (AUC)")
+    p.add_argument("--tool", default="ort", choices=["ort", "modelopt"])
+    p.add_argument("--op-types", help="ops to quantize (default Conv,MatMul,Gemm)")
+    p.add_argument("--per-tensor", action="store_true", help="per-tensor instead of per-channel weight scales")
+    p.add_argument("--force", action="store_true",
+                   help="replace an existing bundle and mark it deployable even if the gate fails (recorded)")
+    p.set_defaults(func=_cmd_quantize)
+
+    p = sub.add_parser("build", help="TensorRT engines for a bundle on this GPU (prepares FP16/Q-DQ ONNX without one)")
+    p.add_argument("bundle")
+    p.add_argument("--precision", required=True, choices=["fp32", "fp16", "int8"])
+    p.add_argument("--calib", help="CALIB.npz: to make the Q/DQ bundle, or for --int8-mode implicit")
+    p.add_argument("--int8-mode", default="explicit", choices=["explicit", "implicit"],
+                   help="explicit: Q/DQ ONNX; implicit: IInt8EntropyCalibrator2 (TensorRT 10.x/JetPack only)")
+    p.add_argument("--workspace", type=int, default=2048, help="builder workspace, MB")
+    p.add_argument("--dla", type=int, help="DLA core (Jetson Xavier/Orin), with GPU fallback")
+    p.add_argument("--max-batch", type=int, default=1)
+    p.add_argument("--out", help="where a derived FP16/INT8 bundle goes (default BUNDLE-PRECISION)")
+    p.add_argument("--holdout", nargs="+", help="hold-out images for the derived bundle's gate")
+    p.add_argument("--force", action="store_true", help="replace an existing derived bundle")
+    p.set_defaults(func=_cmd_build)
+
+    p = sub.add_parser("accuracy", help="report: reduced-precision bundle vs its FP32 bundle on real images")
+    p.add_argument("--bundle", required=True, help="the FP32 reference bundle")
+    p.add_argument("--candidate", required=True, help="the INT8/FP16 bundle")
+    p.add_argument("--images", required=True, nargs="+", help="camera images or directories")
+    p.add_argument("--labels", help="CSV image,label (AUC)")
+    p.add_argument("--out", required=True, help="report directory to create")
+    p.add_argument("--threads", type=int)
+    p.add_argument("--force", action="store_true", help="replace an existing report directory")
+    p.set_defaults(func=_cmd_accuracy)
 
     from edge.config import add_arguments
 

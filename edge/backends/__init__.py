@@ -9,16 +9,51 @@ from edge.backends.base import InferenceBackend
 
 log = logging.getLogger(__name__)
 
-BACKENDS = ("auto", "onnxruntime")
+BACKENDS = ("auto", "onnxruntime", "tensorrt")
+
+
+def tensorrt_unavailable_reason(bundle: Bundle, layout: str = "merged") -> str | None:
+    """Why ``auto`` cannot pick TensorRT for this bundle here (None: it can): TensorRT
+    must import, a GPU must be present, and the manifest must hold engines built for
+    this TensorRT version and this GPU."""
+    if not bundle.manifest.get("engines"):
+        return f"no TensorRT engines in {bundle.root}"
+    from edge.trt_build import gpu_info, tensorrt_available
+
+    if not tensorrt_available():
+        return "TensorRT is not installed"
+    gpu = gpu_info()
+    if gpu is None:
+        return "no NVIDIA GPU found"
+    import tensorrt
+
+    from edge.backends.tensorrt_backend import select_engines
+
+    try:
+        select_engines(bundle, tensorrt.__version__, gpu, layout)
+    except ArmscopeError as exc:
+        return str(exc)
+    return None
 
 
 def open_backend(bundle: Bundle, kind: str = "auto", **options) -> InferenceBackend:
-    """Open the backend named by ``kind``; ``auto`` picks the best one this machine can run
-    and logs why. TensorRT joins here once engines are built for the device."""
+    """Open the backend named by ``kind``; ``auto`` picks TensorRT when this machine can
+    run the bundle's engines, else ONNX Runtime on the CPU, and logs why."""
     if kind not in BACKENDS:
         raise ArmscopeError(f"backend {kind!r}: expected one of {', '.join(BACKENDS)}")
     if kind == "auto":
-        log.info("backend: onnxruntime on the CPU (no TensorRT engines in %s)", bundle.root)
+        reason = tensorrt_unavailable_reason(bundle, options.get("layout", "merged"))
+        if reason is None:
+            kind = "tensorrt"
+            log.info("backend: tensorrt (engines for this TensorRT version and GPU in %s)", bundle.root)
+        else:
+            log.info("backend: onnxruntime on the CPU (%s)", reason)
+    if kind == "tensorrt":
+        from edge.backends.tensorrt_backend import TensorRTBackend
+
+        options.pop("threads", None)
+        return TensorRTBackend(bundle, **options)
     from edge.backends.onnxruntime_backend import OnnxRuntimeBackend
 
+    options.pop("max_batch", None)
     return OnnxRuntimeBackend(bundle, **options)

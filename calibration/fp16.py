@@ -1,0 +1,33 @@
+"""FP16 graphs: onnxconverter-common's ``convert_float_to_float16`` with
+``keep_io_types=True``, so the bundle's I/O contract (float32 image in, float32
+probs/patch_probs/cam out) is unchanged and the host code is the same. Verified
+on ONNX Runtime's CPU provider (which runs most FP16 ops through inserted
+casts: correct, not fast; FP16 pays off on a GPU/TensorRT or an FP16 NPU)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import onnx
+
+from armscope.errors import require_module
+
+# Kept in FP32: the softmaxes and the share normalisation of the Grad-CAM weights
+# (exp/sum in half precision underflows for confident patches).
+DEFAULT_OP_BLOCK = ["Softmax", "ReduceSum", "Div"]
+
+
+def convert_member(src: Path, dst: Path, op_block_list: list[str] | None = None) -> None:
+    float16 = require_module("onnxconverter_common.float16", "quant", "FP16 conversion")
+    model = onnx.load(str(src))
+    blocked = list(float16.DEFAULT_OP_BLOCK_LIST) + list(op_block_list if op_block_list is not None
+                                                          else DEFAULT_OP_BLOCK)
+    converted = float16.convert_float_to_float16(model, keep_io_types=True, op_block_list=blocked,
+                                                 disable_shape_infer=False)
+    # onnxconverter-common 1.16 leaves value_info entries typed float16 for the outputs of
+    # blocked (FP32) nodes, which ONNX Runtime then refuses ("Type (tensor(float)) of output arg
+    # ... does not match expected type (tensor(float16))"); drop them (ONNX Runtime and TensorRT
+    # infer types themselves; re-inferring here would mint 'unk__N' dims that collide between
+    # members once they are merged).
+    del converted.graph.value_info[:]
+    onnx.checker.check_model(converted)
+    onnx.save(converted, str(dst))

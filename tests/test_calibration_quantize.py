@@ -1,0 +1,167 @@
+"""INT8 Q/DQ and FP16 bundles from the demo bundle, measured on real frames.
+
+One member of the demo ensemble keeps the calibration runs short (about 15 s
+per quantization on 2 cores); the full pipeline is the same for five."""
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+
+from armscope.bundle import load_bundle
+from armscope.cli import main
+from armscope.errors import ArmscopeError
+from calibration import accuracy
+from calibration.calibration_set import build_calibration_set
+from calibration.derive import subset_bundle
+from calibration.graph import sensitive_nodes
+from calibration.quantize import make_reduced_bundle
+
+SAMPLES = Path(__file__).resolve().parents[1] / "samples"
+FIELD = SAMPLES / "he" / "cmu-small-region"
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory):
+    root = tmp_path_factory.mktemp("quant")
+    bundle = subset_bundle(load_bundle(SAMPLES / "demo_bundle"), [0], root / "fp32")
+    calib = root / "calib.npz"
+    build_calibration_set([FIELD], calib, size=3, frame_size=(1600, 1200))
+    return {"root": root, "fp32": bundle, "calib": calib, "holdout": SAMPLES / "frames"}
+
+
+@pytest.fixture(scope="module")
+def int8_auto(work):
+    out = work["root"] / "int8"
+    rc = main(["quantize", str(work["fp32"]), "--out", str(out), "--calib", str(work["calib"]),
+               "--holdout", str(work["holdout"])])
+    return out, rc
+
+
+def test_sensitive_nodes_found_by_structure():
+    model = onnx.load(str(SAMPLES / "demo_bundle" / "members" / "member_0.onnx"))
+    groups = sensitive_nodes(model)
+    ops = {n.name: n.op_type for n in model.graph.node}
+    assert len(groups["first_conv"]) == 16 and all(ops[n] == "Conv" for n in groups["first_conv"])
+    assert sorted(ops[n] for n in groups["heads"]) == ["MatMul", "MatMul"]  # final_head, patch_heads
+    cam_ops = Counter(ops[n] for n in groups["cam"])
+    assert cam_ops["MatMul"] == 1 and cam_ops["Softmax"] == 2 and "Conv" not in cam_ops
+
+
+def test_int8_bundle_measured_both_ways_and_gated(work, int8_auto):
+    out, rc = int8_auto
+    bundle = load_bundle(out)
+    m = bundle.manifest
+    q = m["quantization"]
+    assert m["precision"] == "int8" and m["name"].endswith("-int8")
+    assert q["source"]["ensemble_sha256"] == load_bundle(work["fp32"]).manifest["ensemble"]["sha256"]
+    assert set(q["variants"]) == {"all-int8", "keep-fp32:first_conv,heads,cam"}
+    assert q["variant"] in q["variants"] and q["evaluated_on"] == "holdout" and q["evaluation_images"] == 4
+    for v in q["variants"].values():
+        s = v["summary"]
+        assert 0 <= s["top1_agreement"] <= 1 and s["max_abs_delta_p"] >= s["mean_abs_delta_p"] >= 0
+        assert -1 <= s["cam_pearson_mean"] <= 1
+    ops = Counter(n.op_type for n in onnx.load(str(bundle.ensemble_path)).graph.node)
+    assert ops["QuantizeLinear"] > 0 and ops["DequantizeLinear"] > 0
+    # the gate: deployable exactly when agreement >= 99% and no positive->negative flip
+    s = q["variants"][q["variant"]]["summary"]
+    passes = s["top1_agreement"] >= 0.99 and s["positive_to_negative_flips"] == 0
+    assert q["deployable"] is passes and q["forced"] is False
+    assert rc == (0 if passes else 3)
+    # it runs like any bundle on ONNX Runtime
+    out_probs = accuracy.run_bundle(bundle, np.full((1, 640, 640, 3), 128, np.float32))["probs"]
+    assert out_probs.shape == (1, 2) and abs(float(out_probs.sum()) - 1) < 1e-3
+
+
+def test_already_quantized_bundle_is_refused(work, int8_auto):
+    out = work["root"] / "twice"
+    assert main(["quantize", str(int8_auto[0]), "--out", str(out), "--calib", str(work["calib"])]) == 2
+    with pytest.raises(ArmscopeError, match=r"manifest.json: field precision: bundle is already int8"):
+        make_reduced_bundle(int8_auto[0], out, "int8", calib=work["calib"])
+    assert not out.exists()
+
+
+def test_force_marks_deployable_and_records_it(work):
+    out = work["root"] / "forced"
+    block = make_reduced_bundle(work["fp32"], out, "int8", calib=work["calib"], keep_fp32="first_conv,heads,cam",
+                                method="minmax", force_deployable=True)
+    assert block["evaluated_on"].startswith("calibration set")  # no hold-out: never deployable on its own
+    assert block["deployable"] is True and block["forced"] is True and block["gate"]["failed"]
+    assert load_bundle(out).manifest["quantization"]["keep_fp32"] == ["first_conv", "heads", "cam"]
+
+
+def test_bad_inputs_leave_nothing(work, tmp_path):
+    out = tmp_path / "q"
+    with pytest.raises(ArmscopeError, match="needs --calib"):
+        make_reduced_bundle(work["fp32"], out, "int8")
+    with pytest.raises(ArmscopeError, match="--keep-fp32 'stem': unknown group"):
+        make_reduced_bundle(work["fp32"], out, "int8", calib=work["calib"], keep_fp32="stem",
+                            holdout=[work["holdout"]])
+    # the hold-out must not share files with the calibration set
+    with pytest.raises(ArmscopeError, match="are calibration sources too"):
+        make_reduced_bundle(work["fp32"], out, "int8", calib=work["calib"], holdout=[FIELD / "cmu_small_region_level0.jpg"])
+    # images smaller than the centre crop (wrong shape) are named
+    with pytest.raises(ArmscopeError, match=r"ADI-AAQEFMRI.tif: image is 224x224, smaller than the 1024x1024"):
+        make_reduced_bundle(work["fp32"], out, "int8", calib=work["calib"], holdout=[SAMPLES / "he" / "nct-crc-he-100k"])
+    corrupt = tmp_path / "c.npz"
+    corrupt.write_bytes(b"\x00" * 100)
+    assert main(["quantize", str(work["fp32"]), "--out", str(out), "--calib", str(corrupt)]) == 2
+    assert not out.exists() and not list(tmp_path.glob(".q.*"))
+
+
+def test_fp16_bundle_on_onnxruntime_cpu(work):
+    out = work["root"] / "fp16"
+    block = make_reduced_bundle(work["fp32"], out, "fp16", holdout=[work["holdout"]])
+    bundle = load_bundle(out)
+    assert bundle.manifest["precision"] == "fp16"
+    graph = onnx.load(str(bundle.ensemble_path)).graph
+    assert graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT  # keep_io_types
+    assert any(t.data_type == onnx.TensorProto.FLOAT16 for t in graph.initializer)
+    s = block["variants"]["fp16"]["summary"]
+    assert s["max_abs_delta_p"] < 0.01 and s["top1_agreement"] == 1.0 and s["cam_pearson_min"] > 0.99
+    assert block["deployable"] is True
+
+
+def test_accuracy_report(work, tmp_path):
+    fp16 = work["root"] / "fp16"
+    if not fp16.exists():
+        make_reduced_bundle(work["fp32"], fp16, "fp16", holdout=[work["holdout"]])
+    labels = tmp_path / "labels.csv"
+    names = sorted(p.name for p in work["holdout"].glob("*.jpg"))
+    labels.write_text("image,label\n" + "".join(f"{n},{'tumour' if i % 2 else 'other'}\n" for i, n in enumerate(names)))
+    out = tmp_path / "report"
+    assert main(["accuracy", "--bundle", str(work["fp32"]), "--candidate", str(fp16), "--images",
+                 str(work["holdout"]), "--labels", str(labels), "--out", str(out)]) == 0
+    assert {p.name for p in out.iterdir()} == {"report.md", "report.json", "per_image.csv", "probs_scatter.png",
+                                               "delta_p.png", "cam_agreement.png", "cam_worst.png"}
+    report = json.loads((out / "report.json").read_text())
+    assert report["summary"]["n_images"] == 4 and report["summary"]["labelled"] == 4
+    assert report["summary"]["auc_ref"] is not None and report["summary"]["auc_cand"] is not None
+    md = (out / "report.md").read_text()
+    assert "top-1 agreement" in md and "Grad-CAM Pearson" in md and "positive->negative flips" in md
+    # bad input: no images -> error, no report
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert main(["accuracy", "--bundle", str(work["fp32"]), "--candidate", str(fp16), "--images", str(empty),
+                 "--out", str(tmp_path / "r2")]) == 2
+    assert not (tmp_path / "r2").exists()
+
+
+def test_flips_listed_positive_to_negative_first():
+    task = {"type": "binary", "classes": ["other", "tumour"], "positive_class": "tumour", "threshold": 0.3}
+    ref = {"probs": np.array([[0.9, 0.1], [0.6, 0.4], [0.5, 0.5], [0.2, 0.8]], np.float32),
+           "cam": np.random.default_rng(0).random((4, 2, 20, 20)).astype(np.float32)}
+    cand = {"probs": np.array([[0.6, 0.4], [0.8, 0.2], [0.5, 0.5], [0.25, 0.75]], np.float32),
+            "cam": ref["cam"].copy()}
+    r = accuracy.compare_outputs(ref, cand, task, ["a", "b", "c", "d"], labels=["other", "tumour", "tumour", "tumour"])
+    s = r["summary"]
+    assert [f["flip"] for f in s["flipped_images"]] == ["positive->negative", "negative->positive"]
+    assert s["flipped_images"][0]["image"] == "b"
+    assert s["positive_to_negative_flips"] == 1 and accuracy.gate(s)
+    # top-1 agrees everywhere, yet two decisions flip at the 0.3 threshold: the gate looks at both
+    assert s["top1_agreement"] == 1.0 and s["cam_pearson_min"] == pytest.approx(1.0) and s["cam_iou_min"] == 1.0
+    assert accuracy.auc(np.array([0.1, 0.4, 0.35, 0.8]), np.array([0, 0, 1, 1], bool)) == 0.75
