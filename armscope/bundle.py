@@ -256,6 +256,21 @@ def load_bundle(root: str | Path, verify_hashes: bool = True) -> Bundle:
     return bundle
 
 
+def require_deployable(bundle: Bundle) -> Bundle:
+    """Refuse a reduced-precision bundle that ``armscope quantize`` measured and
+    marked not deployable: the daemon and ``classify`` must never put a model that
+    failed its accuracy gate in front of a pathologist. (``armscope accuracy``
+    evaluates such bundles and does not call this.)"""
+    quant = bundle.manifest.get("quantization")
+    if quant is not None and not quant["deployable"]:
+        raise ArmscopeError(
+            f"{bundle.root / MANIFEST}: field quantization.deployable is false: this {bundle.manifest['precision']} "
+            f"bundle failed its accuracy gate against its FP32 source; see its accuracy report, re-quantize, "
+            f"or pass --force to armscope quantize if you accept the measured differences"
+        )
+    return bundle
+
+
 def write_manifest(root: Path, manifest: dict) -> None:
     validate_manifest(manifest, root / MANIFEST)
     (root / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")

@@ -10,7 +10,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from armscope.bundle import Bundle, load_bundle, staged_directory
+from armscope.bundle import Bundle, load_bundle, require_deployable, staged_directory
 from armscope.errors import ArmscopeError
 from armscope.preprocess import crop_box, load_image, preprocess_frame
 from edge.backends import open_backend
@@ -31,7 +31,7 @@ class Classifier:
         self.bundle = bundle
         self.backend = open_backend(bundle, backend, **backend_options)
         self.steps = {
-            step["when"]: Classifier(load_bundle(bundle.root / step["bundle"]), backend, **backend_options)
+            step["when"]: Classifier(require_deployable(load_bundle(bundle.root / step["bundle"])), backend, **backend_options)
             for step in bundle.task.get("steps", [])
         }
 
@@ -61,7 +61,7 @@ def classify_images(
     any inference, so a bad file fails the run before anything is written."""
     if not images:
         raise ArmscopeError("no images given")
-    bundle = load_bundle(bundle_dir)
+    bundle = require_deployable(load_bundle(bundle_dir))
     spec = bundle.preprocessing
     frames = [load_image(p) for p in images]
     batch = np.stack([preprocess_frame(f, spec, source=str(p)) for f, p in zip(frames, images)])

@@ -28,7 +28,7 @@ import numpy as np
 import zmq
 
 from armscope import protocol
-from armscope.bundle import load_bundle
+from armscope.bundle import load_bundle, require_deployable
 from armscope.errors import ArmscopeError
 from armscope.preprocess import crop_box, preprocess_frame
 from edge.config import Config
@@ -77,7 +77,7 @@ class Daemon:
     def __init__(self, config: Config, context: zmq.Context | None = None):
         self.config = config
         try:
-            self.bundle = load_bundle(config.bundle)
+            self.bundle = require_deployable(load_bundle(config.bundle))
         except ArmscopeError as exc:
             raise ArmscopeError(f"key 'bundle': {exc}") from None
         self.spec = self.bundle.preprocessing

@@ -165,3 +165,18 @@ def test_flips_listed_positive_to_negative_first():
     # top-1 agrees everywhere, yet two decisions flip at the 0.3 threshold: the gate looks at both
     assert s["top1_agreement"] == 1.0 and s["cam_pearson_min"] == pytest.approx(1.0) and s["cam_iou_min"] == 1.0
     assert accuracy.auc(np.array([0.1, 0.4, 0.35, 0.8]), np.array([0, 0, 1, 1], bool)) == 0.75
+
+
+def test_classify_refuses_a_bundle_that_failed_its_gate(int8_auto, frame_paths, tmp_path, capsys):
+    import shutil
+
+    copy = tmp_path / "gated"
+    shutil.copytree(int8_auto[0], copy)
+    manifest = json.loads((copy / "manifest.json").read_text())
+    manifest["quantization"]["deployable"] = False
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    assert main(["classify", "--bundle", str(copy), str(frame_paths[0])]) == 2
+    assert "field quantization.deployable is false" in capsys.readouterr().err
+    manifest["quantization"]["deployable"] = True
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    assert main(["classify", "--bundle", str(copy), str(frame_paths[0])]) == 0
