@@ -39,7 +39,8 @@ def _cmd_export(args) -> int:
         raise ArmscopeError("--task/--positive-class/--threshold need --classes")
     spec = Preprocessing(center_crop=args.crop, resize=640, interpolation=args.interpolation)
     out = export_bundle([Path(p) for p in args.members], Path(args.out), task=task, name=args.name,
-                        preprocessing=spec, opset=args.opset, force=args.force, description=args.description)
+                        preprocessing=spec, opset=args.opset, force=args.force, description=args.description,
+                        jobs=args.jobs)
     print(f"wrote bundle {out}")
     return 0
 
@@ -245,6 +246,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--crop", type=int, default=1024, help="centre crop of the camera frame, pixels")
     p.add_argument("--interpolation", default="area", choices=["area", "linear", "cubic", "nearest"])
     p.add_argument("--opset", type=int, default=17)
+    p.add_argument("--jobs", type=int, default=1, help="convert members in this many worker processes")
     p.add_argument("--force", action="store_true", help="replace an existing bundle directory")
     p.set_defaults(func=_cmd_export)
 

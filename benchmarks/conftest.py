@@ -52,7 +52,7 @@ def ensure_full_bundle() -> Path:
     target = CACHE / "densenet121_x5_bundle"
     if not (target / "manifest.json").is_file():
         export_bundle(ensure_full_members(), target, TaskSpec("binary", ["other", "IIM"], "IIM", 0.3),
-                      name="densenet121-x5-random", force=True)
+                      name="densenet121-x5-random", force=True, jobs=os.cpu_count() or 1)
     return target
 
 
