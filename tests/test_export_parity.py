@@ -13,12 +13,16 @@ def _run(path, x):
     return dict(zip(["probs", "patch_probs", "cam"], session.run(["probs", "patch_probs", "cam"], {"image": x})))
 
 
-def test_member_graphs_match_keras_probs(mini_members, mini_bundle, real_inputs):
+@pytest.fixture(scope="module")
+def keras_outputs(mini_members, real_inputs):
+    """Keras predictions of each member on the real inputs (computed once: tracing is slow)."""
     import keras
 
-    for i, member in enumerate(mini_members):
-        model = keras.models.load_model(member)
-        ref = model.predict(real_inputs, batch_size=4, verbose=0)
+    return [keras.models.load_model(m).predict(real_inputs, batch_size=4, verbose=0) for m in mini_members]
+
+
+def test_member_graphs_match_keras_probs(keras_outputs, mini_bundle, real_inputs):
+    for i, ref in enumerate(keras_outputs):
         got = _run(mini_bundle / "members" / f"member_{i}.onnx", real_inputs)
         assert np.max(np.abs(ref["probs"] - got["probs"])) <= 1e-4
         assert np.max(np.abs(ref["patch_probs"] - got["patch_probs"])) <= 1e-4
@@ -26,10 +30,8 @@ def test_member_graphs_match_keras_probs(mini_members, mini_bundle, real_inputs)
         assert np.ptp(ref["probs"][:, 1]) > 1e-3
 
 
-def test_merged_graph_is_the_member_average(mini_members, mini_bundle, real_inputs):
-    import keras
-
-    refs = [keras.models.load_model(m).predict(real_inputs, batch_size=4, verbose=0) for m in mini_members]
+def test_merged_graph_is_the_member_average(keras_outputs, mini_bundle, real_inputs):
+    refs = keras_outputs
     got = _run(mini_bundle / "ensemble.onnx", real_inputs)
     assert np.max(np.abs(np.mean([r["probs"] for r in refs], axis=0) - got["probs"])) <= 1e-4
     members = [_run(mini_bundle / "members" / f"member_{i}.onnx", real_inputs) for i in range(2)]
