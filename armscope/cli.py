@@ -217,8 +217,10 @@ def _cmd_accuracy(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="armscope", description=__doc__.split("\n")[0] + " "
-                                     "Edge toolkit for AR microscopes.")
+    parser = argparse.ArgumentParser(
+        prog="armscope",
+        description="Edge deployment toolkit for AR microscopes: Keras ensembles -> ONNX/TensorRT bundles with "
+                    "in-graph Grad-CAM, the edge daemon, and the eyepiece bridge. Start with 'armscope demo'.")
     parser.add_argument("--version", action="version", version=f"armscope {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress (INFO)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
