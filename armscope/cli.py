@@ -262,7 +262,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bundle", required=True)
     p.add_argument("--json", help="write the per-image and slide results here")
     p.add_argument("--overlay-dir", help="write Grad-CAM overlay PNGs into this (new) directory")
-    p.add_argument("--backend", default="auto", choices=["auto", "onnxruntime"])
+    p.add_argument("--backend", default="auto", choices=["auto", "onnxruntime", "tensorrt"])
     p.add_argument("--layout", default="merged", choices=["merged", "members"],
                    help="onnxruntime: one merged-ensemble session, or concurrent per-member sessions")
     p.add_argument("--threads", type=int, help="onnxruntime intra-op threads (default: all cores)")

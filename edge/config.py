@@ -55,7 +55,7 @@ OPTIONS: tuple[Option, ...] = (
            "dir://frames/?fps=N[&loop=1], image://still.png[?fps=N]"),
     Option("publish", str, DEFAULT_PUBLISH, "ZeroMQ PUB endpoint for overlays and status", check=_endpoint),
     Option("control", str, DEFAULT_CONTROL, "ZeroMQ REP endpoint for control commands", check=_endpoint),
-    Option("backend", str, "auto", "inference backend", choices=("auto", "onnxruntime")),
+    Option("backend", str, "auto", "inference backend", choices=("auto", "onnxruntime", "tensorrt")),
     Option("layout", str, "merged", "onnxruntime layout", choices=("merged", "members")),
     Option("threads", int, 0, "inference threads (0 = all cores)", minimum=0, maximum=256),
     Option("encoding", str, "raw", "overlay payload encoding", choices=("raw", "png")),
