@@ -263,8 +263,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", help="write the per-image and slide results here")
     p.add_argument("--overlay-dir", help="write Grad-CAM overlay PNGs into this (new) directory")
     p.add_argument("--backend", default="auto", choices=["auto", "onnxruntime", "tensorrt"])
-    p.add_argument("--layout", default="merged", choices=["merged", "members"],
-                   help="onnxruntime: one merged-ensemble session, or concurrent per-member sessions")
+    p.add_argument("--layout", default="members", choices=["merged", "members"],
+                   help="concurrent per-member sessions (default; faster on the CPU, see BENCHMARKS.md) or one merged-ensemble session")
     p.add_argument("--threads", type=int, help="onnxruntime intra-op threads (default: all cores)")
     p.add_argument("--threshold", type=float, help="override the manifest's decision threshold")
     p.add_argument("--force", action="store_true", help="replace an existing overlay directory")

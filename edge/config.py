@@ -56,7 +56,7 @@ OPTIONS: tuple[Option, ...] = (
     Option("publish", str, DEFAULT_PUBLISH, "ZeroMQ PUB endpoint for overlays and status", check=_endpoint),
     Option("control", str, DEFAULT_CONTROL, "ZeroMQ REP endpoint for control commands", check=_endpoint),
     Option("backend", str, "auto", "inference backend", choices=("auto", "onnxruntime", "tensorrt")),
-    Option("layout", str, "merged", "onnxruntime layout", choices=("merged", "members")),
+    Option("layout", str, "members", "ensemble layout: concurrent per-member sessions/streams (measured 1.66x faster than one merged session on a 2-core CPU, BENCHMARKS.md) or one merged graph", choices=("merged", "members")),
     Option("threads", int, 0, "inference threads (0 = all cores)", minimum=0, maximum=256),
     Option("encoding", str, "raw", "overlay payload encoding", choices=("raw", "png")),
     Option("overlay_size", int, 0, "overlay side in pixels (0 = the model's crop size)", minimum=0, maximum=8192),

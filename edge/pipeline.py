@@ -25,6 +25,7 @@ class LatestSlot:
         self._has = False
         self._closed = False
         self._cond = threading.Condition()
+        self._waiting = 0   # consumers blocked in get()
         self.dropped = 0
         self.put_count = 0
 
@@ -36,7 +37,7 @@ class LatestSlot:
                 self.dropped += 1
             self._item, self._has = item, True
             self.put_count += 1
-            self._cond.notify()
+            self._cond.notify_all()
             return replaced
 
     def get(self, timeout: float | None = None):
@@ -50,9 +51,29 @@ class LatestSlot:
                 remaining = None if deadline is None else deadline - time.monotonic()
                 if remaining is not None and remaining <= 0:
                     return None
-                self._cond.wait(remaining)
+                self._waiting += 1
+                self._cond.notify_all()
+                try:
+                    self._cond.wait(remaining)
+                finally:
+                    self._waiting -= 1
             item, self._item, self._has = self._item, None, False
             return item
+
+    def wait_for_consumer(self, timeout: float) -> bool:
+        """Block until a consumer waits in ``get`` on an empty slot (True) or ``timeout``
+        passes (False). A producer that calls this first does its work just in time:
+        it never prepares items that a newer one would replace unread."""
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while not (self._waiting and not self._has):
+                if self._closed:
+                    return False
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return False
+                self._cond.wait(remaining)
+            return True
 
     def discard(self) -> bool:
         """Drop an unread item (counted); True if there was one."""

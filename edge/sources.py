@@ -312,11 +312,13 @@ class Capture(threading.Thread):
     """
 
     def __init__(self, spec: SourceSpec, slot, stop: threading.Event, on_signal=None, on_end=None,
-                 backoff_min: float = 0.5, backoff_max: float = 10.0, exit_on_end: bool = False):
+                 backoff_min: float = 0.5, backoff_max: float = 10.0, exit_on_end: bool = False,
+                 on_frame=None):
         super().__init__(name="capture", daemon=True)
         self.spec, self.slot, self.stop = spec, slot, stop
         self.on_signal = on_signal or (lambda ok, reason: None)
         self.on_end = on_end or (lambda: None)
+        self.on_frame = on_frame or (lambda frame: None)  # e.g. the capture-rate meter
         self.backoff_min, self.backoff_max = backoff_min, backoff_max
         self.exit_on_end = exit_on_end
         self.captured = self.corrupt = self.reconnects = 0
@@ -393,6 +395,7 @@ class Capture(threading.Thread):
             self.captured += 1
             frame = Frame(self.captured, image, mono, wall)
             self.latest = frame
+            self.on_frame(frame)
             self.slot.put(frame)
             if not signalled:
                 self.error = None

@@ -42,7 +42,7 @@ def open_backend(bundle: Bundle, kind: str = "auto", **options) -> InferenceBack
     if kind not in BACKENDS:
         raise ArmscopeError(f"backend {kind!r}: expected one of {', '.join(BACKENDS)}")
     if kind == "auto":
-        reason = tensorrt_unavailable_reason(bundle, options.get("layout", "merged"))
+        reason = tensorrt_unavailable_reason(bundle, options.get("layout", "members"))
         if reason is None:
             kind = "tensorrt"
             log.info("backend: tensorrt (engines for this TensorRT version and GPU in %s)", bundle.root)

@@ -43,7 +43,7 @@ def open_session(path, threads: int):
 class OnnxRuntimeBackend(InferenceBackend):
     name = "onnxruntime"
 
-    def __init__(self, bundle: Bundle, layout: str = "merged", threads: int | None = None):
+    def __init__(self, bundle: Bundle, layout: str = "members", threads: int | None = None):
         if layout not in LAYOUTS:
             raise ArmscopeError(f"onnxruntime layout {layout!r}: expected one of {', '.join(LAYOUTS)}")
         self.bundle = bundle
