@@ -23,8 +23,13 @@ configuration string:
 
 ``show`` takes the overlay already in display coordinates (see
 ``registration.warp``): straight-alpha RGBA ``(H, W, 4)``, or RGB
-``(H, W, 3)`` already composited over black.  ``SerialDisplay.show`` raises
-``link.LinkError`` when delivery fails; the caller should then ``blank()``.
+``(H, W, 3)`` already composited over black; with ``region=(x, y, w, h)``
+the image covers only that part of the display and the rest is black.
+Displays with a fixed size then write only the region plus whatever they
+showed last outside it (cleared to black): a partial update, which is what
+keeps a serial link's frames small (``Display._update``).
+``SerialDisplay.show`` raises ``link.LinkError`` when delivery fails; the
+caller should then ``blank()``.
 """
 
 from __future__ import annotations
@@ -59,14 +64,28 @@ class DisplayURIError(ValueError):
     """A display URI is malformed; the message names the URI and what was expected."""
 
 
+Region = tuple[int, int, int, int]  # x, y, w, h in display pixels
+
+
+def union(a: Region, b: Region) -> Region:
+    """Smallest region holding both."""
+    x0, y0 = min(a[0], b[0]), min(a[1], b[1])
+    x1, y1 = max(a[0] + a[2], b[0] + b[2]), max(a[1] + a[3], b[1] + b[3])
+    return (x0, y0, x1 - x0, y1 - y0)
+
+
 class Display(abc.ABC):
     """What the daemon drives.  ``size`` is (width, height) or None if not fixed yet."""
 
     size: tuple[int, int] | None = None
+    # Where the display may be showing something other than black: None =
+    # all black, the whole display when unknown (start-up, a failed write).
+    _lit: Region | None = None
 
     @abc.abstractmethod
-    def show(self, image: np.ndarray, *, deadline: float | None = None):
-        """Show ``image``.  ``deadline`` (seconds) bounds how long delivery may
+    def show(self, image: np.ndarray, *, region: Region | None = None, deadline: float | None = None):
+        """Show ``image`` (the whole display, or only ``region`` with black
+        around it).  ``deadline`` (seconds) bounds how long delivery may
         take; only outputs that can block (``serial://``) use it.  The bridge
         passes the time left before what is on screen goes stale, so the
         eyepiece never keeps a stale overlay while a new one is in transit."""
@@ -83,18 +102,47 @@ class Display(abc.ABC):
     def __exit__(self, *exc) -> None:
         self.close()
 
-    def _check(self, image: np.ndarray) -> np.ndarray:
+    def _check(self, image: np.ndarray, region: Region | None = None) -> np.ndarray:
         if not isinstance(image, np.ndarray) or image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] not in (3, 4):
             raise ValueError(
                 f"show() expects a uint8 (H, W, 4) RGBA or (H, W, 3) RGB image, got "
                 f"{getattr(image, 'dtype', type(image).__name__)} {getattr(image, 'shape', '')}"
             )
-        if self.size is not None and (image.shape[1], image.shape[0]) != self.size:
+        if region is not None:
+            if self.size is None:
+                raise ValueError("show(region=...) needs a display of fixed size; give width and height")
+            x, y, w, h = region
+            if x < 0 or y < 0 or w < 1 or h < 1 or x + w > self.size[0] or y + h > self.size[1]:
+                raise ValueError(f"region {tuple(region)} is not inside the {self.size[0]}x{self.size[1]} display")
+            if (image.shape[1], image.shape[0]) != (w, h):
+                raise ValueError(f"image is {image.shape[1]}x{image.shape[0]} but its region is {w}x{h}")
+        elif self.size is not None and (image.shape[1], image.shape[0]) != self.size:
             raise ValueError(
                 f"image is {image.shape[1]}x{image.shape[0]} but the display is {self.size[0]}x{self.size[1]}; "
                 "warp it to display coordinates first"
             )
         return image
+
+    def _align(self, region: Region) -> Region:
+        """Grow a region to what the output can address (MONO1: whole bytes)."""
+        return region
+
+    def _update(self, image: np.ndarray, region: Region | None) -> tuple[np.ndarray, Region]:
+        """What to write so the display shows ``image`` at ``region`` and black
+        elsewhere: the union of ``region`` and the part that may still be lit,
+        with ``image`` pasted into black. Call ``_written`` once it is shown."""
+        full = (0, 0, self.size[0], self.size[1])
+        region = full if region is None else tuple(int(v) for v in region)
+        send = self._align(region if self._lit is None else union(region, self._lit))
+        if send == region:
+            return image, send
+        canvas = np.zeros((send[3], send[2], image.shape[2]), np.uint8)
+        ox, oy = region[0] - send[0], region[1] - send[1]
+        canvas[oy : oy + region[3], ox : ox + region[2]] = image
+        return canvas, send
+
+    def _written(self, region: Region | None) -> None:
+        self._lit = (0, 0, self.size[0], self.size[1]) if region is None else tuple(int(v) for v in region)
 
 
 class PngDisplay(Display):
@@ -131,8 +179,13 @@ class PngDisplay(Display):
         self.paths.append(path)
         return path
 
-    def show(self, image: np.ndarray, *, deadline: float | None = None) -> None:
-        image = self._check(image)
+    def show(self, image: np.ndarray, *, region: Region | None = None, deadline: float | None = None) -> None:
+        image = self._check(image, region)
+        if region is not None:  # a PNG is the whole display
+            x, y, rw, rh = region
+            canvas = np.zeros((self.size[1], self.size[0], image.shape[2]), np.uint8)
+            canvas[y : y + rh, x : x + rw] = image
+            image = canvas
         h, w = image.shape[:2]
         self._last_size = (w, h)
         if self.fmt is None:
@@ -189,15 +242,39 @@ class SerialDisplay(Display):
         self.fmt = info.pixel_format
         self.brightness, self.gamma, self.dither = brightness, gamma, dither
         pf.make_lut(brightness, gamma)
+        self._lit = (0, 0, info.width, info.height)  # unknown until the first blank or frame
 
-    def show(self, image: np.ndarray, *, deadline: float | None = None):
-        """Send one frame; returns the link's ``SendReport`` (retries, resyncs)."""
-        image = self._check(image)
-        data = pf.encode(image, self.fmt, brightness=self.brightness, gamma=self.gamma, dither=self.dither)
-        return self.sender.send_frame(data, deadline=deadline)
+    def _align(self, region: Region) -> Region:
+        if self.fmt is not PixelFormat.MONO1:
+            return region
+        # Rows are whole bytes, and the 8x8 dither pattern stays anchored to the display.
+        x, y, w, h = region
+        x0, y0 = x - x % 8, y - y % 8
+        x1 = min(self.size[0], -(-(x + w) // 8) * 8)
+        return (x0, y0, x1 - x0, y + h - y0)
+
+    def prepare(self, image: np.ndarray, region: Region | None = None) -> tuple[np.ndarray, Region]:
+        """The packed pixel bytes and region ``show`` sends (a partial update
+        covering ``region`` and whatever the controller may still show)."""
+        image = self._check(image, region)
+        canvas, send = self._update(image, region)
+        data = pf.encode(canvas, self.fmt, brightness=self.brightness, gamma=self.gamma, dither=self.dither)
+        return data, send
+
+    def show(self, image: np.ndarray, *, region: Region | None = None, deadline: float | None = None):
+        """Send one frame or partial update; returns the link's ``SendReport``."""
+        data, send = self.prepare(image, region)
+        # Until acknowledged, the controller may show the old picture, the new
+        # one, or (after a reset) black: assume the union may be lit.
+        self._lit = send
+        report = self.sender.send_frame(data, region=send, deadline=deadline)
+        self._written(region)
+        return report
 
     def blank(self) -> None:
+        self._lit = (0, 0, self.size[0], self.size[1])
         self.sender.blank()
+        self._lit = None
 
     def close(self) -> None:
         try:
@@ -261,6 +338,7 @@ class FramebufferDisplay(Display):
         if self.stride < row:
             raise ValueError(f"{sysdir / 'stride'}: stride {self.stride} is smaller than a row ({row} bytes)")
         self.size = (w, h)
+        self._lit = (0, 0, w, h)  # whatever was on the framebuffer before us
         self.brightness, self.gamma = brightness, gamma
         pf.make_lut(brightness, gamma)
         self._fd = os.open(self.device, os.O_RDWR)
@@ -295,13 +373,17 @@ class FramebufferDisplay(Display):
         code = cv2.COLOR_RGB2BGRA if self.layout == "bgrx8888" else cv2.COLOR_RGB2BGR
         return cv2.cvtColor(rgb, code).reshape(h, -1)
 
-    def show(self, image: np.ndarray, *, deadline: float | None = None) -> None:
-        image = self._check(image)
-        data = self._pixels(image)
-        self._view[:, : data.shape[1]] = data
+    def show(self, image: np.ndarray, *, region: Region | None = None, deadline: float | None = None) -> None:
+        image = self._check(image, region)
+        canvas, (x, y, w, h) = self._update(image, region)
+        data = self._pixels(canvas)
+        bx = x * self.bpp // 8
+        self._view[y : y + h, bx : bx + data.shape[1]] = data
+        self._written(region)
 
     def blank(self) -> None:
         self._view[:] = 0
+        self._lit = None
 
     def close(self) -> None:
         if getattr(self, "_mm", None) is not None:

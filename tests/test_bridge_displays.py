@@ -131,3 +131,63 @@ def test_serial_display_through_simulator():
         with pytest.raises(LinkProtocolError, match="mono1"):
             open_display("serial:///dev/null?format=mono1", port=port)
         port.close()
+
+
+def _on_black(img, region, size):
+    """The whole display: ``img`` at ``region``, black elsewhere (composited RGB)."""
+    x, y, w, h = region
+    full = np.zeros((size[1], size[0], 3), np.uint8)
+    full[y:y + h, x:x + w] = pf.composite_over_black(img)
+    return full
+
+
+@pytest.mark.parametrize("fmt,dither", [("rgb565le", False), ("mono1", True)])
+def test_serial_partial_updates_show_exactly_the_full_frame(fmt, dither):
+    """Regions that move, grow and shrink, with a blank between: after every
+    step the controller holds what a full-frame update of the same picture
+    would give (the old region cleared, MONO1 dither anchored to the display),
+    and the link carried only the region plus what had to be cleared."""
+    pytest.importorskip("serial")
+    from firmware_bridge.simulator import ControllerCore, PtyController
+
+    W, H = 64, 48
+    core = ControllerCore(W, H, fmt)
+    steps = [(3, 5, 20, 17), (30, 20, 25, 20), (33, 22, 10, 9), "blank", (11, 2, 9, 40), (0, 0, W, H), (50, 40, 14, 8)]
+    with PtyController(core) as sim:
+        d = open_display(f"serial://{sim.slave_path}?baud=115200&format={fmt}&dither={int(dither)}&deadline=2")
+        d.blank()
+        lit = None
+        for i, step in enumerate(steps):
+            if step == "blank":
+                d.blank()
+                assert not core.front.any()
+                lit = None
+                continue
+            x, y, w, h = step
+            img = rgba(10 + i, w, h)
+            report = d.show(img, region=step)
+            full = _on_black(img, step, (W, H))
+            assert np.array_equal(core.front, pf.encode(full, fmt, dither=dither)), step
+            sent = d._align(step if lit is None else (min(x, lit[0]), min(y, lit[1]),
+                                                      max(x + w, lit[0] + lit[2]) - min(x, lit[0]),
+                                                      max(y + h, lit[1] + lit[3]) - min(y, lit[1])))
+            assert report.payload_bytes == pf.PixelFormat.parse(fmt).frame_bytes(sent[2], sent[3]), step
+            lit = step
+        d.close()
+
+
+def test_framebuffer_partial_update_clears_the_previous_region(tmp_path):
+    sysfs, dev, stride = fake_fb(tmp_path, 16, w=40, h=30, stride=96)
+    d = FramebufferDisplay(dev, sysfs_root=sysfs)
+    mem = lambda: np.frombuffer(dev.read_bytes(), np.uint8).reshape(30, stride)  # noqa: E731
+    first, second = rgba(20, 12, 10), rgba(21, 8, 6)
+    d.show(first, region=(2, 3, 12, 10))  # also clears what was on the framebuffer before (0xAB)
+    assert np.array_equal(mem()[:, :80], pf.encode(_on_black(first, (2, 3, 12, 10), (40, 30)), "rgb565le"))
+    d.show(second, region=(25, 15, 8, 6))
+    assert np.array_equal(mem()[:, :80], pf.encode(_on_black(second, (25, 15, 8, 6), (40, 30)), "rgb565le"))
+    assert (mem()[:, 80:] == 0xAB).all()
+    with pytest.raises(ValueError, match="not inside the 40x30 display"):
+        d.show(second, region=(35, 15, 8, 6))
+    with pytest.raises(ValueError, match="its region is 9x6"):
+        d.show(second, region=(25, 15, 9, 6))
+    d.close()

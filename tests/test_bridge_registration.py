@@ -157,3 +157,35 @@ def test_warp_does_not_bleed_hidden_colour():
     assert out[..., 1].max() == 0 and shown[..., 1].max() == 0  # no green anywhere
     assert shown[5, 10, 0] in (127, 128)  # the edge pixel is half-covered red
     assert out[5, 10, 0] >= 254  # straight alpha keeps full red at half alpha
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_render_for_display_warps_only_the_footprint_and_loses_nothing(seed):
+    """The region the bridge renders and sends holds every pixel a full-display
+    warp would light: pasted into black it equals the full warp (to one grey
+    level of fixed-point rounding), and outside it the full warp is black."""
+    import cv2
+
+    from firmware_bridge.bridge import render_for_display
+
+    rng = np.random.default_rng(seed)
+    size = (320, 200)
+    overlay = rng.integers(0, 256, (96, 96, 4), dtype=np.uint8)
+    a = rng.uniform(-0.2, 0.2)
+    s = rng.uniform(0.8, 1.6)
+    m = np.array([[s * np.cos(a), -s * np.sin(a), rng.uniform(-40, 250)],
+                  [s * np.sin(a), s * np.cos(a), rng.uniform(-40, 140)],
+                  [rng.uniform(-3e-4, 3e-4), rng.uniform(-3e-4, 3e-4), 1.0]])
+    rgb, (x, y, w, h) = render_for_display(overlay, m, size)
+    premult = cv2.cvtColor(overlay, cv2.COLOR_RGBA2mRGBA)
+    full = cv2.cvtColor(cv2.warpPerspective(premult, m, size, flags=cv2.INTER_LINEAR,
+                                            borderMode=cv2.BORDER_CONSTANT, borderValue=(0, 0, 0, 0)),
+                        cv2.COLOR_RGBA2RGB)
+    assert full.any()
+    pasted = np.zeros_like(full)
+    pasted[y:y + h, x:x + w] = rgb
+    assert np.abs(pasted.astype(int) - full).max() <= 1
+    outside = full.copy()
+    outside[y:y + h, x:x + w] = 0
+    assert not outside.any()
+    assert w * h < size[0] * size[1]

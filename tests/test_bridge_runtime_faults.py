@@ -237,8 +237,9 @@ def test_header_stale_after_ms_is_capped(tmp_path):
 
 
 def test_dropped_and_corrupted_link_bytes_are_recovered(tmp_path):
-    # Controller input byte indices: start-up BLANK and HELLO are < 100 bytes, a frame ~39 kB.
-    faults = FaultPlan(drop_at={2_000, 21_000}, corrupt_at={9_000, 30_000})
+    # Controller input byte indices: start-up BLANK and HELLO are < 100 bytes, then a
+    # partial update of the overlay's footprint, ~19 kB (the whole display would be 39 kB).
+    faults = FaultPlan(drop_at={2_000, 11_000}, corrupt_at={6_000, 15_000})
     with serial_setup(tmp_path, faults=faults) as (core, bridge, daemon):
         assert publish_until(daemon, lambda: bridge.stats()["shown"] >= 1, OVERLAY)
         assert_close_image(core.shown_rgb(), expected_display(OVERLAY, "rgb565le"))
@@ -249,7 +250,7 @@ def test_dropped_and_corrupted_link_bytes_are_recovered(tmp_path):
 
 
 def test_controller_reset_mid_frame_resends_the_frame(tmp_path):
-    faults = FaultPlan(reset_at_frame_msg={4})  # the 5th FRAME chunk reboots the controller
+    faults = FaultPlan(reset_at_frame_msg={2})  # the 3rd FRAME chunk (of about 5) reboots the controller
     with serial_setup(tmp_path, faults=faults) as (core, bridge, daemon):
         assert publish_until(daemon, lambda: bridge.stats()["shown"] >= 1, OVERLAY)
         assert core.stats.resets == 1
