@@ -12,6 +12,7 @@ from pathlib import Path
 
 from armscope import __version__
 from armscope.errors import ArmscopeError
+from edge.backends import BACKENDS, CPU_PRECISIONS
 
 
 def _cmd_train(args) -> int:
@@ -76,7 +77,7 @@ def _cmd_inspect(args) -> int:
 def _cmd_classify(args) -> int:
     from edge.classify import classify_images
 
-    options = {"layout": args.layout}
+    options = {"layout": args.layout, "cpu_precision": args.cpu_precision}
     if args.threads:
         options["threads"] = args.threads
     report = classify_images(Path(args.bundle), [Path(p) for p in args.images],
@@ -262,7 +263,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bundle", required=True)
     p.add_argument("--json", help="write the per-image and slide results here")
     p.add_argument("--overlay-dir", help="write Grad-CAM overlay PNGs into this (new) directory")
-    p.add_argument("--backend", default="auto", choices=["auto", "onnxruntime", "tensorrt"])
+    p.add_argument("--backend", default="auto", choices=list(BACKENDS),
+                   help="auto: TensorRT where the bundle has engines for this GPU, else onnxruntime; "
+                        "openvino: the other CPU runtime (pip install armscope[openvino])")
+    p.add_argument("--cpu-precision", default="f32", choices=list(CPU_PRECISIONS),
+                   help="openvino only: inference precision (bf16 needs AVX512-BF16 or AMX; check it with "
+                        "'armscope accuracy' first)")
     p.add_argument("--layout", default="members", choices=["merged", "members"],
                    help="concurrent per-member sessions (default; faster on the CPU, see BENCHMARKS.md) or one merged-ensemble session")
     p.add_argument("--threads", type=int, help="onnxruntime intra-op threads (default: all cores)")

@@ -1,7 +1,7 @@
 """Precision on the CPU: the full-size ensemble (5 x DenseNet-121 tiled members,
 one real 640x640 frame) as FP32, INT8 (explicit Q/DQ, all Conv/MatMul/Gemm in
 INT8) and FP16 on ONNX Runtime, and FP32/BF16 on OpenVINO when ``openvino`` is
-installed (``pip install -e '.[bench]'``; skipped otherwise).
+installed (``pip install -e '.[openvino]'``; skipped otherwise).
 
 Run (full size; the FP32 bundle comes from benchmarks/conftest.py, the INT8 and
 FP16 bundles are derived once and cached next to it in benchmarks/.cache):

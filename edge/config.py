@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from armscope.errors import ArmscopeError
+from edge.backends import BACKENDS, CPU_PRECISIONS
 from armscope.protocol import DEFAULT_CONTROL, DEFAULT_PUBLISH
 
 
@@ -55,7 +56,10 @@ OPTIONS: tuple[Option, ...] = (
            "dir://frames/?fps=N[&loop=1], image://still.png[?fps=N]"),
     Option("publish", str, DEFAULT_PUBLISH, "ZeroMQ PUB endpoint for overlays and status", check=_endpoint),
     Option("control", str, DEFAULT_CONTROL, "ZeroMQ REP endpoint for control commands", check=_endpoint),
-    Option("backend", str, "auto", "inference backend", choices=("auto", "onnxruntime", "tensorrt")),
+    Option("backend", str, "auto", "inference backend (auto: TensorRT where the bundle has engines for this GPU, "
+           "else onnxruntime)", choices=BACKENDS),
+    Option("cpu_precision", str, "f32", "openvino backend only: inference precision (bf16 needs AVX512-BF16 or AMX)",
+           choices=CPU_PRECISIONS),
     Option("layout", str, "members", "ensemble layout: concurrent per-member sessions/streams (measured 1.66x faster than one merged session on a 2-core CPU, BENCHMARKS.md) or one merged graph", choices=("merged", "members")),
     Option("threads", int, 0, "inference threads (0 = all cores)", minimum=0, maximum=256),
     Option("encoding", str, "raw", "overlay payload encoding", choices=("raw", "png")),

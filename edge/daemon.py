@@ -128,7 +128,7 @@ class Daemon:
         from edge.backends import open_backend
 
         cfg = self.config
-        options = {"layout": cfg.layout}
+        options = {"layout": cfg.layout, "cpu_precision": cfg.cpu_precision}
         if cfg.threads:
             options["threads"] = cfg.threads
         self.backend = open_backend(self.bundle, cfg.backend, **options)

@@ -9,7 +9,8 @@ from edge.backends.base import InferenceBackend
 
 log = logging.getLogger(__name__)
 
-BACKENDS = ("auto", "onnxruntime", "tensorrt")
+BACKENDS = ("auto", "onnxruntime", "openvino", "tensorrt")
+CPU_PRECISIONS = ("f32", "bf16", "auto")  # OpenVINO inference precision (edge/backends/openvino_backend.py)
 
 
 def tensorrt_unavailable_reason(bundle: Bundle, layout: str = "merged") -> str | None:
@@ -38,7 +39,9 @@ def tensorrt_unavailable_reason(bundle: Bundle, layout: str = "merged") -> str |
 
 def open_backend(bundle: Bundle, kind: str = "auto", **options) -> InferenceBackend:
     """Open the backend named by ``kind``; ``auto`` picks TensorRT when this machine can
-    run the bundle's engines, else ONNX Runtime on the CPU, and logs why."""
+    run the bundle's engines, else ONNX Runtime on the CPU, and logs why. ``openvino``
+    is the other CPU runtime (option ``cpu_precision``: f32, bf16 or auto); the
+    ``cpu_precision`` option is ignored by the others, which run the bundle's own precision."""
     if kind not in BACKENDS:
         raise ArmscopeError(f"backend {kind!r}: expected one of {', '.join(BACKENDS)}")
     if kind == "auto":
@@ -48,12 +51,17 @@ def open_backend(bundle: Bundle, kind: str = "auto", **options) -> InferenceBack
             log.info("backend: tensorrt (engines for this TensorRT version and GPU in %s)", bundle.root)
         else:
             log.info("backend: onnxruntime on the CPU (%s)", reason)
+    cpu_precision = options.pop("cpu_precision", None) or "f32"
     if kind == "tensorrt":
         from edge.backends.tensorrt_backend import TensorRTBackend
 
         options.pop("threads", None)
         return TensorRTBackend(bundle, **options)
+    options.pop("max_batch", None)
+    if kind == "openvino":
+        from edge.backends.openvino_backend import OpenVinoBackend
+
+        return OpenVinoBackend(bundle, precision=cpu_precision, **options)
     from edge.backends.onnxruntime_backend import OnnxRuntimeBackend
 
-    options.pop("max_batch", None)
     return OnnxRuntimeBackend(bundle, **options)

@@ -1,0 +1,105 @@
+"""OpenVINO on the CPU, behind the same interface as ONNX Runtime.
+
+Why a second CPU runtime: OpenVINO's CPU plugin (oneDNN) is the strongest
+peer for DenseNet-style convolution stacks on x86, and it is the only one of
+the two that runs BF16 on CPUs that have it (AVX512-BF16 or AMX). It reads the
+bundle's ONNX graphs directly (FP32, FP16, and the INT8 Q/DQ graphs that
+``armscope quantize`` writes, which it runs as INT8), so no extra export step
+exists and the manifest's sha256 checks still cover what runs.
+
+Precision is OpenVINO's ``INFERENCE_PRECISION_HINT``: ``f32``, ``bf16``, or
+``auto`` (OpenVINO's default: BF16 where the CPU has it, else FP32). What the
+CPU supports is read at run time (``OPTIMIZATION_CAPABILITIES``): CPUs in one
+fleet differ, and ``bf16`` on a CPU without it is refused rather than silently
+run in FP32. Layouts as for ONNX Runtime: ``members`` compiles each member and
+runs them as concurrent asynchronous requests (the threads shared out between
+them), ``merged`` compiles the ensemble graph once.
+"""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+from armscope.bundle import Bundle
+from armscope.errors import ArmscopeError, require_module
+from edge.backends.base import OUTPUTS, InferenceBackend
+
+LAYOUTS = ("merged", "members")
+PRECISIONS = ("f32", "bf16", "auto")
+
+
+def cpu_capabilities(core=None) -> list[str]:
+    """OpenVINO's list for the CPU, e.g. ['FP32', 'BF16', 'INT8', ...]."""
+    if core is None:
+        core = require_module("openvino", "openvino", "the OpenVINO backend").Core()
+    return list(core.get_property("CPU", "OPTIMIZATION_CAPABILITIES"))
+
+
+class OpenVinoBackend(InferenceBackend):
+    name = "openvino"
+
+    def __init__(self, bundle: Bundle, layout: str = "members", threads: int | None = None,
+                 precision: str = "f32"):
+        if layout not in LAYOUTS:
+            raise ArmscopeError(f"openvino layout {layout!r}: expected one of {', '.join(LAYOUTS)}")
+        if precision not in PRECISIONS:
+            raise ArmscopeError(f"openvino precision {precision!r}: expected one of {', '.join(PRECISIONS)}")
+        ov = require_module("openvino", "openvino", "--backend openvino")
+        self.ov = ov
+        self.bundle = bundle
+        self.layout = layout
+        self.threads = threads or os.cpu_count() or 1
+        core = ov.Core()
+        self.capabilities = cpu_capabilities(core)
+        if precision == "bf16" and "BF16" not in self.capabilities:
+            raise ArmscopeError(
+                "openvino precision bf16: this CPU has no BF16 support (needs AVX512-BF16 or AMX; OpenVINO "
+                f"reports {', '.join(self.capabilities)}); use f32"
+            )
+        paths = [bundle.ensemble_path] if layout == "merged" else list(bundle.member_paths)
+        per = max(1, self.threads // len(paths))
+        config = {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_NUM_THREADS": per, "NUM_STREAMS": 1}
+        if precision != "auto":
+            config["INFERENCE_PRECISION_HINT"] = precision
+        self.compiled = []
+        for path in paths:
+            try:
+                self.compiled.append(core.compile_model(core.read_model(str(path)), "CPU", config))
+            except Exception as exc:  # OpenVINO raises RuntimeError subclasses with long C++ traces
+                raise ArmscopeError(f"{path}: OpenVINO could not compile it ({str(exc).splitlines()[0][:300]})") from None
+        hint = self.compiled[0].get_property("INFERENCE_PRECISION_HINT")  # what OpenVINO settled on
+        self.precision = hint.get_type_name() if hasattr(hint, "get_type_name") else str(hint)
+        self._check_io()
+        self.requests = [c.create_infer_request() for c in self.compiled]
+
+    def _check_io(self) -> None:
+        for compiled in self.compiled:
+            inputs = [i.get_any_name() for i in compiled.inputs]
+            outputs = {n for o in compiled.outputs for n in o.get_names()}
+            if inputs != ["image"] or any(n not in outputs for n in OUTPUTS):
+                raise ArmscopeError(
+                    f"{self.bundle.root}: a graph has inputs {inputs} and outputs {sorted(outputs)}; "
+                    f"expected input ['image'] and outputs {list(OUTPUTS)}"
+                )
+
+    def infer(self, images: np.ndarray) -> dict[str, np.ndarray]:
+        images = np.ascontiguousarray(images, dtype=np.float32)
+        for request in self.requests:
+            request.start_async({"image": images}, share_inputs=True)
+        results = []
+        for request in self.requests:
+            request.wait()
+            results.append([np.array(request.get_tensor(name).data, copy=True) for name in OUTPUTS])
+        if len(results) == 1:
+            return dict(zip(OUTPUTS, results[0]))
+        return {name: np.mean([r[i] for r in results], axis=0) for i, name in enumerate(OUTPUTS)}
+
+    def describe(self) -> dict:
+        return {"backend": self.name, "layout": self.layout, "threads": self.threads,
+                "precision": self.precision, "requests": len(self.requests),
+                "openvino": self.ov.__version__, "cpu_capabilities": self.capabilities}
+
+    def close(self) -> None:
+        self.requests = []
+        self.compiled = []

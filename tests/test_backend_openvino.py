@@ -1,0 +1,71 @@
+"""OpenVINO backend: same interface and outputs as ONNX Runtime on the demo bundle, real H&E inputs."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ov = pytest.importorskip("openvino")
+
+from armscope.bundle import load_bundle  # noqa: E402
+from armscope.errors import ArmscopeError  # noqa: E402
+from edge.backends import open_backend  # noqa: E402
+from edge.backends.onnxruntime_backend import OnnxRuntimeBackend  # noqa: E402
+from edge.backends.openvino_backend import OpenVinoBackend, cpu_capabilities  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+DEMO = REPO / "samples" / "demo_bundle"
+
+
+@pytest.fixture(scope="module")
+def demo():
+    return load_bundle(DEMO)
+
+
+@pytest.fixture(scope="module")
+def reference(demo, real_inputs):
+    with OnnxRuntimeBackend(demo, "merged") as backend:
+        return backend.infer(real_inputs)
+
+
+@pytest.mark.parametrize("layout", ["members", "merged"])
+def test_fp32_matches_onnxruntime_on_real_frames(demo, real_inputs, reference, layout):
+    with open_backend(demo, "openvino", layout=layout) as backend:
+        assert isinstance(backend, OpenVinoBackend)
+        out = backend.infer(real_inputs)
+        info = backend.describe()
+    assert info["precision"] == "f32" and info["requests"] == (5 if layout == "members" else 1)
+    for name in ("probs", "patch_probs", "cam"):
+        assert out[name].shape == reference[name].shape
+        np.testing.assert_allclose(out[name], reference[name], atol=1e-4, rtol=1e-4, err_msg=name)
+    assert (out["probs"].argmax(1) == reference["probs"].argmax(1)).all()
+
+
+def test_bf16_runs_where_the_cpu_has_it_and_is_refused_where_not(demo, real_inputs, reference):
+    if "BF16" in cpu_capabilities():
+        with OpenVinoBackend(demo, precision="bf16") as backend:
+            out = backend.infer(real_inputs)
+            assert backend.describe()["precision"] == "bf16"
+        assert np.abs(out["probs"] - reference["probs"]).max() < 0.05
+    else:
+        with pytest.raises(ArmscopeError, match="no BF16 support"):
+            OpenVinoBackend(demo, precision="bf16")
+
+
+def test_bad_options_are_clear_errors(demo):
+    with pytest.raises(ArmscopeError, match="layout 'sideways'"):
+        OpenVinoBackend(demo, layout="sideways")
+    with pytest.raises(ArmscopeError, match="precision 'fp8'"):
+        OpenVinoBackend(demo, precision="fp8")
+
+
+def test_classify_cli_with_openvino(tmp_path, frame_paths):
+    out = tmp_path / "r.json"
+    proc = subprocess.run([sys.executable, "-m", "armscope.cli", "classify", *map(str, frame_paths[:2]),
+                           "--bundle", str(DEMO), "--backend", "openvino", "--json", str(out)],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(out.read_text())
+    assert len(report["images"]) == 2 and "slide" in report
