@@ -174,7 +174,7 @@ def _cmd_quantize(args) -> int:
         method=args.method, keep_fp32=args.keep_fp32, holdout=[Path(p) for p in args.holdout or []] or None,
         labels_csv=Path(args.labels) if args.labels else None, tool=args.tool,
         op_types=[t.strip() for t in args.op_types.split(",")] if args.op_types else None,
-        per_channel=not args.per_tensor, force=args.force, force_deployable=args.force)
+        per_channel=not args.per_tensor, force=args.force, force_deployable=args.force_deployable)
     for name, v in block["variants"].items():
         s = v["summary"]
         print(f"{name:<40} top-1 agreement {s['top1_agreement']:.2%}  max|dp| {s['max_abs_delta_p']:.4f}  "
@@ -183,10 +183,11 @@ def _cmd_quantize(args) -> int:
           f"{block['evaluated_on']})")
     if not block["deployable"]:
         print(f"armscope quantize: NOT deployable: {'; '.join(block['gate']['failed'])} "
-              "(manifest quantization.deployable false; --force marks it deployable anyway)", file=sys.stderr)
+              "(manifest quantization.deployable false; --force-deployable marks it deployable anyway)", file=sys.stderr)
         return 3
     if block["forced"]:
-        print("deployable: forced with --force despite: " + "; ".join(block["gate"]["failed"]), file=sys.stderr)
+        print("deployable: forced with --force-deployable despite: " + "; ".join(block["gate"]["failed"]),
+              file=sys.stderr)
     return 0
 
 
@@ -310,8 +311,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tool", default="ort", choices=["ort", "modelopt"])
     p.add_argument("--op-types", help="ops to quantize (default Conv,MatMul,Gemm)")
     p.add_argument("--per-tensor", action="store_true", help="per-tensor instead of per-channel weight scales")
-    p.add_argument("--force", action="store_true",
-                   help="replace an existing bundle and mark it deployable even if the gate fails (recorded)")
+    p.add_argument("--force", action="store_true", help="replace an existing bundle directory")
+    p.add_argument("--force-deployable", action="store_true",
+                   help="mark the bundle deployable even if it fails the accuracy gate (recorded as forced)")
     p.set_defaults(func=_cmd_quantize)
 
     p = sub.add_parser("build", help="TensorRT engines for a bundle on this GPU (prepares FP16/Q-DQ ONNX without one)")

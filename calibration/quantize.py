@@ -22,7 +22,7 @@ Deployability: the bundle is marked ``quantization.deployable: true`` only if,
 on a hold-out set (``--holdout``, disjoint from the calibration sources), top-1
 agreement with FP32 is >= 99% and no decision flips from positive to negative
 at the clinical threshold. Otherwise it is written with ``deployable: false``
-and the reasons, unless ``--force`` (recorded as ``forced: true``).
+and the reasons, unless ``--force-deployable`` (recorded as ``forced: true``).
 """
 from __future__ import annotations
 
@@ -83,6 +83,28 @@ def preprocess_member(src: Path, dst: Path) -> dict:
     return info
 
 
+# Entropy calibration as TensorRT's IInt8EntropyCalibrator2 does it: a 2048-bin
+# histogram, the KL-optimal threshold over 128 quantized bins. quantize_static
+# passes no bin counts to its calibrator, whose defaults (128 bins, 128
+# quantized bins) leave a single candidate threshold, the full range, i.e.
+# MinMax; so the ranges are computed here and handed over as a calibration cache.
+ENTROPY_BINS = 2048
+ENTROPY_QUANTIZED_BINS = 128
+
+
+def _entropy_ranges(pre: Path, images: np.ndarray, op_types: list[str], cache: Path) -> None:
+    from onnxruntime.quantization import CalibrationMethod
+    from onnxruntime.quantization.calibrate import create_calibrator, save_tensors_data
+
+    with tempfile.TemporaryDirectory(prefix=".calib.", dir=cache.parent) as tmp:
+        calibrator = create_calibrator(pre, list(op_types), augmented_model_path=str(Path(tmp) / "augmented.onnx"),
+                                       calibrate_method=CalibrationMethod.Entropy,
+                                       extra_options={"symmetric": True, "num_bins": ENTROPY_BINS,
+                                                      "num_quantized_bins": ENTROPY_QUANTIZED_BINS})
+        calibrator.collect_data(_Reader(images))
+        save_tensors_data(calibrator.compute_data(), cache)
+
+
 def _quantize_ort(pre: Path, dst: Path, images: np.ndarray, method: str, exclude: list[str],
                   op_types: list[str], per_channel: bool) -> None:
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
@@ -98,10 +120,23 @@ def _quantize_ort(pre: Path, dst: Path, images: np.ndarray, method: str, exclude
     }
     if method == "percentile":
         extra["CalibPercentile"] = 99.999
+    cache = None
+    if method == "entropy":
+        import inspect
+
+        if "calibration_cache_path" not in inspect.signature(quantize_static).parameters:
+            raise ArmscopeError("--method entropy needs onnxruntime with quantize_static(calibration_cache_path=...) "
+                                "(1.32 or newer); use --method minmax or percentile, or upgrade onnxruntime")
+        cache = dst.with_suffix(".ranges.json")
+        cache.unlink(missing_ok=True)
+        _entropy_ranges(pre, images, op_types, cache)
     quantize_static(str(pre), str(dst), _Reader(images), quant_format=QuantFormat.QDQ,
                     op_types_to_quantize=list(op_types), per_channel=per_channel,
                     activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
-                    nodes_to_exclude=list(exclude), calibrate_method=calibrate, extra_options=extra)
+                    nodes_to_exclude=list(exclude), calibrate_method=calibrate, extra_options=extra,
+                    calibration_cache_path=cache)
+    if cache is not None:
+        cache.unlink()
 
 
 def _quantize_modelopt(pre: Path, dst: Path, images: np.ndarray, method: str, exclude: list[str],

@@ -6,6 +6,11 @@
   224x224 tile repeated with random 90-degree rotations, flips and slight stain
   jitter, in class folders 'tumour' (TUM) and 'other' (the 8 other tissue classes).
   Not committed; scripts/build_demo_bundle.sh rebuilds it.
+- Hold-out set (``--holdout DIR``): the same kind of mosaics with another seed,
+  in class folders, for ``armscope quantize --holdout`` / ``armscope accuracy``
+  (labels come from the folder names, so AUC is reported). Its tiles come from
+  NCT-CRC-HE-100K's 86 slides, none of them CMU-1, so it is disjoint from a
+  calibration set cut from the CMU-1 field.
 
 The demo model is a pipeline demonstration, not a diagnostic model.
 """
@@ -51,7 +56,7 @@ def mosaic(tile: np.ndarray, rng: np.random.Generator, size: int = 1024) -> np.n
     return np.clip(image, 0, 255).astype(np.uint8)
 
 
-def make_training_set(out: Path, per_other: int, per_tumour: int, seed: int = 0) -> None:
+def make_training_set(out: Path, per_other: int, per_tumour: int, seed: int = 0, ext: str = "png") -> None:
     rng = np.random.default_rng(seed)
     for tile_path in sorted((HE / "nct-crc-he-100k").glob("*/*.tif")):
         label = "tumour" if tile_path.parent.name == "TUM" else "other"
@@ -59,13 +64,14 @@ def make_training_set(out: Path, per_other: int, per_tumour: int, seed: int = 0)
         (out / label).mkdir(parents=True, exist_ok=True)
         tile = cv2.imread(str(tile_path))
         for j in range(count):
-            cv2.imwrite(str(out / label / f"{tile_path.parent.name}_{j}.png"), mosaic(tile, rng))
+            cv2.imwrite(str(out / label / f"{tile_path.parent.name}_{j}.{ext}"), mosaic(tile, rng))
 
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--frames", type=Path, default=REPO / "samples" / "frames")
     parser.add_argument("--train", type=Path, help="write the training set here")
+    parser.add_argument("--holdout", type=Path, help="write the labelled hold-out mosaics here")
     parser.add_argument("--per-other", type=int, default=3)
     parser.add_argument("--per-tumour", type=int, default=16)
     args = parser.parse_args()
@@ -74,3 +80,6 @@ if __name__ == "__main__":
     if args.train:
         make_training_set(args.train, args.per_other, args.per_tumour)
         print(f"training set in {args.train}")
+    if args.holdout:
+        make_training_set(args.holdout, 2, 8, seed=1, ext="jpg")
+        print(f"hold-out set in {args.holdout}")

@@ -180,3 +180,43 @@ def test_classify_refuses_a_bundle_that_failed_its_gate(int8_auto, frame_paths, 
     manifest["quantization"]["deployable"] = True
     (copy / "manifest.json").write_text(json.dumps(manifest))
     assert main(["classify", "--bundle", str(copy), str(frame_paths[0])]) == 0
+
+
+def test_entropy_calibration_clips_outliers_unlike_minmax(tmp_path):
+    """--method entropy must pick KL-optimal thresholds (2048-bin histogram, as
+    TensorRT's entropy calibrator), not silently fall back to the full range:
+    onnxruntime's quantize_static alone uses 128 bins and 128 quantized bins,
+    which leaves the full range as the only candidate."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    from onnxruntime.quantization import CalibrationMethod
+    from onnxruntime.quantization.calibrate import create_calibrator, load_tensors_data
+
+    from calibration.quantize import _entropy_ranges, _Reader
+
+    rng = np.random.default_rng(0)
+    w1 = numpy_helper.from_array(rng.normal(0, 0.3, (8, 3, 3, 3)).astype(np.float32), "w1")
+    w2 = numpy_helper.from_array(rng.normal(0, 0.3, (4, 8, 1, 1)).astype(np.float32), "w2")
+    graph = helper.make_graph(
+        [helper.make_node("Conv", ["image", "w1"], ["c1"], name="conv1", pads=[1, 1, 1, 1]),
+         helper.make_node("Relu", ["c1"], ["r1"], name="relu1"),
+         helper.make_node("Conv", ["r1", "w2"], ["out"], name="conv2")],
+        "toy", [helper.make_tensor_value_info("image", TensorProto.FLOAT, [1, 3, 16, 16])],
+        [helper.make_tensor_value_info("out", TensorProto.FLOAT, [1, 4, 16, 16])], [w1, w2])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    path = tmp_path / "toy.onnx"
+    onnx.save(model, path)
+    images = rng.normal(0, 1, (8, 3, 16, 16)).astype(np.float32)
+    images[0, 0, 0, 0] = 40.0  # one outlier pixel
+
+    cache = tmp_path / "ranges.json"
+    _entropy_ranges(path, images, ["Conv"], cache)
+    entropy = load_tensors_data(cache)
+    minmax = create_calibrator(path, ["Conv"], augmented_model_path=str(tmp_path / "aug.onnx"),
+                               calibrate_method=CalibrationMethod.MinMax, extra_options={"symmetric": True})
+    minmax.collect_data(_Reader(images))
+    full_hi = float(np.max(np.abs(minmax.compute_data()["image"].range_value)))
+    ent_hi = float(np.max(np.abs(entropy["image"].range_value)))
+    assert entropy.calibration_method == CalibrationMethod.Entropy
+    assert full_hi >= 39.0
+    assert ent_hi < 0.5 * full_hi, (ent_hi, full_hi)
