@@ -205,14 +205,23 @@ def _cmd_build(args) -> int:
 def _cmd_accuracy(args) -> int:
     from calibration.accuracy import accuracy_report
 
-    report = accuracy_report(Path(args.bundle), Path(args.candidate), [Path(p) for p in args.images],
-                             Path(args.out), labels_csv=Path(args.labels) if args.labels else None,
-                             force=args.force, threads=args.threads)
+    report = accuracy_report(Path(args.bundle), Path(args.candidate) if args.candidate else None,
+                             [Path(p) for p in args.images], Path(args.out),
+                             labels_csv=Path(args.labels) if args.labels else None, force=args.force,
+                             threads=args.threads, backend=args.backend, cpu_precision=args.cpu_precision,
+                             exact_qdq=args.exact_qdq)
     s = report["summary"]
     print(f"{s['n_images']} images: top-1 agreement {s['top1_agreement']:.2%}, max|dp| {s['max_abs_delta_p']:.4f}, "
           f"mean|dp| {s['mean_abs_delta_p']:.5f}, flips {s['decision_flips']} "
           f"({s['positive_to_negative_flips']} positive->negative), CAM r {s['cam_pearson_mean']:.4f}, "
           f"focus IoU {s['cam_iou_mean']:.3f}")
+    if report["candidate"]["precision"] == "int8" and not args.exact_qdq and args.backend != "tensorrt":
+        from edge.backends.cpu_features import int8_exact
+
+        exact, why = int8_exact()
+        if not exact:
+            print(f"note: measured with this CPU's INT8 kernels, which are inexact here ({why}); "
+                  "--exact-qdq measures the bundle itself", file=sys.stderr)
     print(f"report in {Path(args.out) / 'report.md'}"
           + ("" if not report["gate_reasons"] else f" (gate fails: {'; '.join(report['gate_reasons'])})"))
     return 0
@@ -332,7 +341,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("accuracy", help="report: reduced-precision bundle vs its FP32 bundle on real images")
     p.add_argument("--bundle", required=True, help="the FP32 reference bundle")
-    p.add_argument("--candidate", required=True, help="the INT8/FP16 bundle")
+    p.add_argument("--candidate", help="the INT8/FP16 bundle (default: --bundle itself, on --backend)")
+    p.add_argument("--backend", default="onnxruntime", choices=[b for b in BACKENDS if b != "auto"],
+                   help="run the candidate on this backend (what will be deployed); the reference runs on "
+                        "onnxruntime FP32")
+    p.add_argument("--cpu-precision", default="f32", choices=list(CPU_PRECISIONS),
+                   help="openvino inference precision for the candidate, e.g. bf16")
+    p.add_argument("--exact-qdq", action="store_true",
+                   help="onnxruntime: compute the candidate's Q/DQ exactly (as TensorRT and VNNI/AMX CPUs do), "
+                        "not with this CPU's INT8 kernels")
     p.add_argument("--images", required=True, nargs="+", help="camera images or directories")
     p.add_argument("--labels", help="CSV image,label (AUC)")
     p.add_argument("--out", required=True, help="report directory to create")

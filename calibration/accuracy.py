@@ -98,14 +98,17 @@ def load_eval_set(inputs: list[Path], spec: Preprocessing, classes: list[str],
 
 # --------------------------------------------------------------------------- running
 
-def run_graph(path: Path, images: np.ndarray, threads: int | None = None, batch: int = 4) -> dict[str, np.ndarray]:
-    """The three outputs of one ensemble graph on ONNX Runtime (CPU), in small batches."""
+def run_graph(path: Path, images: np.ndarray, threads: int | None = None, batch: int = 4,
+              exact_qdq: bool = False) -> dict[str, np.ndarray]:
+    """The three outputs of one ensemble graph on ONNX Runtime (CPU), in small batches.
+    ``exact_qdq``: Q/DQ computed exactly, not by this CPU's INT8 kernels
+    (``edge.backends.cpu_features``)."""
     from edge.backends.base import OUTPUTS
     from edge.backends.onnxruntime_backend import open_session
 
     import os
 
-    session = open_session(path, threads or os.cpu_count() or 1)
+    session = open_session(path, threads or os.cpu_count() or 1, exact_qdq=exact_qdq)
     parts = [session.run(list(OUTPUTS), {"image": np.ascontiguousarray(images[i : i + batch], np.float32)})
              for i in range(0, len(images), batch)]
     return {name: np.concatenate([p[k] for p in parts]) for k, name in enumerate(OUTPUTS)}
@@ -113,6 +116,22 @@ def run_graph(path: Path, images: np.ndarray, threads: int | None = None, batch:
 
 def run_bundle(bundle: Bundle, images: np.ndarray, **kw) -> dict[str, np.ndarray]:
     return run_graph(bundle.ensemble_path, images, **kw)
+
+
+def run_backend(bundle: Bundle, images: np.ndarray, backend: str, cpu_precision: str = "f32",
+                threads: int | None = None, batch: int = 4) -> dict[str, np.ndarray]:
+    """The bundle through a deployable backend (``edge.backends``), so what is
+    measured is what will run: e.g. an INT8 bundle on OpenVINO, or the FP32
+    bundle with OpenVINO's BF16 inference precision."""
+    from edge.backends import open_backend
+
+    # measured as it runs, even where INT8 is inexact (the report shows the damage)
+    options = {"layout": "merged", "cpu_precision": cpu_precision, "allow_inexact_int8": backend != "tensorrt"}
+    if threads:
+        options["threads"] = threads
+    with open_backend(bundle, backend, **options) as runner:
+        parts = [runner.infer(images[i : i + batch]) for i in range(0, len(images), batch)]
+    return {name: np.concatenate([p[name] for p in parts]) for name in parts[0]}
 
 
 # --------------------------------------------------------------------------- metrics
@@ -314,7 +333,10 @@ def render_markdown(report: dict) -> str:
         f"# Accuracy: {cand['name']} ({cand['precision']}) vs {ref['name']} ({ref['precision']})",
         "",
         f"- reference: `{ref['path']}`",
-        f"- candidate: `{cand['path']}`",
+        f"- candidate: `{cand['path']}` on {cand['runtime']['backend']}"
+        + (f" (inference precision {cand['runtime']['cpu_precision']})" if "cpu_precision" in cand["runtime"] else "")
+        + (" (exact Q/DQ: graph optimisations off)" if cand["runtime"].get("exact_qdq") else "")
+        + "; reference on onnxruntime FP32",
         f"- images: {s['n_images']} ({report['images_from']}), preprocessing as the daemon "
         f"(`armscope.preprocess.preprocess_frame`)",
         f"- deployability gate (top-1 agreement >= {MIN_AGREEMENT:.0%}, no positive->negative flip): "
@@ -363,9 +385,16 @@ def render_markdown(report: dict) -> str:
     return "\n".join(lines)
 
 
-def accuracy_report(reference: Path, candidate: Path, images: list[Path], out_dir: Path,
-                    labels_csv: Path | None = None, force: bool = False, threads: int | None = None) -> dict:
-    ref_bundle, cand_bundle = load_bundle(reference), load_bundle(candidate)
+def accuracy_report(reference: Path, candidate: Path | None, images: list[Path], out_dir: Path,
+                    labels_csv: Path | None = None, force: bool = False, threads: int | None = None,
+                    backend: str = "onnxruntime", cpu_precision: str = "f32", exact_qdq: bool = False) -> dict:
+    """The candidate bundle (default: the reference itself) run on ``backend``
+    with ``cpu_precision`` (OpenVINO), against the reference bundle on ONNX Runtime FP32."""
+    ref_bundle = load_bundle(reference)
+    cand_bundle = ref_bundle if candidate is None else load_bundle(candidate)
+    if candidate is None and backend == "onnxruntime":
+        raise ArmscopeError("--candidate: give a reduced-precision bundle, or a --backend/--cpu-precision to "
+                            "compare the reference bundle on")
     if ref_bundle.classes != cand_bundle.classes:
         raise ArmscopeError(f"{cand_bundle.root}: field task.classes {cand_bundle.classes} differ from the "
                             f"reference's {ref_bundle.classes}")
@@ -373,13 +402,19 @@ def accuracy_report(reference: Path, candidate: Path, images: list[Path], out_di
         raise ArmscopeError(f"{cand_bundle.root}: field preprocessing differs from the reference's")
     paths, batch, labels = load_eval_set(images, ref_bundle.preprocessing, ref_bundle.classes, labels_csv)
     ref_out = run_bundle(ref_bundle, batch, threads=threads)
-    cand_out = run_bundle(cand_bundle, batch, threads=threads)
+    if backend == "onnxruntime":
+        cand_out = run_bundle(cand_bundle, batch, threads=threads, exact_qdq=exact_qdq)
+    else:
+        cand_out = run_backend(cand_bundle, batch, backend, cpu_precision, threads=threads)
     result = compare_outputs(ref_out, cand_out, ref_bundle.task, [str(p) for p in paths], labels)
     report = {
         "reference": {"path": str(ref_bundle.root), "name": ref_bundle.manifest["name"],
                       "precision": ref_bundle.manifest["precision"]},
         "candidate": {"path": str(cand_bundle.root), "name": cand_bundle.manifest["name"],
                       "precision": cand_bundle.manifest["precision"],
+                      "runtime": {"backend": backend,
+                                  **({"cpu_precision": cpu_precision} if backend == "openvino" else {}),
+                                  **({"exact_qdq": True} if exact_qdq and backend == "onnxruntime" else {})},
                       "quantization": cand_bundle.manifest.get("quantization")},
         "images_from": ", ".join(map(str, images)),
         **result,

@@ -69,3 +69,17 @@ def test_classify_cli_with_openvino(tmp_path, frame_paths):
     assert proc.returncode == 0, proc.stderr
     report = json.loads(out.read_text())
     assert len(report["images"]) == 2 and "slide" in report
+
+
+def test_accuracy_report_runs_the_candidate_on_openvino(tmp_path, frame_paths):
+    """``armscope accuracy --backend openvino`` measures what will run: the same FP32 bundle on
+    OpenVINO agrees with ONNX Runtime FP32 on real frames, and the report says which runtime ran."""
+    from calibration.accuracy import accuracy_report
+
+    report = accuracy_report(DEMO, None, frame_paths, tmp_path / "rep", backend="openvino")
+    s = report["summary"]
+    assert s["n_images"] == len(frame_paths) and s["top1_agreement"] == 1.0 and s["max_abs_delta_p"] < 1e-4
+    assert report["candidate"]["runtime"] == {"backend": "openvino", "cpu_precision": "f32"}
+    assert "on openvino (inference precision f32)" in (tmp_path / "rep" / "report.md").read_text()
+    with pytest.raises(ArmscopeError, match="--candidate"):
+        accuracy_report(DEMO, None, frame_paths, tmp_path / "rep2")

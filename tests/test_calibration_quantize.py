@@ -179,7 +179,34 @@ def test_classify_refuses_a_bundle_that_failed_its_gate(int8_auto, frame_paths, 
     assert "field quantization.deployable is false" in capsys.readouterr().err
     manifest["quantization"]["deployable"] = True
     (copy / "manifest.json").write_text(json.dumps(manifest))
-    assert main(["classify", "--bundle", str(copy), str(frame_paths[0])]) == 0
+    from edge.backends.cpu_features import int8_exact
+
+    if int8_exact()[0]:
+        assert main(["classify", "--bundle", str(copy), str(frame_paths[0])]) == 0
+    else:  # this CPU's INT8 kernels saturate: a deployable INT8 bundle is still refused here
+        assert main(["classify", "--bundle", str(copy), str(frame_paths[0])]) == 2
+        assert "cannot run exactly on this CPU" in capsys.readouterr().err
+
+
+def test_int8_exactness_by_cpu():
+    from edge.backends.cpu_features import cpu_flags, int8_exact
+
+    assert int8_exact("x86_64", {"avx2", "fma"})[0] is False
+    assert int8_exact("x86_64", {"avx2", "avx512f", "avx512_vnni"})[0] is True
+    assert int8_exact("x86_64", {"avx2", "avx_vnni"})[0] is True
+    assert int8_exact("x86_64", {"amx_int8", "amx_tile"})[0] is True
+    assert int8_exact("aarch64", set())[0] is True
+    assert cpu_flags("processor\t: 0\nflags\t\t: fpu avx2 avx512_vnni\n") == {"fpu", "avx2", "avx512_vnni"}
+
+
+def test_quantize_gates_the_exact_qdq_graph_and_records_this_cpu(int8_auto):
+    """The gate judges the Q/DQ graph (exact arithmetic, as TensorRT and VNNI CPUs);
+    this CPU's own INT8 kernels are measured as well and recorded."""
+    q = load_bundle(int8_auto[0]).manifest["quantization"]
+    assert q["evaluation"].startswith("exact Q/DQ")
+    here = q["this_cpu"]
+    assert isinstance(here["int8_exact"], bool) and here["why"]
+    assert 0 <= here["onnxruntime_int8_kernels"]["top1_agreement"] <= 1
 
 
 def test_entropy_calibration_clips_outliers_unlike_minmax(tmp_path):

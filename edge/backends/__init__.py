@@ -52,6 +52,7 @@ def open_backend(bundle: Bundle, kind: str = "auto", **options) -> InferenceBack
         else:
             log.info("backend: onnxruntime on the CPU (%s)", reason)
     cpu_precision = options.pop("cpu_precision", None) or "f32"
+    allow_inexact_int8 = options.pop("allow_inexact_int8", False)  # measurements only (accuracy, bench)
     if kind == "tensorrt":
         from edge.backends.tensorrt_backend import TensorRTBackend
 
@@ -61,7 +62,7 @@ def open_backend(bundle: Bundle, kind: str = "auto", **options) -> InferenceBack
     if kind == "openvino":
         from edge.backends.openvino_backend import OpenVinoBackend
 
-        return OpenVinoBackend(bundle, precision=cpu_precision, **options)
+        return OpenVinoBackend(bundle, precision=cpu_precision, allow_inexact_int8=allow_inexact_int8, **options)
     from edge.backends.onnxruntime_backend import OnnxRuntimeBackend
 
-    return OnnxRuntimeBackend(bundle, **options)
+    return OnnxRuntimeBackend(bundle, allow_inexact_int8=allow_inexact_int8, **options)

@@ -15,26 +15,31 @@ import numpy as np
 from armscope.bundle import Bundle
 from armscope.errors import ArmscopeError
 from edge.backends.base import OUTPUTS, InferenceBackend
+from edge.backends.cpu_features import require_exact_int8
 
 LAYOUTS = ("merged", "members")
 
 
-def session_options(threads: int):
+def session_options(threads: int, exact_qdq: bool = False):
+    """``exact_qdq``: no graph optimisation, so Q/DQ pairs run as float arithmetic on
+    integer values (the exact Q/DQ semantics TensorRT implements) instead of being
+    fused into this CPU's INT8 kernels (see ``cpu_features``)."""
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    opts.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_DISABLE_ALL if exact_qdq
+                                     else ort.GraphOptimizationLevel.ORT_ENABLE_ALL)
     opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     opts.intra_op_num_threads = max(1, threads)
     opts.inter_op_num_threads = 1
     return opts
 
 
-def open_session(path, threads: int):
+def open_session(path, threads: int, exact_qdq: bool = False):
     import onnxruntime as ort
 
     try:
-        return ort.InferenceSession(str(path), sess_options=session_options(threads),
+        return ort.InferenceSession(str(path), sess_options=session_options(threads, exact_qdq),
                                     providers=["CPUExecutionProvider"])
     except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph types
         raise ArmscopeError(f"{path}: ONNX Runtime could not load it ({str(exc)[:300]})") from None
@@ -43,9 +48,11 @@ def open_session(path, threads: int):
 class OnnxRuntimeBackend(InferenceBackend):
     name = "onnxruntime"
 
-    def __init__(self, bundle: Bundle, layout: str = "members", threads: int | None = None):
+    def __init__(self, bundle: Bundle, layout: str = "members", threads: int | None = None,
+                 allow_inexact_int8: bool = False):
         if layout not in LAYOUTS:
             raise ArmscopeError(f"onnxruntime layout {layout!r}: expected one of {', '.join(LAYOUTS)}")
+        require_exact_int8(bundle, "onnxruntime", allow_inexact_int8)
         self.bundle = bundle
         self.layout = layout
         self.threads = threads or os.cpu_count() or 1

@@ -4,7 +4,8 @@ Why a second CPU runtime: OpenVINO's CPU plugin (oneDNN) is the strongest
 peer for DenseNet-style convolution stacks on x86, and it is the only one of
 the two that runs BF16 on CPUs that have it (AVX512-BF16 or AMX). It reads the
 bundle's ONNX graphs directly (FP32, FP16, and the INT8 Q/DQ graphs that
-``armscope quantize`` writes, which it runs as INT8), so no extra export step
+``armscope quantize`` writes, which it runs as INT8 where that is exact, see
+``cpu_features``), so no extra export step
 exists and the manifest's sha256 checks still cover what runs.
 
 Precision is OpenVINO's ``INFERENCE_PRECISION_HINT``: ``f32``, ``bf16``, or
@@ -24,6 +25,7 @@ import numpy as np
 from armscope.bundle import Bundle
 from armscope.errors import ArmscopeError, require_module
 from edge.backends.base import OUTPUTS, InferenceBackend
+from edge.backends.cpu_features import require_exact_int8
 
 LAYOUTS = ("merged", "members")
 PRECISIONS = ("f32", "bf16", "auto")
@@ -40,11 +42,12 @@ class OpenVinoBackend(InferenceBackend):
     name = "openvino"
 
     def __init__(self, bundle: Bundle, layout: str = "members", threads: int | None = None,
-                 precision: str = "f32"):
+                 precision: str = "f32", allow_inexact_int8: bool = False):
         if layout not in LAYOUTS:
             raise ArmscopeError(f"openvino layout {layout!r}: expected one of {', '.join(LAYOUTS)}")
         if precision not in PRECISIONS:
             raise ArmscopeError(f"openvino precision {precision!r}: expected one of {', '.join(PRECISIONS)}")
+        require_exact_int8(bundle, "openvino", allow_inexact_int8)
         ov = require_module("openvino", "openvino", "--backend openvino")
         self.ov = ov
         self.bundle = bundle
