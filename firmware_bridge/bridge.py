@@ -73,7 +73,7 @@ import numpy as np
 
 from armscope import protocol
 
-from .displays import Display
+from .displays import Display, paste_on_black
 from .link import LinkError
 from .registration import Registration
 
@@ -585,10 +585,7 @@ class Bridge:
             matrix = overlay_to_display_matrix(h["region"], (h["width"], h["height"]), self.registration, size)
             rgb, region = render_for_display(ov.rgba, matrix, size)
             if self.display.size is None:  # e.g. png:// without a size: hand it the whole picture
-                x, y, w, h = region
-                full = np.zeros((size[1], size[0], 3), np.uint8)
-                full[y : y + h, x : x + w] = rgb
-                rgb, region = full, None
+                rgb, region = paste_on_black(rgb, region[0], region[1], *size), None
             report = self.display.show(rgb, region=region, deadline=budget)
         except LinkError as exc:
             self.link["errors"] += 1

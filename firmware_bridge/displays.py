@@ -67,6 +67,13 @@ class DisplayURIError(ValueError):
 Region = tuple[int, int, int, int]  # x, y, w, h in display pixels
 
 
+def paste_on_black(image: np.ndarray, x: int, y: int, width: int, height: int) -> np.ndarray:
+    """A black (height, width) canvas with ``image`` at (x, y): what an additive display shows."""
+    canvas = np.zeros((height, width, image.shape[2]), np.uint8)
+    canvas[y : y + image.shape[0], x : x + image.shape[1]] = image
+    return canvas
+
+
 def union(a: Region, b: Region) -> Region:
     """Smallest region holding both."""
     x0, y0 = min(a[0], b[0]), min(a[1], b[1])
@@ -136,10 +143,7 @@ class Display(abc.ABC):
         send = self._align(region if self._lit is None else union(region, self._lit))
         if send == region:
             return image, send
-        canvas = np.zeros((send[3], send[2], image.shape[2]), np.uint8)
-        ox, oy = region[0] - send[0], region[1] - send[1]
-        canvas[oy : oy + region[3], ox : ox + region[2]] = image
-        return canvas, send
+        return paste_on_black(image, region[0] - send[0], region[1] - send[1], send[2], send[3]), send
 
     def _written(self, region: Region | None) -> None:
         self._lit = (0, 0, self.size[0], self.size[1]) if region is None else tuple(int(v) for v in region)
@@ -182,10 +186,7 @@ class PngDisplay(Display):
     def show(self, image: np.ndarray, *, region: Region | None = None, deadline: float | None = None) -> None:
         image = self._check(image, region)
         if region is not None:  # a PNG is the whole display
-            x, y, rw, rh = region
-            canvas = np.zeros((self.size[1], self.size[0], image.shape[2]), np.uint8)
-            canvas[y : y + rh, x : x + rw] = image
-            image = canvas
+            image = paste_on_black(image, region[0], region[1], *self.size)
         h, w = image.shape[:2]
         self._last_size = (w, h)
         if self.fmt is None:
