@@ -5,9 +5,10 @@ to the next zero), which whole-array NumPy can only emulate with several
 passes over index arrays; on a Grad-CAM overlay in RGB565 (hundreds of
 thousands of zero/non-zero transitions in 1.8 MB) that took ~7 ms a frame,
 more than the bridge's whole budget. The loop below runs at about a byte per
-nanosecond. ``cache=True`` keeps the compiled code on disk (next to this file,
-or numba's user cache dir when that is read-only), so only the first start
-pays the compile (about a second).
+nanosecond. The compiled code is cached on disk (next to this file, or numba's
+user cache dir when that is read-only), so only the first start pays the
+compile (about a second); where neither is writable (a hardened service with
+ProtectSystem=strict and ProtectHome), each process compiles once instead.
 
 Output convention (the ``cobs`` package's and ``docs/link-protocol.md``'s):
 a message that ends exactly with a full 0xFF block gets no trailing 0x01 code.
@@ -21,12 +22,19 @@ from numba import uint8, uintp
 __all__ = ["cobs_into", "encode_chunks", "max_encoded_size"]
 
 
+def _compiled(fn):
+    try:
+        return numba.njit(cache=True, nogil=True, boundscheck=False)(fn)
+    except RuntimeError:  # "cannot cache function ...: no locator available": no writable place
+        return numba.njit(cache=False, nogil=True, boundscheck=False)(fn)
+
+
 def max_encoded_size(raw_size: int) -> int:
     """Worst-case COBS size of ``raw_size`` bytes, plus the 0x00 delimiter."""
     return raw_size + raw_size // 254 + 2
 
 
-@numba.njit(cache=True, nogil=True, boundscheck=False)
+@_compiled
 def cobs_into(src, n, out, o):  # pragma: no cover - compiled
     """COBS-encode ``src[:n]`` into ``out[o:]``, append the 0x00 delimiter;
     return the offset after it. ``out`` needs ``max_encoded_size(n)`` bytes."""
@@ -60,7 +68,7 @@ def cobs_into(src, n, out, o):  # pragma: no cover - compiled
     return j + 1
 
 
-@numba.njit(cache=True, nogil=True, boundscheck=False)
+@_compiled
 def encode_chunks(headers, payload, chunk, crcs, out, offsets):  # pragma: no cover - compiled
     """Encode message ``i`` = ``headers[i] + payload[i*chunk:(i+1)*chunk] +
     crcs[i]`` (little-endian) for every row of ``headers``, back to back into

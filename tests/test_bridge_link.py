@@ -184,3 +184,24 @@ def test_worked_example_in_protocol_doc_matches_encoder():
     assert wire.hex(" ") == EXAMPLE_WIRE
     text = DOC.read_text()
     assert EXAMPLE_WIRE.upper() in text.upper().replace("\n", " ")
+
+
+def test_cobs_kernel_compiles_without_a_writable_cache(monkeypatch):
+    """A hardened service (read-only install, no home) has nowhere to cache
+    compiled code: the kernel then compiles per process instead of failing."""
+    import importlib
+
+    from numba.core import caching
+
+    import firmware_bridge.cobs_kernel as kernel
+
+    monkeypatch.setattr(caching.CacheImpl, "_locator_classes", [])  # as if no place were writable
+    try:
+        fresh = importlib.reload(kernel)
+        src = np.frombuffer(b"\x11\x00\x22", np.uint8)
+        out = np.empty(fresh.max_encoded_size(3), np.uint8)
+        end = fresh.cobs_into(src, 3, out, 0)
+        assert bytes(out[: end - 1]) == L.cobs_encode(b"\x11\x00\x22") == b"\x02\x11\x02\x22"
+    finally:
+        monkeypatch.undo()
+        importlib.reload(kernel)
