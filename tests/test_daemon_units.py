@@ -239,3 +239,18 @@ def test_metrics_percentiles_and_prometheus():
     text = prometheus_text(metrics.snapshot({"dropped": 4}))
     assert "armscope_dropped_total{} 4" in text and "armscope_no_tissue_total{} 3" in text
     assert 'armscope_latency_ms{stage="inference",quantile="0.50"} 12.0' in text
+
+
+def test_deploy_edge_toml_names_every_option_and_loads():
+    """deploy/edge.toml is documented as holding every daemon option, commented."""
+    import tomllib
+    from pathlib import Path
+
+    from edge.config import OPTIONS, load_config
+
+    path = Path(__file__).resolve().parents[1] / "deploy" / "edge.toml"
+    keys = set(tomllib.loads(path.read_text()))
+    missing = [o.name for o in OPTIONS if o.name not in keys]
+    assert not missing, f"{path} lacks {missing}"
+    config = load_config(path)
+    assert config.backend == "auto" and config.cpu_precision == "f32"
