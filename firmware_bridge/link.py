@@ -79,6 +79,7 @@ __all__ = [
     "parse_hello_reply",
     "EncodedFrame",
     "encode_frame_chunks",
+    "warm_up",
     "FrameDecoder",
     "ControllerInfo",
     "SendReport",
@@ -367,6 +368,15 @@ class EncodedFrame:
         return self.payload_bytes / max(1, self.wire.size)
 
 
+def warm_up() -> None:
+    """Compile (or load from numba's cache) the COBS kernels now, with the
+    argument types the link uses, so the first frame's delivery deadline is
+    not spent compiling (a second or more on a fresh install)."""
+    cobs_encode(b"\x00\x01")
+    encode_frame_chunks(np.zeros(2, np.uint8), seq0=0, frame_id=0, region=(0, 0, 1, 1),
+                        fmt=PixelFormat.RGB565_LE, max_payload=64)
+
+
 def encode_frame_chunks(
     payload,
     *,
@@ -578,6 +588,7 @@ class LinkSender:
         self._pending: list[Message] = []
         if getattr(port, "timeout", None) != poll_interval:
             port.timeout = poll_interval
+        warm_up()
 
     # -- I/O helpers ------------------------------------------------------
 

@@ -109,6 +109,7 @@ class ControllerCore:
         self._frame_msgs = 0
         self._png_counter = 0
         self._power_on()
+        L.warm_up()  # its replies are COBS-encoded too; compile before the first one is due
 
     # -- state --------------------------------------------------------------
 

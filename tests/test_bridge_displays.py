@@ -191,3 +191,31 @@ def test_framebuffer_partial_update_clears_the_previous_region(tmp_path):
     with pytest.raises(ValueError, match="its region is 9x6"):
         d.show(second, region=(25, 15, 9, 6))
     d.close()
+
+
+def test_first_frame_on_a_cold_numba_cache_meets_its_deadline(tmp_path):
+    """On a fresh install the COBS kernels are not compiled yet; compiling them
+    inside the first frame's delivery deadline made it time out (seen in a fresh
+    CI clone). Both link ends compile when they are created instead."""
+    import os
+    import subprocess
+    import sys
+
+    pytest.importorskip("serial")
+    code = """
+import numpy as np
+from firmware_bridge.displays import open_display
+from firmware_bridge.simulator import ControllerCore, PtyController
+core = ControllerCore(40, 30, "rgb565le")
+with PtyController(core) as sim:
+    d = open_display(f"serial://{sim.slave_path}?baud=115200&deadline=0.5")
+    img = np.random.default_rng(0).integers(0, 256, (30, 40, 4), dtype=np.uint8)
+    report = d.show(img)
+    assert report.chunks >= 1 and core.front.any()
+    d.close()
+print("ok")
+"""
+    env = dict(os.environ, NUMBA_CACHE_DIR=str(tmp_path / "numba-cache"))  # empty: nothing compiled yet
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env,
+                          cwd=str(tmp_path))
+    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-2000:]
