@@ -23,25 +23,29 @@ stale is worse than none.  So every message is
 The byte-level specification is ``docs/link-protocol.md``.
 
 Performance: ``encode_frame_chunks`` builds the chunk headers with NumPy,
-CRCs with ``zlib`` and COBS with one compiled pass (``cobs_kernel``, numba):
-COBS is byte-sequential and whole-array NumPy needed ~7 ms for a 1280x720
-RGB565 frame.  The decoder is a plain loop (the controller side is the
+then compiled passes (``cobs_kernel``, numba) compute each chunk's CRC-32 and
+COBS bytes, split over up to four threads for large frames: COBS is
+byte-sequential, whole-array NumPy needed ~7 ms for a 1280x720 RGB565 frame
+and one core ~3 ms.  The decoder is a plain loop (the controller side is the
 simulator).
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import enum
 import itertools
+import os
 import struct
+import threading
 import time
 import zlib
 from typing import Callable, NamedTuple, Sequence
 
 import numpy as np
 
-from .cobs_kernel import cobs_into, encode_chunks, max_encoded_size
+from .cobs_kernel import CRC_TABLES, cobs_into, encode_chunks, max_encoded_size
 from .pixel_formats import PixelFormat
 
 __all__ = [
@@ -377,6 +381,26 @@ def warm_up() -> None:
                         fmt=PixelFormat.RGB565_LE, max_payload=64)
 
 
+_MIN_CHUNKS_PER_THREAD = 64  # ~260 KB at 4 KB chunks: below that a thread costs more than it saves
+_ENCODER_THREADS = max(1, min(4, os.cpu_count() or 1))
+_pool = None
+_pool_lock = threading.Lock()
+
+
+def _chunk_ranges(k: int) -> list[int]:
+    """Boundaries ``[0, b1, ..., k]`` splitting ``k`` chunks over the threads used."""
+    n = max(1, min(_ENCODER_THREADS, k // _MIN_CHUNKS_PER_THREAD))
+    return [k * t // n for t in range(n + 1)]
+
+
+def _encoder_pool() -> concurrent.futures.ThreadPoolExecutor:
+    global _pool
+    with _pool_lock:
+        if _pool is None:
+            _pool = concurrent.futures.ThreadPoolExecutor(_ENCODER_THREADS - 1, thread_name_prefix="link-encode")
+        return _pool
+
+
 def encode_frame_chunks(
     payload,
     *,
@@ -417,14 +441,29 @@ def encode_frame_chunks(
     hdr["fmt"] = fmt.wire_code
     hb = hdr.view(np.uint8).reshape(k, _CHUNK_HDR.itemsize)
 
-    # CRC-32 over header + data without copying them together; then one
-    # compiled pass writes every chunk's COBS bytes and delimiter.
-    crcs = np.empty(k, dtype=np.uint32)
-    for i in range(k):
-        crcs[i] = zlib.crc32(p[i * c : i * c + int(sizes[i])], zlib.crc32(hb[i]))
-    wire = np.empty(k * max_encoded_size(_PER_CHUNK_RAW + c), dtype=np.uint8)
+    # One compiled pass per range of chunks computes each CRC-32 and writes
+    # the COBS bytes and delimiter. Large frames are split over threads (the
+    # kernel holds no GIL); each range writes into its own slot of ``wire``
+    # and the slots are closed up afterwards.
+    slot = max_encoded_size(_PER_CHUNK_RAW + c)
+    wire = np.empty(k * slot, dtype=np.uint8)
     offsets = np.empty(k + 1, dtype=np.int64)
-    end = encode_chunks(hb, p, c, crcs, wire, offsets)
+    offsets[0] = 0
+    bounds = _chunk_ranges(k)
+    if len(bounds) == 2:
+        end = encode_chunks(hb, p, c, CRC_TABLES, wire, offsets, 0, k, 0)
+    else:
+        pool = _encoder_pool()
+        jobs = [pool.submit(encode_chunks, hb, p, c, CRC_TABLES, wire, offsets, a, b, a * slot)
+                for a, b in zip(bounds[1:-1], bounds[2:])]
+        ends = [encode_chunks(hb, p, c, CRC_TABLES, wire, offsets, 0, bounds[1], 0)]
+        ends += [j.result() for j in jobs]
+        end = ends[0]
+        for a, b, e in zip(bounds[1:-1], bounds[2:], ends[1:]):
+            start = a * slot
+            wire[end : end + e - start] = wire[start:e]
+            offsets[a + 1 : b + 1] -= start - end
+            end += e - start
     wire = wire[:end]
     return EncodedFrame(wire=wire, offsets=offsets, seq0=seq0 & MAX_SEQ, frame_id=frame_id & MAX_SEQ, payload_bytes=n)
 
