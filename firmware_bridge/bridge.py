@@ -652,7 +652,8 @@ class Bridge:
 
     def tick(self, now: float | None = None) -> None:
         """Watchdog: blank when the daemon went silent or the shown overlay expired;
-        retry a failed blank; log the counters every ``stats_interval``."""
+        retry a failed blank; feed the display's own watchdog (``keepalive``);
+        log the counters every ``stats_interval``."""
         now = self.clock() if now is None else now
         if self.displayed == "unknown" and self._blank_retry_reason is not None:
             self.counts["blank_retries"] += 1
@@ -670,6 +671,11 @@ class Bridge:
         if self.pending is not None and now >= self.pending.expiry:
             self.counts["expired_unshown"] += 1
             self.pending = None
+        try:
+            self.display.keepalive()  # the controller's own watchdog blanks if this loop stops
+        except Exception as exc:
+            self.counts["keepalive_failures"] += 1
+            log.warning("bridge: display keepalive failed: %r", exc)
         if self.stats_interval > 0 and now - self._last_stats_log >= self.stats_interval:
             self._last_stats_log = now
             log.info("bridge stats: %s", json.dumps(self.stats(), default=str))

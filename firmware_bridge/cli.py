@@ -116,7 +116,7 @@ def simulate_main(argv: list[str] | None = None) -> int:
         sim.stop()
     s = core.stats
     print(
-        f"simulator stopped: frames={s.frames_shown} blanks={s.blanks} resets={s.resets} acks={s.acks} "
+        f"simulator stopped: frames={s.frames_shown} blanks={s.blanks} watchdog_blanks={s.watchdog_blanks} resets={s.resets} acks={s.acks} "
         f"naks={s.naks} rejected={core.decoder.rejected} bytes_in={s.bytes_in}",
         file=sys.stderr,
     )

@@ -13,10 +13,12 @@ configuration string:
   black frame).  With ``format`` the image goes through that pixel format
   and back, so quantisation/thresholding is visible.
 * ``serial:///dev/ttyUSB0?baud=921600[&width=W&height=H][&format=rgb565le]
-  [&brightness=B&gamma=G&dither=1&deadline=S&ack_timeout=S&window=N&max_payload=N]``
-  drives a display controller over ``link.LinkSender``.  Size and format
-  default to what the controller reports in its HELLO reply; if given they
-  must match it.
+  [&brightness=B&gamma=G&dither=1&deadline=S&ack_timeout=S&window=N&max_payload=N
+  &watchdog=MS]`` drives a display controller over ``link.LinkSender``.  Size
+  and format default to what the controller reports in its HELLO reply; if
+  given they must match it.  ``watchdog`` (default 1000 ms, 0 = off) asks the
+  controller to blank by itself when the link has been silent that long, so
+  the eyepiece goes dark if this process dies; ``keepalive()`` feeds it.
 * ``fb:///dev/fb1[?brightness=B&gamma=G]`` writes a Linux framebuffer via
   mmap; geometry comes from ``<sysfs_root>/fb1/{virtual_size,bits_per_pixel,stride}``
   (``sysfs_root`` is injectable for tests).
@@ -99,6 +101,10 @@ class Display(abc.ABC):
 
     @abc.abstractmethod
     def blank(self) -> None: ...
+
+    def keepalive(self) -> None:
+        """Called every loop by the bridge: outputs with a watchdog on the far
+        side (``serial://``) feed it here; the others need nothing."""
 
     def close(self) -> None:
         pass
@@ -221,6 +227,7 @@ class SerialDisplay(Display):
         ack_timeout: float = 0.25,
         window: int = 8,
         max_payload: int = 4096,
+        watchdog: int = 1000,
         port=None,
     ):
         if port is None:
@@ -228,7 +235,8 @@ class SerialDisplay(Display):
 
             port = serial.Serial(port_path, int(baud), timeout=0.01, write_timeout=max(1.0, deadline))
         self.port = port
-        self.sender = LinkSender(port, deadline=deadline, ack_timeout=ack_timeout, window=window, max_payload=max_payload)
+        self.sender = LinkSender(port, deadline=deadline, ack_timeout=ack_timeout, window=window,
+                                 max_payload=max_payload, watchdog_ms=watchdog)
         info = self.sender.hello()
         want_fmt = PixelFormat.parse(fmt) if fmt is not None else None
         if (width is not None and width != info.width) or (height is not None and height != info.height):
@@ -276,6 +284,12 @@ class SerialDisplay(Display):
         self._lit = (0, 0, self.size[0], self.size[1])
         self.sender.blank()
         self._lit = None
+
+    def keepalive(self) -> None:
+        """Keep the controller's link watchdog (``watchdog`` ms, 0 = off) from
+        blanking a live overlay: a PING when the link has been idle for a
+        quarter of it. If this process dies, the controller blanks by itself."""
+        self.sender.keepalive()
 
     def close(self) -> None:
         try:
@@ -405,7 +419,7 @@ _KEYS = {
     "png": {"width": int, "height": int, "format": str, "dither": bool, **_COMMON},
     "serial": {
         "baud": int, "width": int, "height": int, "format": str, "dither": bool,
-        "deadline": float, "ack_timeout": float, "window": int, "max_payload": int, **_COMMON,
+        "deadline": float, "ack_timeout": float, "window": int, "max_payload": int, "watchdog": int, **_COMMON,
     },
     "fb": dict(_COMMON),
 }

@@ -36,6 +36,7 @@ import concurrent.futures
 import dataclasses
 import enum
 import itertools
+import logging
 import os
 import struct
 import threading
@@ -47,6 +48,8 @@ import numpy as np
 
 from .cobs_kernel import CRC_TABLES, cobs_into, encode_chunks, max_encoded_size
 from .pixel_formats import PixelFormat
+
+log = logging.getLogger(__name__)
 
 __all__ = [
     "PROTOCOL_VERSION",
@@ -97,11 +100,13 @@ CRC_SIZE = 4
 MAX_SEQ = 0xFFFFFFFF
 UNKNOWN_SEQ = 0xFFFFFFFF
 FLAG_LAST = 0x01  # FRAME: last chunk of the frame; present after applying it
+FLAG_WATCHDOG = 0x02  # HELLO_REPLY: the controller armed the link watchdog the HELLO asked for
 
 _HEADER = struct.Struct("<BBBBI")
 _FRAME_BODY = struct.Struct("<IIHHHHBB")
 _ACK = struct.Struct("<BBHII")
-_HELLO = struct.Struct("<I")
+_HELLO = struct.Struct("<I")  # nonce: a HELLO without the watchdog fields
+_HELLO_WATCHDOG = struct.Struct("<IHH")  # nonce, watchdog_ms, reserved
 _HELLO_REPLY = struct.Struct("<IIHHHBB")
 _RESET = struct.Struct("<BBH")
 _BRIGHTNESS = struct.Struct("<B")
@@ -550,6 +555,7 @@ class ControllerInfo:
     pixel_format: PixelFormat
     max_payload: int
     version: int
+    watchdog_ms: int = 0  # the controller blanks after this long without a valid message (0: it will not)
 
 
 @dataclasses.dataclass
@@ -588,6 +594,13 @@ class LinkSender:
     rewinds without progress, or passing the frame ``deadline``, raises
     ``LinkTimeout``.  A controller ``RESET`` or ``NO_SESSION`` NAK triggers a
     new HELLO and a resend of the whole frame (at most ``max_resyncs`` times).
+
+    Link watchdog: with ``watchdog_ms`` > 0 every HELLO asks the controller
+    to blank by itself after that long without a valid message, so a host
+    that dies (killed, crashed, unplugged) cannot leave an overlay in the
+    eyepiece. The host must then call :meth:`keepalive` regularly (the
+    bridge does, every loop); it sends a PING when nothing else was written
+    for a quarter of the period.
     """
 
     def __init__(
@@ -603,10 +616,17 @@ class LinkSender:
         max_resyncs: int = 3,
         poll_interval: float = 0.01,
         first_seq: int = 0,
+        watchdog_ms: int = 0,
         clock: Callable[[], float] = time.monotonic,
     ):
         if window < 1:
             raise ValueError("window must be >= 1")
+        if not 0 <= int(watchdog_ms) <= 0xFFFF:
+            raise ValueError(f"watchdog_ms must be within 0..65535 (0 = off), got {watchdog_ms}")
+        self.watchdog_ms = int(watchdog_ms)
+        self._last_write = float("-inf")
+        self._warned_no_watchdog = False
+        self.keepalives = 0
         self.port = port
         self.max_payload = int(max_payload)
         self.window = int(window)
@@ -636,6 +656,7 @@ class LinkSender:
             n = self.port.write(data)
         except Exception as exc:  # serial.SerialTimeoutException is an OSError subclass
             raise LinkError(f"write to {getattr(self.port, 'port', 'port')} failed: {exc}") from exc
+        self._last_write = self.clock()
         return len(data) if n is None else n
 
     def _poll(self, wait: bool) -> list[Message]:
@@ -683,8 +704,9 @@ class LinkSender:
         while self.clock() < until:
             nonce = next(self._nonce) & MAX_SEQ
             seq = self._next_seq
+            body = _HELLO_WATCHDOG.pack(nonce, self.watchdog_ms, 0) if self.watchdog_ms else _HELLO.pack(nonce)
             # A lone 0x00 first ends any partial frame the controller holds.
-            self._write(b"\x00" + frame_message(Message(MsgType.HELLO, seq, 0, _HELLO.pack(nonce))))
+            self._write(b"\x00" + frame_message(Message(MsgType.HELLO, seq, 0, body)))
 
             def is_reply(m: Message) -> bool:
                 if m.type != MsgType.HELLO_REPLY:
@@ -705,10 +727,28 @@ class LinkSender:
                 fmt = PixelFormat.from_wire(r.pixel_format)
             except ValueError as exc:
                 raise LinkProtocolError(f"controller reports {exc}") from None
-            self.info = ControllerInfo(r.width, r.height, fmt, r.max_payload, r.version)
+            armed = self.watchdog_ms if m.flags & FLAG_WATCHDOG else 0
+            if self.watchdog_ms and not armed and not self._warned_no_watchdog:
+                self._warned_no_watchdog = True
+                log.warning("display controller did not arm the %d ms link watchdog: if this host dies, "
+                            "the eyepiece keeps its last picture until the controller is reset", self.watchdog_ms)
+            self.info = ControllerInfo(r.width, r.height, fmt, r.max_payload, r.version, armed)
             self._reset_pending = False
             return self.info
         raise LinkTimeout("no HELLO_REPLY from the display controller before the deadline")
+
+    def keepalive(self) -> bool:
+        """Feed the controller's link watchdog: send a PING if nothing was
+        written for a quarter of ``watchdog_ms`` (replies are read and dropped
+        so they cannot pile up). Returns whether a PING went out. Raises
+        ``LinkError`` if the port fails."""
+        if not self.watchdog_ms or self.clock() - self._last_write < self.watchdog_ms / 4000.0:
+            return False
+        tag = next(self._tags) & MAX_SEQ
+        self._write(frame_message(Message(MsgType.PING, tag, 0, b"")))
+        self.keepalives += 1
+        self._poll(wait=False)  # PONGs are dropped; a RESET is noted (next frame re-HELLOs)
+        return True
 
     # -- unsequenced requests ---------------------------------------------
 

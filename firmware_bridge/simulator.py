@@ -70,6 +70,7 @@ class ControllerStats:
     bytes_corrupted: int = 0
     replies_dropped: int = 0
     duplicates: int = 0
+    watchdog_blanks: int = 0
 
 
 class ControllerCore:
@@ -88,8 +89,10 @@ class ControllerCore:
         max_payload: int = 4096,
         png_dir: "str | os.PathLike | None" = None,
         faults: FaultPlan | None = None,
+        clock=time.monotonic,
     ):
         self.width, self.height = int(width), int(height)
+        self.clock = clock
         self.fmt = PixelFormat.parse(fmt)
         if self.width <= 0 or self.height <= 0 or self.width > 0xFFFF or self.height > 0xFFFF:
             raise ValueError(f"display size must be within 1..65535, got {width}x{height}")
@@ -115,6 +118,9 @@ class ControllerCore:
 
     def _power_on(self) -> None:
         self.session = False
+        self.watchdog_s = 0.0  # armed by a HELLO that asks for it
+        self.lit = False
+        self.last_valid = self.clock()
         self.expected = 0
         self.in_gap = False
         self.back: np.ndarray | None = None
@@ -134,6 +140,25 @@ class ControllerCore:
 
     def boot_message(self) -> bytes:
         return L.frame_message(L.Message(L.MsgType.RESET, 0, 0, L._RESET.pack(L.ResetCause.POWER_ON, 0, 0)))
+
+    def tick(self, now: float | None = None) -> None:
+        """Link watchdog: blank when armed, something is shown, and no valid
+        message arrived for ``watchdog_s`` (the host died or the cable is out).
+        The session stays; the next frame shows normally."""
+        with self._lock:
+            now = self.clock() if now is None else now
+            if self.watchdog_s and self.lit and now - self.last_valid > self.watchdog_s:
+                self._blank_display()
+                self.stats.watchdog_blanks += 1
+                self._present("watchdog", None)
+
+    def _blank_display(self) -> None:
+        self.front[:] = 0
+        if self.cur_frame is not None:
+            self.aborted_frame = self.cur_frame
+        self.back = None
+        self.cur_frame = None
+        self.lit = False
 
     def shown_rgb(self) -> np.ndarray:
         """What the display currently emits, as (H, W, 3) RGB."""
@@ -177,6 +202,8 @@ class ControllerCore:
             for ev in self.decoder.feed(self._inject(bytes(data))):
                 if self.stats.resets != resets:
                     break  # a reboot loses whatever else was in the receive buffer
+                if isinstance(ev, L.Message):
+                    self.last_valid = self.clock()  # any message that passed COBS and CRC feeds the watchdog
                 if isinstance(ev, L.Rejected):
                     reason = L.NakReason.BAD_VERSION if ev.reason == "version" else L.NakReason.BAD_CRC
                     self.in_gap = True
@@ -212,6 +239,8 @@ class ControllerCore:
             if len(m.body) < 4:
                 return self._nak(m.type, m.seq, L.NakReason.BAD_LENGTH)
             (nonce,) = L._HELLO.unpack_from(m.body, 0)
+            watchdog_ms = L._HELLO_WATCHDOG.unpack_from(m.body, 0)[1] if len(m.body) >= L._HELLO_WATCHDOG.size else 0
+            self.watchdog_s = watchdog_ms / 1000.0
             self.session = True
             self.expected = m.seq
             self.in_gap = False
@@ -220,15 +249,12 @@ class ControllerCore:
             reply = L.HelloReply(
                 nonce, self.expected, self.width, self.height, self.max_payload, self.fmt.wire_code, L.PROTOCOL_VERSION
             )
-            return L.frame_message(L.Message(T.HELLO_REPLY, m.seq, 0, L.pack_hello_reply(reply)))
+            flags = L.FLAG_WATCHDOG if watchdog_ms else 0
+            return L.frame_message(L.Message(T.HELLO_REPLY, m.seq, flags, L.pack_hello_reply(reply)))
         if m.type == T.PING:
             return L.frame_message(L.Message(T.PONG, m.seq, 0, m.body))
         if m.type == T.BLANK:
-            self.front[:] = 0
-            if self.cur_frame is not None:
-                self.aborted_frame = self.cur_frame
-            self.back = None
-            self.cur_frame = None
+            self._blank_display()
             self.stats.blanks += 1
             self._present("blank", None)
             return self._ack(m.type, m.seq)
@@ -279,6 +305,7 @@ class ControllerCore:
             self.front = self.back
             self.back = None
             self.cur_frame = None
+            self.lit = True
             self.stats.frames_shown += 1
             self._present("frame", h.frame_id)
         return self._ack(m.type, m.seq)
@@ -364,6 +391,7 @@ class PtyController:
         done_resets = 0
         try:
             while not self._stop.is_set():
+                self.core.tick()
                 if self._reset_requests > done_resets:
                     done_resets += 1
                     self._out += self.core.reset()

@@ -233,3 +233,83 @@ def test_simulate_cli_serves_a_pty(tmp_path):
         _, err = proc.communicate(timeout=10)
     assert proc.returncode == 0
     assert "frames=1" in err
+
+
+class _Clock:
+    def __init__(self):
+        self.t = 100.0
+
+    def __call__(self):
+        return self.t
+
+
+def _hello(core, watchdog_ms=None, seq=0):
+    body = L._HELLO.pack(7) if watchdog_ms is None else L._HELLO_WATCHDOG.pack(7, watchdog_ms, 0)
+    replies = L.FrameDecoder().feed(core.receive(L.frame_message(L.Message(L.MsgType.HELLO, seq, 0, body))))
+    assert replies[0].type == L.MsgType.HELLO_REPLY
+    return replies[0]
+
+
+def _show(core, seq):
+    data = pf.encode(overlay(4), "rgb565le")
+    enc = L.encode_frame_chunks(data, seq0=seq, frame_id=seq + 1, region=(0, 0, W, H), fmt="rgb565le", max_payload=4096)
+    core.receive(enc.wire.tobytes())
+    assert core.front.any()
+    return L.seq_add(seq, enc.n_chunks)
+
+
+def test_controller_link_watchdog_blanks_after_silence_and_only_when_armed():
+    """docs/link-protocol.md section 'Link watchdog': a HELLO with watchdog_ms
+    arms it (reply flag WATCHDOG); any valid message feeds it; silence longer
+    than the period blanks what is shown; a HELLO without it never blanks."""
+    clock = _Clock()
+    core = ControllerCore(W, H, "rgb565le", clock=clock)
+    reply = _hello(core, 500)
+    assert reply.flags & L.FLAG_WATCHDOG
+    seq = _show(core, 0)
+    clock.t += 0.4
+    core.tick()
+    assert core.front.any()
+    core.receive(L.frame_message(L.Message(L.MsgType.PING, 9, 0, b"")))  # feeds it
+    clock.t += 0.4
+    core.tick()
+    assert core.front.any() and core.stats.watchdog_blanks == 0
+    core.receive(b"\x05garbage\x00")  # fails CRC: does not feed it
+    clock.t += 0.2
+    core.tick()
+    assert not core.front.any() and core.stats.watchdog_blanks == 1 and core.history[-1][0] == "watchdog"
+    clock.t += 5
+    core.tick()
+    assert core.stats.watchdog_blanks == 1  # counted once, nothing lit
+    seq = _show(core, seq)  # the session survives: the next frame shows
+    # an old-style HELLO (nonce only) disarms it
+    reply = _hello(core, None, seq)
+    assert not reply.flags & L.FLAG_WATCHDOG
+    _show(core, seq)
+    clock.t += 60
+    core.tick()
+    assert core.front.any() and core.stats.watchdog_blanks == 1
+
+
+def test_sender_keepalive_holds_the_overlay_and_silence_blanks_it():
+    core = ControllerCore(W, H, "rgb565le")
+    with linked(core, watchdog_ms=300) as (sender, _):
+        assert sender.hello().watchdog_ms == 300
+        sender.send_frame(pf.encode(overlay(5), "rgb565le"))
+        t_end = time.monotonic() + 1.0
+        while time.monotonic() < t_end:  # 3 watchdog periods, fed only by keepalives
+            sender.keepalive()
+            time.sleep(0.02)
+        assert core.front.any() and core.stats.watchdog_blanks == 0 and sender.keepalives >= 3
+        silent_from = time.monotonic()
+        assert wait_until(lambda: core.stats.watchdog_blanks == 1, 2.0)
+        assert time.monotonic() - silent_from >= 0.25 and not core.front.any()
+
+
+def wait_until(pred, timeout):
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if pred():
+            return True
+        time.sleep(0.01)
+    return pred()

@@ -21,7 +21,7 @@ pytest.importorskip("serial")
 from armscope import protocol  # noqa: E402
 from bridge_runtime_support import (  # noqa: E402
     BOX, DISPLAY, REPO, FakeDaemon, assert_close_image, cam_overlay, expected_display, publish_until,
-    read_rgb, registration, running_bridge,
+    read_rgb, registration, running_bridge, wait_for,
 )
 from firmware_bridge.bridge import Bridge  # noqa: E402
 from firmware_bridge.displays import PngDisplay, open_display  # noqa: E402
@@ -213,3 +213,37 @@ def test_cli_bad_arguments_exit_2(tmp_path, capsys):
     # the old subcommands still dispatch
     assert main(["bridge", "simulate", "--pty", "--width", "10", "--height", "10", "--format", "rgb444"]) == 2
     assert "rgb444" in capsys.readouterr().err
+
+
+def test_killed_bridge_process_leaves_the_eyepiece_dark(tmp_path):
+    """SIGKILL gives the bridge no chance to blank on exit: the display
+    controller's link watchdog must. A real ``armscope bridge`` process drives
+    the simulated controller over a pty; while it lives, daemon heartbeats and
+    a still-fresh overlay must keep the picture up (keepalives, no new
+    frames) for several watchdog periods; after kill -9 it goes dark."""
+    save_registration(registration(), tmp_path / "reg.json")
+    core = ControllerCore(DISPLAY[0], DISPLAY[1], "rgb565le")
+    daemon = FakeDaemon(stale_after_ms=4000)
+    with PtyController(core) as sim:
+        cmd = [sys.executable, "-m", "armscope.cli", "bridge", "--connect", daemon.endpoint,
+               "--display", f"serial://{sim.slave_path}?baud=921600&watchdog=400",
+               "--registration", str(tmp_path / "reg.json"), "--stats-interval", "0"]
+        proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            assert publish_until(daemon, lambda: core.stats.frames_shown >= 1, cam_overlay(5), timeout=30), proc.poll()
+            shown = core.stats.frames_shown
+            end = time.monotonic() + 1.3
+            while time.monotonic() < end:
+                daemon.status("running")
+                time.sleep(0.1)
+            assert core.stats.frames_shown == shown and core.stats.watchdog_blanks == 0
+            assert core.shown_rgb().any() and proc.poll() is None
+            proc.kill()
+            killed = time.monotonic()
+            assert wait_for(lambda: core.stats.watchdog_blanks == 1, 3.0)
+            assert time.monotonic() - killed >= 0.3 and not core.shown_rgb().any()
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+            proc.communicate(timeout=10)
+            daemon.close()

@@ -23,14 +23,14 @@ OVERLAY = cam_overlay(0)
 
 
 @contextlib.contextmanager
-def serial_setup(tmp_path, *, stale_ms=1500, faults=None, deadline=1.0):
+def serial_setup(tmp_path, *, stale_ms=1500, faults=None, deadline=1.0, watchdog=1000):
     """Simulated controller on a pty + serial:// display + bridge thread + publisher."""
     core = ControllerCore(DISPLAY[0], DISPLAY[1], "rgb565le", faults=faults, max_payload=4096)
     pty = PtyController(core)
     path = pty.start()
     daemon = FakeDaemon(stale_after_ms=stale_ms)
     try:
-        display = open_display(f"serial://{path}?baud=921600&deadline={deadline}&ack_timeout=0.1")
+        display = open_display(f"serial://{path}?baud=921600&deadline={deadline}&ack_timeout=0.1&watchdog={watchdog}")
         bridge = Bridge(display, connect=daemon.endpoint, registration=registration(), stats_interval=0)
         with running_bridge(bridge):
             yield core, bridge, daemon
@@ -276,7 +276,9 @@ def test_link_that_cannot_deliver_blanks_with_reason_link(tmp_path):
 
 
 def test_dead_link_blank_is_retried_until_it_lands(tmp_path):
-    with serial_setup(tmp_path, deadline=0.5, stale_ms=1500) as (core, bridge, daemon):
+    # A controller without the link watchdog (watchdog=0) keeps its picture
+    # while it hears nothing: then only the bridge's retried blank clears it.
+    with serial_setup(tmp_path, deadline=0.5, stale_ms=1500, watchdog=0) as (core, bridge, daemon):
         assert publish_until(daemon, lambda: bridge.stats()["shown"] >= 1, OVERLAY)
         core.faults = FaultPlan(drop_prob=1.0)  # the controller hears nothing any more
         assert publish_until(daemon, lambda: bridge.stats().get("blank_failures", 0) >= 1, cam_overlay(30),
@@ -291,3 +293,13 @@ def test_dead_link_blank_is_retried_until_it_lands(tmp_path):
         assert wait_for(lambda: bridge.stats()["displayed"] == "blank", 1.0)
         assert bridge.stats()["blank_retries"] >= 1
         assert not core.shown_rgb().any()
+
+
+def test_dead_link_controller_watchdog_blanks_by_itself(tmp_path):
+    """Same dead link with the default 1000 ms link watchdog: the controller
+    goes dark on its own, before the bridge's blank can get through."""
+    with serial_setup(tmp_path, deadline=0.5, stale_ms=3000) as (core, bridge, daemon):
+        assert publish_until(daemon, lambda: bridge.stats()["shown"] >= 1, OVERLAY)
+        core.faults = FaultPlan(drop_prob=1.0)
+        assert wait_for(lambda: core.stats.watchdog_blanks == 1, 3.0)
+        assert core.history[-1][0] == "watchdog" and not core.shown_rgb().any()
