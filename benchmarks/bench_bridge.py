@@ -75,15 +75,17 @@ def daemon_overlay():
     return rgba, overlay_to_display_matrix(region, (size, size), reg, (W, H))
 
 
-@pytest.fixture(scope="module", params=["rgb565le", "mono1"])
+@pytest.fixture(scope="module", params=["rgb565le", "mono1", "mono1-dither"])
 def display(request):
-    """A SerialDisplay on the pty controller simulator, blanked (nothing lit)."""
+    """A SerialDisplay on the pty controller simulator, blanked (nothing lit).
+    ``mono1-dither``: ordered dithering, what 1-bit displays use for heat maps."""
     pytest.importorskip("serial")
     from firmware_bridge.displays import open_display
     from firmware_bridge.simulator import ControllerCore, PtyController
 
-    with PtyController(ControllerCore(W, H, request.param, max_payload=4096)) as sim:
-        d = open_display(f"serial://{sim.slave_path}?baud=921600&deadline=5")
+    fmt, _, dither = request.param.partition("-")
+    with PtyController(ControllerCore(W, H, fmt, max_payload=4096)) as sim:
+        d = open_display(f"serial://{sim.slave_path}?baud=921600&deadline=5&dither={int(bool(dither))}")
         d.blank()
         yield d
         d.close()
@@ -112,15 +114,11 @@ def test_bridge_path(benchmark, which, display, daemon_overlay, overlay):
 
 
 def pipeline(rgba, reg, fmt, **kw):
+    """Whole-display warp + convert + encode (``registration.warp``): the
+    stage rows below and the link-efficiency check use it."""
     shown = warp(rgba, reg, premultiplied_out=True)
     data = pf.encode(shown, fmt, premultiplied=True, **kw)
     return L.encode_frame_chunks(data, seq0=0, frame_id=1, region=(0, 0, W, H), fmt=fmt, max_payload=4096)
-
-
-@pytest.mark.parametrize("fmt,kw", [("mono1", {"dither": True})], ids=["mono1-dither"])
-def test_pipeline(benchmark, overlay, registration, fmt, kw):
-    enc = benchmark(pipeline, overlay, registration, fmt, **kw)
-    assert enc.payload_bytes == pf.PixelFormat.parse(fmt).frame_bytes(W, H)
 
 
 @pytest.fixture(scope="module")
@@ -128,17 +126,26 @@ def registration():
     return Registration(MATRIX, (W, H), 0.0)
 
 
-@pytest.mark.parametrize("stage", ["warp", "encode565", "encode_mono1", "frame565", "frame_mono1"])
-def test_stage(benchmark, overlay, registration, stage):
+@pytest.mark.parametrize("stage", ["warp", "encode565", "encode565_gamma", "encode_mono1", "frame565",
+                                   "frame565_one_thread", "frame_mono1"])
+def test_stage(benchmark, overlay, registration, stage, monkeypatch):
+    """Stages of the fullscreen path. ``encode565_gamma``: with a brightness/
+    gamma LUT (0.8, 2.2), as a display matched to its optics would run;
+    ``frame565_one_thread``: the frame encode without splitting over threads."""
+    if stage == "frame565_one_thread":
+        monkeypatch.setattr(L, "_ENCODER_THREADS", 1)
     shown = warp(overlay, registration, premultiplied_out=True)
     d565 = pf.encode(shown, "rgb565le", premultiplied=True)
     dmono = pf.encode(shown, "mono1", premultiplied=True)
     fn = {
         "warp": lambda: warp(overlay, registration, premultiplied_out=True),
         "encode565": lambda: pf.encode(shown, "rgb565le", premultiplied=True),
+        "encode565_gamma": lambda: pf.encode(shown, "rgb565le", premultiplied=True, brightness=0.8, gamma=2.2),
         "encode_mono1": lambda: pf.encode(shown, "mono1", premultiplied=True),
         "frame565": lambda: L.encode_frame_chunks(d565, seq0=0, frame_id=1, region=(0, 0, W, H),
                                                   fmt="rgb565le", max_payload=4096),
+        "frame565_one_thread": lambda: L.encode_frame_chunks(d565, seq0=0, frame_id=1, region=(0, 0, W, H),
+                                                             fmt="rgb565le", max_payload=4096),
         "frame_mono1": lambda: L.encode_frame_chunks(dmono, seq0=0, frame_id=1, region=(0, 0, W, H),
                                                      fmt="mono1", max_payload=4096),
     }[stage]

@@ -17,9 +17,9 @@ from __future__ import annotations
 
 import numba
 import numpy as np
-from numba import uint8, uint32, uintp
+from numba import uint8, uintp
 
-__all__ = ["CRC_TABLES", "cobs_into", "crc32_into", "encode_chunks", "max_encoded_size"]
+__all__ = ["cobs_into", "encode_chunks", "max_encoded_size"]
 
 
 def _compiled(fn):
@@ -81,59 +81,22 @@ def cobs_into(src, n, out, o):  # pragma: no cover - compiled
     return _cobs_close(out, j, code_pos, code, ff_end)
 
 
-def _crc_tables() -> np.ndarray:
-    """zlib's CRC-32 (reflected 0xEDB88320) as 8 tables for slicing-by-8."""
-    t = np.zeros((8, 256), np.uint32)
-    for i in range(256):
-        c = i
-        for _ in range(8):
-            c = (c >> 1) ^ 0xEDB88320 if c & 1 else c >> 1
-        t[0, i] = c
-    for k in range(1, 8):
-        t[k] = (t[k - 1] >> 8) ^ t[0, t[k - 1] & 0xFF]
-    return t
-
-
-CRC_TABLES = _crc_tables()
-
-
 @_compiled
-def crc32_into(buf, start, stop, crc, tables):  # pragma: no cover - compiled
-    """CRC-32 of ``buf[start:stop]`` continuing from ``crc``, equal to
-    ``zlib.crc32(buf[start:stop], crc)``. Computed here
-    rather than by zlib so that encoding threads need not hold the GIL (zlib
-    keeps it for buffers under 5 KB, i.e. every chunk)."""
-    c = uint32(crc) ^ uint32(0xFFFFFFFF)
-    i = start
-    n = stop
-    while i + 8 <= n:
-        lo = c ^ (uint32(buf[i]) | (uint32(buf[i + 1]) << 8) | (uint32(buf[i + 2]) << 16) | (uint32(buf[i + 3]) << 24))
-        hi = uint32(buf[i + 4]) | (uint32(buf[i + 5]) << 8) | (uint32(buf[i + 6]) << 16) | (uint32(buf[i + 7]) << 24)
-        c = (tables[7, lo & 0xFF] ^ tables[6, (lo >> 8) & 0xFF] ^ tables[5, (lo >> 16) & 0xFF] ^ tables[4, lo >> 24]
-             ^ tables[3, hi & 0xFF] ^ tables[2, (hi >> 8) & 0xFF] ^ tables[1, (hi >> 16) & 0xFF] ^ tables[0, hi >> 24])
-        i += 8
-    while i < n:
-        c = tables[0, (c ^ buf[i]) & 0xFF] ^ (c >> 8)
-        i += 1
-    return c ^ uint32(0xFFFFFFFF)
-
-
-@_compiled
-def encode_chunks(headers, payload, chunk, tables, out, offsets, first, stop, o):  # pragma: no cover - compiled
+def encode_chunks(headers, payload, chunk, crcs, out, offsets, first, stop, o):  # pragma: no cover - compiled
     """Encode messages ``first <= i < stop``, message ``i`` being ``headers[i]
-    + payload[i*chunk:(i+1)*chunk] + CRC-32`` (of both, little-endian), back
-    to back into ``out`` from offset ``o``; ``offsets[i]:offsets[i+1]`` is
-    message ``i`` with its delimiter (``offsets[first]`` is the caller's: the
-    previous range writes it). Returns the offset after the last one. Ranges
-    that do not overlap in ``out`` may run in parallel threads (no GIL held)."""
+    + payload[i*chunk:(i+1)*chunk] + crcs[i]`` (little-endian), back to back
+    into ``out`` from offset ``o``, without copying the parts together;
+    ``offsets[i]:offsets[i+1]`` is message ``i`` with its delimiter
+    (``offsets[first]`` is the caller's: the previous range writes it).
+    Returns the offset after the last one. Ranges that do not overlap in
+    ``out`` may run in parallel threads (no GIL held)."""
     hs = headers.shape[1]
     n = payload.size
     tail = np.empty(4, np.uint8)
     for i in range(first, stop):
         start = i * chunk
         end = min(start + chunk, n)
-        crc = crc32_into(headers[i], 0, hs, uint32(0), tables)
-        crc = crc32_into(payload, start, end, crc, tables)
+        crc = crcs[i]
         for q in range(4):
             tail[q] = (crc >> (8 * q)) & 0xFF
         st = _cobs_feed(headers[i], uintp(0), uintp(hs), out, uintp(o) + uintp(1), uintp(o), uint8(1), False)

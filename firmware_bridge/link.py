@@ -23,10 +23,10 @@ stale is worse than none.  So every message is
 The byte-level specification is ``docs/link-protocol.md``.
 
 Performance: ``encode_frame_chunks`` builds the chunk headers with NumPy,
-then compiled passes (``cobs_kernel``, numba) compute each chunk's CRC-32 and
-COBS bytes, split over up to four threads for large frames: COBS is
-byte-sequential, whole-array NumPy needed ~7 ms for a 1280x720 RGB565 frame
-and one core ~3 ms.  The decoder is a plain loop (the controller side is the
+CRCs with ISA-L (``isal``, zlib's function, 4x faster than zlib here), and
+COBS with compiled passes (``cobs_kernel``, numba), split over up to four
+threads for large frames: COBS is byte-sequential, whole-array NumPy needed
+~7 ms for a 1280x720 RGB565 frame and one core ~2-3 ms.  The decoder is a plain loop (the controller side is the
 simulator).
 """
 
@@ -41,13 +41,17 @@ import os
 import struct
 import threading
 import time
-import zlib
 from typing import Callable, NamedTuple, Sequence
 
 import numpy as np
 
-from .cobs_kernel import CRC_TABLES, cobs_into, encode_chunks, max_encoded_size
+from .cobs_kernel import cobs_into, encode_chunks, max_encoded_size
 from .pixel_formats import PixelFormat
+
+try:  # ISA-L's CRC-32 (the same function as zlib's, 4x faster here); zlib where it is not installed
+    from isal.isal_zlib import crc32 as _crc32
+except ImportError:  # pragma: no cover - depends on the install
+    from zlib import crc32 as _crc32
 
 log = logging.getLogger(__name__)
 
@@ -184,7 +188,7 @@ class LinkProtocolError(LinkError):
 
 def crc32(data) -> int:
     """CRC-32/ISO-HDLC (zlib): poly 0x04C11DB7 reflected, init/xorout 0xFFFFFFFF."""
-    return zlib.crc32(data) & 0xFFFFFFFF
+    return _crc32(data) & 0xFFFFFFFF
 
 
 def seq_add(seq: int, n: int) -> int:
@@ -433,8 +437,6 @@ def encode_frame_chunks(
     if c <= 0:
         raise ValueError(f"max_payload {max_payload} leaves no room for pixel data")
     k = -(-n // c)
-    sizes = np.full(k, c, dtype=np.int64)
-    sizes[-1] = n - c * (k - 1)
     hdr = np.zeros(k, dtype=_CHUNK_HDR)
     hdr["ver"] = PROTOCOL_VERSION
     hdr["type"] = MsgType.FRAME
@@ -446,22 +448,26 @@ def encode_frame_chunks(
     hdr["fmt"] = fmt.wire_code
     hb = hdr.view(np.uint8).reshape(k, _CHUNK_HDR.itemsize)
 
-    # One compiled pass per range of chunks computes each CRC-32 and writes
-    # the COBS bytes and delimiter. Large frames are split over threads (the
-    # kernel holds no GIL); each range writes into its own slot of ``wire``
-    # and the slots are closed up afterwards.
+    # CRC-32 of header + data per chunk (ISA-L when installed: ~0.25 ms for a
+    # 1.8 MB frame against zlib's ~1 ms), then one compiled pass per range of
+    # chunks writes the COBS bytes and delimiters. Large frames are split over
+    # threads (the kernel holds no GIL); each range writes into its own slot
+    # of ``wire`` and the slots are closed up afterwards.
+    mp, mh, hs = memoryview(p), memoryview(hb.reshape(-1)), hb.shape[1]  # memoryview slices are cheapest
+    crcs = np.fromiter((_crc32(mp[i * c : (i + 1) * c], _crc32(mh[i * hs : (i + 1) * hs])) for i in range(k)),
+                       dtype=np.uint32, count=k)
     slot = max_encoded_size(_PER_CHUNK_RAW + c)
     wire = np.empty(k * slot, dtype=np.uint8)
     offsets = np.empty(k + 1, dtype=np.int64)
     offsets[0] = 0
     bounds = _chunk_ranges(k)
     if len(bounds) == 2:
-        end = encode_chunks(hb, p, c, CRC_TABLES, wire, offsets, 0, k, 0)
+        end = encode_chunks(hb, p, c, crcs, wire, offsets, 0, k, 0)
     else:
         pool = _encoder_pool()
-        jobs = [pool.submit(encode_chunks, hb, p, c, CRC_TABLES, wire, offsets, a, b, a * slot)
+        jobs = [pool.submit(encode_chunks, hb, p, c, crcs, wire, offsets, a, b, a * slot)
                 for a, b in zip(bounds[1:-1], bounds[2:])]
-        ends = [encode_chunks(hb, p, c, CRC_TABLES, wire, offsets, 0, bounds[1], 0)]
+        ends = [encode_chunks(hb, p, c, crcs, wire, offsets, 0, bounds[1], 0)]
         ends += [j.result() for j in jobs]
         end = ends[0]
         for a, b, e in zip(bounds[1:-1], bounds[2:], ends[1:]):
