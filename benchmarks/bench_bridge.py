@@ -5,7 +5,7 @@ Run:  python -m pytest benchmarks/bench_bridge.py --benchmark-only
 median <= 5 ms per overlay so the bridge keeps up with the daemon at video
 rates on an edge CPU; link efficiency must be >= 95 % on full frames.
 
-Two overlays, both through the bridge's own code (``render_for_display``,
+Two overlays, both through the bridge's own code (``render_for``,
 ``SerialDisplay.prepare`` on a simulated controller, ``encode_frame_chunks``):
 
 * ``daemon``: what the daemon publishes, a 1024x1024 Grad-CAM heat overlay
@@ -25,7 +25,7 @@ import pytest
 
 from firmware_bridge import link as L
 from firmware_bridge import pixel_formats as pf
-from firmware_bridge.bridge import overlay_to_display_matrix, render_for_display
+from firmware_bridge.bridge import overlay_to_display_matrix, render_for
 from firmware_bridge.registration import Registration, warp
 
 SAMPLES = Path(__file__).resolve().parents[1] / "samples"
@@ -93,8 +93,8 @@ def display(request):
 
 def bridge_path(rgba, matrix, display):
     """Warp + convert + frame encode, as the bridge does it for one overlay."""
-    rgb, region = render_for_display(rgba, matrix, (W, H))
-    data, send = display.prepare(rgb, region)
+    image, region = render_for(display, rgba, matrix, (W, H))
+    data, send = display.prepare(image, region)
     return L.encode_frame_chunks(data, seq0=0, frame_id=1, region=send, fmt=display.fmt, max_payload=4096)
 
 

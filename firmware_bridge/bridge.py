@@ -84,6 +84,7 @@ __all__ = [
     "check_message",
     "overlay_to_display_matrix",
     "overlay_footprint",
+    "render_for",
     "render_for_display",
     "same_host_endpoint",
 ]
@@ -263,10 +264,10 @@ def overlay_footprint(matrix: np.ndarray, overlay_size: tuple[int, int],
     return (x0, y0, x1 - x0, y1 - y0)
 
 
-def render_for_display(rgba: np.ndarray, matrix: np.ndarray,
-                       display_size: tuple[int, int]) -> tuple[np.ndarray, tuple[int, int, int, int]]:
+def render_for_display(rgba: np.ndarray, matrix: np.ndarray, display_size: tuple[int, int], *,
+                       luma: bool = False, align=None) -> tuple[np.ndarray, tuple[int, int, int, int]]:
     """Warp a straight-alpha RGBA overlay to the display and composite it over
-    black: ``(rgb, region)``, the (h, w, 3) RGB the additive display should
+    black: ``(image, region)``, the (h, w, 3) RGB the additive display should
     emit inside ``region`` = (x, y, w, h) before its brightness/gamma and pixel
     packing (done by the ``Display``); everything outside ``region`` is black.
 
@@ -275,17 +276,35 @@ def render_for_display(rgba: np.ndarray, matrix: np.ndarray,
     it must clear (partial update): at 1280x720 RGB565 a full frame is 1.8 MB,
     20 s on a 921600-baud UART. Warped in premultiplied form, as
     ``registration.warp`` does, so colour hidden under alpha 0 never bleeds
-    into visible pixels."""
+    into visible pixels.
+
+    ``align``: the display's ``Display.align``, so the region is already one
+    the display can address (MONO1: whole bytes) and needs no padding copy.
+    ``luma``: for grey displays (``Display.luma_input``), return the (h, w)
+    Rec.601 luma instead of RGB; it is computed before the warp, which is
+    linear, so one channel is warped instead of four (within 1 grey level of
+    warping RGB first)."""
     rgba = np.ascontiguousarray(rgba)
     region = overlay_footprint(matrix, (rgba.shape[1], rgba.shape[0]), display_size)
     if region is None:  # the overlay misses the display entirely: show black
-        return np.zeros((1, 1, 3), np.uint8), (0, 0, 1, 1)
+        region = (0, 0, 1, 1) if align is None else align((0, 0, 1, 1))
+        return np.zeros((region[3], region[2]) if luma else (region[3], region[2], 3), np.uint8), region
+    if align is not None:
+        region = align(region)
     x, y, w, h = region
     shift = np.array([[1.0, 0.0, -x], [0.0, 1.0, -y], [0.0, 0.0, 1.0]])
     premult = cv2.cvtColor(rgba, cv2.COLOR_RGBA2mRGBA)
-    out = cv2.warpPerspective(premult, shift @ matrix, (w, h), flags=cv2.INTER_LINEAR,
+    src = cv2.cvtColor(premult, cv2.COLOR_RGBA2GRAY) if luma else premult
+    out = cv2.warpPerspective(src, shift @ matrix, (w, h), flags=cv2.INTER_LINEAR,
                               borderMode=cv2.BORDER_CONSTANT, borderValue=(0, 0, 0, 0))
-    return cv2.cvtColor(out, cv2.COLOR_RGBA2RGB), region
+    return (out if luma else cv2.cvtColor(out, cv2.COLOR_RGBA2RGB)), region
+
+
+def render_for(display: Display, rgba: np.ndarray, matrix: np.ndarray,
+               display_size: tuple[int, int]) -> tuple[np.ndarray, tuple[int, int, int, int]]:
+    """``render_for_display`` as ``display`` wants it (its alignment, luma for
+    grey displays): what the bridge does for every overlay."""
+    return render_for_display(rgba, matrix, display_size, luma=display.luma_input, align=display.align)
 
 
 def same_host_endpoint(endpoint: str) -> bool:
@@ -583,7 +602,7 @@ class Bridge:
             h = ov.msg.header
             size = self._display_size(ov)
             matrix = overlay_to_display_matrix(h["region"], (h["width"], h["height"]), self.registration, size)
-            rgb, region = render_for_display(ov.rgba, matrix, size)
+            rgb, region = render_for(self.display, ov.rgba, matrix, size)
             if self.display.size is None:  # e.g. png:// without a size: hand it the whole picture
                 rgb, region = paste_on_black(rgb, region[0], region[1], *size), None
             report = self.display.show(rgb, region=region, deadline=budget)

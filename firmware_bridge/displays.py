@@ -71,7 +71,7 @@ Region = tuple[int, int, int, int]  # x, y, w, h in display pixels
 
 def paste_on_black(image: np.ndarray, x: int, y: int, width: int, height: int) -> np.ndarray:
     """A black (height, width) canvas with ``image`` at (x, y): what an additive display shows."""
-    canvas = np.zeros((height, width, image.shape[2]), np.uint8)
+    canvas = np.zeros((height, width) + image.shape[2:], np.uint8)
     canvas[y : y + image.shape[0], x : x + image.shape[1]] = image
     return canvas
 
@@ -90,6 +90,9 @@ class Display(abc.ABC):
     # Where the display may be showing something other than black: None =
     # all black, the whole display when unknown (start-up, a failed write).
     _lit: Region | None = None
+    # True when show() also takes a (H, W) grey image, already composited
+    # (grey pixel formats): the bridge then warps one channel, not four.
+    luma_input: bool = False
 
     @abc.abstractmethod
     def show(self, image: np.ndarray, *, region: Region | None = None, deadline: float | None = None):
@@ -116,9 +119,12 @@ class Display(abc.ABC):
         self.close()
 
     def _check(self, image: np.ndarray, region: Region | None = None) -> np.ndarray:
-        if not isinstance(image, np.ndarray) or image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] not in (3, 4):
+        grey = self.luma_input and isinstance(image, np.ndarray) and image.ndim == 2
+        if not isinstance(image, np.ndarray) or image.dtype != np.uint8 or not (
+                grey or (image.ndim == 3 and image.shape[2] in (3, 4))):
+            also = ", or (H, W) grey" if self.luma_input else ""
             raise ValueError(
-                f"show() expects a uint8 (H, W, 4) RGBA or (H, W, 3) RGB image, got "
+                f"show() expects a uint8 (H, W, 4) RGBA or (H, W, 3) RGB image{also}, got "
                 f"{getattr(image, 'dtype', type(image).__name__)} {getattr(image, 'shape', '')}"
             )
         if region is not None:
@@ -136,7 +142,7 @@ class Display(abc.ABC):
             )
         return image
 
-    def _align(self, region: Region) -> Region:
+    def align(self, region: Region) -> Region:
         """Grow a region to what the output can address (MONO1: whole bytes)."""
         return region
 
@@ -146,7 +152,7 @@ class Display(abc.ABC):
         with ``image`` pasted into black. Call ``_written`` once it is shown."""
         full = (0, 0, self.size[0], self.size[1])
         region = full if region is None else tuple(int(v) for v in region)
-        send = self._align(region if self._lit is None else union(region, self._lit))
+        send = self.align(region if self._lit is None else union(region, self._lit))
         if send == region:
             return image, send
         return paste_on_black(image, region[0] - send[0], region[1] - send[1], send[2], send[3]), send
@@ -249,11 +255,12 @@ class SerialDisplay(Display):
             )
         self.size = (info.width, info.height)
         self.fmt = info.pixel_format
+        self.luma_input = self.fmt in (PixelFormat.GRAY8, PixelFormat.MONO1)
         self.brightness, self.gamma, self.dither = brightness, gamma, dither
         pf.make_lut(brightness, gamma)
         self._lit = (0, 0, info.width, info.height)  # unknown until the first blank or frame
 
-    def _align(self, region: Region) -> Region:
+    def align(self, region: Region) -> Region:
         if self.fmt is not PixelFormat.MONO1:
             return region
         # Rows are whole bytes, and the 8x8 dither pattern stays anchored to the display.

@@ -160,12 +160,13 @@ def _is_identity(brightness: float, gamma: float) -> bool:
     return float(brightness) == 1.0 and float(gamma) == 1.0
 
 
-def _check_image(image: np.ndarray) -> np.ndarray:
+def _check_image(image: np.ndarray, grey_ok: bool = False) -> np.ndarray:
     if not isinstance(image, np.ndarray) or image.dtype != np.uint8:
         raise TypeError(f"expected a uint8 numpy array, got {type(image).__name__} "
                         f"{getattr(image, 'dtype', '')}")
-    if image.ndim != 3 or image.shape[2] not in (3, 4):
-        raise ValueError(f"expected an (H, W, 4) RGBA or (H, W, 3) RGB image, got shape {image.shape}")
+    if not ((grey_ok and image.ndim == 2) or (image.ndim == 3 and image.shape[2] in (3, 4))):
+        also = " or (H, W) grey" if grey_ok else " ((H, W) grey only for gray8/mono1)"
+        raise ValueError(f"expected an (H, W, 4) RGBA or (H, W, 3) RGB image{also}, got shape {image.shape}")
     if not image.flags.c_contiguous:
         image = np.ascontiguousarray(image)
     return image
@@ -209,19 +210,20 @@ def encode(
 
     ``image`` is straight-alpha RGBA ``(H, W, 4)`` (``premultiplied=True`` if
     its colour is already multiplied by alpha, e.g. the output of a
-    premultiplied warp), or RGB ``(H, W, 3)`` already composited over black.
+    premultiplied warp), or RGB ``(H, W, 3)`` already composited over black,
+    or, for GRAY8/MONO1, its ``(H, W)`` luma already composited.
     ``threshold``/``dither`` only affect MONO1: a pixel is lit when its
     (LUT-mapped) luma is >= ``threshold``, or, with ``dither``, >= the 8x8
     Bayer threshold at its position (ordered dithering keeps soft heat-map
     gradients visible on 1-bit displays).
     """
     fmt = PixelFormat.parse(fmt)
-    image = _check_image(image)
+    image = _check_image(image, grey_ok=fmt in (PixelFormat.GRAY8, PixelFormat.MONO1))
     h, w = image.shape[:2]
-    if image.shape[2] == 4 and not premultiplied:
+    if image.ndim == 3 and image.shape[2] == 4 and not premultiplied:
         image = premultiply(image)
     lut = None if _is_identity(brightness, gamma) else make_lut(brightness, gamma)
-    four = image.shape[2] == 4
+    four = image.ndim == 3 and image.shape[2] == 4
 
     if fmt in (PixelFormat.RGB565_LE, PixelFormat.RGB565_BE):
         if lut is not None:
@@ -238,11 +240,14 @@ def encode(
             rgb = cv2.LUT(rgb, lut)
         return rgb.reshape(h, w * 3)
 
-    luma = cv2.cvtColor(image, cv2.COLOR_RGBA2GRAY if four else cv2.COLOR_RGB2GRAY)
+    if image.ndim == 2:
+        luma = image
+    else:
+        luma = cv2.cvtColor(image, cv2.COLOR_RGBA2GRAY if four else cv2.COLOR_RGB2GRAY)
     if lut is not None:
         luma = cv2.LUT(luma, lut)
     if fmt is PixelFormat.GRAY8:
-        return luma
+        return luma.copy() if luma is image else luma  # never hand back the caller's array
     if fmt is PixelFormat.MONO1:
         if dither:
             reps = (-(-h // 8), -(-w // 8))

@@ -168,7 +168,7 @@ def test_serial_partial_updates_show_exactly_the_full_frame(fmt, dither):
             report = d.show(img, region=step)
             full = _on_black(img, step, (W, H))
             assert np.array_equal(core.front, pf.encode(full, fmt, dither=dither)), step
-            sent = d._align(step if lit is None else (min(x, lit[0]), min(y, lit[1]),
+            sent = d.align(step if lit is None else (min(x, lit[0]), min(y, lit[1]),
                                                       max(x + w, lit[0] + lit[2]) - min(x, lit[0]),
                                                       max(y + h, lit[1] + lit[3]) - min(y, lit[1])))
             assert report.payload_bytes == pf.PixelFormat.parse(fmt).frame_bytes(sent[2], sent[3]), step

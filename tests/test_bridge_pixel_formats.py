@@ -166,8 +166,26 @@ def test_lut_brightness_and_gamma():
 
 def test_bad_inputs_are_rejected():
     with pytest.raises(ValueError, match="shape"):
-        pf.encode(np.zeros((4, 4), np.uint8), "gray8")
+        pf.encode(np.zeros((4, 4), np.uint8), "rgb565le")  # grey input only for grey formats
+    with pytest.raises(ValueError, match="shape"):
+        pf.encode(np.zeros((4, 4, 2), np.uint8), "gray8")
     with pytest.raises(TypeError):
         pf.encode(np.zeros((4, 4, 4), np.float32), "gray8")
     with pytest.raises(ValueError, match="needs 32 bytes"):
         pf.decode(b"\x00" * 31, "rgb565le", 4, 4)
+
+
+@pytest.mark.parametrize("fmt,kw", [("gray8", {}), ("gray8", {"brightness": 0.7, "gamma": 2.2}),
+                                    ("mono1", {}), ("mono1", {"dither": True})])
+def test_grey_input_equals_its_rgb_for_grey_formats(he_rgba, fmt, kw):
+    """A (H, W) luma (what the bridge renders for grey displays) encodes
+    exactly like the composited RGB it is the luma of, and is not aliased."""
+    import cv2
+
+    rgb = pf.composite_over_black(he_rgba)
+    luma = cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY)
+    kept = luma.copy()
+    got = pf.encode(luma, fmt, **kw)
+    assert np.array_equal(got, pf.encode(rgb, fmt, **kw))
+    got[...] = 0
+    assert np.array_equal(luma, kept)

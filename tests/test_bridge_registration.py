@@ -189,3 +189,34 @@ def test_render_for_display_warps_only_the_footprint_and_loses_nothing(seed):
     outside[y:y + h, x:x + w] = 0
     assert not outside.any()
     assert w * h < size[0] * size[1]
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_render_for_grey_displays_warps_luma_into_the_aligned_region(seed):
+    """For grey displays the bridge warps the composited luma (one channel)
+    straight into the region the display addresses (MONO1: x in whole
+    bytes): within one grey level of the luma of the RGB render, and the
+    region is exactly the aligned footprint."""
+    import cv2
+
+    from firmware_bridge.bridge import render_for_display
+
+    def align8(r):
+        x, y, w, h = r
+        x0 = x - x % 8
+        return (x0, y, min(320, -(-(x + w) // 8) * 8) - x0, h)
+
+    rng = np.random.default_rng(seed)
+    size = (320, 200)
+    overlay = rng.integers(0, 256, (96, 96, 4), dtype=np.uint8)
+    m = np.array([[1.2, 0.1, rng.uniform(3, 200)], [-0.1, 1.1, rng.uniform(0, 90)], [1e-4, -2e-4, 1.0]])
+    rgb, region = render_for_display(overlay, m, size)
+    luma, lregion = render_for_display(overlay, m, size, luma=True, align=align8)
+    assert lregion == align8(region) and lregion[0] % 8 == 0 and luma.shape == (lregion[3], lregion[2])
+    want = np.zeros((size[1], size[0]), np.uint8)
+    x, y, w, h = region
+    want[y:y + h, x:x + w] = cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY)
+    x, y, w, h = lregion
+    got = np.zeros_like(want)
+    got[y:y + h, x:x + w] = luma
+    assert want.any() and np.abs(got.astype(int) - want).max() <= 1

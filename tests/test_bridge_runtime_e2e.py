@@ -247,3 +247,33 @@ def test_killed_bridge_process_leaves_the_eyepiece_dark(tmp_path):
                 proc.kill()
             proc.communicate(timeout=10)
             daemon.close()
+
+
+@pytest.mark.parametrize("fmt,dither", [("gray8", False), ("mono1", True)])
+def test_grey_controller_end_to_end(tmp_path, fmt, dither):
+    """Grey microdisplays (8-bit, dithered 1-bit) through the bridge, which
+    warps the overlay's luma straight into the byte-aligned region: the
+    controller shows what the two-step reference computes, up to the grey
+    level of rounding that warping luma instead of RGB may move (for 1-bit,
+    a pixel whose luma sits on its dither threshold may flip)."""
+    core = ControllerCore(DISPLAY[0], DISPLAY[1], fmt)
+    daemon = FakeDaemon(stale_after_ms=1500)
+    rgba = cam_overlay(10)
+    want = expected_display(rgba, fmt, dither=dither)
+    with PtyController(core) as sim:
+        display = open_display(f"serial://{sim.slave_path}?baud=921600&deadline=1.0&dither={int(dither)}")
+        assert display.luma_input
+        bridge = Bridge(display, connect=daemon.endpoint, registration=registration(), stats_interval=0)
+        try:
+            with running_bridge(bridge):
+                assert publish_until(daemon, lambda: bridge.stats()["shown"] >= 1, rgba)
+                got = core.shown_rgb()
+        finally:
+            daemon.close()
+    if fmt == "gray8":
+        assert_close_image(got, want)
+    else:
+        lit_got, lit_want = got[..., 0] > 0, want[..., 0] > 0
+        assert lit_want.sum() > 200
+        assert (lit_got != lit_want).mean() < 0.005
+        assert abs(int(lit_got.sum()) - int(lit_want.sum())) < 0.02 * lit_want.sum()
