@@ -34,7 +34,7 @@ from armscope.preprocess import crop_box, preprocess_frame
 from edge.config import Config
 from edge.control import ControlServer
 from edge.decision import decide
-from edge.metrics import Metrics, prometheus_text, serve_prometheus
+from edge.metrics import Metrics, OverlayGapWatch, prometheus_text, serve_prometheus
 from edge.overlay import focus_mask, heat_rgba
 from edge.pipeline import LatestSlot, SlotClosed
 from edge.publisher import Publisher, bind, setup_curve_server
@@ -103,6 +103,7 @@ class Daemon:
         self.last_lock = threading.Lock()
         self.last: tuple[Frame, np.ndarray, dict] | None = None
         self.published = 0
+        self.gap_watch = OverlayGapWatch(config.stale_after_ms)
         self.stop_reason = None
         self.started_mono = time.monotonic()
         self._own_context = context is None
@@ -427,6 +428,10 @@ class Daemon:
         self.metrics.observe("publish", (t2 - t1) * 1000)
         self.metrics.observe("capture_to_publish", (sent.get("publish_mono", t2) - frame.capture_mono) * 1000)
         self.metrics.published.tick(t2)
+        gap_warning = self.gap_watch.observe(t2)
+        if gap_warning:
+            self.metrics.count("overlay_gap_warnings")
+            log.warning("%s", gap_warning)
         self.slides.add(probs, slide_id)
         with self.last_lock:
             self.last = (frame, rgba, sent)

@@ -64,6 +64,39 @@ class RateMeter:
         return round(count / elapsed, 2) if elapsed > 0 else 0.0
 
 
+class OverlayGapWatch:
+    """Warns when overlays are published further apart than subscribers keep
+    them: with ``stale_after_ms`` below the publish period the eyepiece shows
+    each overlay for ``stale_after_ms`` and goes dark until the next one (a
+    full-size ensemble on a 2-core CPU publishes every ~1.9 s; the default
+    is 1500 ms). Judged on the median of the last ``window`` intervals, so a
+    pause (no tissue, slide change) does not trigger it; at most one warning
+    per ``every_s``."""
+
+    def __init__(self, stale_after_ms: float, window: int = 8, every_s: float = 300.0):
+        self.stale_after_ms = float(stale_after_ms)
+        self.intervals: collections.deque[float] = collections.deque(maxlen=window)
+        self.every_s = every_s
+        self._last_publish: float | None = None
+        self._last_warning = float("-inf")
+
+    def observe(self, now: float) -> str | None:
+        """Record a publish at ``now`` (monotonic seconds); returns the warning text when due."""
+        prev, self._last_publish = self._last_publish, now
+        if prev is not None:
+            self.intervals.append((now - prev) * 1000.0)
+        if len(self.intervals) < self.intervals.maxlen or now - self._last_warning < self.every_s:
+            return None
+        period = float(np.median(np.fromiter(self.intervals, dtype=np.float64)))
+        if period <= self.stale_after_ms:
+            return None
+        self._last_warning = now
+        return (f"overlays are published every ~{period:.0f} ms but subscribers blank them after "
+                f"stale_after_ms={self.stale_after_ms:.0f}: the eyepiece goes dark between overlays. "
+                f"Raise stale_after_ms above {period:.0f} (older overlays stay up longer) or make "
+                f"inference faster (backend, precision, fewer members)")
+
+
 class Metrics:
     """Thread-safe container; stages call ``observe`` and ``count``."""
 

@@ -16,7 +16,7 @@ import zmq
 from armscope import protocol
 from armscope.errors import ArmscopeError
 from edge.config import load_config
-from edge.metrics import LatencyWindow, Metrics, prometheus_text
+from edge.metrics import LatencyWindow, Metrics, OverlayGapWatch, prometheus_text
 from edge.pipeline import LatestSlot, SlotClosed
 from edge.slides import SlideRecorder
 from edge.sources import gstreamer_csi_pipeline, open_source, parse_source, resolve_relative
@@ -254,3 +254,22 @@ def test_deploy_edge_toml_names_every_option_and_loads():
     assert not missing, f"{path} lacks {missing}"
     config = load_config(path)
     assert config.backend == "auto" and config.cpu_precision == "f32"
+
+
+def test_overlay_gap_watch_warns_when_overlays_outlive_nothing():
+    """Publishing every 1.9 s with stale_after_ms 1500 (a full-size ensemble on
+    this CPU with the default) leaves the eyepiece dark between overlays: warn,
+    once per period; a fast daemon with an occasional long pause does not."""
+    fast = OverlayGapWatch(1500, window=8, every_s=300)
+    t = 0.0
+    warnings = []
+    for i in range(40):
+        t += 0.2 if i != 20 else 30.0  # one 30 s pause (no tissue)
+        warnings.append(fast.observe(t))
+    assert not any(warnings)
+
+    slow = OverlayGapWatch(1500, window=8, every_s=300)
+    got = [slow.observe(1.9 * i) for i in range(30)]
+    assert [i for i, w in enumerate(got) if w] == [8]  # once the window is full, then rate-limited
+    assert "every ~1900 ms" in got[8] and "stale_after_ms=1500" in got[8]
+    assert slow.observe(1.9 * 30 + 300) is not None  # again after every_s
