@@ -33,6 +33,10 @@ from edge.overlay import focus_mask, normalise
 log = logging.getLogger(__name__)
 
 MIN_AGREEMENT = 0.99  # top-1 agreement a deployable reduced-precision bundle must reach
+# Mean Pearson r between its Grad-CAMs and FP32's: the heat map is what the pathologist sees,
+# and agreeing labels can come with a different map (random-weight INT8 on saturating CPU
+# kernels: 100% agreement, CAM r 0.73). Mean, not min: a near-flat 20x20 CAM's r is noise.
+MIN_CAM_PEARSON = 0.95
 
 
 # --------------------------------------------------------------------------- inputs
@@ -239,11 +243,13 @@ def compare_outputs(ref: dict, cand: dict, task: dict, names: list[str],
     return {"summary": summary, "images": rows}
 
 
-def gate(summary: dict, min_agreement: float = MIN_AGREEMENT) -> list[str]:
+def gate(summary: dict, min_agreement: float = MIN_AGREEMENT, min_cam_pearson: float = MIN_CAM_PEARSON) -> list[str]:
     """Reasons a candidate must not be marked deployable (empty list: it may)."""
     reasons = []
     if summary["top1_agreement"] < min_agreement:
         reasons.append(f"top-1 agreement {summary['top1_agreement']:.2%} < {min_agreement:.0%}")
+    if summary["cam_pearson_mean"] < min_cam_pearson:
+        reasons.append(f"Grad-CAM Pearson r vs FP32, mean {summary['cam_pearson_mean']:.3f} < {min_cam_pearson}")
     if summary["positive_to_negative_flips"]:
         reasons.append(f"{summary['positive_to_negative_flips']} positive->negative decision flip(s) at "
                        f"threshold {summary['threshold']}")
@@ -339,7 +345,8 @@ def render_markdown(report: dict) -> str:
         + "; reference on onnxruntime FP32",
         f"- images: {s['n_images']} ({report['images_from']}), preprocessing as the daemon "
         f"(`armscope.preprocess.preprocess_frame`)",
-        f"- deployability gate (top-1 agreement >= {MIN_AGREEMENT:.0%}, no positive->negative flip): "
+        f"- deployability gate (top-1 agreement >= {MIN_AGREEMENT:.0%}, no positive->negative flip, "
+        f"mean Grad-CAM r >= {MIN_CAM_PEARSON}): "
         + ("**passes**" if ok else "**fails**: " + "; ".join(report["gate_reasons"])),
         "",
         "## Summary",

@@ -20,8 +20,9 @@ are recorded in the manifest's ``quantization.variants``.
 
 Deployability: the bundle is marked ``quantization.deployable: true`` only if,
 on a hold-out set (``--holdout``, disjoint from the calibration sources), top-1
-agreement with FP32 is >= 99% and no decision flips from positive to negative
-at the clinical threshold. Otherwise it is written with ``deployable: false``
+agreement with FP32 is >= 99%, no decision flips from positive to negative
+at the clinical threshold, and the Grad-CAMs match FP32's (mean Pearson r >=
+0.95: the heat map is what the pathologist sees). Otherwise it is written with ``deployable: false``
 and the reasons, unless ``--force-deployable`` (recorded as ``forced: true``).
 """
 from __future__ import annotations
@@ -306,7 +307,7 @@ def make_reduced_bundle(
             "evaluated_on": evaluated_on,
             "evaluation_images": len(names),
             "gate": {"min_top1_agreement": accuracy.MIN_AGREEMENT, "max_positive_to_negative_flips": 0,
-                     "failed": reasons},
+                     "min_cam_pearson_mean": accuracy.MIN_CAM_PEARSON, "failed": reasons},
             "deployable": not reasons or force_deployable,
             "forced": bool(reasons) and force_deployable,
         })

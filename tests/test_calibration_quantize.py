@@ -67,9 +67,9 @@ def test_int8_bundle_measured_both_ways_and_gated(work, int8_auto):
         assert -1 <= s["cam_pearson_mean"] <= 1
     ops = Counter(n.op_type for n in onnx.load(str(bundle.ensemble_path)).graph.node)
     assert ops["QuantizeLinear"] > 0 and ops["DequantizeLinear"] > 0
-    # the gate: deployable exactly when agreement >= 99% and no positive->negative flip
+    # the gate: deployable exactly when agreement >= 99%, no positive->negative flip, CAM r mean >= 0.95
     s = q["variants"][q["variant"]]["summary"]
-    passes = s["top1_agreement"] >= 0.99 and s["positive_to_negative_flips"] == 0
+    passes = s["top1_agreement"] >= 0.99 and s["positive_to_negative_flips"] == 0 and s["cam_pearson_mean"] >= 0.95
     assert q["deployable"] is passes and q["forced"] is False
     assert rc == (0 if passes else 3)
     # it runs like any bundle on ONNX Runtime
@@ -165,6 +165,24 @@ def test_flips_listed_positive_to_negative_first():
     # top-1 agrees everywhere, yet two decisions flip at the 0.3 threshold: the gate looks at both
     assert s["top1_agreement"] == 1.0 and s["cam_pearson_min"] == pytest.approx(1.0) and s["cam_iou_min"] == 1.0
     assert accuracy.auc(np.array([0.1, 0.4, 0.35, 0.8]), np.array([0, 0, 1, 1], bool)) == 0.75
+
+
+def test_gate_fails_a_candidate_whose_heat_maps_differ():
+    """Same labels and probabilities, but Grad-CAMs that do not match FP32's
+    (what the eyepiece would show): not deployable."""
+    task = {"type": "binary", "classes": ["other", "tumour"], "positive_class": "tumour", "threshold": 0.3}
+    rng = np.random.default_rng(1)
+    probs = np.array([[0.9, 0.1], [0.2, 0.8], [0.7, 0.3]], np.float32)
+    cam = rng.random((3, 2, 20, 20)).astype(np.float32)
+    ref = {"probs": probs, "cam": cam}
+    close = {"probs": probs, "cam": cam + 0.01 * rng.standard_normal(cam.shape).astype(np.float32)}
+    other = {"probs": probs, "cam": rng.random(cam.shape).astype(np.float32)}
+    names, labels = ["a", "b", "c"], ["other", "tumour", "other"]
+    s_close = accuracy.compare_outputs(ref, close, task, names, labels)["summary"]
+    s_other = accuracy.compare_outputs(ref, other, task, names, labels)["summary"]
+    assert s_close["cam_pearson_mean"] > 0.99 and accuracy.gate(s_close) == []
+    assert s_other["top1_agreement"] == 1.0 and s_other["positive_to_negative_flips"] == 0
+    assert [r for r in accuracy.gate(s_other) if "Grad-CAM" in r] == accuracy.gate(s_other) != []
 
 
 def test_classify_refuses_a_bundle_that_failed_its_gate(int8_auto, frame_paths, tmp_path, capsys):
