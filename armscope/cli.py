@@ -279,8 +279,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cpu-precision", default="f32", choices=list(CPU_PRECISIONS),
                    help="openvino only: inference precision (bf16 needs AVX512-BF16 or AMX; check it with "
                         "'armscope accuracy' first)")
-    p.add_argument("--layout", default="members", choices=["merged", "members"],
-                   help="concurrent per-member sessions (default; faster on the CPU, see BENCHMARKS.md) or one merged-ensemble session")
+    p.add_argument("--layout", default="auto", choices=["auto", "merged", "members"],
+                   help="concurrent per-member sessions or one merged-ensemble session; auto (default): "
+                        "members for ONNX Runtime and TensorRT, merged for OpenVINO (the faster each, BENCHMARKS.md)")
     p.add_argument("--threads", type=int, help="onnxruntime intra-op threads (default: all cores)")
     p.add_argument("--threshold", type=float, help="override the manifest's decision threshold")
     p.add_argument("--force", action="store_true", help="replace an existing overlay directory")

@@ -60,7 +60,7 @@ OPTIONS: tuple[Option, ...] = (
            "else onnxruntime)", choices=BACKENDS),
     Option("cpu_precision", str, "f32", "openvino backend only: inference precision (bf16 needs AVX512-BF16 or AMX)",
            choices=CPU_PRECISIONS),
-    Option("layout", str, "members", "ensemble layout: concurrent per-member sessions/streams (measured 1.66x faster than one merged session on a 2-core CPU, BENCHMARKS.md) or one merged graph", choices=("merged", "members")),
+    Option("layout", str, "auto", "ensemble layout: concurrent per-member sessions/streams (ONNX Runtime: 1.66x faster than one merged session on a 2-core CPU, BENCHMARKS.md) or one merged graph (faster for OpenVINO); auto = the faster for the backend", choices=("auto", "merged", "members")),
     Option("threads", int, 0, "inference threads (0 = all cores)", minimum=0, maximum=256),
     Option("encoding", str, "raw", "overlay payload encoding", choices=("raw", "png")),
     Option("overlay_size", int, 0, "overlay side in pixels (0 = the model's crop size)", minimum=0, maximum=8192),

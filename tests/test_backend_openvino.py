@@ -83,3 +83,14 @@ def test_accuracy_report_runs_the_candidate_on_openvino(tmp_path, frame_paths):
     assert "on openvino (inference precision f32)" in (tmp_path / "rep" / "report.md").read_text()
     with pytest.raises(ArmscopeError, match="--candidate"):
         accuracy_report(DEMO, None, frame_paths, tmp_path / "rep2")
+
+
+def test_auto_layout_is_the_faster_one_per_backend(demo):
+    """The daemon's and classify's default layout: OpenVINO one merged graph,
+    ONNX Runtime concurrent member sessions (BENCHMARKS.md, section 4)."""
+    with open_backend(demo, "openvino") as backend:
+        assert backend.describe()["layout"] == "merged"
+    with open_backend(demo, "onnxruntime") as backend:
+        assert backend.describe()["layout"] == "members"
+    with open_backend(demo, "openvino", layout="members") as backend:
+        assert backend.describe()["layout"] == "members"

@@ -41,16 +41,22 @@ def open_backend(bundle: Bundle, kind: str = "auto", **options) -> InferenceBack
     """Open the backend named by ``kind``; ``auto`` picks TensorRT when this machine can
     run the bundle's engines, else ONNX Runtime on the CPU, and logs why. ``openvino``
     is the other CPU runtime (option ``cpu_precision``: f32, bf16 or auto); the
-    ``cpu_precision`` option is ignored by the others, which run the bundle's own precision."""
+    ``cpu_precision`` option is ignored by the others, which run the bundle's own precision.
+    Option ``layout`` ``auto`` (default) is the faster one for the backend chosen."""
     if kind not in BACKENDS:
         raise ArmscopeError(f"backend {kind!r}: expected one of {', '.join(BACKENDS)}")
+    layout = options.get("layout", "auto")
     if kind == "auto":
-        reason = tensorrt_unavailable_reason(bundle, options.get("layout", "members"))
+        reason = tensorrt_unavailable_reason(bundle, "members" if layout == "auto" else layout)
         if reason is None:
             kind = "tensorrt"
             log.info("backend: tensorrt (engines for this TensorRT version and GPU in %s)", bundle.root)
         else:
             log.info("backend: onnxruntime on the CPU (%s)", reason)
+    if layout == "auto":
+        # OpenVINO runs one merged graph fastest (2.36 s vs 3.47 s per-member requests on
+        # 2 cores); ONNX Runtime and TensorRT run members concurrently (1.66x), BENCHMARKS.md.
+        options["layout"] = "merged" if kind == "openvino" else "members"
     cpu_precision = options.pop("cpu_precision", None) or "f32"
     allow_inexact_int8 = options.pop("allow_inexact_int8", False)  # measurements only (accuracy, bench)
     if kind == "tensorrt":
