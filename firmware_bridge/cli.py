@@ -199,7 +199,8 @@ def run_main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
         prog="armscope bridge",
         description=run_main.__doc__,
-        epilog="Other bridge commands: 'armscope bridge simulate --help', 'armscope bridge register --help'.",
+        epilog="Other bridge commands: 'armscope bridge simulate --help', 'armscope bridge register --help', "
+               "'armscope bridge blank --help'.",
     )
     p.add_argument("--connect", required=True, help="the daemon's publish endpoint, e.g. tcp://127.0.0.1:5556")
     p.add_argument("--display", required=True, help="png://DIR, serial:///dev/ttyX?baud=N, fb:///dev/fbN (see displays.py)")
@@ -271,10 +272,37 @@ def run_main(argv: list[str] | None = None) -> int:
     return code
 
 
+def blank_main(argv: list[str] | None = None) -> int:
+    """Blank the eyepiece display once and exit: for a supervisor to run after
+    the bridge stops for any reason (systemd ExecStopPost, see
+    deploy/armscope-bridge.service), since a killed bridge cannot blank on its
+    own way out and a framebuffer keeps its last picture. Exit 0 when the
+    display is blank, 2 when it could not be opened or blanked."""
+    from armscope.errors import ArmscopeError
+
+    from .displays import DisplayURIError, open_display
+    from .link import LinkError
+
+    p = argparse.ArgumentParser(prog="armscope bridge blank", description=blank_main.__doc__)
+    p.add_argument("--display", required=True, help="the bridge's display URI (png://, serial://, fb://)")
+    try:
+        args = p.parse_args(argv)
+    except SystemExit as exc:
+        return int(exc.code or 0)
+    try:
+        with open_display(args.display) as display:
+            display.blank()
+    except (DisplayURIError, ValueError, OSError, LinkError, ArmscopeError) as exc:
+        print(f"armscope bridge blank: {exc}", file=sys.stderr)
+        return 2
+    print(f"armscope bridge blank: {args.display} blanked", file=sys.stderr)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
-    """``armscope bridge [run|simulate|register] ...``: the first word picks the command (default run)."""
+    """``armscope bridge [run|simulate|register|blank] ...``: the first word picks the command (default run)."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    commands = {"run": run_main, "simulate": simulate_main, "register": register_main}
+    commands = {"run": run_main, "simulate": simulate_main, "register": register_main, "blank": blank_main}
     if argv and argv[0] in commands:
         return commands[argv[0]](argv[1:])
     return run_main(argv)

@@ -1,12 +1,13 @@
 """``register_main``: from point files and from a camera image of the dot grid."""
 
 import json
+from pathlib import Path
 
 import cv2
 import numpy as np
 
 from firmware_bridge import registration as R
-from firmware_bridge.cli import register_main, simulate_main
+from firmware_bridge.cli import main, register_main, simulate_main
 
 H_TRUE = np.array([[0.9, 0.02, 15.0], [-0.015, 0.88, 7.0], [1.0e-5, 0.5e-5, 1.0]])
 
@@ -52,3 +53,38 @@ def test_simulate_rejects_bad_arguments(capsys):
     assert simulate_main(["--pty", "--width", "10", "--height", "10", "--format", "rgb444"]) == 2
     assert simulate_main(["--pty", "--width", "10", "--height", "10", "--drop", "1.5"]) == 2
     assert "rgb444" in capsys.readouterr().err
+
+
+def test_blank_command_clears_a_controller_that_still_shows_a_frame(tmp_path):
+    """'armscope bridge blank' (the service's ExecStopPost) on a real pty
+    controller left showing an overlay by a bridge that died."""
+    import numpy as np
+    import serial
+
+    from firmware_bridge import link as L
+    from firmware_bridge import pixel_formats as pf
+    from firmware_bridge.simulator import ControllerCore, PtyController
+
+    core = ControllerCore(32, 16, "rgb565le")
+    with PtyController(core) as sim:
+        port = serial.Serial(sim.slave_path, 921600, timeout=0.01, write_timeout=2.0)
+        L.LinkSender(port, deadline=3.0).send_frame(pf.encode(np.full((16, 32, 3), 200, np.uint8), "rgb565le"))
+        port.close()
+        assert core.front.any()
+        assert main(["blank", "--display", f"serial://{sim.slave_path}?baud=921600&watchdog=0"]) == 0
+        assert not core.front.any() and core.history[-1][0] == "blank"
+    assert main(["blank", "--display", "nope://x"]) == 2
+
+
+def test_bridge_service_unit_blanks_after_the_bridge_stops(tmp_path):
+    """deploy/armscope-bridge.service: its ExecStopPost is the blank command
+    on the same display as ExecStart, and that command line runs."""
+    import shlex
+
+    unit = (Path(__file__).resolve().parents[1] / "deploy" / "armscope-bridge.service").read_text()
+    lines = dict(line.split("=", 1) for line in unit.splitlines() if line.startswith(("ExecStart=", "ExecStopPost=")))
+    start, post = shlex.split(lines["ExecStart"]), shlex.split(lines["ExecStopPost"])
+    assert start[1:3] == ["bridge", "--connect"] and post[1:3] == ["bridge", "blank"]
+    assert start[start.index("--display") + 1] == post[post.index("--display") + 1] == "${DISPLAY_URI}"
+    args = [a.replace("${DISPLAY_URI}", f"png://{tmp_path}/eyepiece") for a in post[2:]]
+    assert main(args) == 0 and any((tmp_path / "eyepiece").glob("*_blank.png"))
