@@ -26,8 +26,8 @@ Performance: ``encode_frame_chunks`` builds the chunk headers with NumPy,
 CRCs with ISA-L (``isal``, zlib's function, 4x faster than zlib here), and
 COBS with compiled passes (``cobs_kernel``, numba), split over up to four
 threads for large frames: COBS is byte-sequential, whole-array NumPy needed
-~7 ms for a 1280x720 RGB565 frame and one core ~2-3 ms.  The decoder is a plain loop (the controller side is the
-simulator).
+~7 ms for a 1280x720 RGB565 frame and one core ~2-3 ms.  The decoder is a
+plain loop (the controller side is the simulator).
 """
 
 from __future__ import annotations
