@@ -181,6 +181,7 @@ class PngDisplay(Display):
             raise ValueError("give both width and height, or neither")
         self.size = (int(width), int(height)) if width is not None else None
         self.fmt = PixelFormat.parse(fmt) if fmt is not None else None
+        self.luma_input = self.fmt in (PixelFormat.GRAY8, PixelFormat.MONO1)
         self.brightness, self.gamma, self.dither = brightness, gamma, dither
         pf.make_lut(brightness, gamma)  # validate now
         self.count = 0
@@ -349,6 +350,7 @@ class FramebufferDisplay(Display):
             )
         self.bpp = int(bpp_text)
         self.layout = _FB_LAYOUTS[self.bpp]
+        self.luma_input = self.layout == "gray8"
         row = w * self.bpp // 8
         try:
             stride_text = self._read_sys("stride").strip()

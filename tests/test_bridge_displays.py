@@ -176,6 +176,41 @@ def test_serial_partial_updates_show_exactly_the_full_frame(fmt, dither):
         d.close()
 
 
+def test_grey_outputs_take_luma(tmp_path):
+    """Grey framebuffers and grey/mono PNG outputs accept the (H, W) luma the
+    bridge renders for grey displays (one channel warped, not four), and show
+    exactly what they show for the RGBA it came from."""
+    from firmware_bridge.bridge import render_for
+
+    img = rgba(30)
+    luma = cv2.cvtColor(pf.premultiply(img), cv2.COLOR_RGBA2GRAY)
+    sysfs, dev, stride = fake_fb(tmp_path, 8, stride=48)
+    d = FramebufferDisplay(dev, sysfs_root=sysfs)
+    assert d.luma_input
+    mem = lambda: np.frombuffer(dev.read_bytes(), np.uint8).reshape(30, stride)[:, :40]  # noqa: E731
+    d.show(img)
+    from_rgba = mem().copy()
+    d.blank()
+    d.show(luma)
+    assert np.array_equal(mem(), from_rgba) and from_rgba.any()
+    image, region = render_for(d, img, np.eye(3), (40, 30))
+    assert image.ndim == 2 and region == (0, 0, 40, 30)
+    d.close()
+
+    png = open_display(f"png://{tmp_path}/png?width=40&height=30&format=mono1&dither=1")
+    assert png.luma_input
+    png.show(img)
+    png.show(luma[5:20, 10:30], region=(10, 5, 20, 15))
+    first, second = (read_rgb(p) for p in png.paths)
+    assert np.array_equal(first, pf.decode(pf.encode(img, "mono1", dither=True), "mono1", 40, 30))
+    canvas = np.zeros((30, 40), np.uint8)
+    canvas[5:20, 10:30] = luma[5:20, 10:30]
+    want = pf.decode(pf.encode(canvas, "mono1", dither=True), "mono1", 40, 30)
+    assert np.array_equal(second, want)
+    assert not open_display(f"png://{tmp_path}/rgb").luma_input and not FramebufferDisplay(
+        fake_fb(tmp_path / "b", 16)[1], sysfs_root=tmp_path / "b" / "sys").luma_input
+
+
 def test_framebuffer_partial_update_clears_the_previous_region(tmp_path):
     sysfs, dev, stride = fake_fb(tmp_path, 16, w=40, h=30, stride=96)
     d = FramebufferDisplay(dev, sysfs_root=sysfs)
