@@ -695,6 +695,9 @@ class Bridge:
         except Exception as exc:
             self.counts["keepalive_failures"] += 1
             log.warning("bridge: display keepalive failed: %r", exc)
+        if self.display.quit_requested and not self.stopping:
+            log.info("bridge: the display was closed by its user; stopping")
+            self.stop()
         if self.stats_interval > 0 and now - self._last_stats_log >= self.stats_interval:
             self._last_stats_log = now
             log.info("bridge stats: %s", json.dumps(self.stats(), default=str))

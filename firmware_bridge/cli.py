@@ -203,7 +203,7 @@ def run_main(argv: list[str] | None = None) -> int:
                "'armscope bridge blank --help'.",
     )
     p.add_argument("--connect", required=True, help="the daemon's publish endpoint, e.g. tcp://127.0.0.1:5556")
-    p.add_argument("--display", required=True, help="png://DIR, serial:///dev/ttyX?baud=N, fb:///dev/fbN (see displays.py)")
+    p.add_argument("--display", required=True, help="png://DIR, serial:///dev/ttyX?baud=N, fb:///dev/fbN, window://[TITLE] (see displays.py)")
     p.add_argument("--registration", help="camera -> display registration JSON ('armscope bridge register'); "
                    "without it the display is assumed to show the whole camera frame, scaled to fit")
     p.add_argument("--brightness", type=float, help="0..1, applied before pixel packing (default: the URI's, else 1)")
@@ -284,7 +284,7 @@ def blank_main(argv: list[str] | None = None) -> int:
     from .link import LinkError
 
     p = argparse.ArgumentParser(prog="armscope bridge blank", description=blank_main.__doc__)
-    p.add_argument("--display", required=True, help="the bridge's display URI (png://, serial://, fb://)")
+    p.add_argument("--display", required=True, help="the bridge's display URI (png://, serial://, fb://, window://)")
     try:
         args = p.parse_args(argv)
     except SystemExit as exc:

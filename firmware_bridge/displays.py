@@ -22,6 +22,10 @@ configuration string:
 * ``fb:///dev/fb1[?brightness=B&gamma=G]`` writes a Linux framebuffer via
   mmap; geometry comes from ``<sysfs_root>/fb1/{virtual_size,bits_per_pixel,stride}``
   (``sysfs_root`` is injectable for tests).
+* ``window://[TITLE][?width=W&height=H&format=F&brightness=B&gamma=G&dither=1&scale=S]``
+  a desktop preview window (pygame/SDL 2, ``pip install 'armscope[preview]'``)
+  showing what ``png://`` would write, live; for an integrator at a bench
+  without the eyepiece optics. Closing the window asks the bridge to stop.
 
 ``show`` takes the overlay already in display coordinates (see
 ``registration.warp``): straight-alpha RGBA ``(H, W, 4)``, or RGB
@@ -56,6 +60,7 @@ __all__ = [
     "PngDisplay",
     "SerialDisplay",
     "FramebufferDisplay",
+    "WindowDisplay",
     "open_display",
 ]
 
@@ -83,6 +88,20 @@ def union(a: Region, b: Region) -> Region:
     return (x0, y0, x1 - x0, y1 - y0)
 
 
+def emitted_rgb(image: np.ndarray, fmt: PixelFormat | None, brightness: float, gamma: float,
+                dither: bool) -> np.ndarray:
+    """(H, W, 3) RGB a display in ``fmt`` emits for ``image`` (RGBA, composited
+    RGB, or grey for grey formats): through the pixel format and back, so
+    quantisation and 1-bit thresholds show; ``fmt`` None: full 8-bit RGB."""
+    if fmt is None:
+        rgb = pf.composite_over_black(image)
+        if (brightness, gamma) != (1.0, 1.0):
+            rgb = cv2.LUT(rgb, pf.make_lut(brightness, gamma))
+        return rgb
+    h, w = image.shape[:2]
+    return pf.decode(pf.encode(image, fmt, brightness=brightness, gamma=gamma, dither=dither), fmt, w, h)
+
+
 class Display(abc.ABC):
     """What the daemon drives.  ``size`` is (width, height) or None if not fixed yet."""
 
@@ -93,6 +112,8 @@ class Display(abc.ABC):
     # True when show() also takes a (H, W) grey image, already composited
     # (grey pixel formats): the bridge then warps one channel, not four.
     luma_input: bool = False
+    # Set by an output its user can close (a preview window): the bridge stops.
+    quit_requested: bool = False
 
     @abc.abstractmethod
     def show(self, image: np.ndarray, *, region: Region | None = None, deadline: float | None = None):
@@ -202,14 +223,7 @@ class PngDisplay(Display):
             image = paste_on_black(image, region[0], region[1], *self.size)
         h, w = image.shape[:2]
         self._last_size = (w, h)
-        if self.fmt is None:
-            rgb = pf.composite_over_black(image)
-            if (self.brightness, self.gamma) != (1.0, 1.0):
-                rgb = cv2.LUT(rgb, pf.make_lut(self.brightness, self.gamma))
-        else:
-            data = pf.encode(image, self.fmt, brightness=self.brightness, gamma=self.gamma, dither=self.dither)
-            rgb = pf.decode(data, self.fmt, w, h)
-        self._write(rgb, "frame")
+        self._write(emitted_rgb(image, self.fmt, self.brightness, self.gamma, self.dither), "frame")
 
     def blank(self) -> None:
         w, h = self._last_size or (1, 1)
@@ -417,11 +431,120 @@ class FramebufferDisplay(Display):
             os.close(self._fd)
 
 
+class WindowDisplay(Display):
+    """A desktop window showing what the eyepiece display would emit.
+
+    For bench work: the integrator sees the registered, converted overlay
+    (through ``format`` and back, like ``png://``) without the optics. Drawn
+    with pygame (SDL 2; the base install's OpenCV is the headless build,
+    which has no windows). SDL events are handled in ``keepalive()``, which
+    the bridge calls every loop; closing the window sets ``quit_requested``
+    and the bridge then stops (blanking on its way out, as always).
+
+    Without a desktop, SDL would quietly pick its invisible ``offscreen``
+    driver; that is refused (a preview nobody can see is a silent failure)
+    unless ``SDL_VIDEODRIVER`` names it explicitly, as headless tests do.
+    """
+
+    _HEADLESS_DRIVERS = ("offscreen", "dummy")
+
+    def __init__(
+        self,
+        title: str = "armscope eyepiece preview",
+        *,
+        width: int | None = None,
+        height: int | None = None,
+        fmt: "PixelFormat | str | None" = None,
+        brightness: float = 1.0,
+        gamma: float = 1.0,
+        dither: bool = False,
+        scale: float = 1.0,
+    ):
+        if (width is None) != (height is None):
+            raise ValueError("give both width and height, or neither")
+        if width is not None and (width < 1 or height < 1):
+            raise ValueError(f"width and height must be >= 1, got {width}x{height}")
+        if not 0.1 <= float(scale) <= 8.0:
+            raise ValueError(f"scale must be within [0.1, 8], got {scale}")
+        self.fmt = PixelFormat.parse(fmt) if fmt is not None else None
+        self.luma_input = self.fmt in (PixelFormat.GRAY8, PixelFormat.MONO1)
+        self.brightness, self.gamma, self.dither = brightness, gamma, dither
+        pf.make_lut(brightness, gamma)
+        self.size = (int(width), int(height)) if width is not None else None
+        self.scale = float(scale)
+        self.title = title
+        os.environ.setdefault("PYGAME_HIDE_SUPPORT_PROMPT", "1")
+        try:
+            import pygame  # optional: armscope[preview]
+        except ImportError:
+            raise DisplayURIError("window:// needs pygame: pip install 'armscope[preview]' "
+                                  "(or use png://DIR to see what the display would show)") from None
+        self._pg = pygame
+        try:
+            pygame.display.init()
+        except pygame.error as exc:
+            raise DisplayURIError(f"window://: no desktop to open a window on (SDL: {exc}); "
+                                  "use png://DIR for headless checks") from None
+        driver = pygame.display.get_driver()
+        if driver in self._HEADLESS_DRIVERS and os.environ.get("SDL_VIDEODRIVER") != driver:
+            pygame.display.quit()
+            raise DisplayURIError(f"window://: no desktop session (no X11/Wayland display; SDL fell back to "
+                                  f"{driver!r}); use png://DIR, or run where a desktop is")
+        self._screen = None
+        self._shown = None   # the picture in the window, display pixels (H, W, 3)
+        if self.size is not None:
+            self._show_rgb(np.zeros((self.size[1], self.size[0], 3), np.uint8))
+
+    def _show_rgb(self, rgb: np.ndarray) -> None:
+        pg = self._pg
+        h, w = rgb.shape[:2]
+        win = (max(1, round(w * self.scale)), max(1, round(h * self.scale)))
+        if self._screen is None or self._screen.get_size() != win:
+            self._screen = pg.display.set_mode(win)
+            pg.display.set_caption(self.title)
+        rgb = np.ascontiguousarray(rgb)
+        surface = pg.image.frombuffer(rgb, (w, h), "RGB")
+        if win != (w, h):
+            surface = pg.transform.scale(surface, win)
+        self._screen.blit(surface, (0, 0))
+        pg.display.flip()
+        self._shown = rgb
+        self.keepalive()
+
+    def window_pixels(self) -> np.ndarray:
+        """(H, W, 3) RGB read back from the window's surface (tests, screenshots)."""
+        return self._pg.surfarray.array3d(self._pg.display.get_surface()).transpose(1, 0, 2).copy()
+
+    def show(self, image: np.ndarray, *, region: Region | None = None, deadline: float | None = None) -> None:
+        if self.size is None and region is not None:
+            raise ValueError("show(region=...) needs a display of fixed size; give width and height")
+        image = self._check(image, region)
+        if region is not None:
+            image = paste_on_black(image, region[0], region[1], *self.size)
+        self._show_rgb(emitted_rgb(image, self.fmt, self.brightness, self.gamma, self.dither))
+
+    def blank(self) -> None:
+        if self._shown is not None:
+            self._show_rgb(np.zeros_like(self._shown))
+
+    def keepalive(self) -> None:
+        for event in self._pg.event.get():
+            if event.type == self._pg.QUIT:
+                self.quit_requested = True
+
+    def close(self) -> None:
+        if self._pg is not None:
+            self._pg.display.quit()
+            self._pg = None
+            self._screen = None
+
+
 # ---------------------------------------------------------------- URIs
 
 _EXPECTED = (
     "png://DIR[?width=W&height=H&format=F], "
-    "serial:///dev/ttyX?baud=N[&width=W&height=H&format=F], or fb:///dev/fbN"
+    "serial:///dev/ttyX?baud=N[&width=W&height=H&format=F], fb:///dev/fbN, "
+    "or window://[TITLE][?width=W&height=H&format=F&scale=S]"
 )
 _COMMON = {"brightness": float, "gamma": float}
 _KEYS = {
@@ -431,6 +554,7 @@ _KEYS = {
         "deadline": float, "ack_timeout": float, "window": int, "max_payload": int, "watchdog": int, **_COMMON,
     },
     "fb": dict(_COMMON),
+    "window": {"width": int, "height": int, "format": str, "dither": bool, "scale": float, **_COMMON},
 }
 
 
@@ -468,9 +592,12 @@ def open_display(uri: str, *, sysfs_root: "str | os.PathLike" = DEFAULT_SYSFS_RO
         raise DisplayURIError(f"display URI {uri!r}: unknown scheme {parts.scheme!r}; expected {_EXPECTED}")
     opts = _parse_query(uri, scheme, parts.query)
     target = parts.netloc + parts.path
+    fmt = opts.pop("format", None)
+    if scheme == "window":
+        title = urllib.parse.unquote(target).strip("/") or "armscope eyepiece preview"
+        return WindowDisplay(title, fmt=fmt, **opts)
     if not target:
         raise DisplayURIError(f"display URI {uri!r}: missing the path; expected {_EXPECTED}")
-    fmt = opts.pop("format", None)
     if scheme == "png":
         return PngDisplay(target, fmt=fmt, **opts)
     if scheme == "serial":

@@ -1,5 +1,6 @@
 """The runtime (edge/, firmware_bridge/, the CLI) must run without TensorFlow,
-TensorRT or CUDA: importing every runtime module must not import them."""
+TensorRT or CUDA: importing every runtime module must not import them (nor
+pygame, which only window:// needs)."""
 from __future__ import annotations
 
 import subprocess
@@ -20,7 +21,7 @@ def test_runtime_modules_do_not_import_heavy_frameworks():
         "import importlib, sys\n"
         f"for m in {modules!r}: importlib.import_module(m)\n"
         "from armscope.cli import build_parser; build_parser()\n"
-        "heavy = [m for m in ('tensorflow', 'keras', 'tf2onnx', 'tensorrt', 'pycuda', 'cuda') if m in sys.modules]\n"
+        "heavy = [m for m in ('tensorflow', 'keras', 'tf2onnx', 'tensorrt', 'pycuda', 'cuda', 'pygame') if m in sys.modules]\n"
         "print(len(sys.modules)); assert not heavy, heavy\n"
     )
     result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
