@@ -182,7 +182,30 @@ class Display(abc.ABC):
         self._lit = (0, 0, self.size[0], self.size[1]) if region is None else tuple(int(v) for v in region)
 
 
-class PngDisplay(Display):
+class _PictureDisplay(Display):
+    """Outputs that show a picture of what a display in ``fmt`` would emit
+    (png://, window://): size optional, format round trip, brightness/gamma."""
+
+    def _set_picture(self, width, height, fmt, brightness, gamma, dither) -> None:
+        if (width is None) != (height is None):
+            raise ValueError("give both width and height, or neither")
+        if width is not None and (width < 1 or height < 1):
+            raise ValueError(f"width and height must be >= 1, got {width}x{height}")
+        self.size = (int(width), int(height)) if width is not None else None
+        self.fmt = PixelFormat.parse(fmt) if fmt is not None else None
+        self.luma_input = self.fmt in (PixelFormat.GRAY8, PixelFormat.MONO1)
+        self.brightness, self.gamma, self.dither = brightness, gamma, dither
+        pf.make_lut(brightness, gamma)  # validate now
+
+    def _picture(self, image: np.ndarray, region: Region | None) -> np.ndarray:
+        """The whole display's emitted RGB for ``show(image, region=region)``."""
+        image = self._check(image, region)
+        if region is not None:
+            image = paste_on_black(image, region[0], region[1], *self.size)
+        return emitted_rgb(image, self.fmt, self.brightness, self.gamma, self.dither)
+
+
+class PngDisplay(_PictureDisplay):
     """Numbered PNGs of what the display would emit (black = off)."""
 
     def __init__(
@@ -196,15 +219,9 @@ class PngDisplay(Display):
         gamma: float = 1.0,
         dither: bool = False,
     ):
+        self._set_picture(width, height, fmt, brightness, gamma, dither)
         self.directory = Path(directory)
         self.directory.mkdir(parents=True, exist_ok=True)
-        if (width is None) != (height is None):
-            raise ValueError("give both width and height, or neither")
-        self.size = (int(width), int(height)) if width is not None else None
-        self.fmt = PixelFormat.parse(fmt) if fmt is not None else None
-        self.luma_input = self.fmt in (PixelFormat.GRAY8, PixelFormat.MONO1)
-        self.brightness, self.gamma, self.dither = brightness, gamma, dither
-        pf.make_lut(brightness, gamma)  # validate now
         self.count = 0
         self.paths: list[Path] = []
         self._last_size = self.size
@@ -218,12 +235,9 @@ class PngDisplay(Display):
         return path
 
     def show(self, image: np.ndarray, *, region: Region | None = None, deadline: float | None = None) -> None:
-        image = self._check(image, region)
-        if region is not None:  # a PNG is the whole display
-            image = paste_on_black(image, region[0], region[1], *self.size)
-        h, w = image.shape[:2]
-        self._last_size = (w, h)
-        self._write(emitted_rgb(image, self.fmt, self.brightness, self.gamma, self.dither), "frame")
+        rgb = self._picture(image, region)  # a PNG is the whole display
+        self._last_size = (rgb.shape[1], rgb.shape[0])
+        self._write(rgb, "frame")
 
     def blank(self) -> None:
         w, h = self._last_size or (1, 1)
@@ -431,7 +445,7 @@ class FramebufferDisplay(Display):
             os.close(self._fd)
 
 
-class WindowDisplay(Display):
+class WindowDisplay(_PictureDisplay):
     """A desktop window showing what the eyepiece display would emit.
 
     For bench work: the integrator sees the registered, converted overlay
@@ -460,17 +474,9 @@ class WindowDisplay(Display):
         dither: bool = False,
         scale: float = 1.0,
     ):
-        if (width is None) != (height is None):
-            raise ValueError("give both width and height, or neither")
-        if width is not None and (width < 1 or height < 1):
-            raise ValueError(f"width and height must be >= 1, got {width}x{height}")
+        self._set_picture(width, height, fmt, brightness, gamma, dither)
         if not 0.1 <= float(scale) <= 8.0:
             raise ValueError(f"scale must be within [0.1, 8], got {scale}")
-        self.fmt = PixelFormat.parse(fmt) if fmt is not None else None
-        self.luma_input = self.fmt in (PixelFormat.GRAY8, PixelFormat.MONO1)
-        self.brightness, self.gamma, self.dither = brightness, gamma, dither
-        pf.make_lut(brightness, gamma)
-        self.size = (int(width), int(height)) if width is not None else None
         self.scale = float(scale)
         self.title = title
         os.environ.setdefault("PYGAME_HIDE_SUPPORT_PROMPT", "1")
@@ -516,12 +522,7 @@ class WindowDisplay(Display):
         return self._pg.surfarray.array3d(self._pg.display.get_surface()).transpose(1, 0, 2).copy()
 
     def show(self, image: np.ndarray, *, region: Region | None = None, deadline: float | None = None) -> None:
-        if self.size is None and region is not None:
-            raise ValueError("show(region=...) needs a display of fixed size; give width and height")
-        image = self._check(image, region)
-        if region is not None:
-            image = paste_on_black(image, region[0], region[1], *self.size)
-        self._show_rgb(emitted_rgb(image, self.fmt, self.brightness, self.gamma, self.dither))
+        self._show_rgb(self._picture(image, region))
 
     def blank(self) -> None:
         if self._shown is not None:
