@@ -20,8 +20,9 @@ configuration string:
   controller to blank by itself when the link has been silent that long, so
   the eyepiece goes dark if this process dies; ``keepalive()`` feeds it.
 * ``fb:///dev/fb1[?brightness=B&gamma=G]`` writes a Linux framebuffer via
-  mmap; geometry comes from ``<sysfs_root>/fb1/{virtual_size,bits_per_pixel,stride}``
-  (``sysfs_root`` is injectable for tests).
+  mmap; depth and stride come from ``<sysfs_root>/fb1/{virtual_size,bits_per_pixel,stride}``
+  (``sysfs_root`` is injectable for tests), the visible window and channel
+  order from the kernel (``framebuffer.py``).
 * ``window://[TITLE][?width=W&height=H&format=F&brightness=B&gamma=G&dither=1&scale=S]``
   a desktop preview window (pygame/SDL 2, ``pip install 'armscope[preview]'``)
   showing what ``png://`` would write, live; for an integrator at a bench
@@ -41,6 +42,7 @@ caller should then ``blank()``.
 from __future__ import annotations
 
 import abc
+import logging
 import mmap
 import os
 import re
@@ -50,6 +52,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from . import framebuffer as fbinfo
 from . import pixel_formats as pf
 from .link import LinkProtocolError, LinkSender
 from .pixel_formats import PixelFormat
@@ -65,6 +68,7 @@ __all__ = [
 ]
 
 DEFAULT_SYSFS_ROOT = "/sys/class/graphics"
+log = logging.getLogger(__name__)
 
 
 class DisplayURIError(ValueError):
@@ -334,22 +338,18 @@ class SerialDisplay(Display):
             pass
 
 
-_FB_LAYOUTS = {
-    # bits_per_pixel -> memory layout of one pixel
-    8: "gray8",
-    16: "rgb565le",
-    24: "bgr888",
-    32: "bgrx8888",
-}
-
-
 class FramebufferDisplay(Display):
     """Linux framebuffer (``/dev/fbN``) written through mmap.
 
-    Pixel layouts by ``bits_per_pixel``: 16 = RGB565 little-endian (the
-    usual fbtft/DRM-emulation layout), 32 = B,G,R,X bytes (XRGB8888 on a
-    little-endian CPU), 24 = B,G,R, 8 = grey.  Rows are ``stride`` bytes
-    apart (from sysfs; computed if the file is missing).
+    Geometry and pixel layout come from the kernel (``FBIOGET_VSCREENINFO``,
+    see ``framebuffer.py``): the visible window of a double-buffered
+    framebuffer and the channel order (RGB565/BGR565, XRGB/XBGR8888,
+    RGB/BGR888, 8-bit grey), so red stays red. Rows are ``stride`` bytes
+    apart (sysfs; computed if the file is missing). A file that does not
+    answer the ioctl (a regular file standing in for a device) is taken to
+    hold sysfs' virtual size in the usual layout for its depth
+    (``framebuffer.DEFAULT_LAYOUTS``). ``screeninfo`` overrides the ioctl's
+    answer (tests; drivers that answer wrongly).
     """
 
     def __init__(
@@ -359,6 +359,7 @@ class FramebufferDisplay(Display):
         sysfs_root: "str | os.PathLike" = DEFAULT_SYSFS_ROOT,
         brightness: float = 1.0,
         gamma: float = 1.0,
+        screeninfo: "fbinfo.VarScreenInfo | None" = None,
     ):
         self.device = str(device)
         name = os.path.basename(self.device)
@@ -370,39 +371,57 @@ class FramebufferDisplay(Display):
         m = re.fullmatch(r"\s*(\d+)\s*,\s*(\d+)\s*", vs)
         if not m:
             raise ValueError(f"{sysdir / 'virtual_size'}: expected 'WIDTH,HEIGHT', got {vs!r}")
-        w, h = int(m.group(1)), int(m.group(2))
+        vw, vh = int(m.group(1)), int(m.group(2))
         bpp_text = self._read_sys("bits_per_pixel").strip()
-        if not bpp_text.isdigit() or int(bpp_text) not in _FB_LAYOUTS:
-            raise ValueError(
-                f"{sysdir / 'bits_per_pixel'}: unsupported value {bpp_text!r}; expected one of {sorted(_FB_LAYOUTS)}"
-            )
+        if not bpp_text.isdigit() or int(bpp_text) not in fbinfo.DEFAULT_LAYOUTS:
+            raise ValueError(f"{sysdir / 'bits_per_pixel'}: unsupported value {bpp_text!r}; "
+                             f"expected one of {sorted(fbinfo.DEFAULT_LAYOUTS)}")
         self.bpp = int(bpp_text)
-        self.layout = _FB_LAYOUTS[self.bpp]
-        self.luma_input = self.layout == "gray8"
-        row = w * self.bpp // 8
         try:
             stride_text = self._read_sys("stride").strip()
             self.stride = int(stride_text)
         except FileNotFoundError:
-            self.stride = row
+            self.stride = vw * self.bpp // 8
         except ValueError:
             raise ValueError(f"{sysdir / 'stride'}: expected an integer") from None
-        if self.stride < row:
-            raise ValueError(f"{sysdir / 'stride'}: stride {self.stride} is smaller than a row ({row} bytes)")
-        self.size = (w, h)
-        self._lit = (0, 0, w, h)  # whatever was on the framebuffer before us
         self.brightness, self.gamma = brightness, gamma
         pf.make_lut(brightness, gamma)
         self._fd = os.open(self.device, os.O_RDWR)
         try:
-            length = self.stride * h
-            if os.fstat(self._fd).st_size and os.fstat(self._fd).st_size < length:
-                raise ValueError(f"{self.device}: is {os.fstat(self._fd).st_size} bytes, need {length}")
+            info = screeninfo if screeninfo is not None else fbinfo.query_var_screeninfo(self._fd)
+            if info is None:
+                w, h, x0, y0, self.layout = vw, vh, 0, 0, fbinfo.DEFAULT_LAYOUTS[self.bpp]
+                log.warning("%s does not answer FBIOGET_VSCREENINFO: assuming %dx%d %s from sysfs",
+                            self.device, w, h, self.layout)
+            else:
+                try:
+                    self.layout = fbinfo.layout_for(info)
+                except ValueError as exc:
+                    raise ValueError(f"{self.device}: {exc}") from None
+                self.bpp = info.bits_per_pixel
+                w, h, x0, y0 = info.xres, info.yres, info.xoffset, info.yoffset
+                vw, vh = info.xres_virtual, info.yres_virtual
+            row = w * self.bpp // 8
+            if self.stride < (x0 + w) * self.bpp // 8:
+                raise ValueError(f"{sysdir / 'stride'}: stride {self.stride} is smaller than a row "
+                                 f"({(x0 + w) * self.bpp // 8} bytes)")
+            if w < 1 or h < 1 or y0 + h > vh:
+                raise ValueError(f"{self.device}: visible {w}x{h} at row {y0} does not fit the {vw}x{vh} "
+                                 "virtual screen")
+            length = self.stride * vh
+            size = os.fstat(self._fd).st_size
+            if size and size < length:
+                raise ValueError(f"{self.device}: is {size} bytes, need {length}")
             self._mm = mmap.mmap(self._fd, length, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
         except BaseException:
             os.close(self._fd)
             raise
-        self._view = np.frombuffer(self._mm, dtype=np.uint8).reshape(h, self.stride)
+        self.luma_input = self.layout == "gray8"
+        self.size = (w, h)
+        self._lit = (0, 0, w, h)  # whatever was on the framebuffer before us
+        bx = x0 * self.bpp // 8
+        # Only the visible window: a panned/double-buffered framebuffer shows the part at (xoffset, yoffset).
+        self._view = np.frombuffer(self._mm, dtype=np.uint8).reshape(vh, self.stride)[y0 : y0 + h, bx : bx + row]
 
     def _read_sys(self, field: str) -> str:
         path = self.sysdir / field
@@ -413,22 +432,10 @@ class FramebufferDisplay(Display):
                 raise
             raise ValueError(f"{path}: missing (is {self.device} a framebuffer?)") from None
 
-    def _pixels(self, image: np.ndarray) -> np.ndarray:
-        h = image.shape[0]
-        if self.layout == "rgb565le":
-            return pf.encode(image, PixelFormat.RGB565_LE, brightness=self.brightness, gamma=self.gamma)
-        if self.layout == "gray8":
-            return pf.encode(image, PixelFormat.GRAY8, brightness=self.brightness, gamma=self.gamma)
-        rgb = pf.composite_over_black(image)
-        if (self.brightness, self.gamma) != (1.0, 1.0):
-            rgb = cv2.LUT(rgb, pf.make_lut(self.brightness, self.gamma))
-        code = cv2.COLOR_RGB2BGRA if self.layout == "bgrx8888" else cv2.COLOR_RGB2BGR
-        return cv2.cvtColor(rgb, code).reshape(h, -1)
-
     def show(self, image: np.ndarray, *, region: Region | None = None, deadline: float | None = None) -> None:
         image = self._check(image, region)
         canvas, (x, y, w, h) = self._update(image, region)
-        data = self._pixels(canvas)
+        data = fbinfo.pack(canvas, self.layout, self.brightness, self.gamma)
         bx = x * self.bpp // 8
         self._view[y : y + h, bx : bx + data.shape[1]] = data
         self._written(region)

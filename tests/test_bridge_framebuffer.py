@@ -1,0 +1,111 @@
+"""fb:// channel order and visible window from the kernel's fb_var_screeninfo:
+layouts by bitfields, packing checked against bit arithmetic written here,
+a double-buffered framebuffer written only where it is shown."""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+
+from firmware_bridge import framebuffer as fb
+from firmware_bridge import pixel_formats as pf
+from firmware_bridge.displays import FramebufferDisplay
+
+RGB565 = ((11, 5, 0), (5, 6, 0), (0, 5, 0))
+BGR565 = ((0, 5, 0), (5, 6, 0), (11, 5, 0))
+XRGB = ((16, 8, 0), (8, 8, 0), (0, 8, 0))
+XBGR = ((0, 8, 0), (8, 8, 0), (16, 8, 0))
+
+
+def info(bpp, channels, w=40, h=30, vh=None, yoffset=0, grayscale=0):
+    r, g, b = channels
+    return fb.VarScreenInfo(w, h, w, vh or h, 0, yoffset, bpp, grayscale, r, g, b)
+
+
+def fake_fb(tmp_path, bpp, w=40, vh=30, fill=0xAB):
+    sysfs = tmp_path / "sys"
+    (sysfs / "fb1").mkdir(parents=True)
+    (sysfs / "fb1" / "virtual_size").write_text(f"{w},{vh}\n")
+    (sysfs / "fb1" / "bits_per_pixel").write_text(f"{bpp}\n")
+    (sysfs / "fb1" / "stride").write_text(f"{w * bpp // 8}\n")
+    dev = tmp_path / "dev" / "fb1"
+    dev.parent.mkdir()
+    dev.write_bytes(bytes([fill]) * (w * bpp // 8) * vh)
+    return sysfs, dev
+
+
+def test_screeninfo_round_trips_the_kernel_struct():
+    i = info(16, BGR565, vh=60, yoffset=30)
+    raw = i.pack()
+    assert len(raw) == 160  # sizeof(struct fb_var_screeninfo)
+    assert fb.VarScreenInfo.unpack(raw) == i
+
+
+@pytest.mark.parametrize("bpp,channels,layout", [
+    (16, RGB565, "rgb565le"), (16, BGR565, "bgr565le"), (32, XRGB, "bgrx8888"), (32, XBGR, "rgbx8888"),
+    (24, XRGB, "bgr888"), (24, XBGR, "rgb888"),
+])
+def test_layout_follows_the_bitfields(bpp, channels, layout):
+    assert fb.layout_for(info(bpp, channels)) == layout
+
+
+def test_layouts_that_would_show_wrong_colours_are_refused():
+    with pytest.raises(ValueError, match=r"16 bits per pixel.*\(10, 5, 0\)"):
+        fb.layout_for(info(16, ((10, 5, 0), (5, 5, 0), (0, 5, 0))))  # RGB555
+    with pytest.raises(ValueError, match="unsupported pixel layout"):
+        fb.layout_for(info(32, ((16, 8, 1), (8, 8, 0), (0, 8, 0))))  # msb_right
+    with pytest.raises(ValueError, match="palette"):
+        fb.layout_for(info(8, XRGB))
+    assert fb.layout_for(info(8, XRGB, grayscale=1)) == "gray8"
+
+
+def test_pack_matches_bit_arithmetic():
+    rng = np.random.default_rng(0)
+    rgb = rng.integers(0, 256, (5, 7, 3), dtype=np.uint8)
+    r, g, b = (rgb[..., k].astype(np.uint32) for k in range(3))
+    bgr565 = ((b >> 3) << 11) | ((g >> 2) << 5) | (r >> 3)
+    assert np.array_equal(fb.pack(rgb, "bgr565le").view("<u2"), bgr565.astype("<u2"))
+    rgb565 = ((r >> 3) << 11) | ((g >> 2) << 5) | (b >> 3)
+    assert np.array_equal(fb.pack(rgb, "rgb565le").view("<u2"), rgb565.astype("<u2"))
+    xbgr = r | (g << 8) | (b << 16) | (0xFF << 24)  # XBGR8888 as a little-endian word: bytes R, G, B, X
+    assert np.array_equal(fb.pack(rgb, "rgbx8888").view("<u4"), xbgr.astype("<u4"))
+    xrgb = b | (g << 8) | (r << 16) | (0xFF << 24)
+    assert np.array_equal(fb.pack(rgb, "bgrx8888").view("<u4"), xrgb.astype("<u4"))
+    assert np.array_equal(fb.pack(rgb, "rgb888").reshape(5, 7, 3), rgb)
+    assert np.array_equal(fb.pack(rgb, "bgr888").reshape(5, 7, 3), rgb[..., ::-1])
+
+
+def test_double_buffered_bgr565_is_written_where_it_is_shown(tmp_path):
+    """Virtual screen 40x60, the kernel showing rows 30..59 (yoffset 30), BGR565."""
+    sysfs, dev = fake_fb(tmp_path, 16, vh=60)
+    d = FramebufferDisplay(dev, sysfs_root=sysfs, screeninfo=info(16, BGR565, vh=60, yoffset=30))
+    assert d.size == (40, 30) and d.layout == "bgr565le"
+    mem = lambda: np.frombuffer(dev.read_bytes(), np.uint8).reshape(60, 80)  # noqa: E731
+    img = np.random.default_rng(1).integers(0, 256, (30, 40, 4), dtype=np.uint8)
+    d.show(img)
+    rgb = pf.composite_over_black(img).astype(np.uint32)
+    want = ((rgb[..., 2] >> 3) << 11) | ((rgb[..., 1] >> 2) << 5) | (rgb[..., 0] >> 3)
+    assert np.array_equal(mem()[30:].copy().view("<u2"), want.astype("<u2"))
+    assert (mem()[:30] == 0xAB).all()  # the hidden buffer is not touched
+    d.blank()
+    assert not mem()[30:].any() and (mem()[:30] == 0xAB).all()
+    d.close()
+
+
+def test_bad_screeninfo_names_the_device(tmp_path):
+    sysfs, dev = fake_fb(tmp_path, 16)
+    with pytest.raises(ValueError, match=rf"{dev}: unsupported pixel layout"):
+        FramebufferDisplay(dev, sysfs_root=sysfs, screeninfo=info(16, ((10, 5, 0), (5, 5, 0), (0, 5, 0))))
+    with pytest.raises(ValueError, match=rf"{dev}: visible 40x30 at row 10 does not fit"):
+        FramebufferDisplay(dev, sysfs_root=sysfs, screeninfo=info(16, RGB565, yoffset=10))
+
+
+def test_a_regular_file_does_not_answer_the_ioctl(tmp_path):
+    path = tmp_path / "fb1"
+    path.write_bytes(bytes(100))
+    fd = os.open(path, os.O_RDWR)
+    try:
+        assert fb.query_var_screeninfo(fd) is None  # ENOTTY: sysfs and the usual layout are used
+    finally:
+        os.close(fd)
