@@ -19,7 +19,7 @@ configuration string:
   given they must match it.  ``watchdog`` (default 1000 ms, 0 = off) asks the
   controller to blank by itself when the link has been silent that long, so
   the eyepiece goes dark if this process dies; ``keepalive()`` feeds it.
-* ``fb:///dev/fb1[?brightness=B&gamma=G]`` writes a Linux framebuffer via
+* ``fb:///dev/fb1[?brightness=B&gamma=G&dither=1]`` writes a Linux framebuffer via
   mmap; depth and stride come from ``<sysfs_root>/fb1/{virtual_size,bits_per_pixel,stride}``
   (``sysfs_root`` is injectable for tests), the visible window and channel
   order from the kernel (``framebuffer.py``).
@@ -83,6 +83,15 @@ def paste_on_black(image: np.ndarray, x: int, y: int, width: int, height: int) -
     canvas = np.zeros((height, width) + image.shape[2:], np.uint8)
     canvas[y : y + image.shape[0], x : x + image.shape[1]] = image
     return canvas
+
+
+def align_to_bytes(region: Region, display_width: int) -> Region:
+    """Grow a region of a 1-bit display to whole bytes of its rows, and to a
+    multiple of 8 rows, so the 8x8 dither pattern stays anchored to the display."""
+    x, y, w, h = region
+    x0, y0 = x - x % 8, y - y % 8
+    x1 = min(display_width, -(-(x + w) // 8) * 8)
+    return (x0, y0, x1 - x0, y + h - y0)
 
 
 def union(a: Region, b: Region) -> Region:
@@ -294,13 +303,7 @@ class SerialDisplay(Display):
         self._lit = (0, 0, info.width, info.height)  # unknown until the first blank or frame
 
     def align(self, region: Region) -> Region:
-        if self.fmt is not PixelFormat.MONO1:
-            return region
-        # Rows are whole bytes, and the 8x8 dither pattern stays anchored to the display.
-        x, y, w, h = region
-        x0, y0 = x - x % 8, y - y % 8
-        x1 = min(self.size[0], -(-(x + w) // 8) * 8)
-        return (x0, y0, x1 - x0, y + h - y0)
+        return align_to_bytes(region, self.size[0]) if self.fmt is PixelFormat.MONO1 else region
 
     def prepare(self, image: np.ndarray, region: Region | None = None) -> tuple[np.ndarray, Region]:
         """The packed pixel bytes and region ``show`` sends (a partial update
@@ -344,12 +347,13 @@ class FramebufferDisplay(Display):
     Geometry and pixel layout come from the kernel (``FBIOGET_VSCREENINFO``,
     see ``framebuffer.py``): the visible window of a double-buffered
     framebuffer and the channel order (RGB565/BGR565, XRGB/XBGR8888,
-    RGB/BGR888, 8-bit grey), so red stays red. Rows are ``stride`` bytes
+    RGB/BGR888, 8-bit grey, 1-bit mono with ``dither`` for heat maps), so
+    red stays red and a set bit means what the panel means. Rows are ``stride`` bytes
     apart (sysfs; computed if the file is missing). A file that does not
     answer the ioctl (a regular file standing in for a device) is taken to
     hold sysfs' virtual size in the usual layout for its depth
-    (``framebuffer.DEFAULT_LAYOUTS``). ``screeninfo`` overrides the ioctl's
-    answer (tests; drivers that answer wrongly).
+    (``framebuffer.DEFAULT_LAYOUTS``). ``screeninfo`` and ``visual`` override
+    the ioctls' answers (tests; drivers that answer wrongly).
     """
 
     def __init__(
@@ -359,7 +363,9 @@ class FramebufferDisplay(Display):
         sysfs_root: "str | os.PathLike" = DEFAULT_SYSFS_ROOT,
         brightness: float = 1.0,
         gamma: float = 1.0,
+        dither: bool = False,
         screeninfo: "fbinfo.VarScreenInfo | None" = None,
+        visual: int | None = None,
     ):
         self.device = str(device)
         name = os.path.basename(self.device)
@@ -384,7 +390,7 @@ class FramebufferDisplay(Display):
             self.stride = vw * self.bpp // 8
         except ValueError:
             raise ValueError(f"{sysdir / 'stride'}: expected an integer") from None
-        self.brightness, self.gamma = brightness, gamma
+        self.brightness, self.gamma, self.dither = brightness, gamma, dither
         pf.make_lut(brightness, gamma)
         self._fd = os.open(self.device, os.O_RDWR)
         try:
@@ -394,17 +400,21 @@ class FramebufferDisplay(Display):
                 log.warning("%s does not answer FBIOGET_VSCREENINFO: assuming %dx%d %s from sysfs",
                             self.device, w, h, self.layout)
             else:
+                if visual is None and info.bits_per_pixel == 1 and screeninfo is None:
+                    visual = fbinfo.query_visual(self._fd)
                 try:
-                    self.layout = fbinfo.layout_for(info)
+                    self.layout = fbinfo.layout_for(info, visual)
                 except ValueError as exc:
                     raise ValueError(f"{self.device}: {exc}") from None
                 self.bpp = info.bits_per_pixel
                 w, h, x0, y0 = info.xres, info.yres, info.xoffset, info.yoffset
                 vw, vh = info.xres_virtual, info.yres_virtual
-            row = w * self.bpp // 8
-            if self.stride < (x0 + w) * self.bpp // 8:
+            row = (w * self.bpp + 7) // 8
+            if (x0 * self.bpp) % 8:
+                raise ValueError(f"{self.device}: visible window starts inside a byte (xoffset {x0})")
+            if self.stride < (x0 * self.bpp) // 8 + row:
                 raise ValueError(f"{sysdir / 'stride'}: stride {self.stride} is smaller than a row "
-                                 f"({(x0 + w) * self.bpp // 8} bytes)")
+                                 f"({(x0 * self.bpp) // 8 + row} bytes)")
             if w < 1 or h < 1 or y0 + h > vh:
                 raise ValueError(f"{self.device}: visible {w}x{h} at row {y0} does not fit the {vw}x{vh} "
                                  "virtual screen")
@@ -416,7 +426,7 @@ class FramebufferDisplay(Display):
         except BaseException:
             os.close(self._fd)
             raise
-        self.luma_input = self.layout == "gray8"
+        self.luma_input = self.layout in ("gray8", "mono10", "mono01")
         self.size = (w, h)
         self._lit = (0, 0, w, h)  # whatever was on the framebuffer before us
         bx = x0 * self.bpp // 8
@@ -435,14 +445,17 @@ class FramebufferDisplay(Display):
     def show(self, image: np.ndarray, *, region: Region | None = None, deadline: float | None = None) -> None:
         image = self._check(image, region)
         canvas, (x, y, w, h) = self._update(image, region)
-        data = fbinfo.pack(canvas, self.layout, self.brightness, self.gamma)
+        data = fbinfo.pack(canvas, self.layout, self.brightness, self.gamma, self.dither)
         bx = x * self.bpp // 8
         self._view[y : y + h, bx : bx + data.shape[1]] = data
         self._written(region)
 
     def blank(self) -> None:
-        self._view[:] = 0
+        self._view[:] = fbinfo.black(self.size[0], self.size[1], self.layout)
         self._lit = None
+
+    def align(self, region: Region) -> Region:
+        return align_to_bytes(region, self.size[0]) if self.bpp == 1 else region
 
     def close(self) -> None:
         if getattr(self, "_mm", None) is not None:
@@ -561,7 +574,7 @@ _KEYS = {
         "baud": int, "width": int, "height": int, "format": str, "dither": bool,
         "deadline": float, "ack_timeout": float, "window": int, "max_payload": int, "watchdog": int, **_COMMON,
     },
-    "fb": dict(_COMMON),
+    "fb": {"dither": bool, **_COMMON},
     "window": {"width": int, "height": int, "format": str, "dither": bool, "scale": float, **_COMMON},
 }
 

@@ -14,13 +14,19 @@ that decide whether the eyepiece shows the right picture:
   would draw where nobody sees it, and the old overlay would stay visible.
 
 Both come from the ``FBIOGET_VSCREENINFO`` ioctl (``struct
-fb_var_screeninfo`` in linux/fb.h), read here with ``fcntl``.
+fb_var_screeninfo`` in linux/fb.h), read here with ``fcntl``. 1-bit
+framebuffers (fbdev drivers of SSD1306-class OLED microdisplays) also need
+``FBIOGET_FSCREENINFO``'s ``visual``: whether a set bit is lit (MONO10) or
+dark (MONO01). Their pixels are packed in fbdev's CPU-endian bit order:
+leftmost pixel in the least significant bit on little-endian CPUs (x86,
+Jetson), as ssd1307fb reads them.
 """
 from __future__ import annotations
 
 import dataclasses
 import fcntl
 import struct
+import sys
 
 import cv2
 import numpy as np
@@ -28,9 +34,16 @@ import numpy as np
 from . import pixel_formats as pf
 from .pixel_formats import PixelFormat
 
-__all__ = ["FBIOGET_VSCREENINFO", "VarScreenInfo", "query_var_screeninfo", "layout_for", "LAYOUTS", "pack"]
+__all__ = ["FBIOGET_VSCREENINFO", "FBIOGET_FSCREENINFO", "VarScreenInfo", "query_var_screeninfo",
+           "query_visual", "layout_for", "LAYOUTS", "pack", "black"]
 
 FBIOGET_VSCREENINFO = 0x4600
+FBIOGET_FSCREENINFO = 0x4602
+FB_VISUAL_MONO01 = 0  # 1 = black (dark)
+FB_VISUAL_MONO10 = 1  # 1 = white (lit)
+# struct fb_fix_screeninfo, native layout (unsigned long fields): id[16] smem_start smem_len
+# type type_aux visual ...; only ``visual`` is read.
+_FIX = struct.Struct("@16sL4I")
 # xres yres xres_virtual yres_virtual xoffset yoffset bits_per_pixel grayscale,
 # red/green/blue/transp (offset length msb_right), 16 more u32 and reserved[4]: 160 bytes.
 _VAR = struct.Struct("=8I12I16I4I")
@@ -75,8 +88,18 @@ def query_var_screeninfo(fd: int) -> VarScreenInfo | None:
         return None
 
 
-# layout -> (bits per pixel, (red, green, blue) as (offset, length)); grey has no channels
+def query_visual(fd: int) -> int | None:
+    """``fb_fix_screeninfo.visual`` of an open framebuffer, or None if it does not answer."""
+    try:
+        return _FIX.unpack_from(fcntl.ioctl(fd, FBIOGET_FSCREENINFO, bytes(256)))[5]
+    except OSError:
+        return None
+
+
+# layout -> (bits per pixel, (red, green, blue) as (offset, length)); grey and mono have no channels
 LAYOUTS = {
+    "mono10": (1, None),  # 1 bit, set = lit
+    "mono01": (1, None),  # 1 bit, set = dark
     "gray8": (8, None),
     "rgb565le": (16, ((11, 5), (5, 6), (0, 5))),
     "bgr565le": (16, ((0, 5), (5, 6), (11, 5))),
@@ -86,12 +109,19 @@ LAYOUTS = {
     "rgbx8888": (32, ((0, 8), (8, 8), (16, 8))),  # XBGR8888: bytes R, G, B, X
 }
 # What a framebuffer that cannot be asked (sysfs only) is taken to hold: the usual layouts.
-DEFAULT_LAYOUTS = {8: "gray8", 16: "rgb565le", 24: "bgr888", 32: "bgrx8888"}
+DEFAULT_LAYOUTS = {1: "mono10", 8: "gray8", 16: "rgb565le", 24: "bgr888", 32: "bgrx8888"}
 
 
-def layout_for(info: VarScreenInfo) -> str:
-    """The layout for the kernel's bitfields; ValueError naming them if none fits."""
+def layout_for(info: VarScreenInfo, visual: int | None = None) -> str:
+    """The layout for the kernel's bitfields (and, at 1 bpp, ``visual``);
+    ValueError naming them if none fits."""
     bpp = info.bits_per_pixel
+    if bpp == 1:
+        if visual in (None, FB_VISUAL_MONO10):
+            return "mono10"
+        if visual == FB_VISUAL_MONO01:
+            return "mono01"
+        raise ValueError(f"1 bit per pixel with visual {visual} (expected MONO01 = 0 or MONO10 = 1)")
     if bpp == 8:
         if not info.grayscale:
             raise ValueError("8 bits per pixel with a colour palette (grayscale=0) is not supported: "
@@ -106,10 +136,20 @@ def layout_for(info: VarScreenInfo) -> str:
                      f"{', '.join(LAYOUTS)}")
 
 
-def pack(image: np.ndarray, layout: str, brightness: float = 1.0, gamma: float = 1.0) -> np.ndarray:
+# byte -> the same byte with its bit order reversed (MSB-first MONO1 -> LSB-first)
+_REVERSED = np.array([int(f"{b:08b}"[::-1], 2) for b in range(256)], np.uint8)
+
+
+def pack(image: np.ndarray, layout: str, brightness: float = 1.0, gamma: float = 1.0,
+         dither: bool = False) -> np.ndarray:
     """(h, row bytes) uint8 of ``image`` (RGBA, composited RGB, or grey for
-    ``gray8``) as the framebuffer stores it."""
+    ``gray8``/mono) as the framebuffer stores it. ``dither``: 1-bit layouts only."""
     h = image.shape[0]
+    if layout in ("mono10", "mono01"):
+        bits = pf.encode(image, PixelFormat.MONO1, brightness=brightness, gamma=gamma, dither=dither)
+        if sys.byteorder == "little":
+            bits = cv2.LUT(bits, _REVERSED)
+        return bits if layout == "mono10" else np.bitwise_not(bits)
     if layout == "rgb565le":
         return pf.encode(image, PixelFormat.RGB565_LE, brightness=brightness, gamma=gamma)
     if layout == "gray8":
@@ -126,3 +166,9 @@ def pack(image: np.ndarray, layout: str, brightness: float = 1.0, gamma: float =
     }[layout]
     out = rgb.copy() if code is None else cv2.cvtColor(rgb, code)
     return out.reshape(h, -1)
+
+
+def black(width: int, height: int, layout: str) -> np.ndarray:
+    """The bytes of an all-dark ``width`` x ``height`` area (not zeros for MONO01)."""
+    grey = layout in ("mono10", "mono01", "gray8")
+    return pack(np.zeros((height, width) if grey else (height, width, 3), np.uint8), layout)

@@ -109,3 +109,46 @@ def test_a_regular_file_does_not_answer_the_ioctl(tmp_path):
         assert fb.query_var_screeninfo(fd) is None  # ENOTTY: sysfs and the usual layout are used
     finally:
         os.close(fd)
+
+
+def lsb_first(lit: np.ndarray) -> np.ndarray:
+    """Pack a boolean (h, w) image into bytes, leftmost pixel in bit 0 (fbdev on a little-endian CPU)."""
+    h, w = lit.shape
+    padded = np.zeros((h, -(-w // 8) * 8), bool)
+    padded[:, :w] = lit
+    weights = (1 << np.arange(8)).astype(np.uint8)
+    return (padded.reshape(h, -1, 8) * weights).sum(axis=2).astype(np.uint8)
+
+
+@pytest.mark.skipif(__import__("sys").byteorder != "little", reason="fbdev bit order is CPU-endian")
+@pytest.mark.parametrize("visual,layout", [(fb.FB_VISUAL_MONO10, "mono10"), (fb.FB_VISUAL_MONO01, "mono01")])
+def test_one_bit_oled_framebuffer(tmp_path, visual, layout):
+    """A 1-bpp framebuffer (ssd1307fb-style, 44x16: rows of 6 bytes, the last
+    one partial): pixels LSB-first, set = lit (MONO10) or dark (MONO01), blank
+    dark in both, partial updates grown to whole bytes with the dither anchored."""
+    w, h = 44, 16
+    sysfs, dev = fake_fb(tmp_path, 1, w=48, vh=h)  # stride 6 bytes
+    d = FramebufferDisplay(dev, sysfs_root=sysfs, dither=True, visual=visual,
+                           screeninfo=fb.VarScreenInfo(w, h, w, h, 0, 0, 1, 0, (0, 1, 0), (0, 1, 0), (0, 1, 0)))
+    assert d.layout == layout and d.size == (w, h) and d.luma_input
+    mem = lambda: np.frombuffer(dev.read_bytes(), np.uint8).reshape(h, 6)  # noqa: E731
+    ramp = np.tile(np.linspace(0, 255, w).astype(np.uint8), (h, 1))
+    d.show(ramp)
+    lit = ramp >= np.tile(pf._BAYER8_THRESH, (2, 6))[:h, :w]  # ordered dither, anchored at the display origin
+    want = lsb_first(lit)
+    got = mem() if layout == "mono10" else ~mem()
+    assert np.array_equal(got[:, :5], want[:, :5]) and np.array_equal(got[:, 5] & 0x0F, want[:, 5] & 0x0F)
+    assert 0.3 < lit.mean() < 0.7
+    d.blank()
+    dark = 0x00 if layout == "mono10" else 0xFF
+    assert ((mem()[:, :5] == dark).all() and ((mem()[:, 5] & 0x0F) == (dark & 0x0F)).all())
+    # partial update at x=10: written from byte 1 (x 8..), rows from 0, same dither phase as a full frame
+    part = ramp[3:9, 10:30]
+    d.show(part, region=(10, 3, 20, 6))
+    assert d.align((10, 3, 20, 6)) == (8, 0, 24, 9)
+    canvas = np.zeros((h, w), np.uint8)
+    canvas[3:9, 10:30] = part
+    want = lsb_first(canvas >= np.tile(pf._BAYER8_THRESH, (2, 6))[:h, :w])
+    got = mem() if layout == "mono10" else ~mem()
+    assert np.array_equal(got[:, :5], want[:, :5])
+    d.close()
