@@ -5,32 +5,30 @@ Run:  python -m pytest benchmarks/bench_bridge.py --benchmark-only
 median <= 5 ms per overlay so the bridge keeps up with the daemon at video
 rates on an edge CPU; link efficiency must be >= 95 % on full frames.
 
-Two overlays, both through the bridge's own code (``render_for``,
-``SerialDisplay.prepare`` on a simulated controller, ``encode_frame_chunks``):
+The same function and overlays as ``armscope bridge bench`` (``firmware_bridge.bench``:
+``render_for``, ``SerialDisplay.prepare`` on a simulated controller,
+``encode_frame_chunks``), both from the daemon's heat overlay
+(``edge.overlay.heat_rgba``) of the demo ensemble's real CAM on CMU-1 frame 1:
 
-* ``daemon``: what the daemon publishes, a 1024x1024 Grad-CAM heat overlay
-  (``edge.overlay.heat_rgba``) of the demo ensemble's CAM on a real CMU-1
-  frame, its centre crop registered into the display (scale 0.6, a slight
-  rotation and perspective): the crop square covers ~40 % of the display, and
-  the bridge warps and sends only that (a partial update).
-* ``fullscreen``: a display-sized 1280x720 overlay covering the whole display
-  (worst case: the whole 1.8 MB RGB565 frame is warped and sent).
+* ``daemon``: the 1024x1024 overlay of the camera frame's centre crop,
+  registered into the display (scale 0.6, a slight rotation and perspective):
+  the crop square covers ~40 % of the display, and the bridge warps and sends
+  only that (a partial update).
+* ``fullscreen``: the heat overlay at the display's size covering the whole
+  display, registered with a 1 degree rotation (worst case: the whole 1.8 MB
+  RGB565 frame is warped and sent).
 """
 
-from pathlib import Path
-
-import cv2
 import numpy as np
 import pytest
 
 from firmware_bridge import link as L
 from firmware_bridge import pixel_formats as pf
-from firmware_bridge.bridge import overlay_to_display_matrix, render_for
+from firmware_bridge.bench import bridge_path, overlay_and_matrix
 from firmware_bridge.registration import Registration, warp
 
-SAMPLES = Path(__file__).resolve().parents[1] / "samples"
 W, H = 1280, 720
-MATRIX = np.array([[0.97, 0.012, 14.0], [-0.01, 0.975, 9.0], [1.5e-6, -1.0e-6, 1.0]])
+CAMERA, CROP = (1600, 1200), 1024
 # Camera (1600x1200) -> display: scale 0.6, 1 degree rotation, a little perspective, centred.
 _A = np.deg2rad(1.0)
 CAMERA_TO_DISPLAY = np.array([[0.6 * np.cos(_A), -0.6 * np.sin(_A), 170.0],
@@ -39,40 +37,10 @@ CAMERA_TO_DISPLAY = np.array([[0.6 * np.cos(_A), -0.6 * np.sin(_A), 170.0],
 
 
 @pytest.fixture(scope="module")
-def overlay():
-    """Display-sized Grad-CAM-like RGBA: JET heat blobs, alpha from heat, transparent elsewhere."""
-    rng = np.random.default_rng(1)
-    yy, xx = np.mgrid[0:H, 0:W].astype(np.float32)
-    heat = np.zeros((H, W), np.float32)
-    for _ in range(6):
-        cx, cy, s = rng.uniform(0, W), rng.uniform(0, H), rng.uniform(40, 160)
-        heat += np.exp(-((xx - cx) ** 2 + (yy - cy) ** 2) / (2 * s * s))
-    heat = np.clip(heat, 0, 1)
-    rgb = cv2.applyColorMap((heat * 255).astype(np.uint8), cv2.COLORMAP_JET)[..., ::-1]
-    alpha = np.where(heat > 0.2, heat * 200, 0).astype(np.uint8)
-    return np.dstack([rgb, alpha]).copy()
-
-
-@pytest.fixture(scope="module")
-def daemon_overlay():
-    """(rgba, matrix): the demo ensemble's real CAM on a real frame, as the daemon renders it."""
-    from armscope.bundle import load_bundle
-    from armscope.preprocess import crop_box, preprocess_frame
-    from edge.backends.onnxruntime_backend import OnnxRuntimeBackend
-    from edge.overlay import heat_rgba
-
-    bundle = load_bundle(SAMPLES / "demo_bundle")
-    frame = cv2.imread(str(SAMPLES / "frames" / "cmu1_frame_1.jpg"), cv2.IMREAD_COLOR)
-    spec = bundle.preprocessing
-    with OnnxRuntimeBackend(bundle, "members") as backend:
-        out = backend.infer(preprocess_frame(frame, spec)[None])
-    probs, cam = out["probs"][0], out["cam"][0]
-    cam = cam[..., int(np.argmax(probs))] if cam.ndim == 3 else cam
-    top, left, size = crop_box(frame.shape, spec)
-    rgba = heat_rgba(cam, size)
-    region = {"x": left, "y": top, "size": size, "frame_width": frame.shape[1], "frame_height": frame.shape[0]}
+def overlays():
+    """{kind: (rgba, overlay -> display matrix)} for ``daemon`` and ``fullscreen``."""
     reg = Registration(CAMERA_TO_DISPLAY, (W, H), 0.0)
-    return rgba, overlay_to_display_matrix(region, (size, size), reg, (W, H))
+    return {kind: overlay_and_matrix(kind, (W, H), reg, CAMERA, CROP) for kind in ("daemon", "fullscreen")}
 
 
 @pytest.fixture(scope="module", params=["rgb565le", "mono1", "mono1-dither"])
@@ -91,18 +59,11 @@ def display(request):
         d.close()
 
 
-def bridge_path(rgba, matrix, display):
-    """Warp + convert + frame encode, as the bridge does it for one overlay."""
-    image, region = render_for(display, rgba, matrix, (W, H))
-    data, send = display.prepare(image, region)
-    return L.encode_frame_chunks(data, seq0=0, frame_id=1, region=send, fmt=display.fmt, max_payload=4096)
-
-
 @pytest.mark.benchmark(group="bridge-path")
 @pytest.mark.parametrize("which", ["daemon", "fullscreen"])
-def test_bridge_path(benchmark, which, display, daemon_overlay, overlay):
-    rgba, matrix = daemon_overlay if which == "daemon" else (overlay, MATRIX)
-    enc = benchmark(bridge_path, rgba, matrix, display)
+def test_bridge_path(benchmark, which, display, overlays):
+    rgba, matrix = overlays[which]
+    enc, _ = benchmark(bridge_path, rgba, matrix, display)
     x, y, w, h = L.parse_frame_body(L.unpack_message(L.cobs_decode(enc.chunk(0)[:-1])).body)[0][2:6]
     benchmark.extra_info.update({"region": [x, y, w, h], "payload_bytes": enc.payload_bytes,
                                  "display_fraction": round(w * h / (W * H), 3)})
@@ -122,8 +83,13 @@ def pipeline(rgba, reg, fmt, **kw):
 
 
 @pytest.fixture(scope="module")
-def registration():
-    return Registration(MATRIX, (W, H), 0.0)
+def overlay(overlays):
+    return overlays["fullscreen"][0]
+
+
+@pytest.fixture(scope="module")
+def registration(overlays):
+    return Registration(overlays["fullscreen"][1], (W, H), 0.0)
 
 
 @pytest.mark.parametrize("stage", ["warp", "encode565", "encode565_gamma", "encode_mono1", "frame565",

@@ -32,7 +32,7 @@ from .registration import (
 )
 from .simulator import ControllerCore, FaultPlan, PtyController
 
-__all__ = ["run_main", "simulate_main", "register_main", "main"]
+__all__ = ["run_main", "simulate_main", "register_main", "blank_main", "bench_main", "main"]
 
 
 def _size(text: str) -> tuple[int, int]:
@@ -200,7 +200,7 @@ def run_main(argv: list[str] | None = None) -> int:
         prog="armscope bridge",
         description=run_main.__doc__,
         epilog="Other bridge commands: 'armscope bridge simulate --help', 'armscope bridge register --help', "
-               "'armscope bridge blank --help'.",
+               "'armscope bridge blank --help', 'armscope bridge bench --help'.",
     )
     p.add_argument("--connect", required=True, help="the daemon's publish endpoint, e.g. tcp://127.0.0.1:5556")
     p.add_argument("--display", required=True, help="png://DIR, serial:///dev/ttyX?baud=N, fb:///dev/fbN, window://[TITLE] (see displays.py)")
@@ -299,10 +299,98 @@ def blank_main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.lower().startswith(("model name", "hardware", "cpu model")):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    import platform
+
+    return platform.processor() or platform.machine()
+
+
+def bench_main(argv: list[str] | None = None) -> int:
+    """Time the bridge's work per overlay on this machine (warp, pixel
+    conversion, link framing) for a display size and pixel format, with the
+    daemon's heat overlay of a real Grad-CAM (bundled; no model needed): what
+    an integrator compares boards and displays with. Prints medians and the
+    95th percentile per stage, the bytes a frame puts on the link and how long
+    that takes at --baud."""
+    import json
+    import os
+
+    from .bench import STAGES, run
+    from .displays import open_display
+    from .registration import load_registration
+
+    p = argparse.ArgumentParser(prog="armscope bridge bench", description=bench_main.__doc__)
+    p.add_argument("--size", type=_size, default=(1280, 720), help="display size WxH (default 1280x720)")
+    p.add_argument("--format", type=_fmt, default=PixelFormat.RGB565_LE, help="display pixel format (default rgb565le)")
+    p.add_argument("--overlay", choices=("daemon", "fullscreen", "both"), default="both",
+                   help="daemon: its crop registered into the display; fullscreen: a display-sized overlay (worst case)")
+    p.add_argument("--registration", help="camera -> display registration JSON (default: the uncalibrated whole-frame fit)")
+    p.add_argument("--camera", type=_size, default=(1600, 1200), help="camera frame WxH (default 1600x1200)")
+    p.add_argument("--crop", type=int, default=1024, help="the model's centre crop, camera px (default 1024)")
+    p.add_argument("--frames", type=int, default=200, help="overlays timed per case (default 200)")
+    p.add_argument("--warmup", type=int, default=10, help="overlays run first, not timed (default 10)")
+    p.add_argument("--dither", action="store_true", help="ordered dithering (MONO1)")
+    p.add_argument("--brightness", type=float, default=1.0)
+    p.add_argument("--gamma", type=float, default=1.0)
+    p.add_argument("--max-payload", type=int, default=4096, help="link chunk payload bytes (default 4096)")
+    p.add_argument("--baud", type=int, default=921600, help="UART rate for the time-on-the-wire column")
+    p.add_argument("--json", help="also write the results here")
+    try:
+        args = p.parse_args(argv)
+    except SystemExit as exc:
+        return int(exc.code or 0)
+    if args.baud <= 0:
+        print("armscope bridge bench: --baud must be > 0", file=sys.stderr)
+        return 2
+    (w, h), fmt = args.size, args.format
+    try:
+        registration = load_registration(args.registration) if args.registration else None
+        if registration is not None and registration.display_size != (w, h):
+            raise ValueError(f"{args.registration}: registration is for a {registration.display_size[0]}x"
+                             f"{registration.display_size[1]} display, --size is {w}x{h}")
+        kinds = ("daemon", "fullscreen") if args.overlay == "both" else (args.overlay,)
+        results = []
+        with PtyController(ControllerCore(w, h, fmt, max_payload=args.max_payload)) as sim:
+            uri = (f"serial://{sim.slave_path}?baud=921600&deadline=5&max_payload={args.max_payload}"
+                   f"&dither={int(args.dither)}&brightness={args.brightness}&gamma={args.gamma}")
+            with open_display(uri) as display:
+                display.blank()  # nothing lit: each overlay is sent as the bridge sends a first one
+                for kind in kinds:
+                    results.append(run(display, kind, frames=args.frames, warmup=args.warmup,
+                                       registration=registration, camera=args.camera, crop=args.crop,
+                                       max_payload=args.max_payload))
+    except (RegistrationError, ValueError, OSError) as exc:
+        print(f"armscope bridge bench: {exc}", file=sys.stderr)
+        return 2
+    cpu = f"{_cpu_name()}, {os.cpu_count()} CPUs"
+    print(f"armscope bridge bench: {w}x{h} {fmt.slug}, {args.frames} overlays per case, on {cpu}")
+    print(f"{'overlay':<11}{'region sent':<22}" + "".join(f"{s:>9}" for s in STAGES)
+          + f"{'total':>9}{'p95':>9}{'wire KB':>10}{'effic.':>8}{'at ' + str(args.baud):>13}")
+    for r in results:
+        x, y, rw, rh = r.region
+        med = [r.stages_ms[s]["median"] for s in STAGES + ("total",)]
+        print(f"{r.overlay:<11}{f'{rw}x{rh} at {x},{y}':<22}" + "".join(f"{m:>9.2f}" for m in med)
+              + f"{r.stages_ms['total']['p95']:>9.2f}{r.wire_bytes / 1024:>10.0f}{r.link_efficiency:>8.3f}"
+              + f"{r.wire_seconds(args.baud):>12.2f}s")
+    print("(ms, medians; p95 of the total)")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"cpu": cpu, "results": [r.as_dict(args.baud) for r in results]}, f, indent=2)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
-    """``armscope bridge [run|simulate|register|blank] ...``: the first word picks the command (default run)."""
+    """``armscope bridge [run|simulate|register|blank|bench] ...``: the first word picks the command (default run)."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    commands = {"run": run_main, "simulate": simulate_main, "register": register_main, "blank": blank_main}
+    commands = {"run": run_main, "simulate": simulate_main, "register": register_main, "blank": blank_main,
+                "bench": bench_main}
     if argv and argv[0] in commands:
         return commands[argv[0]](argv[1:])
     return run_main(argv)
