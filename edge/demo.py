@@ -49,7 +49,10 @@ def run_demo(bundle: str, source: str, overlays: int, out: Path, timeout_s: floa
         print_fn(f"daemon: {daemon.backend.describe()} | source {source} | publishing on {config.publish}")
         deadline = time.monotonic() + timeout_s
         last_state = None
-        while time.monotonic() < deadline and bridge.stats()["shown"] < overlays:
+        printed = 0
+        # Until the eyepiece showed them and this printer (a subscriber of its own, which may
+        # receive an overlay after the bridge did) has listed as many.
+        while time.monotonic() < deadline and (bridge.stats()["shown"] < overlays or printed < overlays):
             message = subscriber.recv(timeout_ms=200)
             if message is None:
                 continue
@@ -64,6 +67,7 @@ def run_demo(bundle: str, source: str, overlays: int, out: Path, timeout_s: floa
             d = h["decision"]
             print_fn(f"overlay frame {h['frame_id']:>4}: {d['label']:<8} p={d['score']:.3f} "
                      f"(threshold {d.get('threshold', '-')})  capture->publish {latency:7.1f} ms")
+            printed += 1
     finally:
         bridge.stop()
         bridge_thread.join(10)
