@@ -5,8 +5,9 @@ to the next zero), which whole-array NumPy can only emulate with several
 passes over index arrays; on a Grad-CAM overlay in RGB565 (hundreds of
 thousands of zero/non-zero transitions in 1.8 MB) that took ~7 ms a frame,
 more than the bridge's whole budget. The loop below takes whole 8-byte words
-where it can (``_cobs_feed``): ~0.6 ms for that frame on the 2-vCPU EPYC dev
-VM, one thread, half the byte-at-a-time loop's time. The compiled code is
+where it can (``_cobs_feed``): 0.6-1.2 ms for such a frame on the 2-vCPU EPYC
+dev VM, one thread, depending on how many of its bytes are zero; the
+byte-at-a-time loop took 2-3x as long. The compiled code is
 cached on disk (next to this file, or numba's user cache dir when that is
 read-only), so only the first start pays the compile (about a second); where
 neither is writable (a hardened service with ProtectSystem=strict and
@@ -20,7 +21,6 @@ from __future__ import annotations
 import numba
 import numpy as np
 from numba import uint8, uint64, uintp
-from numba.cpython.unsafe.numbers import trailing_zeros
 
 __all__ = ["cobs_into", "encode_chunks", "max_encoded_size"]
 
@@ -39,6 +39,24 @@ def max_encoded_size(raw_size: int) -> int:
 
 _LOW7 = np.uint64(0x7F7F7F7F7F7F7F7F)
 _HIGH = np.uint64(0x8080808080808080)
+_GATHER = np.uint64(0x0102040810204080)  # bit 8q -> bit 56 + q: a word's zero-byte flags as one byte
+
+
+def _zero_tables() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """For each 8-bit set ``m`` of zero bytes in a word: the word of codes that
+    fill them (each zero but the last gets the distance to the next zero),
+    the first zero's and the last zero's position."""
+    codes = np.zeros(256, np.uint64)
+    first = np.zeros(256, np.uint64)
+    last = np.zeros(256, np.uint64)
+    for m in range(1, 256):
+        zeros = [q for q in range(8) if m >> q & 1]
+        codes[m] = sum((b - a) << (8 * a) for a, b in zip(zeros, zeros[1:]))
+        first[m], last[m] = zeros[0], zeros[-1]
+    return codes, first, last
+
+
+_CODES, _FIRST, _LAST = _zero_tables()
 
 
 @_compiled
@@ -63,11 +81,12 @@ def _cobs_feed(src, words, a0, start, stop, out, j, code_pos, ff_end):  # pragma
     ``words``/``a0`` are ``_words(src)`` (or an empty array: bytes only).
     Where a whole aligned word fits in the open block, it is done at once:
     COBS puts every input byte at its own output position (a zero's position
-    becomes the next block's code byte), so the 8 bytes are stored as they
-    are and then each zero in them (found by bit tricks, no per-byte branch)
-    writes the code of the block it closes. Transparent overlay pixels are
-    long zero runs and coloured ones mix zero and non-zero bytes: both were
-    branch mispredictions byte by byte (2x slower on a heat overlay)."""
+    becomes the next block's code byte), so the word is stored with its zero
+    bytes replaced by their codes, looked up by the set of zero positions
+    (found by bit tricks; no per-byte or per-zero branch), and the block left
+    open gets its code. Transparent overlay pixels are long zero runs and
+    coloured ones mix zero and non-zero bytes: both were branch
+    mispredictions byte by byte (2-3x slower on a heat overlay)."""
     b = start
     w_end = a0 + uintp(words.size) * uintp(8)
     if w_end > stop:
@@ -82,15 +101,15 @@ def _cobs_feed(src, words, a0, start, stop, out, j, code_pos, ff_end):  # pragma
                     out[j + uintp(q)] = uint8(1)
                 code_pos = j + uintp(7)
             else:
-                for q in range(8):
-                    out[j + uintp(q)] = uint8((w >> uint64(8 * q)) & uint64(0xFF))
                 # high bit of each byte set where that byte is zero (exact: no borrow between bytes)
                 zeros = ((((w & _LOW7) + _LOW7) | w) & _HIGH) ^ _HIGH
-                while zeros != 0:
-                    z = j + uintp(trailing_zeros(zeros) >> 3)
-                    out[code_pos] = uint8(z - code_pos)
-                    code_pos = z
-                    zeros &= zeros - uint64(1)
+                if zeros != 0:  # close the open block at the first zero, fill the codes, open at the last
+                    m = ((zeros >> uint64(7)) * _GATHER) >> uint64(56)
+                    w |= _CODES[m]
+                    out[code_pos] = uint8(j + uintp(_FIRST[m]) - code_pos)
+                    code_pos = j + uintp(_LAST[m])
+                for q in range(8):
+                    out[j + uintp(q)] = uint8((w >> uint64(8 * q)) & uint64(0xFF))
             j += uintp(8)
             ff_end = False
             b += uintp(8)

@@ -9,9 +9,10 @@ simulator, and alternates them in rounds, so both see the same machine.
     python scripts/ab_bridge.py 33c41f1            # RGB565 LE and MONO1
     python scripts/ab_bridge.py 33c41f1 --rounds 8 --format mono1
 
-Times warp + convert + frame encode of the display-sized overlay of
-``benchmarks/bench_bridge.py`` (``fullscreen``) as the bridge of each version
-does it; prints per-round medians and the median of the per-round ratios.
+Times warp + convert + frame encode of an overlay of
+``benchmarks/bench_bridge.py`` (``--overlay fullscreen``, the default, or
+``daemon``) as the bridge of each version does it; prints per-round medians
+and the median of the per-round ratios.
 """
 from __future__ import annotations
 
@@ -55,6 +56,8 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("base", help="git revision to compare against")
     ap.add_argument("--format", action="append", choices=["rgb565le", "mono1"], help="default: both")
+    ap.add_argument("--overlay", choices=["fullscreen", "daemon"], default="fullscreen",
+                    help="benchmarks/bench_bridge.py's overlay to time (default fullscreen)")
     ap.add_argument("--rounds", type=int, default=6)
     ap.add_argument("--calls", type=int, default=60, help="timed calls per round and version")
     args = ap.parse_args(argv)
@@ -63,8 +66,12 @@ def main(argv=None) -> int:
     import bench_bridge as bb
 
     cur = {m: importlib.import_module(f"firmware_bridge.{m}") for m in ("bridge", "link", "displays", "simulator")}
-    rgba = bb.overlay.__wrapped__() if hasattr(bb.overlay, "__wrapped__") else bb.overlay._get_wrapped_function()()
+    from firmware_bridge.bench import overlay_and_matrix
+    from firmware_bridge.registration import Registration
+
     size = (bb.W, bb.H)
+    reg = Registration(bb.CAMERA_TO_DISPLAY, size, 0.0)
+    rgba, matrix = overlay_and_matrix(args.overlay, size, reg, bb.CAMERA, bb.CROP)
     with tempfile.TemporaryDirectory() as tmp:
         base = load_base(args.base, Path(tmp))
         for fmt in args.format or ["rgb565le", "mono1"]:
@@ -80,11 +87,11 @@ def main(argv=None) -> int:
                 for _ in range(args.rounds):
                     for name, (mods, d) in displays.items():
                         for _ in range(5):
-                            run_path(mods, d, rgba, bb.MATRIX, size)
+                            run_path(mods, d, rgba, matrix, size)
                         ts = []
                         for _ in range(args.calls):
                             t0 = time.perf_counter()
-                            run_path(mods, d, rgba, bb.MATRIX, size)
+                            run_path(mods, d, rgba, matrix, size)
                             ts.append(time.perf_counter() - t0)
                         medians[name].append(float(np.median(ts)) * 1e3)
                 ratios = np.array(medians["base"]) / np.array(medians["current"])
