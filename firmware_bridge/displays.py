@@ -348,8 +348,8 @@ class FramebufferDisplay(Display):
     see ``framebuffer.py``): the visible window of a double-buffered
     framebuffer and the channel order (RGB565/BGR565, XRGB/XBGR8888,
     RGB/BGR888, 8-bit grey, 1-bit mono with ``dither`` for heat maps), so
-    red stays red and a set bit means what the panel means. Rows are ``stride`` bytes
-    apart (sysfs; computed if the file is missing). A file that does not
+    red stays red and a set bit means what the panel means. Rows are
+    ``stride`` bytes apart (sysfs; computed if the file is missing). A file that does not
     answer the ioctl (a regular file standing in for a device) is taken to
     hold sysfs' virtual size in the usual layout for its depth
     (``framebuffer.DEFAULT_LAYOUTS``). ``screeninfo`` and ``visual`` override
@@ -387,7 +387,7 @@ class FramebufferDisplay(Display):
             stride_text = self._read_sys("stride").strip()
             self.stride = int(stride_text)
         except FileNotFoundError:
-            self.stride = vw * self.bpp // 8
+            self.stride = (vw * self.bpp + 7) // 8
         except ValueError:
             raise ValueError(f"{sysdir / 'stride'}: expected an integer") from None
         self.brightness, self.gamma, self.dither = brightness, gamma, dither
