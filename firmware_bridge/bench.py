@@ -16,6 +16,11 @@ Overlays:
   registration (or, without one, the uncalibrated whole-frame fit).
 * ``fullscreen``: the same heat overlay at the display's size covering all of
   it (registered with a 1 degree rotation): the worst case, every pixel sent.
+
+With a real output (``deliver``; ``armscope bridge bench --display URI``) the
+overlays are shown on it instead, timing ``display.show``: for ``serial://``
+the whole delivery to the controller (link speed, ACKs, resends), which is
+what an integrator's cable and controller firmware decide.
 """
 from __future__ import annotations
 
@@ -104,6 +109,73 @@ class BenchResult:
         return out
 
 
+@dataclasses.dataclass
+class DeliveryResult:
+    """Overlays shown on a real output: render, then ``display.show`` (for
+    ``serial://``: encode, send, and wait for the controller's ACKs)."""
+
+    overlay: str
+    display: dict
+    frames: int
+    region: list[int]
+    stages_ms: dict  # "render", "show", "total" -> {"median", "p95", "min"}
+    payload_bytes: int = 0   # per overlay, serial only
+    wire_bytes: int = 0      # all overlays, resends included, serial only
+    resent_chunks: int = 0
+    naks: int = 0
+    timeouts: int = 0
+
+    @property
+    def payload_mb_per_s(self) -> float:
+        """Pixel bytes delivered per second of ``show`` (median)."""
+        return self.payload_bytes / 1e6 / (self.stages_ms["show"]["median"] / 1000.0)
+
+    def as_dict(self) -> dict:
+        out = dataclasses.asdict(self)
+        out["payload_mb_per_s"] = round(self.payload_mb_per_s, 3) if self.payload_bytes else None
+        return out
+
+
+def _stats(columns: np.ndarray, names) -> dict:
+    return {name: {"median": round(float(np.median(col)), 3), "p95": round(float(np.percentile(col, 95)), 3),
+                   "min": round(float(col.min()), 3)} for name, col in zip(names, columns.T)}
+
+
+def deliver(display: Display, kind: str, *, frames: int, warmup: int, registration: Registration | None,
+            camera: tuple[int, int], crop: int, deadline: float = 60.0) -> DeliveryResult:
+    """Show ``frames`` overlays (after ``warmup``) on ``display`` as the bridge
+    does, timing the render and the delivery; sums the link's resends."""
+    if frames < 1 or warmup < 0:
+        raise ValueError(f"frames must be >= 1 and warmup >= 0, got {frames} and {warmup}")
+    if display.size is None:
+        raise ValueError("the display needs a fixed size (give width and height in its URI)")
+    rgba, matrix = overlay_and_matrix(kind, tuple(display.size), registration, camera, crop)
+    times, result = [], None
+    for i in range(warmup + frames):
+        t0 = time.perf_counter()
+        image, region = render_for(display, rgba, matrix, tuple(display.size))
+        t1 = time.perf_counter()
+        report = display.show(image, region=region, deadline=deadline)
+        t2 = time.perf_counter()
+        if result is None:
+            fmt = getattr(display, "fmt", None)
+            result = DeliveryResult(overlay=kind, frames=frames, region=list(region), stages_ms={},
+                                    display={"width": display.size[0], "height": display.size[1],
+                                             "format": fmt.slug if fmt is not None else "rgb"})
+        if i < warmup:
+            continue
+        times.append((t1 - t0, t2 - t1))
+        if isinstance(report, L.SendReport):
+            result.payload_bytes = report.payload_bytes
+            result.wire_bytes += report.wire_bytes
+            result.resent_chunks += report.resent_chunks
+            result.naks += report.naks
+            result.timeouts += report.timeouts
+    t = np.array(times) * 1000.0
+    result.stages_ms = _stats(np.column_stack([t, t.sum(axis=1)]), ("render", "show", "total"))
+    return result
+
+
 def run(display: Display, kind: str, *, frames: int, warmup: int, registration: Registration | None,
         camera: tuple[int, int], crop: int, max_payload: int = 4096) -> BenchResult:
     """Time ``frames`` overlays (after ``warmup``) through ``bridge_path``."""
@@ -116,10 +188,7 @@ def run(display: Display, kind: str, *, frames: int, warmup: int, registration: 
         if i >= warmup:
             times.append(stage)
     t = np.array(times) * 1000.0
-    t = np.column_stack([t, t.sum(axis=1)])
-    stats = {name: {"median": round(float(np.median(col)), 3), "p95": round(float(np.percentile(col, 95)), 3),
-                    "min": round(float(col.min()), 3)}
-             for name, col in zip(STAGES + ("total",), t.T)}
+    stats = _stats(np.column_stack([t, t.sum(axis=1)]), STAGES + ("total",))
     x, y, w, h = L.parse_frame_body(L.unpack_message(L.cobs_decode(enc.chunk(0)[:-1])).body)[0][2:6]
     return BenchResult(overlay=kind, display={"width": display.size[0], "height": display.size[1],
                                               "format": display.fmt.slug},

@@ -318,12 +318,15 @@ def bench_main(argv: list[str] | None = None) -> int:
     daemon's heat overlay of a real Grad-CAM (bundled; no model needed): what
     an integrator compares boards and displays with. Prints medians and the
     95th percentile per stage, the bytes a frame puts on the link and how long
-    that takes at --baud."""
+    that takes at --baud. With --display URI the overlays are shown on that
+    output instead and the delivery is timed too (serial://: to the
+    controller and back, with its ACKs and resends)."""
     import json
     import os
 
-    from .bench import STAGES, run
-    from .displays import open_display
+    from .bench import STAGES, deliver, run
+    from .displays import DisplayURIError, open_display
+    from .link import LinkError
     from .registration import load_registration
 
     p = argparse.ArgumentParser(prog="armscope bridge bench", description=bench_main.__doc__)
@@ -334,7 +337,9 @@ def bench_main(argv: list[str] | None = None) -> int:
     p.add_argument("--registration", help="camera -> display registration JSON (default: the uncalibrated whole-frame fit)")
     p.add_argument("--camera", type=_size, default=(1600, 1200), help="camera frame WxH (default 1600x1200)")
     p.add_argument("--crop", type=int, default=1024, help="the model's centre crop, camera px (default 1024)")
-    p.add_argument("--frames", type=int, default=200, help="overlays timed per case (default 200)")
+    p.add_argument("--display", help="show the overlays on this output and time the delivery "
+                   "(e.g. serial:///dev/ttyACM0?baud=921600); its size and format replace --size/--format")
+    p.add_argument("--frames", type=int, help="overlays timed per case (default 200; 20 with --display)")
     p.add_argument("--warmup", type=int, default=10, help="overlays run first, not timed (default 10)")
     p.add_argument("--dither", action="store_true", help="ordered dithering (MONO1)")
     p.add_argument("--brightness", type=float, default=1.0)
@@ -349,6 +354,10 @@ def bench_main(argv: list[str] | None = None) -> int:
     if args.baud <= 0:
         print("armscope bridge bench: --baud must be > 0", file=sys.stderr)
         return 2
+    if args.frames is None:
+        args.frames = 20 if args.display else 200
+    if args.display:
+        return _bench_display(args, deliver, open_display, (DisplayURIError, LinkError))
     (w, h), fmt = args.size, args.format
     try:
         registration = load_registration(args.registration) if args.registration else None
@@ -383,6 +392,52 @@ def bench_main(argv: list[str] | None = None) -> int:
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"cpu": cpu, "results": [r.as_dict(args.baud) for r in results]}, f, indent=2)
+    return 0
+
+
+def _bench_display(args, deliver, open_display, display_errors) -> int:
+    """``armscope bridge bench --display URI``: show the overlays on a real output."""
+    import json
+    import os
+
+    from .registration import load_registration
+
+    kinds = ("daemon", "fullscreen") if args.overlay == "both" else (args.overlay,)
+    results = []
+    try:
+        registration = load_registration(args.registration) if args.registration else None
+        with open_display(args.display) as display:
+            if registration is not None and display.size is not None and registration.display_size != tuple(display.size):
+                raise ValueError(f"{args.registration}: registration is for a {registration.display_size[0]}x"
+                                 f"{registration.display_size[1]} display, {args.display} is "
+                                 f"{display.size[0]}x{display.size[1]}")
+            display.blank()
+            try:
+                for kind in kinds:
+                    results.append(deliver(display, kind, frames=args.frames, warmup=args.warmup,
+                                           registration=registration, camera=args.camera, crop=args.crop))
+            finally:
+                display.blank()
+    except (RegistrationError, ValueError, OSError, *display_errors) as exc:
+        print(f"armscope bridge bench: {exc}", file=sys.stderr)
+        return 2
+    d = results[0].display
+    print(f"armscope bridge bench: {args.display} ({d['width']}x{d['height']} {d['format']}), "
+          f"{args.frames} overlays per case, on {_cpu_name()}, {os.cpu_count()} CPUs")
+    print(f"{'overlay':<11}{'region sent':<22}{'render':>9}{'show':>9}{'total':>9}{'p95':>9}"
+          f"{'wire KB':>10}{'resent':>8}{'MB/s':>8}")
+    for r in results:
+        x, y, rw, rh = r.region
+        med = [r.stages_ms[s]["median"] for s in ("render", "show", "total")]
+        link = (f"{r.wire_bytes / r.frames / 1024:>10.0f}{r.resent_chunks:>8}{r.payload_mb_per_s:>8.2f}"
+                if r.payload_bytes else f"{'-':>10}{'-':>8}{'-':>8}")
+        print(f"{r.overlay:<11}{f'{rw}x{rh} at {x},{y}':<22}" + "".join(f"{m:>9.2f}" for m in med)
+              + f"{r.stages_ms['total']['p95']:>9.2f}" + link)
+    print("(ms, medians; p95 of the total; wire KB per overlay incl. resends; MB/s of pixel bytes delivered)")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"cpu": f"{_cpu_name()}, {os.cpu_count()} CPUs", "display": args.display,
+                       "results": [r.as_dict() for r in results]}, f, indent=2)
     return 0
 
 

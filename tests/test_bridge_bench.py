@@ -51,3 +51,29 @@ def test_bench_rejects_bad_input(tmp_path, capsys):
     assert "crop 1024 must fit the 640x480 camera frame" in capsys.readouterr().err
     assert main(["bench", "--size", "160x120", "--frames", "0"]) == 2
     assert "frames must be >= 1" in capsys.readouterr().err
+
+
+def test_bench_delivers_to_a_real_serial_controller(tmp_path, capsys):
+    """--display: the overlays go over the link to the (simulated) controller
+    and back; the bench reports the delivery and leaves the display blank."""
+    from firmware_bridge.simulator import ControllerCore, PtyController
+
+    core = ControllerCore(160, 120, "rgb565le")
+    out = tmp_path / "deliver.json"
+    with PtyController(core) as sim:
+        assert main(["bench", "--display", f"serial://{sim.slave_path}?baud=921600", "--frames", "3",
+                     "--warmup", "1", "--camera", "640x480", "--crop", "256", "--json", str(out)]) == 0
+        assert core.stats.frames_shown >= 2 * 4  # two overlays x (warmup + frames), each acknowledged
+        assert not core.shown_rgb().any()          # blanked when done
+    data = json.loads(out.read_text())
+    for r in data["results"]:
+        w, h = r["region"][2:]
+        assert r["payload_bytes"] == PixelFormat.RGB565_LE.frame_bytes(w, h)
+        assert r["wire_bytes"] >= 3 * r["payload_bytes"] and r["resent_chunks"] == 0
+        assert r["stages_ms"]["show"]["median"] > 0 and r["payload_mb_per_s"] > 0
+    assert "MB/s" in capsys.readouterr().out
+
+
+def test_bench_display_needs_a_size(tmp_path, capsys):
+    assert main(["bench", "--display", f"png://{tmp_path}/png", "--frames", "1"]) == 2
+    assert "give width and height in its URI" in capsys.readouterr().err
