@@ -107,10 +107,7 @@ def emitted_rgb(image: np.ndarray, fmt: PixelFormat | None, brightness: float, g
     RGB, or grey for grey formats): through the pixel format and back, so
     quantisation and 1-bit thresholds show; ``fmt`` None: full 8-bit RGB."""
     if fmt is None:
-        rgb = pf.composite_over_black(image)
-        if (brightness, gamma) != (1.0, 1.0):
-            rgb = cv2.LUT(rgb, pf.make_lut(brightness, gamma))
-        return rgb
+        return pf.composite_over_black(image, brightness=brightness, gamma=gamma)
     h, w = image.shape[:2]
     return pf.decode(pf.encode(image, fmt, brightness=brightness, gamma=gamma, dither=dither), fmt, w, h)
 
@@ -206,7 +203,7 @@ class _PictureDisplay(Display):
             raise ValueError(f"width and height must be >= 1, got {width}x{height}")
         self.size = (int(width), int(height)) if width is not None else None
         self.fmt = PixelFormat.parse(fmt) if fmt is not None else None
-        self.luma_input = self.fmt in (PixelFormat.GRAY8, PixelFormat.MONO1)
+        self.luma_input = self.fmt is not None and self.fmt.grey
         self.brightness, self.gamma, self.dither = brightness, gamma, dither
         pf.make_lut(brightness, gamma)  # validate now
 
@@ -297,7 +294,7 @@ class SerialDisplay(Display):
             )
         self.size = (info.width, info.height)
         self.fmt = info.pixel_format
-        self.luma_input = self.fmt in (PixelFormat.GRAY8, PixelFormat.MONO1)
+        self.luma_input = self.fmt.grey
         self.brightness, self.gamma, self.dither = brightness, gamma, dither
         pf.make_lut(brightness, gamma)
         self._lit = (0, 0, info.width, info.height)  # unknown until the first blank or frame
@@ -426,7 +423,7 @@ class FramebufferDisplay(Display):
         except BaseException:
             os.close(self._fd)
             raise
-        self.luma_input = self.layout in ("gray8", "mono10", "mono01")
+        self.luma_input = self.layout in fbinfo.GREY_LAYOUTS
         self.size = (w, h)
         self._lit = (0, 0, w, h)  # whatever was on the framebuffer before us
         bx = x0 * self.bpp // 8

@@ -108,6 +108,7 @@ LAYOUTS = {
     "bgrx8888": (32, ((16, 8), (8, 8), (0, 8))),  # XRGB8888: bytes B, G, R, X
     "rgbx8888": (32, ((0, 8), (8, 8), (16, 8))),  # XBGR8888: bytes R, G, B, X
 }
+GREY_LAYOUTS = ("mono10", "mono01", "gray8")  # one luma value a pixel: (H, W) grey images do
 # What a framebuffer that cannot be asked (sysfs only) is taken to hold: the usual layouts.
 DEFAULT_LAYOUTS = {1: "mono10", 8: "gray8", 16: "rgb565le", 24: "bgr888", 32: "bgrx8888"}
 
@@ -154,9 +155,7 @@ def pack(image: np.ndarray, layout: str, brightness: float = 1.0, gamma: float =
         return pf.encode(image, PixelFormat.RGB565_LE, brightness=brightness, gamma=gamma)
     if layout == "gray8":
         return pf.encode(image, PixelFormat.GRAY8, brightness=brightness, gamma=gamma)
-    rgb = pf.composite_over_black(image)
-    if (brightness, gamma) != (1.0, 1.0):
-        rgb = cv2.LUT(rgb, pf.make_lut(brightness, gamma))
+    rgb = pf.composite_over_black(image, brightness=brightness, gamma=gamma)
     code = {
         "bgr565le": cv2.COLOR_BGR2BGR565,  # red taken as "blue": it lands in the low 5 bits
         "bgr888": cv2.COLOR_RGB2BGR,
@@ -170,5 +169,5 @@ def pack(image: np.ndarray, layout: str, brightness: float = 1.0, gamma: float =
 
 def black(width: int, height: int, layout: str) -> np.ndarray:
     """The bytes of an all-dark ``width`` x ``height`` area (not zeros for MONO01)."""
-    grey = layout in ("mono10", "mono01", "gray8")
-    return pack(np.zeros((height, width) if grey else (height, width, 3), np.uint8), layout)
+    shape = (height, width) if layout in GREY_LAYOUTS else (height, width, 3)
+    return pack(np.zeros(shape, np.uint8), layout)

@@ -66,6 +66,11 @@ class PixelFormat(enum.Enum):
         """Short lower-case name used in URIs and on the command line."""
         return _SLUGS[self]
 
+    @property
+    def grey(self) -> bool:
+        """GRAY8 and MONO1: one luma value a pixel, so (H, W) grey images do."""
+        return self in (PixelFormat.GRAY8, PixelFormat.MONO1)
+
     def row_bytes(self, width: int) -> int:
         """Bytes per row of ``width`` pixels (MONO1 rows are padded to bytes)."""
         if width < 0:
@@ -186,14 +191,16 @@ def premultiply(rgba: np.ndarray) -> np.ndarray:
     return cv2.cvtColor(rgba, cv2.COLOR_RGBA2mRGBA)
 
 
-def composite_over_black(image: np.ndarray, *, premultiplied: bool = False) -> np.ndarray:
-    """(H, W, 3) RGB as seen in the eyepiece.  3-channel input is returned as is."""
+def composite_over_black(image: np.ndarray, *, premultiplied: bool = False, brightness: float = 1.0,
+                         gamma: float = 1.0) -> np.ndarray:
+    """(H, W, 3) RGB as seen in the eyepiece, after the brightness/gamma LUT.
+    3-channel input with the identity LUT is returned as is."""
     image = _check_image(image)
-    if image.shape[2] == 3:
-        return image
-    if not premultiplied:
-        image = premultiply(image)
-    return cv2.cvtColor(image, cv2.COLOR_RGBA2RGB)
+    if image.shape[2] == 4:
+        if not premultiplied:
+            image = premultiply(image)
+        image = cv2.cvtColor(image, cv2.COLOR_RGBA2RGB)
+    return image if _is_identity(brightness, gamma) else cv2.LUT(image, make_lut(brightness, gamma))
 
 
 def encode(
@@ -218,7 +225,7 @@ def encode(
     gradients visible on 1-bit displays).
     """
     fmt = PixelFormat.parse(fmt)
-    image = _check_image(image, grey_ok=fmt in (PixelFormat.GRAY8, PixelFormat.MONO1))
+    image = _check_image(image, grey_ok=fmt.grey)
     h, w = image.shape[:2]
     if image.ndim == 3 and image.shape[2] == 4 and not premultiplied:
         image = premultiply(image)
