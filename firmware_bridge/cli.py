@@ -299,6 +299,13 @@ def blank_main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def _cpu() -> str:
+    """``'<model name>, N CPUs'``: the machine a bench figure belongs to."""
+    import os
+
+    return f"{_cpu_name()}, {os.cpu_count()} CPUs"
+
+
 def _cpu_name() -> str:
     try:
         with open("/proc/cpuinfo") as f:
@@ -322,7 +329,6 @@ def bench_main(argv: list[str] | None = None) -> int:
     output instead and the delivery is timed too (serial://: to the
     controller and back, with its ACKs and resends)."""
     import json
-    import os
 
     from .bench import STAGES, deliver, run
     from .displays import DisplayURIError, open_display
@@ -378,7 +384,7 @@ def bench_main(argv: list[str] | None = None) -> int:
     except (RegistrationError, ValueError, OSError) as exc:
         print(f"armscope bridge bench: {exc}", file=sys.stderr)
         return 2
-    cpu = f"{_cpu_name()}, {os.cpu_count()} CPUs"
+    cpu = _cpu()
     print(f"armscope bridge bench: {w}x{h} {fmt.slug}, {args.frames} overlays per case, on {cpu}")
     print(f"{'overlay':<11}{'region sent':<22}" + "".join(f"{s:>9}" for s in STAGES)
           + f"{'total':>9}{'p95':>9}{'wire KB':>10}{'effic.':>8}{'at ' + str(args.baud):>13}")
@@ -398,7 +404,6 @@ def bench_main(argv: list[str] | None = None) -> int:
 def _bench_display(args, deliver, open_display, display_errors) -> int:
     """``armscope bridge bench --display URI``: show the overlays on a real output."""
     import json
-    import os
 
     from .registration import load_registration
 
@@ -423,7 +428,7 @@ def _bench_display(args, deliver, open_display, display_errors) -> int:
         return 2
     d = results[0].display
     print(f"armscope bridge bench: {args.display} ({d['width']}x{d['height']} {d['format']}), "
-          f"{args.frames} overlays per case, on {_cpu_name()}, {os.cpu_count()} CPUs")
+          f"{args.frames} overlays per case, on {_cpu()}")
     print(f"{'overlay':<11}{'region sent':<22}{'render':>9}{'show':>9}{'total':>9}{'p95':>9}"
           f"{'wire KB':>10}{'resent':>8}{'MB/s':>8}")
     for r in results:
@@ -436,7 +441,7 @@ def _bench_display(args, deliver, open_display, display_errors) -> int:
     print("(ms, medians; p95 of the total; wire KB per overlay incl. resends; MB/s of pixel bytes delivered)")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"cpu": f"{_cpu_name()}, {os.cpu_count()} CPUs", "display": args.display,
+            json.dump({"cpu": _cpu(), "display": args.display,
                        "results": [r.as_dict() for r in results]}, f, indent=2)
     return 0
 
