@@ -281,3 +281,24 @@ def test_encoding_split_over_threads_is_byte_identical(monkeypatch, threads):
     assert np.array_equal(one.offsets, many.offsets) and np.array_equal(one.wire, many.wire)
     msgs = L.FrameDecoder(max_frame=4096).feed(many.wire.tobytes())
     assert b"".join(L.parse_frame_body(m.body)[1] for m in msgs) == payload.tobytes()
+
+
+def test_chunk_crcs_in_compiled_code_match_the_python_loop(monkeypatch):
+    """The chunk CRCs are computed in the encoder threads by ISA-L called from
+    compiled code (``cobs_kernel.chunk_crcs``); without that symbol ``link``
+    keeps a Python loop. Both must put the same bytes on the wire, and with the
+    base install (``isal`` is a dependency) the compiled path must be the one
+    in use, or the bridge silently loses its parallel CRCs."""
+    from firmware_bridge import cobs_kernel
+
+    assert cobs_kernel.HAVE_COMPILED_CRC
+    rng = np.random.default_rng(8)
+    w, h = 300, 97
+    payload = (rng.random(w * h * 2) < 0.5).astype(np.uint8) * rng.integers(0, 256, w * h * 2, dtype=np.uint8)
+    kw = dict(seq0=17, frame_id=4, region=(0, 0, w, h), fmt="rgb565be", max_payload=777)
+    compiled = L.encode_frame_chunks(payload, **kw)
+    monkeypatch.setattr(L, "HAVE_COMPILED_CRC", False)
+    loop = L.encode_frame_chunks(payload, **kw)
+    assert np.array_equal(compiled.wire, loop.wire) and np.array_equal(compiled.offsets, loop.offsets)
+    msgs = L.FrameDecoder().feed(compiled.wire.tobytes())  # the decoder checks each CRC with zlib's function
+    assert len(msgs) == compiled.n_chunks and b"".join(L.parse_frame_body(m.body)[1] for m in msgs) == payload.tobytes()
