@@ -332,7 +332,7 @@ def bench_main(argv: list[str] | None = None) -> int:
 
     from .bench import STAGES, deliver, run
     from .displays import DisplayURIError, open_display
-    from .link import LinkError
+    from .link import CRC_PATH, LinkError
     from .registration import load_registration
 
     p = argparse.ArgumentParser(prog="armscope bridge bench", description=bench_main.__doc__)
@@ -385,7 +385,8 @@ def bench_main(argv: list[str] | None = None) -> int:
         print(f"armscope bridge bench: {exc}", file=sys.stderr)
         return 2
     cpu = _cpu()
-    print(f"armscope bridge bench: {w}x{h} {fmt.slug}, {args.frames} overlays per case, on {cpu}")
+    print(f"armscope bridge bench: {w}x{h} {fmt.slug}, {args.frames} overlays per case, on {cpu}"
+          f" (frame CRCs: {CRC_PATH})")
     print(f"{'overlay':<11}{'region sent':<22}" + "".join(f"{s:>9}" for s in STAGES)
           + f"{'total':>9}{'p95':>9}{'wire KB':>10}{'effic.':>8}{'at ' + str(args.baud):>13}")
     for r in results:
@@ -397,7 +398,8 @@ def bench_main(argv: list[str] | None = None) -> int:
     print("(ms, medians; p95 of the total)")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"cpu": cpu, "results": [r.as_dict(args.baud) for r in results]}, f, indent=2)
+            json.dump({"cpu": cpu, "crc": CRC_PATH, "results": [r.as_dict(args.baud) for r in results]}, f,
+                      indent=2)
     return 0
 
 

@@ -30,6 +30,7 @@ def test_bench_reports_both_overlays(tmp_path, capsys, fmt):
     printed = capsys.readouterr().out
     assert "160x120 " + fmt in printed and "daemon" in printed and "fullscreen" in printed
     data = json.loads(out.read_text())
+    assert data["crc"] == "ISA-L, in the encoder threads" and "(frame CRCs: ISA-L, in the encoder threads)" in printed
     daemon, full = data["results"]
     assert full["region"] == [0, 0, 160, 120]
     x, y, w, h = daemon["region"]
@@ -77,3 +78,19 @@ def test_bench_delivers_to_a_real_serial_controller(tmp_path, capsys):
 def test_bench_display_needs_a_size(tmp_path, capsys):
     assert main(["bench", "--display", f"png://{tmp_path}/png", "--frames", "1"]) == 2
     assert "give width and height in its URI" in capsys.readouterr().err
+
+
+def test_output_into_a_closed_pipe_ends_quietly():
+    """``armscope bridge bench | head -1`` closes the pipe while the bench
+    still prints: that ends the command quietly with the shell's SIGPIPE status,
+    not a BrokenPipeError traceback (seen before the fix, from `head -1`)."""
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen([sys.executable, "-m", "armscope.cli", "bridge", "bench", "--size", "160x120",
+                             "--frames", "2", "--warmup", "0", "--overlay", "daemon", "--camera", "640x480",
+                             "--crop", "256"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdout.close()  # the reader is gone before the first line is written
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) == 141, err
+    assert "Traceback" not in err and "Exception ignored" not in err, err
