@@ -25,9 +25,10 @@ The byte-level specification is ``docs/link-protocol.md``.
 Performance: ``encode_frame_chunks`` builds the chunk headers with NumPy,
 CRCs with ISA-L (``isal``, zlib's function, 4x faster than zlib here; called
 from compiled code in the encoder threads), and COBS with compiled passes
-(``cobs_kernel``, numba), split over up to four threads for large frames: COBS is byte-sequential, whole-array NumPy needed
-~7 ms for a 1280x720 RGB565 frame and one core ~2-3 ms.  The decoder is a
-plain loop (the controller side is the simulator).
+(``cobs_kernel``, numba), split over up to four threads for large frames:
+COBS is byte-sequential, whole-array NumPy needed ~7 ms for a 1280x720
+RGB565 frame and one core ~2-3 ms.  The decoder is a plain loop (the
+controller side is the simulator).
 """
 
 from __future__ import annotations
