@@ -468,11 +468,12 @@ def encode_frame_chunks(
     # kernels hold no GIL): each range computes its own CRCs where ISA-L is
     # callable from compiled code, and writes into its own slot of ``wire``;
     # the slots are closed up afterwards.
-    crcs = np.empty(k, dtype=np.uint32)
-    if not HAVE_COMPILED_CRC:
+    if HAVE_COMPILED_CRC:
+        crcs = np.empty(k, dtype=np.uint32)  # filled by each range's thread
+    else:
         mp, mh, hs = memoryview(p), memoryview(hb.reshape(-1)), hb.shape[1]  # memoryview slices are cheapest
-        crcs[:] = np.fromiter((_crc32(mp[i * c : (i + 1) * c], _crc32(mh[i * hs : (i + 1) * hs])) for i in range(k)),
-                              dtype=np.uint32, count=k)
+        crcs = np.fromiter((_crc32(mp[i * c : (i + 1) * c], _crc32(mh[i * hs : (i + 1) * hs])) for i in range(k)),
+                           dtype=np.uint32, count=k)
     slot = max_encoded_size(_PER_CHUNK_RAW + c)
     wire = np.empty(k * slot, dtype=np.uint8)
     offsets = np.empty(k + 1, dtype=np.int64)
