@@ -75,7 +75,7 @@ from armscope import protocol
 
 from .displays import Display, paste_on_black
 from .link import LinkError
-from .registration import Registration
+from .registration import Registration, slow_warp_warning
 
 __all__ = [
     "Bridge",
@@ -413,6 +413,8 @@ class Bridge:
     def start(self) -> None:
         """Blank the display (whatever it held is unknown), then connect."""
         self._blank(BLANK_STARTUP, force=True)
+        if (warning := slow_warp_warning()) is not None:
+            log.warning("bridge: %s", warning)
         if self.connect is not None and self.subscriber is None:
             self.subscriber = protocol.Subscriber(self.connect, context=self.context, curve=self.curve)
             log.info("bridge subscribed to %s (clock check: %s)", self.connect, self.clock_mode)

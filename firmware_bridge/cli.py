@@ -333,7 +333,7 @@ def bench_main(argv: list[str] | None = None) -> int:
     from .bench import STAGES, deliver, run
     from .displays import DisplayURIError, open_display
     from .link import CRC_PATH, LinkError
-    from .registration import load_registration
+    from .registration import load_registration, opencv_build, slow_warp_warning
 
     p = argparse.ArgumentParser(prog="armscope bridge bench", description=bench_main.__doc__)
     p.add_argument("--size", type=_size, default=(1280, 720), help="display size WxH (default 1280x720)")
@@ -386,7 +386,9 @@ def bench_main(argv: list[str] | None = None) -> int:
         return 2
     cpu = _cpu()
     print(f"armscope bridge bench: {w}x{h} {fmt.slug}, {args.frames} overlays per case, on {cpu}"
-          f" (frame CRCs: {CRC_PATH})")
+          f" ({opencv_build()}; frame CRCs: {CRC_PATH})")
+    if (warning := slow_warp_warning()) is not None:
+        print(f"warning: {warning}")
     print(f"{'overlay':<11}{'region sent':<22}" + "".join(f"{s:>9}" for s in STAGES)
           + f"{'total':>9}{'p95':>9}{'wire KB':>10}{'effic.':>8}{'at ' + str(args.baud):>13}")
     for r in results:
@@ -398,7 +400,7 @@ def bench_main(argv: list[str] | None = None) -> int:
     print("(ms, medians; p95 of the total)")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"cpu": cpu, "crc": CRC_PATH, "results": [r.as_dict(args.baud) for r in results]}, f,
+            json.dump({"cpu": cpu, "opencv": opencv_build(), "crc": CRC_PATH, "results": [r.as_dict(args.baud) for r in results]}, f,
                       indent=2)
     return 0
 

@@ -389,6 +389,32 @@ def load_registration(path: "str | os.PathLike") -> Registration:
 
 # ---------------------------------------------------------------- warping
 
+FAST_WARP_OPENCV = 5  # OpenCV major version from which the warp below is the fast one
+
+
+def opencv_build() -> str:
+    """``"OpenCV 5.0.0, 2 threads"``: what the warp runs on, for benchmark headers."""
+    return f"OpenCV {cv2.__version__}, {cv2.getNumThreads()} threads"
+
+
+def slow_warp_warning() -> str | None:
+    """A line saying this install's OpenCV warps slowly, or None.
+
+    Why: OpenCV 5's ``warpPerspective`` took half the time of 4.10's and
+    4.14's on the bridge's 1280x720 RGBA warp (same CPU, BENCHMARKS.md
+    section 3), the largest stage of the bridge's work. ``pip install``
+    brings 5.x, but a board's system OpenCV (JetPack's, a distro's
+    python3-opencv) can shadow it, and nothing else would tell."""
+    try:
+        major = int(cv2.__version__.split(".")[0])
+    except ValueError:
+        return None
+    if major >= FAST_WARP_OPENCV:
+        return None
+    return (f"OpenCV {cv2.__version__} (from {getattr(cv2, '__file__', '?')}): its warp is about 2x slower "
+            f"than OpenCV {FAST_WARP_OPENCV}'s; pip install 'opencv-python-headless>={FAST_WARP_OPENCV}' "
+            f"and make sure that one is imported")
+
 
 def warp(image: np.ndarray, registration: Registration, *, premultiplied_out: bool = False) -> np.ndarray:
     """Warp an overlay from camera to display pixels (``registration.display_size``).

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import cv2
 import numpy as np
 import pytest
 
@@ -12,7 +13,7 @@ pytest.importorskip("serial")
 from firmware_bridge import bench  # noqa: E402
 from firmware_bridge.cli import main  # noqa: E402
 from firmware_bridge.pixel_formats import PixelFormat  # noqa: E402
-from firmware_bridge.registration import Registration, save_registration  # noqa: E402
+from firmware_bridge.registration import Registration, save_registration, slow_warp_warning  # noqa: E402
 
 
 def test_sample_overlay_is_the_real_cam():
@@ -20,6 +21,17 @@ def test_sample_overlay_is_the_real_cam():
     assert cam.shape == (20, 20) and cam.max() > 0 and 0.3 < (cam > 0).mean() < 1.0
     rgba = bench.sample_overlay(256)
     assert rgba.shape == (256, 256, 4) and rgba[..., 3].max() > 100 and (rgba[..., 3] == 0).any()
+
+
+def test_an_opencv_with_the_slow_warp_is_named(monkeypatch):
+    """OpenCV 4.x warps at about half the speed of 5.x (BENCHMARKS.md): the
+    bench and the bridge's log say so, naming the version and where it came from."""
+    assert slow_warp_warning() is None
+    monkeypatch.setattr(cv2, "__version__", "4.8.0")  # e.g. JetPack 6's system OpenCV
+    warning = slow_warp_warning()
+    assert warning is not None and "OpenCV 4.8.0" in warning and cv2.__file__ in warning
+    monkeypatch.setattr(cv2, "__version__", "5.1.0-dev")
+    assert slow_warp_warning() is None
 
 
 @pytest.mark.parametrize("fmt", ["rgb565le", "mono1"])
@@ -30,7 +42,9 @@ def test_bench_reports_both_overlays(tmp_path, capsys, fmt):
     printed = capsys.readouterr().out
     assert "160x120 " + fmt in printed and "daemon" in printed and "fullscreen" in printed
     data = json.loads(out.read_text())
-    assert data["crc"] == "ISA-L, in the encoder threads" and "(frame CRCs: ISA-L, in the encoder threads)" in printed
+    assert data["crc"] == "ISA-L, in the encoder threads" and "frame CRCs: ISA-L, in the encoder threads)" in printed
+    assert data["opencv"] == f"OpenCV {cv2.__version__}, {cv2.getNumThreads()} threads" and data["opencv"] in printed
+    assert "warning" not in printed  # the install under test has the fast warp (pyproject: OpenCV >= 5)
     daemon, full = data["results"]
     assert full["region"] == [0, 0, 160, 120]
     x, y, w, h = daemon["region"]
@@ -94,3 +108,15 @@ def test_output_into_a_closed_pipe_ends_quietly():
     err = proc.stderr.read().decode()
     assert proc.wait(timeout=120) == 141, err
     assert "Traceback" not in err and "Exception ignored" not in err, err
+
+
+def test_the_bridge_logs_a_slow_warp_at_start(tmp_path, monkeypatch, caplog):
+    from firmware_bridge.bridge import Bridge
+    from firmware_bridge.displays import PngDisplay
+
+    monkeypatch.setattr(cv2, "__version__", "4.8.0")
+    bridge = Bridge(PngDisplay(tmp_path, width=64, height=48), stats_interval=0)
+    with caplog.at_level("WARNING", logger="firmware_bridge.bridge"):
+        bridge.start()
+    bridge.close()
+    assert any("OpenCV 4.8.0" in r.getMessage() for r in caplog.records if r.levelname == "WARNING")
