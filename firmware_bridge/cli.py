@@ -400,8 +400,8 @@ def bench_main(argv: list[str] | None = None) -> int:
     print("(ms, medians; p95 of the total)")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"cpu": cpu, "opencv": opencv_build(), "crc": CRC_PATH, "results": [r.as_dict(args.baud) for r in results]}, f,
-                      indent=2)
+            json.dump({"cpu": cpu, "opencv": opencv_build(), "crc": CRC_PATH,
+                       "results": [r.as_dict(args.baud) for r in results]}, f, indent=2)
     return 0
 
 
