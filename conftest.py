@@ -25,13 +25,28 @@ def _has_gpu() -> bool:
         return False
 
 
+def _has_cuda() -> bool:
+    """A GPU that cuda-python or pycuda can reach (TensorRT not needed)."""
+    import importlib.util
+
+    try:
+        if importlib.util.find_spec("cuda") is None and importlib.util.find_spec("pycuda") is None:
+            return False
+        from edge.trt_build import gpu_info
+
+        return gpu_info() is not None
+    except Exception:
+        return False
+
+
 def pytest_collection_modifyitems(config, items):
-    if _has_gpu():
-        return
-    skip = pytest.mark.skip(reason="needs an NVIDIA GPU with TensorRT")
-    for item in items:
-        if "gpu" in item.keywords:
-            item.add_marker(skip)
+    rules = [("gpu", _has_gpu, "needs an NVIDIA GPU with TensorRT"),
+             ("cuda", _has_cuda, "needs an NVIDIA GPU and cuda-python or pycuda")]
+    for marker, available, reason in rules:
+        marked = [item for item in items if marker in item.keywords]
+        if marked and not available():
+            for item in marked:
+                item.add_marker(pytest.mark.skip(reason=reason))
 
 
 @pytest.fixture(scope="session")

@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# The checks that need an NVIDIA GPU, in one run on a lent GPU machine (the
+# `device` tool), whose image has Python, numpy, OpenCV, numba, ONNX Runtime
+# and cuda-python but not this project's other dependencies, and no network.
+#
+# Here, first (wheels for the machine's Python 3.12; .whl/ is git-ignored):
+#   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 \
+#     --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 \
+#     --platform manylinux2014_x86_64 -d .whl pyzmq pyserial jsonschema \
+#     jsonschema-specifications referencing rpds-py isal
+# then run this with carry [".whl"]. Results land in $OUT (env, tests, bridge bench).
+# TensorRT itself cannot travel (its libraries are over 1 GB; the tool carries
+# 64 MiB), so the `gpu` tests skip unless the machine has it; the `cuda` tests
+# (the TensorRT backend's CUDA calls) run either way.
+set -uo pipefail
+OUT=${OUT:-out/gpu_check}
+mkdir -p "$OUT"
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target /tmp/site .whl/*.whl || exit 1
+export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
+{
+  date -u; nvidia-smi -L; nvidia-smi --query-gpu=name,compute_cap,driver_version --format=csv
+  lscpu | grep -E 'Model name|^CPU\(s\)'
+  python3 -c "import sys, cv2, numba, numpy, onnxruntime; print(sys.version.split()[0], 'cv2', cv2.__version__, 'numba', numba.__version__, 'numpy', numpy.__version__, 'ort', onnxruntime.__version__, onnxruntime.get_available_providers())"
+  python3 -c "import cuda.bindings; print('cuda-bindings', cuda.bindings.__version__)"
+  python3 -c "import tensorrt; print('tensorrt', tensorrt.__version__)" 2>&1 | tail -1
+} 2>&1 | tee "$OUT/env.txt"
+python3 -m pytest -q -p no:cacheprovider -rs tests/test_cuda_runtime.py tests/test_calibration_tensorrt.py \
+    2>&1 | tee "$OUT/gpu_tests.txt"
+python3 -m pytest -q -p no:cacheprovider tests/test_bridge_link.py tests/test_bridge_bench.py \
+    2>&1 | tail -15 | tee "$OUT/bridge_tests.txt"
+python3 -c "import sys; from firmware_bridge.cli import main; sys.exit(main(sys.argv[1:]))" \
+    bench --frames 200 --json "$OUT/bridge_bench.json" 2>&1 | tee "$OUT/bridge_bench.txt"
