@@ -25,6 +25,7 @@ import cv2
 import numpy as np
 
 from armscope.bundle import Bundle, load_bundle, staged_directory
+from armscope.cpus import usable_cpus
 from armscope.errors import ArmscopeError
 from armscope.preprocess import IMAGE_SUFFIXES, Preprocessing, load_image, preprocess_frame
 from edge.decision import decide
@@ -110,9 +111,7 @@ def run_graph(path: Path, images: np.ndarray, threads: int | None = None, batch:
     from edge.backends.base import OUTPUTS
     from edge.backends.onnxruntime_backend import open_session
 
-    import os
-
-    session = open_session(path, threads or os.cpu_count() or 1, exact_qdq=exact_qdq)
+    session = open_session(path, threads or usable_cpus(), exact_qdq=exact_qdq)
     parts = [session.run(list(OUTPUTS), {"image": np.ascontiguousarray(images[i : i + batch], np.float32)})
              for i in range(0, len(images), batch)]
     return {name: np.concatenate([p[k] for p in parts]) for k, name in enumerate(OUTPUTS)}

@@ -22,6 +22,8 @@ import time
 
 import cv2
 
+from armscope.cpus import usable_cpus
+
 from .pixel_formats import PixelFormat
 from .registration import (
     RegistrationError,
@@ -300,10 +302,8 @@ def blank_main(argv: list[str] | None = None) -> int:
 
 
 def _cpu() -> str:
-    """``'<model name>, N CPUs'``: the machine a bench figure belongs to."""
-    import os
-
-    return f"{_cpu_name()}, {os.cpu_count()} CPUs"
+    """``'<model name>, N CPUs'``: the CPUs this process may use, on the machine a bench figure belongs to."""
+    return f"{_cpu_name()}, {usable_cpus()} CPUs"
 
 
 def _cpu_name() -> str:

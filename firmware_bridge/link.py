@@ -38,13 +38,14 @@ import dataclasses
 import enum
 import itertools
 import logging
-import os
 import struct
 import threading
 import time
 from typing import Callable, NamedTuple, Sequence
 
 import numpy as np
+
+from armscope.cpus import usable_cpus
 
 from .cobs_kernel import HAVE_COMPILED_CRC, chunk_crcs, cobs_into, encode_chunks, max_encoded_size
 from .pixel_formats import PixelFormat
@@ -397,7 +398,7 @@ def warm_up() -> None:
 
 
 _MIN_CHUNKS_PER_THREAD = 64  # ~260 KB at 4 KB chunks: below that a thread costs more than it saves
-_ENCODER_THREADS = max(1, min(4, os.cpu_count() or 1))
+_ENCODER_THREADS = min(4, usable_cpus())
 _pool = None
 _pool_lock = threading.Lock()
 

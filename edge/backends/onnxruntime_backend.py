@@ -7,12 +7,12 @@ on the host (ONNX Runtime releases the GIL while it computes).
 """
 from __future__ import annotations
 
-import os
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
 from armscope.bundle import Bundle
+from armscope.cpus import usable_cpus
 from armscope.errors import ArmscopeError
 from edge.backends.base import OUTPUTS, InferenceBackend
 from edge.backends.cpu_features import require_exact_int8
@@ -55,7 +55,7 @@ class OnnxRuntimeBackend(InferenceBackend):
         require_exact_int8(bundle, "onnxruntime", allow_inexact_int8)
         self.bundle = bundle
         self.layout = layout
-        self.threads = threads or os.cpu_count() or 1
+        self.threads = threads or usable_cpus()
         if layout == "merged":
             self.sessions = [open_session(bundle.ensemble_path, self.threads)]
             self.pool = None

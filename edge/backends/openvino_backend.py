@@ -21,11 +21,11 @@ OpenVINO parallelises inside a graph better than ONNX Runtime does),
 """
 from __future__ import annotations
 
-import os
 
 import numpy as np
 
 from armscope.bundle import Bundle
+from armscope.cpus import usable_cpus
 from armscope.errors import ArmscopeError, require_module
 from edge.backends.base import OUTPUTS, InferenceBackend
 from edge.backends.cpu_features import require_exact_int8
@@ -55,7 +55,7 @@ class OpenVinoBackend(InferenceBackend):
         self.ov = ov
         self.bundle = bundle
         self.layout = layout
-        self.threads = threads or os.cpu_count() or 1
+        self.threads = threads or usable_cpus()
         core = ov.Core()
         self.capabilities = cpu_capabilities(core)
         if precision == "bf16" and "BF16" not in self.capabilities:
