@@ -27,7 +27,9 @@ and the reasons, unless ``--force-deployable`` (recorded as ``forced: true``).
 """
 from __future__ import annotations
 
+import contextlib
 import logging
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -66,6 +68,32 @@ class _Reader:
         self.i = 0
 
 
+# What ORT's symbolic shape inference leaves in the current directory when it
+# fails: its partial model and that model's weights under a uuid1 name.
+_ORT_LEFTOVERS = re.compile(r"sym_shape_infer_temp\.onnx|[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}\.data")
+
+
+@contextlib.contextmanager
+def _no_leftovers_in_cwd():
+    """Remove the files ORT's symbolic shape inference writes into the current
+    directory when it fails (``sym_shape_infer_temp.onnx`` and a uuid-named
+    ``.data``, ~0.8 MB per demo member): on every ``armscope quantize`` of a
+    tf2onnx graph they were left wherever the user ran it. Only files of those
+    names that appeared or changed during the call are removed."""
+    cwd = Path.cwd()
+
+    def leftovers() -> dict[str, int]:
+        return {p.name: p.stat().st_mtime_ns for p in cwd.iterdir() if _ORT_LEFTOVERS.fullmatch(p.name)}
+
+    before = leftovers()
+    try:
+        yield
+    finally:
+        for name, mtime in leftovers().items():
+            if before.get(name) != mtime:
+                (cwd / name).unlink(missing_ok=True)
+
+
 def preprocess_member(src: Path, dst: Path) -> dict:
     """quant_pre_process (symbolic shape inference, ONNX shape inference, ORT
     graph optimisation). tf2onnx graphs with a dynamic batch sometimes defeat
@@ -73,7 +101,8 @@ def preprocess_member(src: Path, dst: Path) -> dict:
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     try:
-        quant_pre_process(str(src), str(dst))
+        with _no_leftovers_in_cwd():
+            quant_pre_process(str(src), str(dst))
         info = {"symbolic_shape_inference": True}
     except Exception as exc:  # ORT raises a bare Exception("Incomplete symbolic shape inference")
         log.info("%s: symbolic shape inference failed (%s); pre-processing without it", src, exc)

@@ -265,3 +265,21 @@ def test_entropy_calibration_clips_outliers_unlike_minmax(tmp_path):
     assert entropy.calibration_method == CalibrationMethod.Entropy
     assert full_hi >= 39.0
     assert ent_hi < 0.5 * full_hi, (ent_hi, full_hi)
+
+
+def test_preprocessing_leaves_nothing_in_the_working_directory(tmp_path, monkeypatch):
+    """ORT's symbolic shape inference fails on the tf2onnx members and then
+    saves its partial model (sym_shape_infer_temp.onnx + a uuid-named .data)
+    wherever quantize runs; those are removed, a user's own files are not."""
+    from calibration.quantize import preprocess_member
+
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    mine = [cwd / "notes.txt", cwd / "00000000-0000-0000-0000-000000000000.data"]
+    for f in mine:
+        f.write_text("mine")
+    monkeypatch.chdir(cwd)
+    info = preprocess_member(SAMPLES / "demo_bundle" / "members" / "member_0.onnx", tmp_path / "pre.onnx")
+    assert info == {"symbolic_shape_inference": False}  # the failing pass ran (what leaves the files)
+    assert sorted(cwd.iterdir()) == sorted(mine)
+    assert onnx.load(str(tmp_path / "pre.onnx")).graph.node
