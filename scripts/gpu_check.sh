@@ -25,7 +25,7 @@ export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
   python3 -c "import cuda.bindings; print('cuda-bindings', cuda.bindings.__version__)"
   python3 -c "import tensorrt; print('tensorrt', tensorrt.__version__)" 2>&1 | tail -1
 } 2>&1 | tee "$OUT/env.txt"
-python3 -m pytest -q -p no:cacheprovider -rs tests/test_cuda_runtime.py tests/test_calibration_tensorrt.py \
+python3 -m pytest -q -p no:cacheprovider -rs tests/test_cuda_runtime.py tests/test_calibration_tensorrt.py tests/test_cpus.py \
     2>&1 | tee "$OUT/gpu_tests.txt"
 python3 -m pytest -q -p no:cacheprovider tests/test_bridge_link.py tests/test_bridge_bench.py \
     2>&1 | tail -15 | tee "$OUT/bridge_tests.txt"
