@@ -57,14 +57,16 @@ class OnnxRuntimeBackend(InferenceBackend):
         self.layout = layout
         self.threads = threads or usable_cpus()
         if layout == "merged":
+            self.paths = [bundle.ensemble_path]
             self.sessions = [open_session(bundle.ensemble_path, self.threads)]
             self.pool = None
         else:
-            paths = bundle.member_paths
-            per = max(1, self.threads // len(paths))
-            self.sessions = [open_session(p, per) for p in paths]
-            self.pool = ThreadPoolExecutor(max_workers=len(paths), thread_name_prefix="ort-member")
+            self.paths = list(bundle.member_paths)
+            per = max(1, self.threads // len(self.paths))
+            self.sessions = [open_session(p, per) for p in self.paths]
+            self.pool = ThreadPoolExecutor(max_workers=len(self.paths), thread_name_prefix="ort-member")
         self._check_io()
+        self._warm_up()
 
     def _check_io(self) -> None:
         for session in self.sessions:
@@ -87,6 +89,30 @@ class OnnxRuntimeBackend(InferenceBackend):
                 raise ArmscopeError(
                     f"{self.bundle.root}: graph 'probs' has {probs_shape[-1]} classes, manifest task.classes has {n_classes}"
                 )
+
+    def _warm_up(self) -> None:
+        """Run every graph once on a black frame now.
+
+        Why: some graphs load but cannot run on the installed ONNX Runtime,
+        and it only says so at the first run: an INT8 bundle whose MatMul
+        weights are quantized per channel (``armscope quantize``'s all-INT8
+        variant) runs on onnxruntime 1.32 but fails in 1.30 and 1.31
+        (``QLinearMatMul``), the newest for Python 3.10 (JetPack 6). The
+        daemon then refuses at start-up, naming the graph, instead of on the
+        first camera frame; the run also allocates what the first frame needs."""
+        import onnxruntime as ort
+
+        frame = np.zeros([1, *self.bundle.manifest["inputs"][0]["shape"][1:]], np.float32)
+        for path, session in zip(self.paths, self.sessions):
+            try:
+                session.run(list(OUTPUTS), {"image": frame})
+            except Exception as exc:  # onnxruntime's own Fail/RuntimeException types
+                detail = str(exc).split("\n")[0][:400]
+                hint = ("INT8 MatMul weights quantized per channel need onnxruntime >= 1.32; upgrade it, or "
+                        "quantize with the heads and CAM kept in FP32 (armscope quantize --keep-fp32 heads,cam)"
+                        if "QLinearMatMul" in detail else "upgrade onnxruntime or use a bundle it can run")
+                raise ArmscopeError(f"{path}: onnxruntime {ort.__version__} loads this graph but cannot run it "
+                                    f"({detail}); {hint}") from None
 
     def infer(self, images: np.ndarray) -> dict[str, np.ndarray]:
         images = np.ascontiguousarray(images, dtype=np.float32)
