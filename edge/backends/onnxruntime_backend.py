@@ -65,8 +65,12 @@ class OnnxRuntimeBackend(InferenceBackend):
             per = max(1, self.threads // len(self.paths))
             self.sessions = [open_session(p, per) for p in self.paths]
             self.pool = ThreadPoolExecutor(max_workers=len(self.paths), thread_name_prefix="ort-member")
-        self._check_io()
-        self._warm_up()
+        try:
+            self._check_io()
+            self._warm_up()
+        except ArmscopeError:
+            self.close()  # the member threads, too
+            raise
 
     def _check_io(self) -> None:
         for session in self.sessions:
@@ -103,10 +107,18 @@ class OnnxRuntimeBackend(InferenceBackend):
         import onnxruntime as ort
 
         frame = np.zeros([1, *self.bundle.manifest["inputs"][0]["shape"][1:]], np.float32)
-        for path, session in zip(self.paths, self.sessions):
+
+        def failure(session) -> Exception | None:
             try:
                 session.run(list(OUTPUTS), {"image": frame})
             except Exception as exc:  # onnxruntime's own Fail/RuntimeException types
+                return exc
+            return None
+
+        # the members in parallel, as infer() runs them
+        failures = list(self.pool.map(failure, self.sessions)) if self.pool else [failure(self.sessions[0])]
+        for path, exc in zip(self.paths, failures):
+            if exc is not None:
                 detail = str(exc).split("\n")[0][:400]
                 hint = ("INT8 MatMul weights quantized per channel need onnxruntime >= 1.32; upgrade it, or "
                         "quantize with the heads and CAM kept in FP32 (armscope quantize --keep-fp32 heads,cam)"
