@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from armscope.cpus import usable_cpus
+
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 CACHE = Path(__file__).resolve().parent / ".cache"
@@ -28,6 +30,8 @@ def cpu_name() -> str:
 def pytest_benchmark_update_machine_info(config, machine_info):
     machine_info["cpu_model"] = cpu_name()
     machine_info["cores"] = os.cpu_count()
+    # what the runs could use: fewer than "cores" when pinned (taskset, CPUAffinity=)
+    machine_info["usable_cpus"] = usable_cpus()
 
 
 def ensure_full_members() -> list[Path]:
