@@ -1,4 +1,4 @@
-"""How many CPUs this process may run on.
+"""How many CPUs this process may run on, and what they are.
 
 Why not ``os.cpu_count()``: it counts the machine's CPUs, not the ones this
 process is allowed on. A bridge or daemon pinned to a few cores (systemd's
@@ -17,3 +17,19 @@ def usable_cpus() -> int:
         return max(1, len(os.sched_getaffinity(0)))
     except (AttributeError, OSError):  # macOS, Windows
         return max(1, os.cpu_count() or 1)
+
+
+def cpu_name() -> str:
+    """The CPU's model as /proc/cpuinfo names it (x86 ``model name``; Arm
+    boards such as Jetsons use ``Hardware`` or ``cpu model``), for naming the
+    machine a benchmark figure belongs to."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.lower().startswith(("model name", "hardware", "cpu model")):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    import platform
+
+    return platform.processor() or platform.machine()

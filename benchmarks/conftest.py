@@ -4,27 +4,16 @@ benchmarks/.cache, since tf2onnx needs minutes per DenseNet-121 member."""
 from __future__ import annotations
 
 import os
-import platform
 from pathlib import Path
 
 import pytest
 
-from armscope.cpus import usable_cpus
+from armscope.cpus import cpu_name, usable_cpus
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 CACHE = Path(__file__).resolve().parent / ".cache"
 FULL_MEMBERS = 5
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 def pytest_benchmark_update_machine_info(config, machine_info):

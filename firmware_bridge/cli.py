@@ -22,7 +22,7 @@ import time
 
 import cv2
 
-from armscope.cpus import usable_cpus
+from armscope.cpus import cpu_name, usable_cpus
 
 from .pixel_formats import PixelFormat
 from .registration import (
@@ -303,20 +303,7 @@ def blank_main(argv: list[str] | None = None) -> int:
 
 def _cpu() -> str:
     """``'<model name>, N CPUs'``: the CPUs this process may use, on the machine a bench figure belongs to."""
-    return f"{_cpu_name()}, {usable_cpus()} CPUs"
-
-
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.lower().startswith(("model name", "hardware", "cpu model")):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    import platform
-
-    return platform.processor() or platform.machine()
+    return f"{cpu_name()}, {usable_cpus()} CPUs"
 
 
 def bench_main(argv: list[str] | None = None) -> int:
