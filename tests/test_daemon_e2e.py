@@ -166,9 +166,17 @@ def test_control_commands(bundle_dir, camera_frames, tmp_path):
             wait_for(sub, lambda m: True, 60, topic="overlay")
             import urllib.request
 
-            text = urllib.request.urlopen(f"http://{http}/metrics", timeout=5).read().decode()
+            # The daemon records a frame's latencies just after it sends it, so the subscriber can see the
+            # overlay a moment before /metrics counts it: poll briefly rather than race.
+            quantile = 'armscope_latency_ms{stage="capture_to_publish",quantile="0.95"}'
+            deadline = time.monotonic() + 5
+            while True:
+                text = urllib.request.urlopen(f"http://{http}/metrics", timeout=5).read().decode()
+                if quantile in text or time.monotonic() > deadline:
+                    break
+                time.sleep(0.05)
             assert "armscope_frames_published_total" in text
-            assert 'armscope_latency_ms{stage="capture_to_publish",quantile="0.95"}' in text
+            assert quantile in text
             assert ctl(daemon, {"cmd": "threshold", "args": ["0"]})["threshold"] == 0.0
             message, _ = wait_for(sub, lambda m: m.header["decision"]["threshold"] == 0.0, 30, topic="overlay")
             assert message.header["decision"]["positive"] is True
