@@ -37,9 +37,29 @@ def tensorrt_unavailable_reason(bundle: Bundle, layout: str = "merged") -> str |
     return None
 
 
+def cpu_backend_for(bundle: Bundle, openvino_installed: bool, int8_exact_here: bool) -> tuple[str, str]:
+    """The CPU runtime ``auto`` picks for ``bundle``, and why.
+
+    ONNX Runtime, except for an INT8 bundle on a CPU that computes INT8
+    exactly (VNNI/AMX) when OpenVINO is installed: there ONNX Runtime ran a
+    full-size INT8 Q/DQ member *slower* than FP32 (230 vs 122 ms on 16 Xeon
+    cores, 257 vs 242 ms on 2) while OpenVINO ran it 1.8x / 2.4x faster than
+    FP32 and as exactly (BENCHMARKS.md section 4). Where INT8 is inexact both
+    refuse the bundle; ONNX Runtime says so."""
+    if bundle.manifest.get("precision") != "int8":
+        return "onnxruntime", "the default CPU runtime"
+    if not int8_exact_here:
+        return "onnxruntime", "INT8 bundle; this CPU's INT8 is inexact, see below"
+    if openvino_installed:
+        return "openvino", "INT8 bundle on a VNNI/AMX CPU: OpenVINO runs it 1.8-2.4x faster than FP32, ONNX Runtime slower"
+    return "onnxruntime", ("INT8 bundle: ONNX Runtime runs INT8 Q/DQ no faster than FP32 on the CPUs measured; "
+                           "pip install 'armscope[openvino]' for OpenVINO, 1.8-2.4x faster than FP32 on a VNNI/AMX CPU")
+
+
 def open_backend(bundle: Bundle, kind: str = "auto", **options) -> InferenceBackend:
     """Open the backend named by ``kind``; ``auto`` picks TensorRT when this machine can
-    run the bundle's engines, else ONNX Runtime on the CPU, and logs why. ``openvino``
+    run the bundle's engines, else a CPU runtime (``cpu_backend_for``: ONNX Runtime,
+    or OpenVINO for INT8 bundles where that is faster), and logs why. ``openvino``
     is the other CPU runtime (option ``cpu_precision``: f32, bf16 or auto); the
     ``cpu_precision`` option is ignored by the others, which run the bundle's own precision.
     Option ``layout`` ``auto`` (default) is the faster one for the backend chosen."""
@@ -52,7 +72,12 @@ def open_backend(bundle: Bundle, kind: str = "auto", **options) -> InferenceBack
             kind = "tensorrt"
             log.info("backend: tensorrt (engines for this TensorRT version and GPU in %s)", bundle.root)
         else:
-            log.info("backend: onnxruntime on the CPU (%s)", reason)
+            import importlib.util
+
+            from edge.backends.cpu_features import int8_exact
+
+            kind, why = cpu_backend_for(bundle, importlib.util.find_spec("openvino") is not None, int8_exact()[0])
+            log.info("backend: %s on the CPU (%s; %s)", kind, reason, why)
     if layout == "auto":
         # OpenVINO runs one merged graph fastest (2.36 s vs 3.47 s per-member requests on
         # 2 cores); ONNX Runtime and TensorRT run members concurrently (1.66x), BENCHMARKS.md.

@@ -41,6 +41,20 @@ def cpu_capabilities(core=None) -> list[str]:
     return list(core.get_property("CPU", "OPTIMIZATION_CAPABILITIES"))
 
 
+def compile_graph(core, path, threads: int, precision: str = "f32"):
+    """One ONNX graph compiled for the CPU as the backend runs it: latency
+    mode, one stream, ``threads`` threads, ``precision`` as
+    ``INFERENCE_PRECISION_HINT`` (``auto``: OpenVINO's choice). Checks
+    neither the precision against the CPU nor the graph's I/O (the backend does)."""
+    config = {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_NUM_THREADS": threads, "NUM_STREAMS": 1}
+    if precision != "auto":
+        config["INFERENCE_PRECISION_HINT"] = precision
+    try:
+        return core.compile_model(core.read_model(str(path)), "CPU", config)
+    except Exception as exc:  # OpenVINO raises RuntimeError subclasses with long C++ traces
+        raise ArmscopeError(f"{path}: OpenVINO could not compile it ({str(exc).splitlines()[0][:300]})") from None
+
+
 class OpenVinoBackend(InferenceBackend):
     name = "openvino"
 
@@ -64,15 +78,7 @@ class OpenVinoBackend(InferenceBackend):
                 f"reports {', '.join(self.capabilities)}); use f32"
             )
         paths = [bundle.ensemble_path] if layout == "merged" else list(bundle.member_paths)
-        config = {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_NUM_THREADS": self.threads, "NUM_STREAMS": 1}
-        if precision != "auto":
-            config["INFERENCE_PRECISION_HINT"] = precision
-        self.compiled = []
-        for path in paths:
-            try:
-                self.compiled.append(core.compile_model(core.read_model(str(path)), "CPU", config))
-            except Exception as exc:  # OpenVINO raises RuntimeError subclasses with long C++ traces
-                raise ArmscopeError(f"{path}: OpenVINO could not compile it ({str(exc).splitlines()[0][:300]})") from None
+        self.compiled = [compile_graph(core, path, self.threads, precision) for path in paths]
         hint = self.compiled[0].get_property("INFERENCE_PRECISION_HINT")  # what OpenVINO settled on
         self.precision = hint.get_type_name() if hasattr(hint, "get_type_name") else str(hint)
         self._check_io()
