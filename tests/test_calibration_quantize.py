@@ -77,6 +77,32 @@ def test_int8_bundle_measured_both_ways_and_gated(work, int8_auto):
     assert out_probs.shape == (1, 2) and abs(float(out_probs.sum()) - 1) < 1e-3
 
 
+def test_auto_runs_an_int8_bundle_on_openvino_where_int8_is_exact(int8_auto, real_inputs, monkeypatch):
+    """``--backend auto`` on the CPU: an INT8 bundle goes to OpenVINO where the CPU computes INT8
+    exactly (there ONNX Runtime ran INT8 slower than FP32, OpenVINO 1.8-2.4x faster). On a CPU
+    without VNNI/AMX it is refused, by ONNX Runtime; the wiring to OpenVINO is then checked with the
+    exactness answer a VNNI/AMX CPU gives."""
+    pytest.importorskip("openvino")
+    from edge.backends import cpu_features, open_backend
+    from edge.backends.onnxruntime_backend import OnnxRuntimeBackend
+
+    bundle = load_bundle(int8_auto[0])
+    exact_here = cpu_features.int8_exact()[0]
+    if not exact_here:
+        with pytest.raises(ArmscopeError, match="cannot run exactly on this CPU with onnxruntime"):
+            open_backend(bundle, "auto")
+        monkeypatch.setattr(cpu_features, "int8_exact", lambda *a, **k: (True, "as on a VNNI/AMX CPU"))
+    frames = real_inputs[:2]
+    with open_backend(bundle, "auto") as backend:
+        described = backend.describe()
+        out = backend.infer(frames)
+    assert described["backend"] == "openvino" and described["layout"] == "merged"
+    assert out["probs"].shape == (2, 2) and np.allclose(out["probs"].sum(axis=1), 1, atol=1e-3)
+    if exact_here:  # both runtimes exact: the same answers
+        with OnnxRuntimeBackend(bundle, "merged") as ort_backend:
+            np.testing.assert_allclose(out["probs"], ort_backend.infer(frames)["probs"], atol=2e-3)
+
+
 def test_already_quantized_bundle_is_refused(work, int8_auto):
     out = work["root"] / "twice"
     assert main(["quantize", str(int8_auto[0]), "--out", str(out), "--calib", str(work["calib"])]) == 2
