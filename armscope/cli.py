@@ -274,7 +274,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", help="write the per-image and slide results here")
     p.add_argument("--overlay-dir", help="write Grad-CAM overlay PNGs into this (new) directory")
     p.add_argument("--backend", default="auto", choices=list(BACKENDS),
-                   help="auto: TensorRT where the bundle has engines for this GPU, else onnxruntime; "
+                   help="auto: TensorRT where the bundle has engines for this GPU, else onnxruntime (openvino "
+                        "for INT8 bundles on VNNI/AMX CPUs when installed: faster there); "
                         "openvino: the other CPU runtime (pip install armscope[openvino])")
     p.add_argument("--cpu-precision", default="f32", choices=list(CPU_PRECISIONS),
                    help="openvino only: inference precision (bf16 needs AVX512-BF16 or AMX; check it with "
