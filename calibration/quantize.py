@@ -135,6 +135,21 @@ def _entropy_ranges(pre: Path, images: np.ndarray, op_types: list[str], cache: P
         save_tensors_data(calibrator.compute_data(), cache)
 
 
+def _require_calibration_caches() -> None:
+    """--method entropy hands its ranges to quantize_static as a calibration
+    cache, which onnxruntime has from 1.32 on (older: no way in, and its own
+    entropy calibrator would silently use the full range, see above)."""
+    import inspect
+
+    from onnxruntime import __version__ as ort_version
+    from onnxruntime.quantization import quantize_static
+
+    if "calibration_cache_path" not in inspect.signature(quantize_static).parameters:
+        raise ArmscopeError(f"--method entropy needs onnxruntime 1.32 or newer (this is {ort_version}: its "
+                            "quantize_static takes no calibration cache); use --method minmax or percentile, "
+                            "or upgrade onnxruntime")
+
+
 def _quantize_ort(pre: Path, dst: Path, images: np.ndarray, method: str, exclude: list[str],
                   op_types: list[str], per_channel: bool) -> None:
     """Quantize one pre-processed member. The activation ranges are computed once
@@ -163,8 +178,7 @@ def _quantize_ort(pre: Path, dst: Path, images: np.ndarray, method: str, exclude
             _entropy_ranges(pre, images, op_types, cache)
         cache_kw["calibration_cache_path"] = cache
     elif method == "entropy":
-        raise ArmscopeError("--method entropy needs onnxruntime with quantize_static(calibration_cache_path=...) "
-                            "(1.32 or newer); use --method minmax or percentile, or upgrade onnxruntime")
+        _require_calibration_caches()
     quantize_static(str(pre), str(dst), _Reader(images), quant_format=QuantFormat.QDQ,
                     op_types_to_quantize=list(op_types), per_channel=per_channel,
                     activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
@@ -221,6 +235,8 @@ def make_reduced_bundle(
         raise ArmscopeError(f"--method {method!r}: expected one of {', '.join(METHODS)}")
     if tool not in TOOLS:
         raise ArmscopeError(f"--tool {tool!r}: expected one of {', '.join(TOOLS)}")
+    if precision == "int8" and method == "entropy" and tool == "ort":
+        _require_calibration_caches()  # before minutes of pre-processing, not after
     source = load_bundle(bundle_dir)
     refuse_derived_source(source, f"--precision {precision}")
     op_types = list(op_types or DEFAULT_OP_TYPES)

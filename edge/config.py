@@ -11,7 +11,12 @@ bundle); paths given as flags are relative to the working directory.
 from __future__ import annotations
 
 import argparse
-import tomllib
+import sys
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # Python 3.10: JetPack 6's; tomli is the library that became tomllib
+    import tomli as tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable

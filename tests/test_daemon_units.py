@@ -243,10 +243,9 @@ def test_metrics_percentiles_and_prometheus():
 
 def test_deploy_edge_toml_names_every_option_and_loads():
     """deploy/edge.toml is documented as holding every daemon option, commented."""
-    import tomllib
     from pathlib import Path
 
-    from edge.config import OPTIONS, load_config
+    from edge.config import OPTIONS, load_config, tomllib  # tomli on Python 3.10
 
     path = Path(__file__).resolve().parents[1] / "deploy" / "edge.toml"
     keys = set(tomllib.loads(path.read_text()))
