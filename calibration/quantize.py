@@ -135,16 +135,22 @@ def _entropy_ranges(pre: Path, images: np.ndarray, op_types: list[str], cache: P
         save_tensors_data(calibrator.compute_data(), cache)
 
 
-def _require_calibration_caches() -> None:
-    """--method entropy hands its ranges to quantize_static as a calibration
-    cache, which onnxruntime has from 1.32 on (older: no way in, and its own
-    entropy calibrator would silently use the full range, see above)."""
+def _has_calibration_caches() -> bool:
+    """quantize_static(calibration_cache_path=...): onnxruntime 1.32 and newer."""
     import inspect
 
-    from onnxruntime import __version__ as ort_version
     from onnxruntime.quantization import quantize_static
 
-    if "calibration_cache_path" not in inspect.signature(quantize_static).parameters:
+    return "calibration_cache_path" in inspect.signature(quantize_static).parameters
+
+
+def _require_calibration_caches() -> None:
+    """--method entropy hands its ranges to quantize_static as a calibration
+    cache (older onnxruntime: no way in, and its own entropy calibrator would
+    silently use the full range, see above)."""
+    from onnxruntime import __version__ as ort_version
+
+    if not _has_calibration_caches():
         raise ArmscopeError(f"--method entropy needs onnxruntime 1.32 or newer (this is {ort_version}: its "
                             "quantize_static takes no calibration cache); use --method minmax or percentile, "
                             "or upgrade onnxruntime")
@@ -156,8 +162,6 @@ def _quantize_ort(pre: Path, dst: Path, images: np.ndarray, method: str, exclude
     per member and method and kept next to ``pre`` (a calibration cache), so the
     variants of ``--keep-fp32 auto`` do not calibrate again: calibration is most
     of the time (about 6 minutes a full-size member here, entropy far more)."""
-    import inspect
-
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
     calibrate = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
@@ -172,7 +176,7 @@ def _quantize_ort(pre: Path, dst: Path, images: np.ndarray, method: str, exclude
     if method == "percentile":
         extra["CalibPercentile"] = 99.999
     cache_kw = {}
-    if "calibration_cache_path" in inspect.signature(quantize_static).parameters:
+    if _has_calibration_caches():
         cache = pre.with_suffix(f".{method}.ranges.json")  # quantize_static writes it on a miss
         if method == "entropy" and not cache.is_file():
             _entropy_ranges(pre, images, op_types, cache)
