@@ -100,13 +100,16 @@ def test_a_process_under_a_one_cpu_quota_uses_one_thread():
         if group.is_dir():
             group.rmdir()
         pytest.skip(f"cannot make a v1 cpu cgroup here: {exc}")
+    child = subprocess.Popen([sys.executable, "-c", QUOTA_CHILD], cwd=REPO, stdin=subprocess.PIPE,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        child = subprocess.Popen([sys.executable, "-c", QUOTA_CHILD], cwd=REPO, stdin=subprocess.PIPE,
-                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         (group / "cgroup.procs").write_text(str(child.pid))
         out, err = child.communicate("go\n", timeout=120)
         assert child.returncode == 0, err
         got = json.loads(out.strip().splitlines()[-1])
         assert got == {"quota": 1.0, "usable": 1, "encoder_threads": 1}
     finally:
+        if child.poll() is None:  # a cgroup with a live process in it cannot be removed
+            child.kill()
+            child.wait()
         group.rmdir()
