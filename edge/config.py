@@ -12,14 +12,14 @@ from __future__ import annotations
 
 import argparse
 import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
 
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # Python 3.10: JetPack 6's; tomli is the library that became tomllib
     import tomli as tomllib
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Callable
 
 from armscope.errors import ArmscopeError
 from edge.backends import BACKENDS, CPU_PRECISIONS

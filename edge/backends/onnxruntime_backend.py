@@ -101,9 +101,10 @@ class OnnxRuntimeBackend(InferenceBackend):
         and it only says so at the first run: an INT8 bundle whose MatMul
         weights are quantized per channel (``armscope quantize``'s all-INT8
         variant) runs on onnxruntime 1.32 but fails in 1.30 and 1.31
-        (``QLinearMatMul``), the newest for Python 3.10 (JetPack 6). The
-        daemon then refuses at start-up, naming the graph, instead of on the
-        first camera frame; the run also allocates what the first frame needs."""
+        (``QLinearMatMul``); on Python 3.10 (JetPack 6) pip's newest is
+        1.23.2. The daemon then refuses at start-up, naming the graph, instead
+        of on the first camera frame; the run also allocates what the first
+        frame needs."""
         import onnxruntime as ort
 
         frame = np.zeros([1, *self.bundle.manifest["inputs"][0]["shape"][1:]], np.float32)
