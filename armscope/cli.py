@@ -59,6 +59,10 @@ def _cmd_inspect(args) -> int:
     print(f"name        {m['name']}  (schema {m['schema_version']}, precision {m['precision']}, opset {m['opset']})")
     extra = f", positive {task['positive_class']!r} at threshold {task['threshold']}" if "threshold" in task else ""
     print(f"task        {task['type']}: {', '.join(task['classes'])}{extra}")
+    for step in task.get("steps", []):
+        sub = load_bundle(bundle.root / step["bundle"])
+        print(f"  then      when {step['when']!r}: {step['bundle']} ({sub.manifest['name']}, {sub.task['type']}: "
+              f"{', '.join(sub.classes)}), hashes verified")
     pre = m["preprocessing"]
     print(f"input       centre crop {pre['center_crop']} -> resize {pre['resize']} ({pre['interpolation']}), "
           f"{pre['channel_order']} float32 0..255")
@@ -71,6 +75,23 @@ def _cmd_inspect(args) -> int:
     print(f"ensemble    {m['ensemble']['file']}  sha256 {m['ensemble']['sha256'][:16]}...  ok")
     print("producer    " + ", ".join(f"{k} {v}" for k, v in m["producer"].items()))
     print("hashes      all verified")
+    return 0
+
+
+def _cmd_cascade(args) -> int:
+    from edge.cascade import assemble
+
+    then = {}
+    for item in args.then:
+        when, sep, path = item.partition("=")
+        if not sep or not when or not path:
+            raise ArmscopeError(f"--then {item!r}: expected CLASS=BUNDLE_DIR, e.g. --then IIM=bundles/iim-subtypes")
+        if when in then:
+            raise ArmscopeError(f"--then {item!r}: a step for {when!r} is already given")
+        then[when] = Path(path)
+    bundle = assemble(Path(args.step_one), then, Path(args.out), force=args.force)
+    steps = ", ".join(f"{s['when']} -> {s['bundle']}" for s in bundle.task["steps"])
+    print(f"wrote cascade bundle {bundle.root}: {bundle.task['positive_class']!r} at {bundle.task['threshold']}; {steps}")
     return 0
 
 
@@ -267,6 +288,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("bundle")
     p.add_argument("--json", action="store_true", help="print the manifest as JSON")
     p.set_defaults(func=_cmd_inspect)
+
+    p = sub.add_parser("cascade", help="the paper's two steps: a binary bundle whose decision selects a second "
+                       "bundle (e.g. IIM -> subtypes), as one self-contained bundle")
+    p.add_argument("step_one", help="the binary step-one bundle (positive class and threshold, e.g. IIM vs other at 0.3)")
+    p.add_argument("--then", action="append", required=True, metavar="CLASS=BUNDLE_DIR",
+                   help="the bundle that classifies a field step one decided as CLASS (repeat per class); "
+                        "it must preprocess as step one does")
+    p.add_argument("--out", required=True, help="cascade bundle directory to create (the inputs are copied into it)")
+    p.add_argument("--force", action="store_true", help="replace an existing bundle directory")
+    p.set_defaults(func=_cmd_cascade)
 
     p = sub.add_parser("classify", help="classify camera images with a bundle; slide-level mean; overlays")
     p.add_argument("images", nargs="+")

@@ -161,6 +161,14 @@ def decode(frames: list[bytes]) -> Message:
             raise ProtocolError("header keys probs/classes: expected lists")
         if len(header["probs"]) != len(header["classes"]):
             raise ProtocolError("header keys probs/classes: lengths differ")
+        subtype = header.get("subtype")
+        if subtype is not None:  # optional (cascade bundles); docs/protocol.md
+            if not isinstance(subtype, dict) or not isinstance(subtype.get("classes"), list) \
+                    or not isinstance(subtype.get("probs"), list) or not isinstance(subtype.get("decision"), dict):
+                raise ProtocolError("header key subtype: expected null or an object with lists classes/probs "
+                                    "and an object decision")
+            if len(subtype["probs"]) != len(subtype["classes"]):
+                raise ProtocolError("header key subtype: probs/classes lengths differ")
     elif header["state"] not in STATES:
         raise ProtocolError(f"header key state: {header['state']!r}, expected one of {list(STATES)}")
     return Message(topic.decode(), header, payload)

@@ -14,6 +14,7 @@ from armscope.bundle import Bundle, load_bundle, require_deployable, staged_dire
 from armscope.errors import ArmscopeError
 from armscope.preprocess import crop_box, load_image, preprocess_frame
 from edge.backends import open_backend
+from edge.cascade import SubtypeMeans, load_steps
 from edge.decision import decide
 from edge.overlay import blend_on_frame
 
@@ -25,15 +26,20 @@ def _probs_dict(classes, probs) -> dict:
 
 
 class Classifier:
-    """A bundle with its backend, plus the sub-bundles of a cascade task."""
+    """A bundle with its backend, plus the second steps of a cascade task
+    (``edge.cascade``) with theirs."""
 
     def __init__(self, bundle: Bundle, backend: str = "auto", **backend_options):
         self.bundle = bundle
+        self.cascade = load_steps(bundle)  # checked before any backend opens
         self.backend = open_backend(bundle, backend, **backend_options)
-        self.steps = {
-            step["when"]: Classifier(require_deployable(load_bundle(bundle.root / step["bundle"])), backend, **backend_options)
-            for step in bundle.task.get("steps", [])
-        }
+        self.steps: dict[str, Classifier] = {}
+        try:
+            for when, step in self.cascade.items():
+                self.steps[when] = Classifier(step.bundle, backend, **backend_options)
+        except BaseException:
+            self.close()
+            raise
 
     def run(self, batch: np.ndarray) -> dict[str, np.ndarray]:
         return self.backend.infer(batch)
@@ -71,18 +77,30 @@ def classify_images(
     finally:
         classifier.close()
     slide_probs = np.mean([r["_probs"] for r in results], axis=0)
+    slide_decision = classifier.decide(slide_probs, threshold)
     report = {
         "bundle": bundle.manifest["name"],
         "backend": classifier.backend.describe(),
         "classes": bundle.classes,
         "images": [{k: v for k, v in r.items() if not k.startswith("_")} for r in results],
         "slide": {"n_images": len(results), "probs": _probs_dict(bundle.classes, slide_probs),
-                  "decision": classifier.decide(slide_probs, threshold)},
+                  "decision": slide_decision},
     }
+    if classifier.cascade:
+        # as the daemon's slide records: the slide decision's second step, over the images step one sent there
+        means = SubtypeMeans(classifier.cascade)
+        for r in results:
+            if r.get("subtype") is not None:
+                means.add(r["subtype"]["when"], r["subtype"]["probs"])
+        report["slide"]["subtype"] = means.result(slide_decision["label"])
+        report["slide"]["images_per_step"] = means.counts()
     if overlay_dir is not None:
         with staged_directory(Path(overlay_dir), overwrite=force) as stage:
             for frame, path, result, cam in zip(frames, images, results, cams):
                 label = f"{result['decision']['label']} {result['decision']['score']:.2f}"
+                if result.get("subtype") is not None:
+                    sub = result["subtype"]["decision"]
+                    label += f" > {sub['label']} {sub['score']:.2f}"
                 out = blend_on_frame(frame, cam, crop_box(frame.shape, spec), label)
                 target = stage / f"{Path(path).stem}_overlay.png"
                 if not cv2.imwrite(str(target), out):
@@ -104,13 +122,12 @@ def _run(classifier: Classifier, batch: np.ndarray, images: list[Path], threshol
         probs = outputs["probs"][i]
         decision = classifier.decide(probs, threshold)
         result = {"image": str(path), "probs": _probs_dict(classes, probs), "decision": decision, "_probs": probs}
+        cam = outputs["cam"][i, decision["index"]]
         sub = classifier.steps.get(decision["label"])
-        if sub is not None:
+        if sub is not None:  # the same preprocessed field (edge.cascade checked the preprocessing matches)
             sub_out = sub.run(batch[i : i + 1])
-            sub_probs = sub_out["probs"][0]
-            result["subtype"] = {"bundle": sub.bundle.manifest["name"],
-                                 "probs": _probs_dict(sub.bundle.classes, sub_probs),
-                                 "decision": sub.decide(sub_probs)}
+            result["subtype"] = classifier.cascade[decision["label"]].result(sub_out["probs"][0])
+            cam = sub_out["cam"][0, result["subtype"]["decision"]["index"]]
         results.append(result)
-        cams.append(outputs["cam"][i, decision["index"]])
+        cams.append(cam)
     return results, cams

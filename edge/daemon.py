@@ -31,6 +31,7 @@ from armscope import protocol
 from armscope.bundle import load_bundle, require_deployable
 from armscope.errors import ArmscopeError
 from armscope.preprocess import crop_box, preprocess_frame
+from edge.cascade import load_steps, model_id
 from edge.config import Config
 from edge.control import ControlServer
 from edge.decision import decide
@@ -57,10 +58,9 @@ class Work:
     times: dict
     batch: np.ndarray | None = None
     outputs: dict | None = None
-
-
-def model_id(bundle) -> str:
-    return f"{bundle.manifest['name']}@{bundle.manifest['ensemble']['sha256'][:12]}"
+    decision: dict | None = None     # step one's
+    subtype: dict | None = None      # the second step's result (cascade bundles), else None
+    cam: np.ndarray | None = None    # the CAM the overlay shows: of the most specific decision
 
 
 def focus_bbox(cam: np.ndarray, size: int) -> list[int] | None:
@@ -82,6 +82,10 @@ class Daemon:
             raise ArmscopeError(f"key 'bundle': {exc}") from None
         self.spec = self.bundle.preprocessing
         self.source = parse_source(config.source)
+        try:
+            self.steps = load_steps(self.bundle)
+        except ArmscopeError as exc:
+            raise ArmscopeError(f"key 'bundle': {exc}") from None
         self.model_id = model_id(self.bundle)
         self.classes = self.bundle.classes
         self.threshold = None
@@ -92,7 +96,7 @@ class Daemon:
                                config.tissue_min_saturation, config.tissue_max_brightness)
         self.overlay_size = config.overlay_size or self.spec.center_crop
         self.metrics = Metrics()
-        self.slides = SlideRecorder(config.slides_dir, self.classes)
+        self.slides = SlideRecorder(config.slides_dir, self.classes, self.steps)
         self.stop = threading.Event()        # pipeline: stop taking new frames
         self.halt = threading.Event()        # heartbeat/control: the daemon is going away
         self.state_lock = threading.Lock()
@@ -110,6 +114,7 @@ class Daemon:
         self.context = context or zmq.Context()
         self.backend = None
         self.backend_info = None
+        self.step_backends: dict = {}   # step-one class -> backend of its second step
         self.publisher: Publisher | None = None
         self.threads: list[threading.Thread] = []
         self.http = None
@@ -136,6 +141,10 @@ class Daemon:
         self.backend_info = self.backend.describe()
         log.info("model %s, classes %s, backend %s (requested %r)", self.model_id, self.classes,
                  self.backend_info, cfg.backend)
+        for when, step in self.steps.items():
+            self.step_backends[when] = open_backend(step.bundle, cfg.backend, **options)
+            log.info("cascade: when %r, then %s, classes %s, backend %s", when, model_id(step.bundle),
+                     step.bundle.classes, self.step_backends[when].describe())
         pub = self.context.socket(zmq.PUB)
         rep = self.context.socket(zmq.REP)
         rep.setsockopt(zmq.LINGER, 0)
@@ -232,6 +241,9 @@ class Daemon:
         if self.backend is not None:
             self.backend.close()
             self.backend = None
+        for backend in self.step_backends.values():
+            backend.close()
+        self.step_backends = {}
         if self._own_context and not self.context.closed:
             self.context.term()
         log.info("stopped after %d overlays", self.published)
@@ -351,8 +363,17 @@ class Daemon:
             self.results.close()
 
     def _infer(self, work: Work) -> Work:
+        """Step one, and for a cascade bundle the second step its decision
+        selects, on the same preprocessed field (timed together as inference)."""
         t0 = time.monotonic()
         work.outputs = self.backend.infer(work.batch)
+        work.decision = decide(work.outputs["probs"][0], self.bundle.task, self.threshold)
+        work.cam = work.outputs["cam"][0, work.decision["index"]]
+        step = self.steps.get(work.decision["label"])
+        if step is not None:
+            sub = self.step_backends[step.when].infer(work.batch)
+            work.subtype = step.result(sub["probs"][0])
+            work.cam = sub["cam"][0, work.subtype["decision"]["index"]]
         work.batch = None
         t1 = time.monotonic()
         work.times["inference"] = (t1 - t0) * 1000
@@ -395,8 +416,7 @@ class Daemon:
     def _render_and_publish(self, work: Work) -> None:
         t0 = time.monotonic()
         probs = work.outputs["probs"][0]
-        decision = decide(probs, self.bundle.task, self.threshold)
-        cam = work.outputs["cam"][0, decision["index"]]
+        decision, cam = work.decision, work.cam
         size = self.overlay_size
         rgba = heat_rgba(cam, size, max_alpha=self.config.max_alpha)
         if self.config.encoding == protocol.ENCODING_PNG:
@@ -417,6 +437,7 @@ class Daemon:
             "width": size, "height": size, "format": protocol.FORMAT_RGBA8, "encoding": self.config.encoding,
             "region": {"frame_width": frame.image.shape[1], "frame_height": frame.image.shape[0],
                        "x": left, "y": top, "size": crop},
+            "subtype": work.subtype,
             "focus_bbox": focus_bbox(cam, size), "measures": work.measures,
             "latency_ms": {k: round(v, 2) for k, v in times.items() if not k.startswith("_")},
         }
@@ -432,7 +453,7 @@ class Daemon:
         if gap_warning:
             self.metrics.count("overlay_gap_warnings")
             log.warning("%s", gap_warning)
-        self.slides.add(probs, slide_id)
+        self.slides.add(probs, slide_id, work.subtype)
         with self.last_lock:
             self.last = (frame, rgba, sent)
         if self.signal_ok and not self.paused and frame.id > self.last_reject_id:
@@ -508,6 +529,7 @@ class Daemon:
     def status_reply(self) -> dict:
         return {"state": self.state, "reason": self.reason, "run_id": self.publisher.run_id,
                 "model_id": self.model_id, "classes": self.classes,
+                "steps": {when: model_id(step.bundle) for when, step in self.steps.items()},
                 "backend": self.backend_info, "source": self.config.source,
                 "slide_id": self.slides.slide_id, "threshold": self.effective_threshold(), "paused": self.paused,
                 "uptime_s": round(time.monotonic() - self.started_mono, 3), "measures": self.measures,

@@ -39,7 +39,7 @@ def run_demo(bundle: str, source: str, overlays: int, out: Path, timeout_s: floa
     daemon = Daemon(config)
     subscriber = protocol.Subscriber(config.publish, topics=[protocol.TOPIC_OVERLAY, protocol.TOPIC_STATUS])
     display = PngDisplay(out / "eyepiece")
-    bridge = Bridge(display, connect=config.publish, stats_interval=3600)
+    bridge = Bridge(display, connect=config.publish, stats_interval=3600, label=True)
     bridge_thread = threading.Thread(target=bridge.run, kwargs={"duration": timeout_s}, name="bridge", daemon=True)
     latencies: list[float] = []
     try:
@@ -65,8 +65,10 @@ def run_demo(bundle: str, source: str, overlays: int, out: Path, timeout_s: floa
             latency = message.latency_ms()
             latencies.append(latency)
             d = h["decision"]
+            sub = h.get("subtype")
+            then = f" > {sub['decision']['label']} p={sub['decision']['score']:.3f}" if sub else ""
             print_fn(f"overlay frame {h['frame_id']:>4}: {d['label']:<8} p={d['score']:.3f} "
-                     f"(threshold {d.get('threshold', '-')})  capture->publish {latency:7.1f} ms")
+                     f"(threshold {d.get('threshold', '-')}){then}  capture->publish {latency:7.1f} ms")
             printed += 1
     finally:
         bridge.stop()

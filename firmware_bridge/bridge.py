@@ -74,6 +74,7 @@ import numpy as np
 from armscope import protocol
 
 from .displays import Display, paste_on_black
+from .label import add_label, label_text
 from .link import LinkError
 from .registration import Registration, slow_warp_warning
 
@@ -154,8 +155,11 @@ def check_message(msg: protocol.Message) -> None:
                 bad(key, f"is outside 1..{MAX_OVERLAY_SIDE}")
         if not all(_is_num(p) for p in h["probs"]) or not all(isinstance(c, str) for c in h["classes"]):
             raise protocol.ProtocolError("header keys probs/classes: expected finite numbers / strings")
-        if not isinstance(h["decision"], dict):
-            bad("decision", "is not an object")
+        _check_decision(h["decision"], len(h["classes"]), "decision")
+        if h.get("subtype") is not None:  # cascade bundles; decode checked its lists
+            _check_decision(h["subtype"]["decision"], len(h["subtype"]["classes"]), "subtype.decision")
+            if not all(_is_num(p) for p in h["subtype"]["probs"]):
+                raise protocol.ProtocolError("header key subtype.probs: expected finite numbers")
         r = h["region"]
         if not isinstance(r, dict):
             bad("region", "is not an object")
@@ -177,6 +181,18 @@ def check_message(msg: protocol.Message) -> None:
             bad("frame_id", "is not null or a non-negative integer")
         if h.get("reason") is not None and not isinstance(h.get("reason"), str):
             bad("reason", "is not null or a string")
+
+
+def _check_decision(d, n_classes: int, key: str) -> None:
+    """What the eyepiece label reads of a decision: a short label and the
+    index of its class."""
+    if not isinstance(d, dict):
+        raise protocol.ProtocolError(f"header key {key}: {str(d)[:60]!r} is not an object")
+    if not isinstance(d.get("label"), str) or not 0 < len(d["label"]) <= 64:
+        raise protocol.ProtocolError(f"header key {key}.label: {str(d.get('label'))[:60]!r} is not a string of 1-64 characters")
+    if not _is_int(d.get("index")) or not 0 <= d["index"] < n_classes:
+        raise protocol.ProtocolError(f"header key {key}.index: {str(d.get('index'))[:40]!r} is not an index into "
+                                     f"its {n_classes} classes")
 
 
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -342,6 +358,9 @@ class Bridge:
     ``start()`` blanks the display; ``run()`` loops until :meth:`stop`;
     ``close()`` blanks and releases everything.  Not thread-safe except
     :meth:`stop` and :meth:`stats` (a consistent-enough snapshot).
+    ``label``: write the decision (and a cascade's subtype) beside the
+    overlay in display pixels (``firmware_bridge.label``); ``armscope bridge``
+    turns it on unless ``--no-label``.
     """
 
     def __init__(
@@ -356,6 +375,7 @@ class Bridge:
         max_stale_ms: float = 5000.0,
         clock_mode: str = "auto",
         stats_interval: float = 10.0,
+        label: bool = False,
         clock: Callable[[], float] = time.monotonic,
         wall_clock: Callable[[], float] = time.time,
     ):
@@ -376,6 +396,7 @@ class Bridge:
             clock_mode = "mono" if connect is not None and same_host_endpoint(connect) else "receipt"
         self.clock_mode = clock_mode
         self.stats_interval = float(stats_interval)
+        self.label = bool(label)
         self.clock = clock
         self.wall_clock = wall_clock
         if registration is not None and display.size is not None and tuple(display.size) != registration.display_size:
@@ -605,6 +626,8 @@ class Bridge:
             size = self._display_size(ov)
             matrix = overlay_to_display_matrix(h["region"], (h["width"], h["height"]), self.registration, size)
             rgb, region = render_for(self.display, ov.rgba, matrix, size)
+            if self.label:
+                rgb, region = add_label(rgb, region, label_text(h), size, align=self.display.align)
             if self.display.size is None:  # e.g. png:// without a size: hand it the whole picture
                 rgb, region = paste_on_black(rgb, region[0], region[1], *size), None
             report = self.display.show(rgb, region=region, deadline=budget)

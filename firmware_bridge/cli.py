@@ -218,6 +218,8 @@ def run_main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-stale-ms", type=float, default=5000.0, help="cap on the daemon's stale_after_ms")
     p.add_argument("--poll-ms", type=float, default=50.0, help="watchdog poll interval, ms (<= 1000)")
     p.add_argument("--stats-interval", type=float, default=10.0, help="log counters every N s (0 = never)")
+    p.add_argument("--no-label", dest="label", action="store_false",
+                   help="show the heat overlay only, without the decision (and subtype) written beside it")
     p.add_argument("--duration", type=float, default=0.0, help="stop after N s (0 = until SIGINT/SIGTERM)")
     p.add_argument("-v", "--verbose", action="store_true", help="log at INFO (blanks, state changes, counters)")
     try:
@@ -243,7 +245,7 @@ def run_main(argv: list[str] | None = None) -> int:
         display = open_display(uri)
         bridge = Bridge(display, connect=args.connect, registration=registration, curve=curve,
                         poll_interval=args.poll_ms / 1000.0, max_stale_ms=args.max_stale_ms, clock_mode=args.clock,
-                        stats_interval=args.stats_interval)
+                        stats_interval=args.stats_interval, label=args.label)
         if registration is None:
             logging.getLogger("firmware_bridge").warning(
                 "no --registration: assuming the display shows the whole camera frame (uncalibrated)")

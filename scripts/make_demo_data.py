@@ -6,6 +6,10 @@
   224x224 tile repeated with random 90-degree rotations, flips and slight stain
   jitter, in class folders 'tumour' (TUM) and 'other' (the 8 other tissue classes).
   Not committed; scripts/build_demo_bundle.sh rebuilds it.
+- Tissue training set (``--train-tissue DIR``): the same mosaics of the 8
+  non-tumour tiles, one class folder per tissue type (ADI, BACK, ...), for the
+  demo cascade's step two (``other`` -> which tissue), the shape of the paper's
+  second step (IIM -> 4 subtypes, other -> 7 hereditary myopathies).
 - Hold-out set (``--holdout DIR``): the same kind of mosaics with another seed,
   in class folders, for ``armscope quantize --holdout`` / ``armscope accuracy``
   (labels come from the folder names, so AUC is reported). Its tiles come from
@@ -56,6 +60,18 @@ def mosaic(tile: np.ndarray, rng: np.random.Generator, size: int = 1024) -> np.n
     return np.clip(image, 0, 255).astype(np.uint8)
 
 
+def make_tissue_set(out: Path, per_class: int, seed: int = 2) -> None:
+    rng = np.random.default_rng(seed)
+    for tile_path in sorted((HE / "nct-crc-he-100k").glob("*/*.tif")):
+        label = tile_path.parent.name
+        if label == "TUM":
+            continue
+        (out / label).mkdir(parents=True, exist_ok=True)
+        tile = cv2.imread(str(tile_path))
+        for j in range(per_class):
+            cv2.imwrite(str(out / label / f"{label}_{j}.png"), mosaic(tile, rng))
+
+
 def make_training_set(out: Path, per_other: int, per_tumour: int, seed: int = 0, ext: str = "png") -> None:
     rng = np.random.default_rng(seed)
     for tile_path in sorted((HE / "nct-crc-he-100k").glob("*/*.tif")):
@@ -72,6 +88,8 @@ if __name__ == "__main__":
     parser.add_argument("--frames", type=Path, default=REPO / "samples" / "frames")
     parser.add_argument("--train", type=Path, help="write the training set here")
     parser.add_argument("--holdout", type=Path, help="write the labelled hold-out mosaics here")
+    parser.add_argument("--train-tissue", type=Path, help="write the tissue-type training set (cascade step two) here")
+    parser.add_argument("--per-tissue", type=int, default=6)
     parser.add_argument("--per-other", type=int, default=3)
     parser.add_argument("--per-tumour", type=int, default=16)
     args = parser.parse_args()
@@ -80,6 +98,9 @@ if __name__ == "__main__":
     if args.train:
         make_training_set(args.train, args.per_other, args.per_tumour)
         print(f"training set in {args.train}")
+    if args.train_tissue:
+        make_tissue_set(args.train_tissue, args.per_tissue)
+        print(f"tissue training set in {args.train_tissue}")
     if args.holdout:
         make_training_set(args.holdout, 2, 8, seed=1, ext="jpg")
         print(f"hold-out set in {args.holdout}")

@@ -29,7 +29,12 @@ def test_demo_runs_the_whole_chain(tmp_path, capsys, monkeypatch):
     image = cv2.imread(str(shown[0]))
     assert image.shape == (1200, 1600, 3)            # display = camera frame size without registration
     lit = image.max(axis=2) > 0
-    ys, xs = np.nonzero(lit)
+    ys, xs = np.nonzero(lit[: 88 + 1024])
     # the overlay lies inside the 1024x1024 centre crop of the 1600x1200 frame
-    assert xs.min() >= 288 and xs.max() < 288 + 1024 and ys.min() >= 88 and ys.max() < 88 + 1024
+    assert xs.min() >= 288 and xs.max() < 288 + 1024 and ys.min() >= 88
     assert lit.mean() > 0.05
+    # and the decision is written in white just below it (the demo's bridge labels overlays)
+    below = image[88 + 1024 :]
+    text = below[below.max(axis=2) > 0]
+    assert len(text) > 200 and (text.max(axis=1) - text.min(axis=1) <= 1).all()
+    assert np.nonzero(below.max(axis=2) > 0)[1].min() >= 288
