@@ -69,7 +69,10 @@ def add_label(image: np.ndarray, region: Region, text: str, display_size: tuple[
               align=None) -> tuple[np.ndarray, Region]:
     """``image`` (the rendered overlay at ``region``, RGB or grey) with
     ``text`` beside it: the new ``(image, region)`` covering both, black
-    elsewhere. ``align``: the display's ``Display.align``."""
+    elsewhere. ``align``: the display's ``Display.align``. Where the text
+    fits inside ``region`` (a display-filling overlay) it is drawn into
+    ``image`` itself, which the bridge owns (render_for made it): no copy of
+    a whole display's pixels for a few hundred of text."""
     scale, thickness, (tw, th), base = _fit(text, display_size)
     box_w = min(tw + 2 * _GAP, display_size[0])
     box_h = min(th + base + 2 * _GAP, display_size[1])
@@ -78,9 +81,12 @@ def add_label(image: np.ndarray, region: Region, text: str, display_size: tuple[
     if align is not None:
         send = align(send)
     sx, sy, sw, sh = send
-    canvas = np.zeros((sh, sw) + image.shape[2:], np.uint8)
-    rx, ry = region[0] - sx, region[1] - sy
-    canvas[ry : ry + image.shape[0], rx : rx + image.shape[1]] = image
+    if tuple(send) == tuple(region):
+        canvas = image
+    else:
+        canvas = np.zeros((sh, sw) + image.shape[2:], np.uint8)
+        rx, ry = region[0] - sx, region[1] - sy
+        canvas[ry : ry + image.shape[0], rx : rx + image.shape[1]] = image
     lx, ly = bx - sx, by - sy
     canvas[ly : ly + box_h, lx : lx + box_w] = 0  # see-through behind the text where it overlaps the overlay
     white = 255 if canvas.ndim == 2 else (255, 255, 255)

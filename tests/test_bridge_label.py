@@ -107,3 +107,21 @@ def test_a_serial_displays_partial_update_carries_the_label(tmp_path):
     assert changed[0].size > 20, "the controller never received the label (partial update too small?)"
     assert changed[0].min() > bottom and np.array_equal(shown[: bottom + 1], plain[: bottom + 1])
     assert not after_exit.any(), "exit did not blank the label on the controller"
+
+
+def test_a_display_filling_overlay_gets_the_label_inside_on_a_see_through_box():
+    from firmware_bridge.bench import overlay_and_matrix
+    from firmware_bridge.bridge import render_for_display
+    from firmware_bridge.label import add_label
+
+    rgba, matrix = overlay_and_matrix("fullscreen", BIG, None, (640, 480), 480)
+    plain, region = render_for_display(rgba, matrix, BIG)
+    assert region == (0, 0) + BIG and plain.mean() > 20
+    got, send = add_label(plain.copy(), region, "tumour 0.70", BIG)
+    assert send == region
+    changed = np.nonzero((got != plain).any(axis=2))
+    assert changed[0].min() > BIG[1] * 0.8 and changed[1].max() < BIG[0] * 0.6  # bottom-left corner
+    box = got[changed[0].min() :, : changed[1].max() + 1]
+    assert (box.max(axis=2) == 0).mean() > 0.4, "no see-through box behind the text"
+    lit = box[box.max(axis=2) > 0]
+    assert (lit.max(axis=1) - lit.min(axis=1) <= 1).all()  # only white/grey text in it
