@@ -256,6 +256,17 @@ def load_bundle(root: str | Path, verify_hashes: bool = True) -> Bundle:
     return bundle
 
 
+def refuse_cascade(bundle: Bundle, action: str) -> None:
+    """Tools that make or measure one model (quantize, build, accuracy) work on
+    the bundles a cascade joins, not on the cascade: it would touch step one
+    only and leave the steps (``task.steps``) behind or unmeasured."""
+    if bundle.task["type"] == "cascade":
+        steps = ", ".join(f"{s['when']} -> {s['bundle']}" for s in bundle.task.get("steps", []))
+        raise ArmscopeError(
+            f"{bundle.root / MANIFEST}: field task.type: cascade ({steps}); {action} works on one model bundle: "
+            f"run it on step one and on each step's bundle, then join the results with 'armscope cascade'")
+
+
 def require_deployable(bundle: Bundle) -> Bundle:
     """Refuse a reduced-precision bundle that ``armscope quantize`` measured and
     marked not deployable: the daemon and ``classify`` must never put a model that

@@ -24,7 +24,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from armscope.bundle import Bundle, load_bundle, staged_directory
+from armscope.bundle import Bundle, load_bundle, refuse_cascade, staged_directory
 from armscope.cpus import usable_cpus
 from armscope.errors import ArmscopeError
 from armscope.preprocess import IMAGE_SUFFIXES, Preprocessing, load_image, preprocess_frame
@@ -398,6 +398,8 @@ def accuracy_report(reference: Path, candidate: Path | None, images: list[Path],
     with ``cpu_precision`` (OpenVINO), against the reference bundle on ONNX Runtime FP32."""
     ref_bundle = load_bundle(reference)
     cand_bundle = ref_bundle if candidate is None else load_bundle(candidate)
+    for b in (ref_bundle, cand_bundle):
+        refuse_cascade(b, "armscope accuracy")
     if candidate is None and backend == "onnxruntime":
         raise ArmscopeError("--candidate: give a reduced-precision bundle, or a --backend/--cpu-precision to "
                             "compare the reference bundle on")

@@ -37,7 +37,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from armscope.bundle import load_bundle, staged_directory, write_manifest
+from armscope.bundle import load_bundle, refuse_cascade, staged_directory, write_manifest
 from armscope.errors import ArmscopeError, require_module
 from calibration import accuracy
 from calibration.calibration_set import load_calibration_set
@@ -242,6 +242,7 @@ def make_reduced_bundle(
     if precision == "int8" and method == "entropy" and tool == "ort":
         _require_calibration_caches()  # before minutes of pre-processing, not after
     source = load_bundle(bundle_dir)
+    refuse_cascade(source, "armscope quantize")
     refuse_derived_source(source, f"--precision {precision}")
     op_types = list(op_types or DEFAULT_OP_TYPES)
 

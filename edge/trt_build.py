@@ -34,7 +34,7 @@ from pathlib import Path
 
 import numpy as np
 
-from armscope.bundle import Bundle, load_bundle, sha256_file, staged_directory, write_manifest
+from armscope.bundle import Bundle, load_bundle, refuse_cascade, sha256_file, staged_directory, write_manifest
 from armscope.errors import ArmscopeError, require_module
 
 log = logging.getLogger(__name__)
@@ -263,6 +263,7 @@ def build_bundle(bundle_dir: Path, precision: str, calib: Path | None = None, wo
     if int8_mode not in ("explicit", "implicit"):
         raise ArmscopeError(f"--int8-mode {int8_mode!r}: expected explicit or implicit")
     bundle = load_bundle(bundle_dir)
+    refuse_cascade(bundle, "armscope build")
     calib_set = None
     if calib is not None:
         from calibration.calibration_set import load_calibration_set

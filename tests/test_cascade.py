@@ -214,3 +214,18 @@ def test_protocol_checks_subtype_when_present():
     for bad in ([1, 2], dict(ok, probs=[0.5, 0.5]), dict(ok, decision="z"), {"classes": ["x"]}):
         with pytest.raises(protocol.ProtocolError, match="header key subtype"):
             protocol.decode(protocol.encode("overlay", dict(header, subtype=bad), payload))
+
+
+@pytest.mark.parametrize("argv", [
+    ["quantize", "{c}", "--precision", "fp16", "--out", "{o}", "--holdout", "{c}"],
+    ["build", "{c}", "--precision", "fp16", "--out", "{o}"],
+    ["accuracy", "--bundle", "{c}", "--backend", "openvino", "--images", "{c}", "--out", "{o}"],
+])
+def test_single_model_tools_refuse_a_cascade_up_front(cascade, tmp_path, capsys, argv):
+    """quantize/build/accuracy would touch step one only; they say so before any work."""
+    out = tmp_path / "out"
+    started = time.monotonic()
+    assert cli_main([a.format(c=cascade, o=out) for a in argv]) == 2
+    err = capsys.readouterr().err
+    assert "field task.type: cascade (other -> steps/other)" in err and "armscope cascade" in err, err
+    assert time.monotonic() - started < 10 and not out.exists()
