@@ -97,10 +97,12 @@ def classify_images(
     if overlay_dir is not None:
         with staged_directory(Path(overlay_dir), overwrite=force) as stage:
             for frame, path, result, cam in zip(frames, images, results, cams):
-                label = f"{result['decision']['label']} {result['decision']['score']:.2f}"
+                # each class with its own probability, as the eyepiece label (firmware_bridge.label)
+                d = result["decision"]
+                label = f"{d['label']} {result['probs'][d['label']]:.2f}"
                 if result.get("subtype") is not None:
-                    sub = result["subtype"]["decision"]
-                    label += f" > {sub['label']} {sub['score']:.2f}"
+                    sub = result["subtype"]
+                    label += f" > {sub['decision']['label']} {sub['probs'][sub['decision']['index']]:.2f}"
                 out = blend_on_frame(frame, cam, crop_box(frame.shape, spec), label)
                 target = stage / f"{Path(path).stem}_overlay.png"
                 if not cv2.imwrite(str(target), out):
