@@ -125,3 +125,23 @@ def test_a_display_filling_overlay_gets_the_label_inside_on_a_see_through_box():
     assert (box.max(axis=2) == 0).mean() > 0.4, "no see-through box behind the text"
     lit = box[box.max(axis=2) > 0]
     assert (lit.max(axis=1) - lit.min(axis=1) <= 1).all()  # only white/grey text in it
+
+
+def test_grey_one_bit_displays_get_a_byte_aligned_region_with_the_text():
+    """MONO1/GRAY8 displays take luma (2-D) and, for 1 bpp, regions in whole bytes."""
+    from firmware_bridge.bench import overlay_and_matrix
+    from firmware_bridge.bridge import render_for_display
+    from firmware_bridge.displays import align_to_bytes
+    from firmware_bridge.label import add_label
+
+    size = (250, 130)
+    align = lambda r: align_to_bytes(r, size[0])  # noqa: E731
+    rgba, matrix = overlay_and_matrix("daemon", size, None, (640, 480), 256)
+    luma, region = render_for_display(rgba, matrix, size, luma=True, align=align)
+    got, send = add_label(luma, region, "tumour 0.70", size, align=align)
+    assert got.ndim == 2 and got.shape == (send[3], send[2])
+    assert send[0] % 8 == 0 and (send[2] % 8 == 0 or send[0] + send[2] == size[0]) and send[1] % 8 == 0
+    ox, oy = region[0] - send[0], region[1] - send[1]
+    assert np.array_equal(got[oy : oy + luma.shape[0], ox : ox + luma.shape[1]], luma)
+    below = got[oy + luma.shape[0] :]
+    assert (below > 128).sum() > 30, "no text below the overlay"
