@@ -17,12 +17,14 @@ the bundle is loaded, naming the step.
 """
 from __future__ import annotations
 
+import re
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from armscope.bundle import MANIFEST, Bundle, load_bundle, require_deployable
+from armscope.bundle import MANIFEST, Bundle, load_bundle, require_deployable, staged_directory, write_manifest
 from armscope.errors import ArmscopeError
 from edge.decision import decide
 
@@ -121,11 +123,6 @@ def assemble(step_one: Path, then: dict[str, Path], out: Path, *, force: bool = 
     hash; the result is loaded and checked with ``load_steps`` before it is
     renamed into place, so a cascade that would be refused later is never
     written."""
-    import re
-    import shutil
-
-    from armscope.bundle import staged_directory, write_manifest
-
     first = load_bundle(step_one)
     if first.task["type"] != "binary":
         raise ArmscopeError(f"{first.root / MANIFEST}: field task.type: step one must be a binary bundle "

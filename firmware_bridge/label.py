@@ -51,18 +51,18 @@ def _fit(text: str, display_size: tuple[int, int]) -> tuple[float, int, tuple[in
         scale *= 0.85
 
 
-def place(box: tuple[int, int], footprint: Region, display_size: tuple[int, int]) -> tuple[int, int, bool]:
-    """Top-left of a ``box`` (w, h) for the label of an overlay at ``footprint``,
-    and whether it lies inside the footprint (see the module docstring)."""
+def place(box: tuple[int, int], footprint: Region, display_size: tuple[int, int]) -> tuple[int, int]:
+    """Top-left of a ``box`` (w, h) for the label of an overlay at
+    ``footprint``: below it, else above it, else inside it at its bottom-left."""
     bw, bh = box
     dw, dh = display_size
     fx, fy, fw, fh = footprint
     x = min(max(0, fx), max(0, dw - bw))
     if fy + fh + bh <= dh:
-        return x, fy + fh, False
+        return x, fy + fh
     if fy - bh >= 0:
-        return x, fy - bh, False
-    return x, min(max(0, fy + fh - bh), max(0, dh - bh)), True
+        return x, fy - bh
+    return x, min(max(0, fy + fh - bh), max(0, dh - bh))
 
 
 def add_label(image: np.ndarray, region: Region, text: str, display_size: tuple[int, int],
@@ -76,7 +76,7 @@ def add_label(image: np.ndarray, region: Region, text: str, display_size: tuple[
     scale, thickness, (tw, th), base = _fit(text, display_size)
     box_w = min(tw + 2 * _GAP, display_size[0])
     box_h = min(th + base + 2 * _GAP, display_size[1])
-    bx, by, _ = place((box_w, box_h), region, display_size)
+    bx, by = place((box_w, box_h), region, display_size)
     send = union(region, (bx, by, box_w, box_h))
     if align is not None:
         send = align(send)

@@ -31,10 +31,10 @@ def test_text_is_the_displayed_class_and_its_own_probability():
 
 
 def test_placement_below_then_above_then_inside():
-    assert place((50, 10), (20, 20, 100, 60), (200, 100)) == (20, 80, False)   # below
-    assert place((50, 10), (20, 35, 100, 60), (200, 100)) == (20, 25, False)   # above: no room below
-    assert place((50, 10), (0, 0, 200, 100), (200, 100)) == (0, 90, True)      # full screen: inside, bottom-left
-    assert place((50, 10), (180, 20, 20, 60), (200, 100)) == (150, 80, False)  # kept on the display
+    assert place((50, 10), (20, 20, 100, 60), (200, 100)) == (20, 80)   # below
+    assert place((50, 10), (20, 35, 100, 60), (200, 100)) == (20, 25)   # above: no room below
+    assert place((50, 10), (0, 0, 200, 100), (200, 100)) == (0, 90)     # full screen: inside, bottom-left
+    assert place((50, 10), (180, 20, 20, 60), (200, 100)) == (150, 80)  # kept on the display
 
 
 def _show(display, header_override=None, label=True, rgba=None):
