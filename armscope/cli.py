@@ -113,7 +113,9 @@ def _cmd_classify(args) -> int:
               + f"  {r['decision']['label']}" + (f" -> {r['subtype']['decision']['label']}" if "subtype" in r else ""))
     slide = report["slide"]
     print(f"{'slide (mean)':<{width}}  " + "  ".join(f"{slide['probs'][c]:>10.4f}" for c in classes)
-          + f"  {slide['decision']['label']}")
+          + f"  {slide['decision']['label']}"
+          + (f" -> {slide['subtype']['decision']['label']} (over {slide['subtype']['n_fields']} images)"
+             if slide.get("subtype") else ""))
     if args.overlay_dir:
         print(f"overlays in {args.overlay_dir}")
     return 0

@@ -177,6 +177,10 @@ def test_cli_assembles_and_refuses(tmp_path, capsys):
     assert "wrote cascade bundle" in capsys.readouterr().out
     assert cli_main(["inspect", str(out)]) == 0
     assert "then      when 'other': steps/other" in capsys.readouterr().out
+    assert cli_main(["classify", "--bundle", str(out), "--threshold", "0.99", *map(str, FRAMES)]) == 0
+    table = capsys.readouterr().out.splitlines()
+    assert all(" other -> " in line for line in table[1 : 1 + len(FRAMES)]), table
+    assert table[1 + len(FRAMES)].startswith("slide (mean)") and f"(over {len(FRAMES)} images)" in table[1 + len(FRAMES)]
 
     refused = [
         (["--then", f"STR={TISSUE}"], "is not one of step one's classes"),
