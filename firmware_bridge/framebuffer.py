@@ -142,13 +142,15 @@ _REVERSED = np.array([int(f"{b:08b}"[::-1], 2) for b in range(256)], np.uint8)
 
 
 def pack(image: np.ndarray, layout: str, brightness: float = 1.0, gamma: float = 1.0,
-         dither: bool = False) -> np.ndarray:
+         dither: bool = False, byteorder: str = sys.byteorder) -> np.ndarray:
     """(h, row bytes) uint8 of ``image`` (RGBA, composited RGB, or grey for
-    ``gray8``/mono) as the framebuffer stores it. ``dither``: 1-bit layouts only."""
+    ``gray8``/mono) as the framebuffer stores it. ``dither``: 1-bit layouts only.
+    ``byteorder``: the CPU's, which sets fbdev's bit order at 1 bpp (a
+    parameter so that the big-endian order is testable on x86)."""
     h = image.shape[0]
     if layout in ("mono10", "mono01"):
         bits = pf.encode(image, PixelFormat.MONO1, brightness=brightness, gamma=gamma, dither=dither)
-        if sys.byteorder == "little":
+        if byteorder == "little":
             bits = cv2.LUT(bits, _REVERSED)
         return bits if layout == "mono10" else np.bitwise_not(bits)
     if layout == "rgb565le":

@@ -152,3 +152,21 @@ def test_one_bit_oled_framebuffer(tmp_path, visual, layout):
     got = mem() if layout == "mono10" else ~mem()
     assert np.array_equal(got[:, :5], want[:, :5])
     d.close()
+
+
+@pytest.mark.parametrize("layout", ["mono10", "mono01"])
+def test_one_bit_bit_order_follows_the_cpu(layout):
+    """fbdev packs 1-bpp pixels in CPU-endian bit order: leftmost pixel in bit
+    0 on little-endian CPUs, in bit 7 on big-endian ones. Both orders, whatever
+    this CPU is, against numpy's own packing of the same lit pixels."""
+    w, h = 21, 5  # a partial last byte per row
+    grey = np.tile(np.linspace(0, 255, w).astype(np.uint8), (h, 1))
+    grey[2] = grey[2, ::-1]  # a row lit from the other side
+    lit = grey >= 128
+    for order, want in (("little", lsb_first(lit)), ("big", np.packbits(lit, axis=1, bitorder="big"))):
+        got = fb.pack(grey, layout, byteorder=order)
+        got = got if layout == "mono10" else ~got
+        assert np.array_equal(got[:, :2], want[:, :2]), order
+        keep = 0x1F if order == "little" else 0xF8  # the 5 pixels of the last byte
+        assert np.array_equal(got[:, 2] & keep, want[:, 2] & keep), order
+    assert not np.array_equal(fb.pack(grey, layout, byteorder="big"), fb.pack(grey, layout, byteorder="little"))
