@@ -48,6 +48,7 @@ def _cmd_export(args) -> int:
 
 def _cmd_inspect(args) -> int:
     from armscope.bundle import load_bundle
+    from edge.cascade import load_steps
 
     bundle = load_bundle(args.bundle)
     if args.json:
@@ -59,9 +60,10 @@ def _cmd_inspect(args) -> int:
     print(f"name        {m['name']}  (schema {m['schema_version']}, precision {m['precision']}, opset {m['opset']})")
     extra = f", positive {task['positive_class']!r} at threshold {task['threshold']}" if "threshold" in task else ""
     print(f"task        {task['type']}: {', '.join(task['classes'])}{extra}")
-    for step in task.get("steps", []):
-        sub = load_bundle(bundle.root / step["bundle"])
-        print(f"  then      when {step['when']!r}: {step['bundle']} ({sub.manifest['name']}, {sub.task['type']}: "
+    steps = load_steps(bundle)  # what classify and the daemon would load, checked the same way
+    for entry in task.get("steps", []):
+        sub = steps[entry["when"]].bundle
+        print(f"  then      when {entry['when']!r}: {entry['bundle']} ({sub.manifest['name']}, {sub.task['type']}: "
               f"{', '.join(sub.classes)}), hashes verified")
     pre = m["preprocessing"]
     print(f"input       centre crop {pre['center_crop']} -> resize {pre['resize']} ({pre['interpolation']}), "

@@ -233,3 +233,14 @@ def test_single_model_tools_refuse_a_cascade_up_front(cascade, tmp_path, capsys,
     err = capsys.readouterr().err
     assert "field task.type: cascade (other -> steps/other)" in err and "armscope cascade" in err, err
     assert time.monotonic() - started < 10 and not out.exists()
+
+
+def test_inspect_checks_a_cascade_as_the_daemon_would(cascade, tmp_path, capsys):
+    bad = tmp_path / "bad"
+    shutil.copytree(cascade, bad)
+    sub = bad / "steps" / "other" / MANIFEST
+    manifest = json.loads(sub.read_text())
+    manifest["preprocessing"]["center_crop"] = 800
+    sub.write_text(json.dumps(manifest))
+    assert cli_main(["inspect", str(bad)]) == 2
+    assert "task.steps.0.bundle" in capsys.readouterr().err
