@@ -17,6 +17,9 @@ their medians are the floor the backend adds to the engines' own time:
 * ``members``: 5 engines, one stream each, fanned out by the event.
 * ``pageable``: the merged copy from an ordinary numpy array instead of pinned
   memory, for contrast: why the backend allocates pinned buffers.
+
+Each runs with every CUDA flavour installed (cuda-python, pycuda): their
+per-call overheads differ, and JetPack images may carry either.
 """
 from __future__ import annotations
 
@@ -32,11 +35,13 @@ CLASSES = 2
 OUTPUT_SHAPES = [(1, CLASSES), (1, 16, CLASSES), (1, 20, 20, CLASSES)]
 
 
-@pytest.fixture(scope="module")
-def cuda():
-    from edge.backends.tensorrt_backend import CudaRuntime
+@pytest.fixture(scope="module", params=["cuda-python", "pycuda"])
+def cuda(request):
+    from edge.backends.tensorrt_backend import CudaRuntime, cuda_flavours
 
-    runtime = CudaRuntime()
+    if request.param not in cuda_flavours():
+        pytest.skip(f"{request.param} is not installed")
+    runtime = CudaRuntime(request.param)
     yield runtime
     runtime.close()
 

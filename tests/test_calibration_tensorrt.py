@@ -17,7 +17,7 @@ from armscope.errors import ArmscopeError
 from armscope.preprocess import Preprocessing, load_image, preprocess_frame
 from calibration.derive import subset_bundle
 from edge.backends import open_backend
-from edge.backends.tensorrt_backend import engine_mismatch, select_engines
+from edge.backends.tensorrt_backend import FLAVOURS, CudaRuntime, cuda_flavours, engine_mismatch, select_engines
 from edge.trt_build import read_calibration_cache
 
 SAMPLES = Path(__file__).resolve().parents[1] / "samples"
@@ -40,6 +40,18 @@ def _with_engine(bundle_dir: Path, **entry) -> Path:
                             "precision": "fp16", "tensorrt": "10.13.0.35", **BUILT_ON, **entry}]
     (bundle_dir / "manifest.json").write_text(json.dumps(manifest))
     return bundle_dir
+
+
+def test_cuda_flavour_is_checked_before_any_cuda_call():
+    """``CudaRuntime(flavour)``: an unknown name, or one not installed here, is
+    refused by name (no import error from deep inside either package)."""
+    with pytest.raises(ArmscopeError, match=r"CUDA flavour 'cupy': expected one of cuda-python, pycuda"):
+        CudaRuntime("cupy")
+    missing = [f for f in FLAVOURS if f not in cuda_flavours()]
+    if not missing:
+        pytest.skip("both CUDA flavours are installed here")
+    with pytest.raises(ArmscopeError, match=rf"CUDA flavour '{missing[0]}' is not installed here"):
+        CudaRuntime(missing[0])
 
 
 def test_engine_checks_name_version_gpu_and_rebuild(tmp_path, one_member):

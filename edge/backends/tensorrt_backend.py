@@ -47,31 +47,62 @@ INPUT = "image"
 
 # ----------------------------------------------------------------------------- CUDA
 
-class CudaRuntime:
-    """The handful of CUDA runtime calls the backend needs, from cuda-python or pycuda."""
+FLAVOURS = ("cuda-python", "pycuda")
 
-    def __init__(self):
-        self.flavour = None
-        try:
+
+def cuda_flavours() -> list[str]:
+    """The CUDA Python APIs installed here, in the order ``CudaRuntime`` prefers them."""
+    import importlib.util
+
+    found = []
+    try:
+        if importlib.util.find_spec("cuda.bindings") or importlib.util.find_spec("cuda.cudart"):
+            found.append("cuda-python")
+    except ImportError:  # no "cuda" package at all
+        pass
+    if importlib.util.find_spec("pycuda"):
+        found.append("pycuda")
+    return found
+
+
+class CudaRuntime:
+    """The handful of CUDA runtime calls the backend needs, from cuda-python or pycuda.
+
+    ``flavour`` picks one; by default cuda-python (what TensorRT's own samples use
+    since 10.14), else pycuda (what older JetPack images carry). Errors from either
+    are raised as ``ArmscopeError`` naming the CUDA error."""
+
+    def __init__(self, flavour: str | None = None):
+        if flavour not in (None, *FLAVOURS):
+            raise ArmscopeError(f"CUDA flavour {flavour!r}: expected one of {', '.join(FLAVOURS)}")
+        installed = cuda_flavours()
+        if flavour is None and not installed:
+            raise ArmscopeError("the TensorRT backend needs cuda-python (pip install 'armscope[gpu]') or pycuda")
+        if flavour is not None and flavour not in installed:
+            raise ArmscopeError(f"CUDA flavour {flavour!r} is not installed here (installed: {installed or 'none'})")
+        self.flavour = flavour or installed[0]
+        self._allocations = []
+        if self.flavour == "cuda-python":
             try:
                 from cuda.bindings import runtime as cudart  # cuda-python >= 12.6
             except ImportError:
                 from cuda import cudart  # older cuda-python
             self.cudart = cudart
-            self.flavour = "cuda-python"
             self._check(cudart.cudaSetDevice(0))
-        except ImportError:
-            try:
-                import pycuda.driver as driver
-            except ImportError:
-                raise ArmscopeError("the TensorRT backend needs cuda-python (pip install 'armscope[gpu]') "
-                                    "or pycuda") from None
-            driver.init()
+        else:
+            import pycuda.driver as driver
+
             self.driver = driver
-            self.context = driver.Device(0).retain_primary_context()
+            self._pycuda(driver.init)
+            self.context = self._pycuda(lambda: driver.Device(0).retain_primary_context())
             self.context.push()
-            self.flavour = "pycuda"
-        self._allocations = []
+
+    def _pycuda(self, call, *args):
+        """Run a pycuda call, raising its driver errors as ``ArmscopeError``."""
+        try:
+            return call(*args)
+        except self.driver.Error as e:
+            raise ArmscopeError(f"CUDA error ({type(e).__name__}): {e}") from None
 
     # cuda-python calls return (cudaError_t, *values)
     def _check(self, result):
@@ -85,7 +116,7 @@ class CudaRuntime:
         dtype = np.dtype(dtype)
         size = int(np.prod(shape))
         if self.flavour == "pycuda":
-            return self.driver.pagelocked_empty(shape, dtype)
+            return self._pycuda(self.driver.pagelocked_empty, shape, dtype)
         ptr = self._check(self.cudart.cudaMallocHost(size * dtype.itemsize))
         self._allocations.append(("host", ptr))
         array = np.ctypeslib.as_array(ctypes.cast(ptr, ctypes.POINTER(np.ctypeslib.as_ctypes_type(dtype))), (size,))
@@ -93,7 +124,7 @@ class CudaRuntime:
 
     def device(self, nbytes: int) -> int:
         if self.flavour == "pycuda":
-            allocation = self.driver.mem_alloc(nbytes)
+            allocation = self._pycuda(self.driver.mem_alloc, nbytes)
             self._allocations.append(("pycuda", allocation))
             return int(allocation)
         ptr = self._check(self.cudart.cudaMalloc(nbytes))
@@ -127,21 +158,21 @@ class CudaRuntime:
 
     def htod(self, dst: int, src: np.ndarray, nbytes: int, stream):
         if self.flavour == "pycuda":
-            self.driver.memcpy_htod_async(dst, src.reshape(-1)[: nbytes // src.itemsize], stream)
+            self._pycuda(self.driver.memcpy_htod_async, dst, src.reshape(-1)[: nbytes // src.itemsize], stream)
         else:
             self._check(self.cudart.cudaMemcpyAsync(dst, src.ctypes.data, nbytes,
                                                     self.cudart.cudaMemcpyKind.cudaMemcpyHostToDevice, stream))
 
     def dtoh(self, dst: np.ndarray, src: int, nbytes: int, stream):
         if self.flavour == "pycuda":
-            self.driver.memcpy_dtoh_async(dst.reshape(-1)[: nbytes // dst.itemsize], src, stream)
+            self._pycuda(self.driver.memcpy_dtoh_async, dst.reshape(-1)[: nbytes // dst.itemsize], src, stream)
         else:
             self._check(self.cudart.cudaMemcpyAsync(dst.ctypes.data, src, nbytes,
                                                     self.cudart.cudaMemcpyKind.cudaMemcpyDeviceToHost, stream))
 
     def synchronize(self, stream):
         if self.flavour == "pycuda":
-            stream.synchronize()
+            self._pycuda(stream.synchronize)
         else:
             self._check(self.cudart.cudaStreamSynchronize(stream))
 
