@@ -12,18 +12,18 @@ class ArmscopeError(Exception):
 class MissingDependency(ArmscopeError):
     """An optional extra (tf, gpu) is needed for this command."""
 
-    def __init__(self, module: str, extra: str, purpose: str):
+    def __init__(self, module: str, extra: str, purpose: str, hint: str = ""):
         super().__init__(
             f"{purpose} needs the Python module {module!r}, which is not installed: "
-            f"pip install 'armscope[{extra}]'"
+            f"pip install 'armscope[{extra}]'" + (f"; {hint}" if hint else "")
         )
 
 
-def require_module(module: str, extra: str, purpose: str):
+def require_module(module: str, extra: str, purpose: str, hint: str = ""):
     """Import an optional heavy dependency lazily, with an actionable error."""
     import importlib
 
     try:
         return importlib.import_module(module)
     except ImportError as exc:  # pragma: no cover - depends on the install
-        raise MissingDependency(module, extra, purpose) from exc
+        raise MissingDependency(module, extra, purpose, hint) from exc

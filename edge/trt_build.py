@@ -45,8 +45,13 @@ TIMING_CACHE = "timing.cache"
 CALIB_CACHE_HEADER = "TRT-"  # TensorRT calibration caches start "TRT-<version>-EntropyCalibration2"
 
 
+# JetPack installs TensorRT's Python module system-wide (apt), and pip has no Jetson wheels for it
+JETSON_TENSORRT = ("on a Jetson it comes with JetPack (apt package python3-libnvinfer): "
+                   "make the venv with --system-site-packages")
+
+
 def require_tensorrt(purpose: str):
-    return require_module("tensorrt", "gpu", purpose)
+    return require_module("tensorrt", "gpu", purpose, JETSON_TENSORRT)
 
 
 def tensorrt_available() -> bool:

@@ -59,3 +59,9 @@ python3 -m pytest -q -p no:cacheprovider tests/test_bridge_link.py tests/test_br
     2>&1 | tail -15 | tee "$OUT/bridge_tests.txt"
 python3 -c "import sys; from firmware_bridge.cli import main; sys.exit(main(sys.argv[1:]))" \
     bench --frames 200 --json "$OUT/bridge_bench.json" 2>&1 | tee "$OUT/bridge_bench.txt"
+# The CLI on a GPU machine without TensorRT: auto falls back to ONNX Runtime and says why;
+# asking for tensorrt is refused with a clear message (exit status 2, no traceback).
+A="python3 -c 'import sys; from armscope.cli import main; sys.exit(main(sys.argv[1:]))'"
+eval "$A classify --bundle samples/demo_bundle samples/frames/cmu1_frame_1.jpg --backend auto" 2>&1 | tail -6
+eval "$A classify --bundle samples/demo_bundle samples/frames/cmu1_frame_1.jpg --backend tensorrt" 2>&1 | tail -4
+echo "tensorrt refusal: exit ${PIPESTATUS[0]}"

@@ -96,6 +96,22 @@ def test_auto_falls_back_to_onnxruntime_with_reason(tmp_path, one_member, caplog
     assert any("backend: onnxruntime on the CPU (" in r.message for r in caplog.records)
 
 
+def test_asking_for_tensorrt_without_it_says_how_to_get_it(capsys):
+    """Without TensorRT, ``--backend tensorrt`` is refused up front: exit status
+    2, one message naming the module, the pip extra and JetPack's package (pip
+    has no Jetson wheels for it), no traceback."""
+    from edge.trt_build import tensorrt_available
+
+    if tensorrt_available():
+        pytest.skip("TensorRT is installed here")
+    frame = SAMPLES / "frames" / "cmu1_frame_1.jpg"
+    assert main(["classify", "--bundle", str(SAMPLES / "demo_bundle"), "--backend", "tensorrt", str(frame)]) == 2
+    err = capsys.readouterr().err
+    assert "needs the Python module 'tensorrt', which is not installed: pip install 'armscope[gpu]'" in err
+    assert "python3-libnvinfer" in err and "--system-site-packages" in err
+    assert "Traceback" not in err
+
+
 def test_calibration_cache_validation(tmp_path):
     good = tmp_path / "ensemble.calib"
     good.write_text("TRT-101300-EntropyCalibration2\nimage: 3c010a14\nconv1: 3d8f5c29\n")

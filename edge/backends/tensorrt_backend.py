@@ -77,7 +77,8 @@ class CudaRuntime:
             raise ArmscopeError(f"CUDA flavour {flavour!r}: expected one of {', '.join(FLAVOURS)}")
         installed = cuda_flavours()
         if flavour is None and not installed:
-            raise ArmscopeError("the TensorRT backend needs cuda-python (pip install 'armscope[gpu]') or pycuda")
+            raise ArmscopeError("the TensorRT backend needs cuda-python (pip install 'armscope[gpu]') or pycuda "
+                                "(on a Jetson, JetPack's python3-pycuda also works)")
         if flavour is not None and flavour not in installed:
             raise ArmscopeError(f"CUDA flavour {flavour!r} is not installed here (installed: {installed or 'none'})")
         self.flavour = flavour or installed[0]
