@@ -189,11 +189,11 @@ def build_engine(trt, onnx_path: Path, engine_path: Path, precision: str, *, wor
     logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)
     major = trt_major(trt.__version__)
-    flags = 0
-    strongly_typed = major >= 11  # TensorRT 11 removed weak typing: precision comes from the ONNX
-    if strongly_typed and hasattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED"):
-        flags |= 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
-    network = builder.create_network(flags)
+    # TensorRT 11 removed weak typing: every network is strongly typed, precision comes from the ONNX
+    # (its STRONGLY_TYPED creation flag is kept only as a deprecated no-op, so it is not passed);
+    # TensorRT 10 builds weakly typed networks with the FP16/INT8 flags below.
+    strongly_typed = major >= 11
+    network = builder.create_network(0)
     parser = trt.OnnxParser(network, logger)
     if not parser.parse_from_file(str(onnx_path)):
         errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
