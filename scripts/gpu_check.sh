@@ -53,6 +53,7 @@ python3 -m pytest -q -p no:cacheprovider -rs tests/test_cuda_runtime.py tests/te
     2>&1 | tee "$OUT/gpu_tests.txt"
 python3 -m pytest -q -p no:cacheprovider benchmarks/bench_cuda.py --benchmark-only \
     --benchmark-json="$OUT/bench_cuda.json" 2>&1 | tail -15
+[ -n "${SKIP_BRIDGE:-}" ] && exit 0  # SKIP_BRIDGE=1: the GPU part only (the bridge runs on the host CPU)
 taskset -c 0,1 python3 -m pytest -q -p no:cacheprovider benchmarks/bench_bridge.py -k bridge_path \
     --benchmark-only --benchmark-json="$OUT/bench_bridge_2cpu.json" 2>&1 | tail -15
 python3 -m pytest -q -p no:cacheprovider tests/test_bridge_link.py tests/test_bridge_bench.py \

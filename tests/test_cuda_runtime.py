@@ -1,8 +1,9 @@
 """``CudaRuntime``, the CUDA calls of the TensorRT backend
-(edge/backends/tensorrt_backend.py), on a real GPU: pinned and device
-buffers, one stream per ensemble member, the event that makes every member's
-stream wait for the one input copy, async copies both ways, errors named,
-memory given back. Marked ``cuda``: needs an NVIDIA GPU and cuda-python (or
+(edge/backends/tensorrt_backend.py), and ``run_members``, its per-batch
+sequence, on a real GPU: pinned and device buffers, one stream per ensemble
+member, the event that makes every member's stream wait for the one input
+copy, async copies both ways, chunking and averaging, errors named, memory
+given back. Marked ``cuda``: needs an NVIDIA GPU and cuda-python (or
 pycuda) but not TensorRT, so it also runs where TensorRT cannot be installed.
 Each test runs once per CUDA flavour installed (cuda-python, pycuda), since
 JetPack images may carry either. The backend's engine calls are covered by
@@ -55,36 +56,6 @@ def test_gpu_info_names_the_gpu_as_nvidia_smi_does():
     assert gpu_info() == {"name": name, "compute_capability": cap}
 
 
-def test_members_read_one_input_copy_through_an_event(cuda, real_inputs):
-    """The "members" layout: the input is copied to the device once, on the
-    first stream; an event makes each member's stream wait for that copy;
-    each stream copies back on its own, records its completion, and the first
-    stream waits for all of them, so one synchronise covers the frame."""
-    frames = np.ascontiguousarray(real_inputs[:2], dtype=np.float32)  # real H&E, (2, 640, 640, 3)
-    host_in = cuda.pinned(frames.shape, np.float32)
-    host_in[...] = frames
-    device_in = cuda.device(host_in.nbytes)
-    streams = [cuda.stream() for _ in range(MEMBERS)]
-    copied = cuda.event()
-    cuda.htod(device_in, host_in, host_in.nbytes, streams[0])
-    cuda.record(copied, streams[0])
-    outputs = []
-    for stream in streams:
-        cuda.wait(stream, copied)
-        out = cuda.pinned(frames.shape, np.float32)
-        out[...] = -1.0
-        cuda.dtoh(out, device_in, out.nbytes, stream)
-        outputs.append(out)
-    for stream in streams[1:]:
-        done = cuda.event()
-        cuda.record(done, stream)
-        cuda.wait(streams[0], done)
-    cuda.synchronize(streams[0])
-    assert len({cuda.handle(s) for s in streams}) == MEMBERS
-    for out in outputs:
-        np.testing.assert_array_equal(out, frames)
-
-
 def test_a_cuda_failure_is_named(cuda):
     # cuda-python names the runtime error, pycuda the driver call and its error
     with pytest.raises(ArmscopeError, match=r"CUDA error (cudaErrorMemoryAllocation|\(MemoryError\): .*out of memory)"):
@@ -103,3 +74,63 @@ def test_close_gives_the_memory_back(flavour):
         assert _free_bytes(after) >= before - (64 << 20)  # allocator slack, not the 1 GiB
     finally:
         after.close()
+
+
+class CopyEngine:
+    """Stands in for a TensorRT engine in ``run_members``, where TensorRT is not
+    installed: on the member's own stream it reads the first two values of each
+    image back from the device copy of the input (so it sees this batch only if
+    its stream waited for the upload) and writes them to ``probs``, and writes
+    the member's own constant (index + 1) to ``patch_probs`` and ``cam``. All of
+    it is stream-ordered copies through pinned memory, nothing on the host."""
+
+    def __init__(self, cuda: CudaRuntime, index: int, max_batch: int, input_ptr: int, image_shape: tuple):
+        self.stream, self.done, self.max_batch = cuda.stream(), cuda.event(), max_batch
+        self.input_ptr, self.image_bytes = input_ptr, int(np.prod(image_shape)) * 4
+        shapes = {"probs": (max_batch, 2), "patch_probs": (max_batch, 16, 2), "cam": (max_batch, 20, 20, 2)}
+        self.outputs, self.constants = {}, {}
+        for name, shape in shapes.items():
+            host = cuda.pinned(shape, np.float32)
+            host[...] = np.nan
+            self.outputs[name] = (cuda.device(host.nbytes), host)
+            self.constants[name] = cuda.pinned(shape, np.float32)
+            self.constants[name][...] = index + 1
+        self.scratch = cuda.pinned((max_batch, 2), np.float32)
+
+    def enqueue(self, cuda: CudaRuntime, shape: tuple) -> None:
+        n = shape[0]
+        for row in range(n):
+            cuda.dtoh(self.scratch[row], self.input_ptr + row * self.image_bytes, 8, self.stream)
+        cuda.htod(self.outputs["probs"][0], self.scratch, self.scratch[:n].nbytes, self.stream)
+        for name in ("patch_probs", "cam"):
+            const = self.constants[name]
+            cuda.htod(self.outputs[name][0], const, const[:n].nbytes, self.stream)
+
+
+@pytest.mark.parametrize("members", [1, MEMBERS])
+def test_run_members_sequence_on_the_gpu(cuda, real_inputs, members):
+    """The TensorRT backend's per-batch sequence (``run_members``, both layouts:
+    one member = merged, five = members) with copy engines: every member sees
+    the batch just uploaded, batches over ``max_batch`` run in chunks, and the
+    outputs are the members' mean. Different images on every call, so a member
+    stream that did not wait for the upload would read the previous batch."""
+    from edge.backends.tensorrt_backend import run_members
+
+    max_batch, shape = 2, real_inputs.shape[1:]
+    host_input = cuda.pinned((max_batch, *shape), np.float32)
+    input_ptr = cuda.device(host_input.nbytes)
+    engines = [CopyEngine(cuda, i, max_batch, input_ptr, shape) for i in range(members)]
+    assert len({cuda.handle(e.stream) for e in engines}) == members  # one stream each
+    ready = cuda.event()
+    rng = np.random.default_rng(0)
+    for batch in (1, 2, 5):  # 5 runs as chunks of 2, 2, 1
+        images = real_inputs[rng.choice(len(real_inputs), batch)] + rng.normal(0, 1, (batch, 1, 1, 1)).astype(np.float32)
+        out = run_members(cuda, engines, host_input, input_ptr, ready, images)
+        # the mean of identical float32 values, rounded: equal within float32's precision
+        np.testing.assert_allclose(out["probs"], images.reshape(batch, -1)[:, :2], rtol=1e-6)
+        expected = (members + 1) / 2  # mean of the members' constants 1..members
+        assert out["patch_probs"].shape == (batch, 16, 2) and out["cam"].shape == (batch, 20, 20, 2)
+        np.testing.assert_allclose(out["patch_probs"], expected)
+        np.testing.assert_allclose(out["cam"], expected)
+    with pytest.raises(ArmscopeError, match=r"input batch of shape \(1, 320, 320, 3\): expected \(N, 640, 640, 3\)"):
+        run_members(cuda, engines, host_input, input_ptr, ready, np.zeros((1, 320, 320, 3), np.float32))

@@ -259,6 +259,55 @@ class _Member:
             self.outputs[name] = (cuda.device(host.nbytes), host)
             self.context.set_tensor_address(name, self.outputs[name][0])
 
+    def enqueue(self, cuda: CudaRuntime, shape: tuple) -> None:
+        """Queue this engine on its stream for a batch of ``shape``."""
+        self.context.set_input_shape(INPUT, shape)
+        if not self.context.execute_async_v3(cuda.handle(self.stream)):
+            raise ArmscopeError("TensorRT execute_async_v3 failed")
+
+
+def run_members(cuda: CudaRuntime, members: list, host_input: np.ndarray, input_ptr: int, input_ready,
+                images: np.ndarray) -> dict[str, np.ndarray]:
+    """One batch through every member, the per-frame sequence of both layouts
+    (module docstring): the input copied to the device once on the first
+    member's stream, ``input_ready`` recorded there and waited for by every
+    other member's stream, each member enqueued and its outputs copied back on
+    its own stream, the first stream waiting on each member's ``done`` event,
+    one synchronisation; then the members' outputs averaged on the host.
+
+    A member is anything with ``stream``, ``done``, ``max_batch``, ``outputs``
+    ({name: (device pointer, pinned host array)}) and ``enqueue(cuda, shape)``:
+    ``_Member`` runs a TensorRT engine; the ``cuda`` tests pass members whose
+    "engine" is stream-ordered copies, to check this sequence where TensorRT
+    is not installed. Batches larger than the smallest ``max_batch`` run in chunks."""
+    images = np.ascontiguousarray(images, dtype=np.float32)
+    if images.ndim != host_input.ndim or images.shape[1:] != host_input.shape[1:]:
+        raise ArmscopeError(f"input batch of shape {images.shape}: expected (N, {', '.join(map(str, host_input.shape[1:]))})")
+    max_batch = min(host_input.shape[0], *(m.max_batch for m in members))
+    if images.shape[0] > max_batch:
+        parts = [run_members(cuda, members, host_input, input_ptr, input_ready, images[i : i + max_batch])
+                 for i in range(0, len(images), max_batch)]
+        return {k: np.concatenate([p[k] for p in parts]) for k in OUTPUTS}
+    n = images.shape[0]
+    first = members[0]
+    host_input[:n] = images
+    cuda.htod(input_ptr, host_input, images.nbytes, first.stream)
+    cuda.record(input_ready, first.stream)
+    for member in members:
+        if member is not first:
+            cuda.wait(member.stream, input_ready)
+        member.enqueue(cuda, images.shape)
+        for name in OUTPUTS:
+            ptr, host = member.outputs[name]
+            cuda.dtoh(host, ptr, host[:n].nbytes, member.stream)
+        if member is not first:
+            cuda.record(member.done, member.stream)
+            cuda.wait(first.stream, member.done)
+    cuda.synchronize(first.stream)  # the one synchronisation per batch
+    if len(members) == 1:
+        return {name: first.outputs[name][1][:n].copy() for name in OUTPUTS}
+    return {name: np.mean([m.outputs[name][1][:n] for m in members], axis=0) for name in OUTPUTS}
+
 
 class TensorRTBackend(InferenceBackend):
     name = "tensorrt"
@@ -295,31 +344,10 @@ class TensorRTBackend(InferenceBackend):
         self.gpu, self.trt_version = gpu, trt.__version__
 
     def infer(self, images: np.ndarray) -> dict[str, np.ndarray]:
-        images = np.ascontiguousarray(images, dtype=np.float32)
-        if images.shape[0] > self.max_batch:  # larger batches run in chunks
-            parts = [self.infer(images[i : i + self.max_batch]) for i in range(0, len(images), self.max_batch)]
-            return {k: np.concatenate([p[k] for p in parts]) for k in OUTPUTS}
-        n = images.shape[0]
-        cuda, first = self.cuda, self.members[0]
-        self.host_input[:n] = images
-        cuda.htod(self.input_ptr, self.host_input, images.nbytes, first.stream)
-        cuda.record(self.input_ready, first.stream)
-        for member in self.members:
-            if member is not first:
-                cuda.wait(member.stream, self.input_ready)
-            member.context.set_input_shape(INPUT, images.shape)
-            if not member.context.execute_async_v3(cuda.handle(member.stream)):
-                raise ArmscopeError(f"TensorRT execute_async_v3 failed for {self.bundle.root}")
-            for name in OUTPUTS:
-                ptr, host = member.outputs[name]
-                cuda.dtoh(host, ptr, host[:n].nbytes, member.stream)
-            if member is not first:
-                cuda.record(member.done, member.stream)
-                cuda.wait(first.stream, member.done)
-        cuda.synchronize(first.stream)  # the one synchronisation per frame
-        if len(self.members) == 1:
-            return {name: first.outputs[name][1][:n].copy() for name in OUTPUTS}
-        return {name: np.mean([m.outputs[name][1][:n] for m in self.members], axis=0) for name in OUTPUTS}
+        try:
+            return run_members(self.cuda, self.members, self.host_input, self.input_ptr, self.input_ready, images)
+        except ArmscopeError as e:
+            raise ArmscopeError(f"{self.bundle.root}: {e}") from None
 
     def describe(self) -> dict:
         return {"backend": self.name, "layout": self.layout, "tensorrt": self.trt_version, "gpu": self.gpu["name"],
