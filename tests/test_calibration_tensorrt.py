@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import logging
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -52,6 +53,20 @@ def test_cuda_flavour_is_checked_before_any_cuda_call():
         pytest.skip("both CUDA flavours are installed here")
     with pytest.raises(ArmscopeError, match=rf"CUDA flavour '{missing[0]}' is not installed here"):
         CudaRuntime(missing[0])
+
+
+def test_a_cuda_api_that_cannot_load_is_named(monkeypatch):
+    """A CUDA Python API that is installed but cannot be imported (e.g. built
+    for a CUDA the driver lacks): the next flavour is tried, and if none
+    loads, each one's import error is reported by name, not as a traceback."""
+    import edge.backends.tensorrt_backend as backend
+
+    monkeypatch.setattr(backend, "cuda_flavours", lambda: ["cuda-python", "pycuda"])
+    for module in ("cuda", "cuda.bindings", "pycuda", "pycuda.driver"):
+        monkeypatch.setitem(sys.modules, module, None)  # None in sys.modules: importing it fails
+    with pytest.raises(ArmscopeError, match=r"no CUDA Python API could be imported \(cuda-python: import of cuda\b.*; "
+                                            r"pycuda: import of pycuda"):
+        CudaRuntime()
 
 
 def test_engine_checks_name_version_gpu_and_rebuild(tmp_path, one_member):

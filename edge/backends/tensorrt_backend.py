@@ -81,19 +81,29 @@ class CudaRuntime:
                                 "(on a Jetson, JetPack's python3-pycuda also works)")
         if flavour is not None and flavour not in installed:
             raise ArmscopeError(f"CUDA flavour {flavour!r} is not installed here (installed: {installed or 'none'})")
-        self.flavour = flavour or installed[0]
         self._allocations = []
-        if self.flavour == "cuda-python":
+        failed = []
+        for candidate in [flavour] if flavour else installed:  # by default, the next one if an import fails
+            try:
+                self._open(candidate)
+                break
+            except ImportError as e:
+                failed.append(f"{candidate}: {e}")
+        else:
+            raise ArmscopeError(f"no CUDA Python API could be imported ({'; '.join(failed)})")
+
+    def _open(self, flavour: str) -> None:
+        if flavour == "cuda-python":
             try:
                 from cuda.bindings import runtime as cudart  # cuda-python >= 12.6
             except ImportError:
                 from cuda import cudart  # older cuda-python
-            self.cudart = cudart
+            self.flavour, self.cudart = flavour, cudart
             self._check(cudart.cudaSetDevice(0))
         else:
             import pycuda.driver as driver
 
-            self.driver = driver
+            self.flavour, self.driver = flavour, driver
             self._pycuda(driver.init)
             self.context = self._pycuda(lambda: driver.Device(0).retain_primary_context())
             self.context.push()
