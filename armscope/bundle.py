@@ -214,6 +214,10 @@ def validate_manifest(manifest: dict, path: Path) -> None:
         )
 
 
+def _reject_constant(token: str):
+    raise ValueError(f"{token} is not a JSON number (NaN and Infinity are not allowed; use a finite number)")
+
+
 def load_bundle(root: str | Path, verify_hashes: bool = True) -> Bundle:
     """Load and validate a bundle directory; every member file must exist and match its hash."""
     root = Path(root).resolve()
@@ -223,9 +227,11 @@ def load_bundle(root: str | Path, verify_hashes: bool = True) -> Bundle:
     if not manifest_path.is_file():
         raise ArmscopeError(f"{manifest_path}: missing; a bundle directory must contain {MANIFEST}")
     try:
-        manifest = json.loads(manifest_path.read_text())
+        manifest = json.loads(manifest_path.read_text(), parse_constant=_reject_constant)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise ArmscopeError(f"{manifest_path}: not valid JSON ({exc})") from None
+    except ValueError as exc:  # NaN/Infinity: Python's json takes them, the schema's ranges cannot catch them
+        raise ArmscopeError(f"{manifest_path}: {exc}") from None
     if not isinstance(manifest, dict):
         raise ArmscopeError(f"{manifest_path}: expected a JSON object at the top level")
     if manifest.get("schema_version") not in (None, SCHEMA_VERSION):

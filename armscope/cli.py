@@ -36,6 +36,10 @@ def _cmd_export(args) -> int:
         positive = args.positive_class or (classes[-1] if kind == "binary" else None)
         threshold = args.threshold if args.threshold is not None else (0.5 if kind == "binary" else None)
         task = TaskSpec(kind, classes, positive, threshold)
+        if args.threshold is not None:  # before minutes of conversion, not at the manifest check after them
+            from edge.decision import check_threshold
+
+            check_threshold(args.threshold, task.to_manifest(), "--threshold")
     elif args.task or args.positive_class or args.threshold is not None:
         raise ArmscopeError("--task/--positive-class/--threshold need --classes")
     spec = Preprocessing(center_crop=args.crop, resize=640, interpolation=args.interpolation)

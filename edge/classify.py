@@ -15,7 +15,7 @@ from armscope.errors import ArmscopeError
 from armscope.preprocess import crop_box, load_image, preprocess_frame
 from edge.backends import open_backend
 from edge.cascade import SubtypeMeans, load_steps
-from edge.decision import decide
+from edge.decision import check_threshold, decide
 from edge.overlay import blend_on_frame
 
 log = logging.getLogger(__name__)
@@ -68,6 +68,8 @@ def classify_images(
     if not images:
         raise ArmscopeError("no images given")
     bundle = require_deployable(load_bundle(bundle_dir))
+    if threshold is not None:
+        threshold = check_threshold(threshold, bundle.task, "--threshold")
     spec = bundle.preprocessing
     frames = [load_image(p) for p in images]
     batch = np.stack([preprocess_frame(f, spec, source=str(p)) for f, p in zip(frames, images)])

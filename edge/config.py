@@ -11,6 +11,7 @@ bundle); paths given as flags are relative to the working directory.
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -71,7 +72,8 @@ OPTIONS: tuple[Option, ...] = (
     Option("overlay_size", int, 0, "overlay side in pixels (0 = the model's crop size)", minimum=0, maximum=8192),
     Option("max_alpha", float, 0.6, "overlay opacity at the hottest CAM value", minimum=0.0, maximum=1.0),
     Option("threshold", float, -1.0, "decision threshold on the positive class (-1 = the manifest's)",
-           minimum=-1.0, maximum=1.0),
+           minimum=-1.0, maximum=1.0,
+           check=lambda v: None if v == -1.0 or v >= 0.0 else "expected -1 (the manifest's) or 0..1"),
     Option("heartbeat_hz", float, 2.0, "status heartbeats per second", minimum=0.1, maximum=100.0),
     Option("stale_after_ms", int, 1500, "subscribers blank an overlay this long after receiving it",
            minimum=50, maximum=600000),
@@ -133,6 +135,8 @@ def validate_value(key: str, value: Any, where: str) -> Any:
         value = float(value)
     if opt.type is not bool and isinstance(value, bool) or not isinstance(value, opt.type):
         raise ArmscopeError(f"{where}: key {key!r}: expected {opt.type.__name__}, got {type(value).__name__} {value!r}")
+    if opt.type is float and not math.isfinite(value):
+        raise ArmscopeError(f"{where}: key {key!r}: {value!r} is not a finite number")
     if opt.choices and value not in opt.choices:
         raise ArmscopeError(f"{where}: key {key!r}: {value!r} is not one of {', '.join(opt.choices)}")
     if opt.minimum is not None and value < opt.minimum:

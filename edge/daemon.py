@@ -34,7 +34,7 @@ from armscope.preprocess import crop_box, preprocess_frame
 from edge.cascade import load_steps, model_id
 from edge.config import Config
 from edge.control import ControlServer
-from edge.decision import decide
+from edge.decision import check_threshold, decide
 from edge.metrics import Metrics, OverlayGapWatch, prometheus_text, serve_prometheus
 from edge.overlay import focus_mask, heat_rgba
 from edge.pipeline import LatestSlot, SlotClosed
@@ -90,7 +90,7 @@ class Daemon:
         self.classes = self.bundle.classes
         self.threshold = None
         if config.threshold >= 0:
-            self._check_threshold(config.threshold, "key 'threshold'")
+            check_threshold(config.threshold, self.bundle.task, "key 'threshold'")
             self.threshold = config.threshold
         self.gate = TissueGate(config.min_tissue_fraction, config.min_focus,
                                config.tissue_min_saturation, config.tissue_max_brightness)
@@ -121,13 +121,6 @@ class Daemon:
         self.auth = None
 
     # ------------------------------------------------------------ lifecycle
-
-    def _check_threshold(self, value: float, where: str) -> None:
-        if self.bundle.task["type"] not in ("binary", "cascade"):
-            raise ArmscopeError(f"{where}: the bundle's task is {self.bundle.task['type']!r}; "
-                                "a threshold applies to binary and cascade tasks only")
-        if not 0.0 <= value <= 1.0:
-            raise ArmscopeError(f"{where}: {value} is outside 0..1")
 
     def open(self) -> None:
         """Open the backend and the sockets (no threads yet)."""
@@ -512,7 +505,7 @@ class Daemon:
                     value = float(args[0])
                 except ValueError:
                     raise ArmscopeError(f"threshold: {args[0]!r} is not a number") from None
-                self._check_threshold(value, "threshold")
+                check_threshold(value, self.bundle.task, "threshold")
                 self.threshold = value
             return {"threshold": self.effective_threshold()}
         if cmd == "snapshot":

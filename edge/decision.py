@@ -4,7 +4,24 @@ Binary tasks (the paper's step 1, IIM vs other) use the manifest threshold on
 the positive class (0.3 there, chosen so no IIM is missed), not argmax."""
 from __future__ import annotations
 
+import math
+
 import numpy as np
+
+from armscope.errors import ArmscopeError
+
+
+def check_threshold(value: float, task: dict, where: str) -> float:
+    """A decision threshold given by a user (flag, config key, control command):
+    a finite number in 0..1, for a task that has one. Refused otherwise rather
+    than silently deciding every field one way (NaN compares false with every
+    probability)."""
+    if task["type"] not in ("binary", "cascade"):
+        raise ArmscopeError(f"{where}: the bundle's task is {task['type']!r}; "
+                            "a threshold applies to binary and cascade tasks only")
+    if not (isinstance(value, (int, float)) and math.isfinite(value) and 0.0 <= value <= 1.0):
+        raise ArmscopeError(f"{where}: {value} is not a threshold (expected a number in 0..1)")
+    return float(value)
 
 
 def decide(probs: np.ndarray, task: dict, threshold: float | None = None) -> dict:

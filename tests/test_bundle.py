@@ -76,6 +76,15 @@ def test_invalid_manifest_fields_are_named(bundle_copy, edit, message):
         load_bundle(bundle_copy)
 
 
+def test_nan_in_a_manifest_is_refused(bundle_copy):
+    """Python's json reads NaN, and the schema's 0..1 range cannot catch it
+    (NaN compares false): a NaN threshold would decide every field negative."""
+    path = bundle_copy / "manifest.json"
+    path.write_text(path.read_text().replace('"threshold": 0.3', '"threshold": NaN'))
+    with pytest.raises(ArmscopeError, match=r"manifest\.json: NaN is not a JSON number"):
+        load_bundle(bundle_copy)
+
+
 def test_not_json_and_not_a_bundle(bundle_copy, tmp_path):
     (bundle_copy / "manifest.json").write_text("{not json")
     with pytest.raises(ArmscopeError, match="manifest.json: not valid JSON"):

@@ -83,3 +83,25 @@ def test_overlay_outline_marks_cells_above_median():
     assert rgba[0, 0, 3] == 0                       # cold: transparent
     assert rgba[4 * 32, 6 * 32, 3] > 100            # hot: visible
     assert (rgba[..., 3] == 255).any()              # the outline is drawn opaque
+
+
+@pytest.mark.parametrize("bundle, value, message", [
+    ("demo_bundle", "1.5", r"--threshold: 1\.5 is not a threshold \(expected a number in 0\.\.1\)"),
+    ("demo_bundle", "nan", r"--threshold: nan is not a threshold"),  # NaN would decide every image "other"
+    ("demo_tissue_bundle", "0.4", r"--threshold: the bundle's task is 'multiclass'; a threshold applies to binary"),
+])
+def test_classify_refuses_a_threshold_it_cannot_use(frame_paths, capsys, bundle, value, message):
+    import re
+    from pathlib import Path
+
+    samples = Path(__file__).resolve().parents[1] / "samples"
+    assert main(["classify", "--bundle", str(samples / bundle), "--threshold", value, str(frame_paths[0])]) == 2
+    assert re.search(message, capsys.readouterr().err)
+
+
+def test_export_refuses_a_bad_threshold_before_converting(tmp_path, capsys):
+    # the members need not exist: the flag is checked before anything is read or converted
+    assert main(["export", str(tmp_path / "m.keras"), "--out", str(tmp_path / "b"), "--classes", "a,b",
+                 "--threshold", "2"]) == 2
+    assert "--threshold: 2.0 is not a threshold" in capsys.readouterr().err
+    assert not (tmp_path / "b").exists()

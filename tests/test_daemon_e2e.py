@@ -182,7 +182,7 @@ def test_control_commands(bundle_dir, camera_frames, tmp_path):
             assert message.header["decision"]["positive"] is True
             assert message.header["encoding"] == "png" and protocol.overlay_image(message).shape == (256, 256, 4)
             assert ctl(daemon, "threshold reset")["threshold"] == daemon.bundle.task.get("threshold")
-            for bad in ("threshold 1.5", "threshold x", "slide start ../x", "slide", "fly", "status now"):
+            for bad in ("threshold 1.5", "threshold nan", "threshold x", "slide start ../x", "slide", "fly", "status now"):
                 reply = ctl(daemon, bad)
                 assert reply["ok"] is False and reply["error"], bad
             assert ctl(daemon, "pause")["state"] == "paused"

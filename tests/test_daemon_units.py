@@ -126,6 +126,9 @@ def _write(tmp_path, text):
     ('reconnect_min_s = 5.0\nreconnect_max_s = 1.0\n', "reconnect_max_s"),
     ('metrics_http = "localhost"\n', "metrics_http"),
     ('control = "tcp://127.0.0.1:5556"\n', "control"),
+    ('threshold = nan\n', "threshold"),          # TOML has nan; it would decide every field "other"
+    ('threshold = -0.5\n', "threshold"),         # only -1 means "the manifest's"
+    ('max_alpha = inf\n', "max_alpha"),
 ])
 def test_bad_config_values_name_the_key(tmp_path, text, key):
     path = _write(tmp_path, text)
