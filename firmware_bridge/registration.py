@@ -176,7 +176,8 @@ def load_point_pairs(path: "str | os.PathLike") -> tuple[np.ndarray, np.ndarray]
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
         raise RegistrationFileError(path, "<file>", f"cannot read: {exc.strerror or exc}") from None
-    if path.suffix.lower() == ".csv" or (text.lstrip()[:1] not in ("{", "[")):
+    # a .json file is read as JSON whatever it starts with, so a broken one says "invalid JSON"
+    if path.suffix.lower() == ".csv" or (path.suffix.lower() != ".json" and text.lstrip()[:1] not in ("{", "[")):
         return _load_csv_pairs(path, text)
     try:
         doc = json.loads(text)

@@ -133,6 +133,9 @@ def test_point_files_json_and_csv(tmp_path):
     j.write_text(json.dumps({"pairs": [{"camera": [1, 2]}]}))
     with pytest.raises(R.RegistrationFileError, match=r"pairs\[0\]"):
         R.load_point_pairs(j)
+    j.write_text("camera: oops")  # a broken .json file is reported as JSON, not as a CSV missing its header
+    with pytest.raises(R.RegistrationFileError, match="invalid JSON"):
+        R.load_point_pairs(j)
 
 
 def test_warp_integer_shift_is_exact_with_transparent_border():
