@@ -15,6 +15,7 @@ tests can call them directly.  Exit codes: 0 ok, 1 unexpected error,
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import sys
 import threading
@@ -137,10 +138,15 @@ def register_main(argv: list[str] | None = None) -> int:
     p.add_argument("--ransac", action="store_true", help="reject outlier pairs with RANSAC")
     p.add_argument("--ransac-threshold", type=float, default=3.0, help="RANSAC inlier distance, display px")
     p.add_argument("--out", required=True, help="registration JSON to write")
+    p.add_argument("--force", action="store_true", help="replace an existing registration file")
     try:
         args = p.parse_args(argv)
     except SystemExit as exc:
         return int(exc.code or 0)
+    if os.path.exists(args.out) and not args.force:
+        # the registration in use may be the only good one: a worse calibration must not replace it unasked
+        print(f"armscope bridge register: {args.out}: already exists (use --force to replace it)", file=sys.stderr)
+        return 2
     try:
         if args.points:
             cam, disp = load_point_pairs(args.points)

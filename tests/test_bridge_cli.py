@@ -23,6 +23,14 @@ def test_register_from_points(tmp_path, capsys):
     reg = R.load_registration(out)
     assert reg.rms_error < 0.01 and np.allclose(reg.matrix, H_TRUE, atol=1e-6)
     assert "rms error" in capsys.readouterr().out
+    # the registration in use is not replaced unasked (a worse calibration run must not overwrite it)
+    before = out.read_text()
+    pts.write_text(json.dumps({"camera": cam.tolist(), "display": (disp + 3.0).tolist()}))
+    assert register_main(["--points", str(pts), "--display-size", "640x480", "--out", str(out)]) == 2
+    assert "reg.json: already exists (use --force to replace it)" in capsys.readouterr().err
+    assert out.read_text() == before
+    assert register_main(["--points", str(pts), "--display-size", "640x480", "--out", str(out), "--force"]) == 0
+    assert out.read_text() != before
 
 
 def test_register_from_camera_image(tmp_path):
