@@ -62,14 +62,20 @@ def tensorrt_available() -> bool:
     return True
 
 
+def import_cudart():
+    """cuda-python's runtime module, under its current name or (cuda-python < 12.6) its old one."""
+    try:
+        from cuda.bindings import runtime as cudart
+    except ImportError:
+        from cuda import cudart
+    return cudart
+
+
 def gpu_info() -> dict | None:
     """{'name', 'compute_capability'} of GPU 0, or None without one (cuda-python,
     then pycuda, then nvidia-smi)."""
     try:
-        try:
-            from cuda.bindings import runtime as cudart
-        except ImportError:
-            from cuda import cudart
+        cudart = import_cudart()
         err, count = cudart.cudaGetDeviceCount()
         if int(err) != 0 or count < 1:
             return None

@@ -94,10 +94,9 @@ class CudaRuntime:
 
     def _open(self, flavour: str) -> None:
         if flavour == "cuda-python":
-            try:
-                from cuda.bindings import runtime as cudart  # cuda-python >= 12.6
-            except ImportError:
-                from cuda import cudart  # older cuda-python
+            from edge.trt_build import import_cudart
+
+            cudart = import_cudart()
             self.flavour, self.cudart = flavour, cudart
             self._check(cudart.cudaSetDevice(0))
         else:
@@ -240,7 +239,7 @@ def select_engines(bundle: Bundle, trt_version: str, gpu: dict, layout: str = "m
 class _Member:
     """One engine with its context, stream, device buffers and pinned outputs."""
 
-    def __init__(self, cuda: CudaRuntime, engine, max_batch: int, input_ptr: int | None):
+    def __init__(self, cuda: CudaRuntime, engine, max_batch: int, input_ptr: int):
         import tensorrt as trt
 
         self.engine = engine
@@ -257,8 +256,7 @@ class _Member:
         profile_max = engine.get_tensor_profile_shape(INPUT, 0)[2]
         self.max_batch = min(max_batch, int(profile_max[0]))
         self.context.set_input_shape(INPUT, (self.max_batch, *profile_max[1:]))
-        self.input_shape = tuple(profile_max[1:])
-        self.input_ptr = input_ptr
+        self.context.set_tensor_address(INPUT, input_ptr)  # every member reads the one device input
         for name in OUTPUTS:
             shape = tuple(self.context.get_tensor_shape(name))
             dtype = trt.nptype(engine.get_tensor_dtype(name))
@@ -347,9 +345,7 @@ class TensorRTBackend(InferenceBackend):
             if engine is None:
                 raise ArmscopeError(f"{path}: TensorRT {trt.__version__} could not deserialize this engine; "
                                     f"rebuild it: armscope build {bundle.root} --precision {entry['precision']}")
-            member = _Member(self.cuda, engine, max_batch, self.input_ptr)
-            member.context.set_tensor_address(INPUT, self.input_ptr)
-            self.members.append(member)
+            self.members.append(_Member(self.cuda, engine, max_batch, self.input_ptr))
         self.max_batch = min(m.max_batch for m in self.members)
         self.gpu, self.trt_version = gpu, trt.__version__
 
