@@ -203,6 +203,27 @@ def _zmq():
     return zmq
 
 
+def endpoint_problem(endpoint: str, *, bind: bool) -> str | None:
+    """What is wrong with a ZeroMQ ``endpoint`` for ``bind``/connect, or None.
+
+    Why: libzmq answers a typo with "Invalid argument" and no hint, a port
+    out of range only when connecting in the background (the bridge would
+    wait forever, dark), and a wildcard host is only meaningful to bind."""
+    scheme, sep, rest = str(endpoint).partition("://")
+    expected = ("expected tcp://HOST:PORT (e.g. tcp://127.0.0.1:5556)" + (", tcp://*:PORT" if bind else "")
+                + " or ipc:///PATH")
+    if not sep or scheme not in ("tcp", "ipc", "inproc"):
+        return expected
+    if scheme != "tcp":
+        return None if rest else expected
+    host, _, port = rest.rpartition(":")
+    if not host or not (port.isdigit() and 1 <= int(port) <= 65535 or bind and port == "*"):
+        return f"{expected}; PORT 1..65535"
+    if not bind and host.strip("[]") in ("*", "0.0.0.0", "::"):
+        return f"a wildcard host can only be bound to; connect to the daemon's address, e.g. tcp://127.0.0.1:{port}"
+    return None
+
+
 class Subscriber:
     """A SUB socket set up the way this protocol expects (small RCVHWM, no
     linger). ``recv_latest`` is what a display wants: everything queued is
@@ -220,7 +241,13 @@ class Subscriber:
             apply_curve_client(self.socket, **curve)
         for topic in topics:
             self.socket.setsockopt(zmq.SUBSCRIBE, topic.encode() if isinstance(topic, str) else topic)
-        self.socket.connect(endpoint)
+        try:
+            if (problem := endpoint_problem(endpoint, bind=False)) is not None:
+                raise ArmscopeError(problem)
+            self.socket.connect(endpoint)
+        except (ArmscopeError, zmq.ZMQError) as exc:
+            self.close()
+            raise ArmscopeError(f"cannot subscribe to {endpoint!r}: {exc}") from None
 
     def recv(self, timeout_ms: int = 1000) -> Message | None:
         """The next message, or None after ``timeout_ms``."""

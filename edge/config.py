@@ -24,7 +24,7 @@ else:  # Python 3.10: JetPack 6's; tomli is the library that became tomllib
 
 from armscope.errors import ArmscopeError
 from edge.backends import BACKENDS, CPU_PRECISIONS
-from armscope.protocol import DEFAULT_CONTROL, DEFAULT_PUBLISH
+from armscope.protocol import DEFAULT_CONTROL, DEFAULT_PUBLISH, endpoint_problem
 
 
 @dataclass(frozen=True)
@@ -41,9 +41,7 @@ class Option:
 
 
 def _endpoint(value: str) -> str | None:
-    if not value.startswith(("tcp://", "ipc://", "inproc://")):
-        return "expected a ZeroMQ endpoint like tcp://127.0.0.1:5556 or ipc:///run/armscope.sock"
-    return None
+    return endpoint_problem(value, bind=True)  # the daemon binds both its sockets
 
 
 def _host_port(value: str) -> str | None:

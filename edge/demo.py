@@ -26,7 +26,7 @@ def run_demo(bundle: str, source: str, overlays: int, out: Path, timeout_s: floa
     """Run daemon + bridge until ``overlays`` overlays were shown in the eyepiece (or timeout)."""
     from edge.daemon import Daemon
     from firmware_bridge.bridge import Bridge
-    from firmware_bridge.displays import PngDisplay
+    from firmware_bridge.displays import PngDisplay, numbered_pngs
 
     if overlays < 1:
         raise ArmscopeError(f"--overlays {overlays}: expected 1 or more")
@@ -38,6 +38,8 @@ def run_demo(bundle: str, source: str, overlays: int, out: Path, timeout_s: floa
     out.mkdir(parents=True, exist_ok=True)
     daemon = Daemon(config)
     subscriber = protocol.Subscriber(config.publish, topics=[protocol.TOPIC_OVERLAY, protocol.TOPIC_STATUS])
+    for old in numbered_pngs(out / "eyepiece"):  # the previous demo's images: this run's must not mix with them
+        old.unlink()
     display = PngDisplay(out / "eyepiece")
     bridge = Bridge(display, connect=config.publish, stats_interval=3600, label=True)
     bridge_thread = threading.Thread(target=bridge.run, kwargs={"duration": timeout_s}, name="bridge", daemon=True)

@@ -15,6 +15,7 @@ tests can call them directly.  Exit codes: 0 ok, 1 unexpected error,
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import signal
 import sys
@@ -22,15 +23,18 @@ import threading
 import time
 
 import cv2
+import numpy as np
 
 from armscope.cpus import cpu_name, usable_cpus
 
-from .pixel_formats import PixelFormat
+from .link import MAX_PAYLOAD_RANGE
+from .pixel_formats import GAMMA_RANGE, PixelFormat
 from .registration import (
     RegistrationError,
     from_camera_image,
     from_point_pairs,
     load_point_pairs,
+    mirrors,
     save_registration,
 )
 from .simulator import ControllerCore, FaultPlan, PtyController
@@ -47,6 +51,36 @@ def _size(text: str) -> tuple[int, int]:
     if w <= 0 or h <= 0:
         raise argparse.ArgumentTypeError(f"size must be positive, got {text!r}")
     return w, h
+
+
+def _number(lo: float, hi: float = math.inf, *, integer: bool = False, above: bool = False):
+    """An argparse ``type``: a finite number within [lo, hi] (``above``: > lo);
+    argparse names the option in its message."""
+    def parse(text: str):
+        try:
+            value = int(text) if integer else float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {'an integer' if integer else 'a number'}, got {text!r}") from None
+        if not math.isfinite(value) or value < lo or (above and value == lo) or value > hi:
+            bound = f"> {lo:g}" if above else f">= {lo:g}"
+            raise argparse.ArgumentTypeError(f"must be {bound}" + (f" and <= {hi:g}" if hi < math.inf else "")
+                                             + f", got {text!r}")
+        return value
+    return parse
+
+
+_SECONDS = _number(0.0)  # a duration or interval; 0 = the option's 'never'/'until stopped'
+_MAX_PAYLOAD = _number(*MAX_PAYLOAD_RANGE, integer=True)
+_BRIGHTNESS = _number(0.0, 1.0)
+_GAMMA = _number(*GAMMA_RANGE)
+
+
+def _connect_endpoint(text: str) -> str:
+    from armscope.protocol import endpoint_problem
+
+    if (problem := endpoint_problem(text, bind=False)) is not None:
+        raise argparse.ArgumentTypeError(f"{text!r}: {problem}")
+    return text
 
 
 def _prob(text: str) -> float:
@@ -74,17 +108,18 @@ def simulate_main(argv: list[str] | None = None) -> int:
     """
     p = argparse.ArgumentParser(prog="armscope bridge simulate", description=simulate_main.__doc__)
     p.add_argument("--pty", action="store_true", required=True, help="serve on a new pseudo-terminal (the only transport)")
-    p.add_argument("--width", type=int, required=True)
-    p.add_argument("--height", type=int, required=True)
+    p.add_argument("--width", type=_number(1, 0xFFFF, integer=True), required=True)
+    p.add_argument("--height", type=_number(1, 0xFFFF, integer=True), required=True)
     p.add_argument("--format", type=_fmt, default=PixelFormat.RGB565_LE, help="rgb888, rgb565le, rgb565be, gray8, mono1")
     p.add_argument("--png-dir", help="write every shown frame/blank as a numbered PNG here")
-    p.add_argument("--max-payload", type=int, default=4096, help="largest FRAME body the controller accepts")
+    p.add_argument("--max-payload", type=_MAX_PAYLOAD, default=4096,
+                   help=f"largest FRAME body the controller accepts ({MAX_PAYLOAD_RANGE[0]}..{MAX_PAYLOAD_RANGE[1]})")
     p.add_argument("--drop", type=_prob, default=0.0, help="probability of dropping each received byte")
     p.add_argument("--corrupt", type=_prob, default=0.0, help="probability of corrupting each received byte")
     p.add_argument("--reset-prob", type=_prob, default=0.0, help="probability of a controller reset per FRAME message")
     p.add_argument("--drop-replies", type=_prob, default=0.0, help="probability of losing each reply")
-    p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--duration", type=float, default=0.0, help="stop after this many seconds (0 = until interrupted)")
+    p.add_argument("--seed", type=_number(0, 2**32 - 1, integer=True), default=None, help="fault random seed")
+    p.add_argument("--duration", type=_SECONDS, default=0.0, help="stop after this many seconds (0 = until interrupted)")
     try:
         args = p.parse_args(argv)
     except SystemExit as exc:
@@ -133,12 +168,17 @@ def register_main(argv: list[str] | None = None) -> int:
     src.add_argument("--points", help="JSON or CSV file of camera/display point pairs")
     src.add_argument("--camera-image", help="camera image of the dot grid shown on the display")
     p.add_argument("--grid", type=_size, help="dot grid as COLSxROWS (with --camera-image)")
-    p.add_argument("--margin", type=float, default=0.1, help="grid margin as a fraction of the display size")
+    p.add_argument("--margin", type=_number(0.0, 0.45), help="grid margin as a fraction of the display size "
+                   "(0..0.45, default 0.1; with --camera-image)")
     p.add_argument("--display-size", type=_size, required=True, help="display size as WxH")
     p.add_argument("--ransac", action="store_true", help="reject outlier pairs with RANSAC")
-    p.add_argument("--ransac-threshold", type=float, default=3.0, help="RANSAC inlier distance, display px")
+    p.add_argument("--ransac-threshold", type=_number(0.0, 1000.0, above=True), default=3.0,
+                   help="RANSAC inlier distance, display px")
     p.add_argument("--out", required=True, help="registration JSON to write")
     p.add_argument("--force", action="store_true", help="replace an existing registration file")
+    p.add_argument("--mirrored", action="store_true",
+                   help="the optics mirror the display relative to the camera; without it a mirroring fit is refused "
+                   "(e.g. --grid given as ROWSxCOLS)")
     try:
         args = p.parse_args(argv)
     except SystemExit as exc:
@@ -146,6 +186,10 @@ def register_main(argv: list[str] | None = None) -> int:
     if os.path.exists(args.out) and not args.force:
         # the registration in use may be the only good one: a worse calibration must not replace it unasked
         print(f"armscope bridge register: {args.out}: already exists (use --force to replace it)", file=sys.stderr)
+        return 2
+    if args.points and (args.grid is not None or args.margin is not None):
+        print("armscope bridge register: --grid and --margin describe a --camera-image; they do not apply to --points",
+              file=sys.stderr)
         return 2
     try:
         if args.points:
@@ -156,11 +200,21 @@ def register_main(argv: list[str] | None = None) -> int:
             if args.grid is None:
                 print("armscope bridge register: --camera-image needs --grid COLSxROWS", file=sys.stderr)
                 return 2
+            if not os.path.isfile(args.camera_image):
+                print(f"armscope bridge register: {args.camera_image}: no such image file", file=sys.stderr)
+                return 2
             image = cv2.imread(args.camera_image, cv2.IMREAD_GRAYSCALE)
             if image is None:
                 print(f"armscope bridge register: cannot read image {args.camera_image}", file=sys.stderr)
                 return 2
-            reg = from_camera_image(image, args.grid, args.display_size, margin=args.margin, ransac=args.ransac)
+            reg = from_camera_image(image, args.grid, args.display_size,
+                                    margin=0.1 if args.margin is None else args.margin, ransac=args.ransac)
+        centre = np.array([[[reg.display_size[0] / 2, reg.display_size[1] / 2]]])
+        if mirrors(reg.matrix, cv2.perspectiveTransform(centre, np.linalg.inv(reg.matrix))[0, 0]) != args.mirrored:
+            raise RegistrationError(
+                "the fit mirrors the camera image on the display (left-right or up-down); if the optics do, pass "
+                "--mirrored, else check the points or that --grid is COLSxROWS as the display shows it"
+                if not args.mirrored else "--mirrored was given but the fit does not mirror the camera image")
         save_registration(reg, args.out)
     except (RegistrationError, OSError) as exc:
         print(f"armscope bridge register: {exc}", file=sys.stderr)
@@ -179,7 +233,11 @@ def _with_query(uri: str, key: str, value: float) -> str:
     parts = urllib.parse.urlsplit(uri)
     query = urllib.parse.parse_qs(parts.query, keep_blank_values=True)
     if key in query:
-        if float(query[key][-1]) != float(value):
+        try:
+            given = float(query[key][-1])
+        except ValueError:
+            raise ValueError(f"display URI {uri!r}: option {key}={query[key][-1]!r} is not a number") from None
+        if given != float(value):
             raise ValueError(f"--{key} {value} contradicts {key}={query[key][-1]} in the display URI")
         return uri
     extra = f"{key}={value}"
@@ -210,23 +268,24 @@ def run_main(argv: list[str] | None = None) -> int:
         epilog="Other bridge commands: 'armscope bridge simulate --help', 'armscope bridge register --help', "
                "'armscope bridge blank --help', 'armscope bridge bench --help'.",
     )
-    p.add_argument("--connect", required=True, help="the daemon's publish endpoint, e.g. tcp://127.0.0.1:5556")
+    p.add_argument("--connect", required=True, type=_connect_endpoint, help="the daemon's publish endpoint, e.g. tcp://127.0.0.1:5556")
     p.add_argument("--display", required=True, help="png://DIR, serial:///dev/ttyX?baud=N, fb:///dev/fbN, window://[TITLE] (see displays.py)")
     p.add_argument("--registration", help="camera -> display registration JSON ('armscope bridge register'); "
                    "without it the display is assumed to show the whole camera frame, scaled to fit")
-    p.add_argument("--brightness", type=float, help="0..1, applied before pixel packing (default: the URI's, else 1)")
-    p.add_argument("--gamma", type=float, help="> 0 (default: the URI's, else 1)")
+    p.add_argument("--brightness", type=_BRIGHTNESS, help="0..1, applied before pixel packing (default: the URI's, else 1)")
+    p.add_argument("--gamma", type=_GAMMA, help=f"{GAMMA_RANGE[0]:g}..{GAMMA_RANGE[1]:g} (default: the URI's, else 1)")
     p.add_argument("--curve-server-key", help="the daemon's public CurveZMQ key file (server.key)")
     p.add_argument("--curve-keys", help="this client's secret CurveZMQ key file (client.key_secret)")
     p.add_argument("--clock", choices=CLOCK_MODES, default="auto",
                    help="staleness also from publish time: mono (same host), wall (synchronised clocks), "
                    "receipt (bridge clock only), auto (mono for loopback/ipc endpoints, else receipt)")
-    p.add_argument("--max-stale-ms", type=float, default=5000.0, help="cap on the daemon's stale_after_ms")
-    p.add_argument("--poll-ms", type=float, default=50.0, help="watchdog poll interval, ms (<= 1000)")
-    p.add_argument("--stats-interval", type=float, default=10.0, help="log counters every N s (0 = never)")
+    p.add_argument("--max-stale-ms", type=_number(0.0, 3_600_000.0, above=True), default=5000.0,
+                   help="cap on the daemon's stale_after_ms")
+    p.add_argument("--poll-ms", type=_number(0.0, 1000.0, above=True), default=50.0, help="watchdog poll interval, ms (<= 1000)")
+    p.add_argument("--stats-interval", type=_SECONDS, default=10.0, help="log counters every N s (0 = never)")
     p.add_argument("--no-label", dest="label", action="store_false",
                    help="show the heat overlay only, without the decision (and subtype) written beside it")
-    p.add_argument("--duration", type=float, default=0.0, help="stop after N s (0 = until SIGINT/SIGTERM)")
+    p.add_argument("--duration", type=_SECONDS, default=0.0, help="stop after N s (0 = until SIGINT/SIGTERM)")
     p.add_argument("-v", "--verbose", action="store_true", help="log at INFO (blanks, state changes, counters)")
     try:
         args = p.parse_args(argv)
@@ -309,6 +368,18 @@ def blank_main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def _unwritable(path: str) -> str | None:
+    """Why ``path`` cannot be written as a file, or None."""
+    parent = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path):
+        return "is a directory; expected a file path"
+    if not os.path.isdir(parent):
+        return f"directory {parent} does not exist"
+    if not os.access(parent, os.W_OK) or (os.path.exists(path) and not os.access(path, os.W_OK)):
+        return "not writable"
+    return None
+
+
 def _cpu() -> str:
     """``'<model name>, N CPUs'``: the CPUs this process may use, on the machine a bench figure belongs to."""
     return f"{cpu_name()}, {usable_cpus()} CPUs"
@@ -343,17 +414,17 @@ def bench_main(argv: list[str] | None = None) -> int:
     p.add_argument("--frames", type=int, help="overlays timed per case (default 200; 20 with --display)")
     p.add_argument("--warmup", type=int, default=10, help="overlays run first, not timed (default 10)")
     p.add_argument("--dither", action="store_true", help="ordered dithering (MONO1)")
-    p.add_argument("--brightness", type=float, default=1.0)
-    p.add_argument("--gamma", type=float, default=1.0)
-    p.add_argument("--max-payload", type=int, default=4096, help="link chunk payload bytes (default 4096)")
-    p.add_argument("--baud", type=int, default=921600, help="UART rate for the time-on-the-wire column")
+    p.add_argument("--brightness", type=_BRIGHTNESS, default=1.0)
+    p.add_argument("--gamma", type=_GAMMA, default=1.0)
+    p.add_argument("--max-payload", type=_MAX_PAYLOAD, default=4096, help="link FRAME body bytes (default 4096)")
+    p.add_argument("--baud", type=_number(1, integer=True), default=921600, help="UART rate for the time-on-the-wire column")
     p.add_argument("--json", help="also write the results here")
     try:
         args = p.parse_args(argv)
     except SystemExit as exc:
         return int(exc.code or 0)
-    if args.baud <= 0:
-        print("armscope bridge bench: --baud must be > 0", file=sys.stderr)
+    if args.json and (problem := _unwritable(args.json)):
+        print(f"armscope bridge bench: --json {args.json}: {problem}", file=sys.stderr)  # before the run, not after
         return 2
     if args.frames is None:
         args.frames = 20 if args.display else 200

@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import abc
 import logging
+import math
 import mmap
 import os
 import re
@@ -54,7 +55,7 @@ import numpy as np
 
 from . import framebuffer as fbinfo
 from . import pixel_formats as pf
-from .link import LinkProtocolError, LinkSender
+from .link import MAX_PAYLOAD_RANGE, LinkProtocolError, LinkSender
 from .pixel_formats import PixelFormat
 
 __all__ = [
@@ -199,8 +200,8 @@ class _PictureDisplay(Display):
     def _set_picture(self, width, height, fmt, brightness, gamma, dither) -> None:
         if (width is None) != (height is None):
             raise ValueError("give both width and height, or neither")
-        if width is not None and (width < 1 or height < 1):
-            raise ValueError(f"width and height must be >= 1, got {width}x{height}")
+        if width is not None and not (1 <= width <= MAX_DISPLAY_SIDE and 1 <= height <= MAX_DISPLAY_SIDE):
+            raise ValueError(f"width and height must be within 1..{MAX_DISPLAY_SIDE}, got {width}x{height}")
         self.size = (int(width), int(height)) if width is not None else None
         self.fmt = PixelFormat.parse(fmt) if fmt is not None else None
         self.luma_input = self.fmt is not None and self.fmt.grey
@@ -213,6 +214,16 @@ class _PictureDisplay(Display):
         if region is not None:
             image = paste_on_black(image, region[0], region[1], *self.size)
         return emitted_rgb(image, self.fmt, self.brightness, self.gamma, self.dither)
+
+
+_PNG_NAME = re.compile(r"(\d{6,})_(?:frame|blank)\.png")
+
+
+def numbered_pngs(directory: "str | os.PathLike") -> list[Path]:
+    """The ``NNNNNN_frame.png`` / ``NNNNNN_blank.png`` files a ``PngDisplay`` wrote in ``directory``, in order."""
+    d = Path(directory)
+    found = [f for f in d.iterdir() if _PNG_NAME.fullmatch(f.name)] if d.is_dir() else []
+    return sorted(found, key=lambda f: int(_PNG_NAME.fullmatch(f.name).group(1)))
 
 
 class PngDisplay(_PictureDisplay):
@@ -231,8 +242,14 @@ class PngDisplay(_PictureDisplay):
     ):
         self._set_picture(width, height, fmt, brightness, gamma, dither)
         self.directory = Path(directory)
+        if self.directory.exists() and not self.directory.is_dir():
+            raise DisplayURIError(f"png://{directory}: not a directory (png:// writes numbered PNGs into one)")
         self.directory.mkdir(parents=True, exist_ok=True)
-        self.count = 0
+        if not os.access(self.directory, os.W_OK | os.X_OK):
+            raise DisplayURIError(f"png://{directory}: cannot write into this directory")
+        # Number on from what an earlier run left: the highest-numbered PNG is always what the display shows now
+        # (a run killed mid-frame, then `bridge blank`, must not leave a lit frame as the newest file).
+        self.count = max((int(_PNG_NAME.fullmatch(f.name).group(1)) for f in numbered_pngs(self.directory)), default=0)
         self.paths: list[Path] = []
         self._last_size = self.size
 
@@ -278,7 +295,10 @@ class SerialDisplay(Display):
         if port is None:
             import serial  # pyserial; imported lazily so png:// and fb:// need nothing extra
 
-            port = serial.Serial(port_path, int(baud), timeout=0.01, write_timeout=max(1.0, deadline))
+            try:
+                port = serial.Serial(port_path, int(baud), timeout=0.01, write_timeout=max(1.0, deadline))
+            except (serial.SerialException, OSError, ValueError) as exc:
+                raise DisplayURIError(f"serial://{port_path}: cannot open it as a serial port at {baud} baud: {exc}") from None
         self.port = port
         self.sender = LinkSender(port, deadline=deadline, ack_timeout=ack_timeout, window=window,
                                  max_payload=max_payload, watchdog_ms=watchdog)
@@ -565,6 +585,14 @@ _EXPECTED = (
     "or window://[TITLE][?width=W&height=H&format=F&scale=S]"
 )
 _COMMON = {"brightness": float, "gamma": float}
+MAX_DISPLAY_SIDE = 8192  # px; beyond any microdisplay, and a typo there (99999x99999) would ask for 28 GiB
+# Inclusive ranges of numeric options (brightness and gamma: ``pixel_formats.make_lut``; window: LinkSender;
+# max_payload: ``link.MAX_PAYLOAD_RANGE``); floats must also be finite.
+_RANGES = {
+    "width": (1, MAX_DISPLAY_SIDE), "height": (1, MAX_DISPLAY_SIDE), "baud": (1, 100_000_000),
+    "deadline": (1e-3, 3600.0), "ack_timeout": (1e-3, 60.0), "max_payload": MAX_PAYLOAD_RANGE,
+    "brightness": (0.0, 1.0), "gamma": pf.GAMMA_RANGE,
+}
 _KEYS = {
     "png": {"width": int, "height": int, "format": str, "dither": bool, **_COMMON},
     "serial": {
@@ -593,6 +621,11 @@ def _parse_query(uri: str, scheme: str, query: str) -> dict:
                 val = typ(raw)
         except ValueError:
             raise DisplayURIError(f"display URI {uri!r}: option {key}={raw!r} is not a valid {typ.__name__}") from None
+        if typ is float and not math.isfinite(val):
+            raise DisplayURIError(f"display URI {uri!r}: option {key}={raw!r} must be a finite number")
+        if key in _RANGES and not _RANGES[key][0] <= val <= _RANGES[key][1]:
+            lo, hi = _RANGES[key]
+            raise DisplayURIError(f"display URI {uri!r}: option {key}={raw!r} must be within {lo:g}..{hi:g}")
         out[key] = val
     if "format" in out:
         try:

@@ -107,6 +107,16 @@ __all__ = [
 PROTOCOL_VERSION = 1
 HEADER_SIZE = 8  # version u8, type u8, flags u8, reserved u8, seq u32
 FRAME_BODY_HEADER_SIZE = 18  # frame_id u32, offset u32, x,y,w,h u16, format u8, reserved u8
+MAX_PAYLOAD_RANGE = (FRAME_BODY_HEADER_SIZE + 1, 0xFFFF)  # a FRAME body: header + >= 1 data byte; u16 in HELLO_REPLY
+
+
+def check_max_payload(value: int) -> int:
+    """``value`` as a FRAME body limit, or ValueError naming the valid range."""
+    lo, hi = MAX_PAYLOAD_RANGE
+    if not lo <= int(value) <= hi:
+        raise ValueError(f"max_payload must be within {lo}..{hi} bytes (a FRAME body: its {FRAME_BODY_HEADER_SIZE}-byte "
+                         f"chunk header and at least one byte of pixels), got {value}")
+    return int(value)
 CRC_SIZE = 4
 MAX_SEQ = 0xFFFFFFFF
 UNKNOWN_SEQ = 0xFFFFFFFF
@@ -646,6 +656,9 @@ class LinkSender:
     ):
         if window < 1:
             raise ValueError("window must be >= 1")
+        for name, value in (("ack_timeout", ack_timeout), ("deadline", deadline), ("hello_timeout", hello_timeout)):
+            if not 0.0 < float(value) < float("inf"):
+                raise ValueError(f"{name} must be a positive number of seconds, got {value}")
         if not 0 <= int(watchdog_ms) <= 0xFFFF:
             raise ValueError(f"watchdog_ms must be within 0..65535 (0 = off), got {watchdog_ms}")
         self.watchdog_ms = int(watchdog_ms)
@@ -653,7 +666,7 @@ class LinkSender:
         self._warned_no_watchdog = False
         self.keepalives = 0
         self.port = port
-        self.max_payload = int(max_payload)
+        self.max_payload = check_max_payload(max_payload)
         self.window = int(window)
         self.ack_timeout = float(ack_timeout)
         self.max_retries = int(max_retries)
@@ -687,17 +700,20 @@ class LinkSender:
     def _poll(self, wait: bool) -> list[Message]:
         """Read what is available (waiting up to one poll interval if ``wait``)."""
         port = self.port
-        waiting = getattr(port, "in_waiting", None)
-        if waiting:
-            data = port.read(waiting)
-        elif wait:
-            data = port.read(1)
-            if data:
-                more = getattr(port, "in_waiting", 0)
-                if more:
-                    data += port.read(more)
-        else:
-            return []
+        try:
+            waiting = getattr(port, "in_waiting", None)
+            if waiting:
+                data = port.read(waiting)
+            elif wait:
+                data = port.read(1)
+                if data:
+                    more = getattr(port, "in_waiting", 0)
+                    if more:
+                        data += port.read(more)
+            else:
+                return []
+        except OSError as exc:  # serial.SerialException: the port went away (unplugged, controller gone)
+            raise LinkError(f"read from {getattr(port, 'port', 'port')} failed: {exc}") from exc
         if not data:
             return []
         out = []

@@ -144,10 +144,13 @@ def _lut_cached(brightness: float, gamma: float) -> np.ndarray:
     return lut
 
 
+GAMMA_RANGE = (0.1, 10.0)  # display responses are ~1.8-2.6; 0.1..10 leaves room and keeps black black
+
+
 def make_lut(brightness: float = 1.0, gamma: float = 1.0) -> np.ndarray:
     """256-entry ``uint8`` LUT: ``out = round(255 * brightness * (in/255) ** gamma)``.
 
-    ``brightness`` in [0, 1] scales emitted light; ``gamma`` > 1 darkens
+    ``brightness`` in [0, 1] scales emitted light; ``gamma`` (``GAMMA_RANGE``) > 1 darkens
     mid-tones (use it to match the microdisplay's response), < 1 brightens
     them.  ``make_lut(1, 1)`` is the identity.  Cached: callers may call it
     per frame.
@@ -156,8 +159,9 @@ def make_lut(brightness: float = 1.0, gamma: float = 1.0) -> np.ndarray:
     gamma = float(gamma)
     if not 0.0 <= brightness <= 1.0:
         raise ValueError(f"brightness must be within [0, 1], got {brightness}")
-    if not gamma > 0.0:
-        raise ValueError(f"gamma must be > 0, got {gamma}")
+    if not GAMMA_RANGE[0] <= gamma <= GAMMA_RANGE[1]:
+        # far outside it the LUT degenerates: gamma -> 0 lights every pixel (black included) at full white
+        raise ValueError(f"gamma must be within [{GAMMA_RANGE[0]:g}, {GAMMA_RANGE[1]:g}], got {gamma}")
     return _lut_cached(round(brightness, 6), round(gamma, 6))
 
 

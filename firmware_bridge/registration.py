@@ -38,6 +38,7 @@ __all__ = [
     "RegistrationError",
     "RegistrationFileError",
     "from_point_pairs",
+    "mirrors",
     "load_point_pairs",
     "grid_points",
     "render_dot_grid",
@@ -103,6 +104,18 @@ def reprojection_errors(matrix: np.ndarray, camera_pts, display_pts) -> np.ndarr
     return np.linalg.norm(proj - disp, axis=1)
 
 
+def mirrors(matrix: np.ndarray, at: Sequence[float]) -> bool:
+    """True if the homography flips orientation near camera point ``at`` (a
+    mirror image: left-right or up-down). A dot grid registered with its
+    columns and rows swapped (``--grid 4x5`` for a 5x4 grid) fits with zero
+    error and does this, so ``armscope bridge register`` refuses it unless
+    the optics really mirror (``--mirrored``)."""
+    x, y = float(at[0]), float(at[1])
+    pts = cv2.perspectiveTransform(np.array([[[x, y], [x + 1.0, y], [x, y + 1.0]]]), np.asarray(matrix, np.float64))[0]
+    (ax, ay), (bx, by) = pts[1] - pts[0], pts[2] - pts[0]
+    return ax * by - ay * bx < 0
+
+
 def from_point_pairs(
     camera_pts,
     display_pts,
@@ -126,6 +139,16 @@ def from_point_pairs(
         raise RegistrationError(f"need at least 4 point pairs for a homography, got {len(cam)}")
     if not (np.all(np.isfinite(cam)) and np.all(np.isfinite(disp))):
         raise RegistrationError("point coordinates must be finite numbers")
+    # Display points are display pixels: a point far off the display is a typo or a unit mix-up (camera px, mm),
+    # and would still fit. 10% of a side of slack keeps points measured at the very edge.
+    w, h = (int(v) for v in display_size)
+    sx, sy = 0.1 * w + 0.5, 0.1 * h + 0.5
+    outside = np.flatnonzero((disp[:, 0] < -sx) | (disp[:, 0] > w - 1 + sx) | (disp[:, 1] < -sy) | (disp[:, 1] > h - 1 + sy))
+    if outside.size:
+        i = int(outside[0])
+        raise RegistrationError(f"display point {i + 1} ({disp[i, 0]:g}, {disp[i, 1]:g}) lies outside the {w}x{h} display"
+                                + (f" ({outside.size} points do)" if outside.size > 1 else "")
+                                + "; display points are display pixels, within it")
     flag = cv2.RANSAC if ransac else 0
     matrix, mask = cv2.findHomography(cam, disp, flag, float(ransac_threshold))
     if matrix is None or not np.all(np.isfinite(matrix)) or abs(np.linalg.det(matrix)) < 1e-12:
@@ -280,12 +303,23 @@ def detect_dot_grid(image: np.ndarray, cols: int, rows: int) -> np.ndarray:
         gray = image
     gray = np.ascontiguousarray(gray, dtype=np.uint8)
     detector = _blob_detector(gray.size)
+    expected = cols * rows
+    crowded = []
     for candidate in (255 - gray, gray):  # findCirclesGrid's default detector wants dark dots
+        # findCirclesGrid's search grows combinatorially with the spots it is given: on a textured image
+        # (thousands of spots) it runs for many minutes. A grid image has about cols*rows of them.
+        spots = len(detector.detect(candidate))
+        if spots > 4 * expected + 20:
+            crowded.append(spots)
+            continue
         found, centers = cv2.findCirclesGrid(
             candidate, (cols, rows), flags=cv2.CALIB_CB_SYMMETRIC_GRID, blobDetector=detector
         )
         if found:
             return centers.reshape(-1, 2).astype(np.float64)
+    if len(crowded) == 2:
+        raise RegistrationError(f"no {cols}x{rows} dot grid found: the camera image has {min(crowded)} dot-like spots, "
+                                f"not about {expected}; it should show only the display's dot grid (no specimen in the field, in focus)")
     raise RegistrationError(f"no {cols}x{rows} dot grid found in the camera image")
 
 
@@ -341,8 +375,12 @@ def save_registration(reg: Registration, path: "str | os.PathLike") -> None:
         "method": reg.method,
     }
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(doc, indent=2) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(json.dumps(doc, indent=2) + "\n", encoding="utf-8")
+        os.replace(tmp, path)
+    except OSError:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def load_registration(path: "str | os.PathLike") -> Registration:

@@ -96,7 +96,7 @@ class ControllerCore:
         self.fmt = PixelFormat.parse(fmt)
         if self.width <= 0 or self.height <= 0 or self.width > 0xFFFF or self.height > 0xFFFF:
             raise ValueError(f"display size must be within 1..65535, got {width}x{height}")
-        self.max_payload = int(max_payload)
+        self.max_payload = L.check_max_payload(max_payload)
         self.stride = self.fmt.row_bytes(self.width)
         self.png_dir = Path(png_dir) if png_dir is not None else None
         if self.png_dir is not None:
@@ -287,7 +287,7 @@ class ControllerCore:
             return self._nak(m.type, m.seq, L.NakReason.SEQ_GAP)
         self.in_gap = False
         self.expected = L.seq_add(self.expected, 1)  # consumed even if rejected below
-        if len(m.body) - L.FRAME_BODY_HEADER_SIZE > self.max_payload:
+        if len(m.body) > self.max_payload:  # max_payload bounds the whole body (docs/link-protocol.md)
             return self._nak(m.type, m.seq, L.NakReason.TOO_LARGE)
         try:
             h, data = L.parse_frame_body(m.body)

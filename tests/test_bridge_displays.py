@@ -103,6 +103,13 @@ def test_framebuffer_bad_sysfs(tmp_path):
         ("fb:///dev/sda", "fb:///dev/fbN"),
         ("serial://ttyUSB0", "three slashes"),
         ("serial:///dev/ttyUSB0?bauds=9600", "unknown option 'bauds'"),
+        ("png://d?width=99999&height=99999", "width='99999' must be within 1..8192"),  # 28 GiB asked, not refused
+        ("png://d?gamma=inf", "must be a finite number"),
+        ("png://d?gamma=1e-9", "gamma='1e-9' must be within 0.1..10"),  # used to light every pixel white
+        ("serial:///dev/ttyUSB0?baud=0", "baud='0' must be within"),  # B0 hangs a real UART up
+        ("serial:///dev/ttyUSB0?max_payload=0", "max_payload='0' must be within 19..65535"),
+        ("serial:///dev/ttyUSB0?deadline=nan", "must be a finite number"),
+        ("serial:///dev/ttyUSB0?ack_timeout=0", "ack_timeout='0' must be within"),
     ],
 )
 def test_bad_uris_name_the_uri_and_the_expectation(uri, needle):
@@ -255,3 +262,19 @@ print("ok")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env,
                           cwd=str(tmp_path))
     assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-2000:]
+
+
+def test_png_display_numbers_on_after_an_earlier_run(tmp_path):
+    """The newest PNG is always what the display shows now: a run killed
+    mid-frame and then `bridge blank` must not leave a lit frame as the
+    highest-numbered file (numbering used to restart at 1)."""
+    first = PngDisplay(tmp_path, width=8, height=4)
+    for _ in range(3):
+        first.show(np.full((4, 8, 3), 200, np.uint8))
+    PngDisplay(tmp_path, width=8, height=4).blank()
+    names = sorted(f.name for f in tmp_path.iterdir())
+    assert names == ["000001_frame.png", "000002_frame.png", "000003_frame.png", "000004_blank.png"]
+    assert cv2.imread(str(tmp_path / names[-1])).max() == 0
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(DisplayURIError, match="not a directory"):
+        open_display(f"png://{tmp_path}/file")

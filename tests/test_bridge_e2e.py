@@ -20,6 +20,7 @@ serial = pytest.importorskip("serial")
 
 from firmware_bridge import link as L  # noqa: E402
 from firmware_bridge import pixel_formats as pf  # noqa: E402
+from firmware_bridge.pixel_formats import PixelFormat  # noqa: E402
 from firmware_bridge.simulator import ControllerCore, FaultPlan, PtyController  # noqa: E402
 
 W, H = 128, 96
@@ -313,3 +314,21 @@ def wait_until(pred, timeout):
             return True
         time.sleep(0.01)
     return pred()
+
+
+def test_controller_bounds_the_whole_frame_body_by_max_payload():
+    """docs/link-protocol.md: HELLO_REPLY's max_payload is the largest FRAME
+    body (chunk header + data). A 64-byte body is taken, a 65-byte one NAKed
+    TOO_LARGE (the simulator used to allow 18 bytes more than it advertised)."""
+    core = ControllerCore(W, H, "gray8", max_payload=64)
+    _hello(core, seq=0)
+    for seq, size, want in ((0, 64, L.MsgType.ACK), (1, 65, L.MsgType.NAK)):
+        data = bytes(size - L.FRAME_BODY_HEADER_SIZE)
+        body = L.pack_frame_body(L.FrameChunkHeader(seq + 1, 0, 0, 0, len(data), 1, PixelFormat.GRAY8.wire_code), data)
+        assert len(body) == size
+        reply = L.FrameDecoder().feed(core.receive(L.frame_message(L.Message(L.MsgType.FRAME, seq, L.FLAG_LAST, body))))[0]
+        assert reply.type == want, size
+        if want == L.MsgType.NAK:
+            assert L.parse_ack(reply.body).reason == L.NakReason.TOO_LARGE
+    with pytest.raises(ValueError, match="max_payload must be within 19..65535"):
+        ControllerCore(W, H, "gray8", max_payload=18)

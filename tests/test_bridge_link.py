@@ -302,3 +302,27 @@ def test_chunk_crcs_in_compiled_code_match_the_python_loop(monkeypatch):
     assert np.array_equal(compiled.wire, loop.wire) and np.array_equal(compiled.offsets, loop.offsets)
     msgs = L.FrameDecoder().feed(compiled.wire.tobytes())  # the decoder checks each CRC with zlib's function
     assert len(msgs) == compiled.n_chunks and b"".join(L.parse_frame_body(m.body)[1] for m in msgs) == payload.tobytes()
+
+
+def test_sender_reports_a_port_that_went_away_as_a_link_error():
+    """pyserial raises SerialException (an OSError) when the device vanishes;
+    the sender turns it into a LinkError naming the port, which the bridge
+    counts as a `link` blank, instead of a bare library error."""
+
+    class VanishedPort:
+        port = "/dev/ttyACM9"
+        timeout = 0.01
+
+        @property
+        def in_waiting(self):
+            raise OSError("device reports readiness to read but returned no data")
+
+        def write(self, data):
+            return len(data)
+
+    sender = L.LinkSender(VanishedPort(), deadline=0.5)
+    with pytest.raises(L.LinkError, match="read from /dev/ttyACM9 failed: device reports readiness"):
+        sender.hello()
+    for bad in ({"ack_timeout": 0}, {"deadline": float("nan")}, {"max_payload": 10}):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            L.LinkSender(VanishedPort(), **bad)

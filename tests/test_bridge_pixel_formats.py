@@ -162,6 +162,11 @@ def test_lut_brightness_and_gamma():
         pf.make_lut(1.5, 1.0)
     with pytest.raises(ValueError, match="gamma"):
         pf.make_lut(1.0, 0.0)
+    for gamma in (1e-9, float("inf"), float("nan")):  # 1e-9 rounded to 0 and lit black pixels at full white
+        with pytest.raises(ValueError, match="gamma must be within"):
+            pf.make_lut(1.0, gamma)
+    for gamma in pf.GAMMA_RANGE:  # black stays black at both ends of the range
+        assert pf.make_lut(1.0, gamma)[0] == 0 and pf.make_lut(1.0, gamma)[255] == 255
 
 
 def test_bad_inputs_are_rejected():
