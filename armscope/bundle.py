@@ -293,6 +293,21 @@ def write_manifest(root: Path, manifest: dict) -> None:
     (root / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
 
 
+def check_out_apart(out: "Path | str", inputs, option: str = "--out") -> None:
+    """Refuse an output path that is, lies inside or contains one of ``inputs``:
+    writing it (and replacing it with --force) would overwrite or delete what
+    the command reads, e.g. ``quantize B --out B --force`` replaced the FP32
+    source with the INT8 bundle, and ``export D/m.keras --out D --force``
+    deleted the Keras members."""
+    out = Path(out).resolve()
+    for path in inputs:
+        if path is None:
+            continue
+        path = Path(path).resolve()
+        if out == path or path in out.parents or out in path.parents:
+            raise ArmscopeError(f"{option} {out}: must not be, lie inside or contain an input ({path})")
+
+
 @contextmanager
 def staged_directory(final: Path, overwrite: bool = False):
     """Yield a temporary sibling directory; on success it replaces ``final``
@@ -305,6 +320,11 @@ def staged_directory(final: Path, overwrite: bool = False):
     stage = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
     try:
         yield stage
+    except ArmscopeError as exc:
+        shutil.rmtree(stage, ignore_errors=True)
+        if str(stage) in str(exc):  # name the output the user asked for, not a temporary directory now gone
+            exc.args = (str(exc).replace(str(stage), str(final)),)
+        raise
     except BaseException:
         shutil.rmtree(stage, ignore_errors=True)
         raise

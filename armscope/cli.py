@@ -7,12 +7,43 @@ import argparse
 import json
 import logging
 import os
+import re
 import sys
 from pathlib import Path
 
 from armscope import __version__
-from armscope.errors import ArmscopeError
+from armscope.errors import ArmscopeError, output_file_problem
 from edge.backends import BACKENDS, CPU_PRECISIONS
+
+
+def _int_in(lo: int, hi: int | None = None):
+    """An argparse ``type``: an integer within [lo, hi]; argparse names the option."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < lo or (hi is not None and value > hi):
+            raise argparse.ArgumentTypeError(f"must be >= {lo}" + (f" and <= {hi}" if hi is not None else "")
+                                             + f", got {text!r}")
+        return value
+    return parse
+
+
+def _check_output_file(path, option: str) -> None:
+    if path and (problem := output_file_problem(path)) is not None:
+        raise ArmscopeError(f"{option} {path}: {problem}")
+
+
+def check_out_apart(out, inputs, option: str = "--out") -> None:
+    """``armscope.bundle.check_out_apart``, imported when a command runs (it brings OpenCV and jsonschema)."""
+    from armscope.bundle import check_out_apart as check
+
+    check(out, inputs, option)
+
+
+_THREADS = _int_in(1, 256)
+_SEED = _int_in(0, 2**32 - 1)
 
 
 def _cmd_train(args) -> int:
@@ -30,8 +61,13 @@ def _cmd_export(args) -> int:
     from export.onnx_export import TaskSpec, export_bundle
 
     task = None
-    if args.classes:
+    resolved = [Path(m).resolve() for m in args.members]
+    if len(set(resolved)) < len(resolved):
+        raise ArmscopeError("members: the same file is given twice; each ensemble member is a different model")
+    if args.classes is not None:
         classes = [c.strip() for c in args.classes.split(",")]
+        if not all(classes):
+            raise ArmscopeError(f"--classes {args.classes!r}: expected comma-separated non-empty class names")
         kind = args.task or ("binary" if len(classes) == 2 else "multiclass")
         positive = args.positive_class or (classes[-1] if kind == "binary" else None)
         threshold = args.threshold if args.threshold is not None else (0.5 if kind == "binary" else None)
@@ -42,6 +78,7 @@ def _cmd_export(args) -> int:
             check_threshold(args.threshold, task.to_manifest(), "--threshold")
     elif args.task or args.positive_class or args.threshold is not None:
         raise ArmscopeError("--task/--positive-class/--threshold need --classes")
+    check_out_apart(args.out, args.members)
     spec = Preprocessing(center_crop=args.crop, resize=640, interpolation=args.interpolation)
     out = export_bundle([Path(p) for p in args.members], Path(args.out), task=task, name=args.name,
                         preprocessing=spec, opset=args.opset, force=args.force, description=args.description,
@@ -104,6 +141,12 @@ def _cmd_cascade(args) -> int:
 def _cmd_classify(args) -> int:
     from edge.classify import classify_images
 
+    inputs = [args.bundle, *args.images]
+    if args.overlay_dir:
+        check_out_apart(args.overlay_dir, inputs, "--overlay-dir")
+    if args.json:
+        check_out_apart(args.json, inputs, "--json")
+        _check_output_file(args.json, "--json")
     options = {"layout": args.layout, "cpu_precision": args.cpu_precision}
     if args.threads:
         options["threads"] = args.threads
@@ -144,6 +187,10 @@ def _cmd_bench(args) -> int:
     from edge.bench import run_bench
     from edge.config import from_args
 
+    _check_output_file(args.json, "--json")
+    _check_output_file(args.plot, "--plot")
+    if args.plot and Path(args.plot).suffix.lower() != ".png":
+        raise ArmscopeError(f"--plot {args.plot}: expected a .png file name")
     report = run_bench(from_args(args), frames=args.frames, json_out=args.json, plot=args.plot,
                        warmup=args.warmup)
     e2e = report["latency_ms"]["capture_to_publish"]
@@ -165,6 +212,13 @@ def _cmd_demo(args) -> int:
 def _cmd_keys(args) -> int:
     from armscope.protocol import write_keypair
 
+    for name in args.names:  # all checked before any file is written
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", name) or args.names.count(name) > 1:
+            raise ArmscopeError(f"--names {name!r}: expected distinct plain names (letters, digits, _ . -), "
+                                "each written as NAME.key and NAME.key_secret inside --out")
+        for path in (Path(args.out) / f"{name}.key", Path(args.out) / f"{name}.key_secret"):
+            if path.exists() and not args.force:
+                raise ArmscopeError(f"{path}: already exists (use --force to replace it)")
     for name in args.names:
         public, secret = write_keypair(Path(args.out), name, force=args.force)
         print(f"wrote {public} (public) and {secret} (secret, mode 0600)")
@@ -178,6 +232,8 @@ def _frame_size(text: str | None):
         w, h = (int(v) for v in text.lower().split("x"))
     except ValueError:
         raise ArmscopeError(f"--frame-size {text!r}: expected WIDTHxHEIGHT, e.g. 1600x1200") from None
+    if w < 1 or h < 1:
+        raise ArmscopeError(f"--frame-size {text!r}: width and height must be positive")
     return w, h
 
 
@@ -185,6 +241,8 @@ def _cmd_calibration_set(args) -> int:
     from armscope.bundle import load_bundle
     from calibration.calibration_set import build_calibration_set
 
+    check_out_apart(args.out, [*args.inputs, args.bundle])
+    _check_output_file(args.out, "--out")
     spec = load_bundle(args.bundle).preprocessing if args.bundle else None
     m = build_calibration_set([Path(p) for p in args.inputs], Path(args.out), args.size, spec=spec,
                               frame_size=_frame_size(args.frame_size), per_video=args.per_video,
@@ -198,6 +256,7 @@ def _cmd_calibration_set(args) -> int:
 def _cmd_quantize(args) -> int:
     from calibration.quantize import make_reduced_bundle
 
+    check_out_apart(args.out, [args.bundle, args.calib, args.labels, *(args.holdout or [])])
     block = make_reduced_bundle(
         Path(args.bundle), Path(args.out), args.precision, calib=Path(args.calib) if args.calib else None,
         method=args.method, keep_fp32=args.keep_fp32, holdout=[Path(p) for p in args.holdout or []] or None,
@@ -234,6 +293,7 @@ def _cmd_build(args) -> int:
 def _cmd_accuracy(args) -> int:
     from calibration.accuracy import accuracy_report
 
+    check_out_apart(args.out, [args.bundle, args.candidate, args.labels, *args.images])
     report = accuracy_report(Path(args.bundle), Path(args.candidate) if args.candidate else None,
                              [Path(p) for p in args.images], Path(args.out),
                              labels_csv=Path(args.labels) if args.labels else None, force=args.force,
@@ -273,7 +333,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=int, default=10)
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=_SEED, default=0)
     p.set_defaults(func=_cmd_train)
 
     p = sub.add_parser("export", help="Keras members -> ONNX bundle with in-graph tiling and Grad-CAM (needs [tf])")
@@ -285,7 +345,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--task", choices=["binary", "multiclass"])
     p.add_argument("--positive-class")
     p.add_argument("--threshold", type=float, help="decision threshold on the positive class (binary tasks)")
-    p.add_argument("--crop", type=int, default=1024, help="centre crop of the camera frame, pixels")
+    p.add_argument("--crop", type=_int_in(16, 16384), default=1024, help="centre crop of the camera frame, pixels")
     p.add_argument("--interpolation", default="area", choices=["area", "linear", "cubic", "nearest"])
     p.add_argument("--opset", type=int, default=17)
     p.add_argument("--jobs", type=int, default=1, help="convert members in this many worker processes")
@@ -322,7 +382,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--layout", default="auto", choices=["auto", "merged", "members"],
                    help="concurrent per-member sessions or one merged-ensemble session; auto (default): "
                         "members for ONNX Runtime and TensorRT, merged for OpenVINO (the faster each, BENCHMARKS.md)")
-    p.add_argument("--threads", type=int, help="onnxruntime intra-op threads (default: all cores)")
+    p.add_argument("--threads", type=_THREADS, help="onnxruntime intra-op threads (default: all cores)")
     p.add_argument("--threshold", type=float, help="override the manifest's decision threshold")
     p.add_argument("--force", action="store_true", help="replace an existing overlay directory")
     p.set_defaults(func=_cmd_classify)
@@ -339,11 +399,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("calibration-set", help="sample preprocessed calibration frames from images/videos (INT8)")
     p.add_argument("inputs", nargs="+", help="image/video files or directories (class subfolders are strata)")
     p.add_argument("--out", required=True, help="CALIB.npz to write")
-    p.add_argument("--size", type=int, required=True, help="number of usable frames to sample")
+    p.add_argument("--size", type=_int_in(1), required=True, help="number of usable frames to sample")
     p.add_argument("--bundle", help="take the preprocessing from this bundle (default: 1024 crop -> 640, area)")
     p.add_argument("--frame-size", help="cut WIDTHxHEIGHT camera-sized windows from larger still images")
-    p.add_argument("--per-video", type=int, default=64, help="candidate frames per video, evenly spaced")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--per-video", type=_int_in(1), default=64, help="candidate frames per video, evenly spaced")
+    p.add_argument("--seed", type=_SEED, default=0)
     p.add_argument("--force", action="store_true", help="replace an existing file")
     p.set_defaults(func=_cmd_calibration_set)
 
@@ -372,9 +432,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--calib", help="CALIB.npz: to make the Q/DQ bundle, or for --int8-mode implicit")
     p.add_argument("--int8-mode", default="explicit", choices=["explicit", "implicit"],
                    help="explicit: Q/DQ ONNX; implicit: IInt8EntropyCalibrator2 (TensorRT 10.x/JetPack only)")
-    p.add_argument("--workspace", type=int, default=2048, help="builder workspace, MB")
+    p.add_argument("--workspace", type=_int_in(1), default=2048, help="builder workspace, MB")
     p.add_argument("--dla", type=int, help="DLA core (Jetson Xavier/Orin), with GPU fallback")
-    p.add_argument("--max-batch", type=int, default=1)
+    p.add_argument("--max-batch", type=_int_in(1, 4096), default=1)
     p.add_argument("--out", help="where a derived FP16/INT8 bundle goes (default BUNDLE-PRECISION)")
     p.add_argument("--holdout", nargs="+", help="hold-out images for the derived bundle's gate")
     p.add_argument("--force", action="store_true", help="replace an existing derived bundle")
@@ -394,7 +454,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--images", required=True, nargs="+", help="camera images or directories")
     p.add_argument("--labels", help="CSV image,label (AUC)")
     p.add_argument("--out", required=True, help="report directory to create")
-    p.add_argument("--threads", type=int)
+    p.add_argument("--threads", type=_THREADS)
     p.add_argument("--force", action="store_true", help="replace an existing report directory")
     p.set_defaults(func=_cmd_accuracy)
 
@@ -406,8 +466,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("bench", help="end-to-end latency and fps of the daemon pipeline on a config's source")
     add_arguments(p)
-    p.add_argument("--frames", type=int, default=50, help="overlays to measure (after warm-up)")
-    p.add_argument("--warmup", type=int, default=3, help="overlays to discard first")
+    p.add_argument("--frames", type=_int_in(1), default=50, help="overlays to measure (after warm-up)")
+    p.add_argument("--warmup", type=_int_in(0), default=3, help="overlays to discard first")
     p.add_argument("--json", dest="json", help="write the report here")
     p.add_argument("--plot", help="write a latency histogram PNG here")
     p.set_defaults(func=_cmd_bench)
@@ -419,7 +479,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overlays", type=int, default=8, help="stop after this many overlays reached the eyepiece")
     p.add_argument("--out", default="out/demo", help="eyepiece PNGs go to OUT/eyepiece")
     p.add_argument("--timeout", type=float, default=180.0, help="give up after this many seconds")
-    p.add_argument("--threads", type=int, default=0, help="inference threads (0 = all cores)")
+    p.add_argument("--threads", type=_int_in(0, 256), default=0, help="inference threads (0 = all cores)")
     p.set_defaults(func=_cmd_demo)
 
     p = sub.add_parser("keys", help="make CurveZMQ keypairs for the daemon's sockets (server, client)")
@@ -431,7 +491,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as exc:  # --help (0) or a bad argument (2): returned, as from the commands themselves
+        return int(exc.code or 0)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -450,6 +513,12 @@ def main(argv: list[str] | None = None) -> int:
         # (the recipe in Python's signal module documentation).
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 141  # what a shell reports for a process ended by SIGPIPE
+    except OSError as exc:
+        # An output or input path the system refused (permission, a file where a directory is needed, a
+        # directory where a file is): name it, as every other bad input is named, instead of a traceback.
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(f"armscope {args.command}: error: {where}{exc.strerror or exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -27,3 +27,22 @@ def require_module(module: str, extra: str, purpose: str, hint: str = ""):
         return importlib.import_module(module)
     except ImportError as exc:  # pragma: no cover - depends on the install
         raise MissingDependency(module, extra, purpose, hint) from exc
+
+
+def output_file_problem(path) -> str | None:
+    """Why ``path`` cannot be written as a file, or None; checked before a
+    command's work, so a typo costs no minutes and leaves nothing behind."""
+    import os
+
+    path = os.fspath(path)
+    parent = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path):
+        return "is a directory; expected a file path"
+    probe = parent
+    while not os.path.exists(probe):  # the command creates missing parents: the first existing one decides
+        probe = os.path.dirname(probe)
+    if not os.path.isdir(probe):
+        return f"{probe} is a file, not a directory"
+    if not os.access(probe, os.W_OK | os.X_OK) or (os.path.exists(path) and not os.access(path, os.W_OK)):
+        return "not writable"
+    return None

@@ -48,19 +48,24 @@ def read_labels(path: Path, classes: list[str]) -> dict[str, str]:
     if not path.is_file():
         raise ArmscopeError(f"{path}: no such labels file")
     labels = {}
-    with open(path, newline="") as handle:
-        for row_no, row in enumerate(csv.reader(handle), 1):
-            if not row or row[0].startswith("#"):
-                continue
-            if row_no == 1 and [c.strip().lower() for c in row[:2]] == ["image", "label"]:
-                continue
-            if len(row) < 2:
-                raise ArmscopeError(f"{path}: line {row_no}: expected 'image,label', got {row}")
-            image, label = row[0].strip(), row[1].strip()
-            if label not in classes:
-                raise ArmscopeError(f"{path}: line {row_no}: label {label!r} is not one of the bundle's "
-                                    f"classes {classes}")
-            labels[image] = label
+    try:
+        rows = list(csv.reader(path.read_text(encoding="utf-8-sig").splitlines()))
+    except UnicodeDecodeError as exc:
+        raise ArmscopeError(f"{path}: not UTF-8 text (byte {exc.start}); save the labels CSV as UTF-8") from None
+    for row_no, row in enumerate(rows, 1):
+        if not row or row[0].startswith("#"):
+            continue
+        if row_no == 1 and [c.strip().lower() for c in row[:2]] == ["image", "label"]:
+            continue
+        if len(row) < 2:
+            raise ArmscopeError(f"{path}: line {row_no}: expected 'image,label', got {row}")
+        image, label = row[0].strip(), row[1].strip()
+        if label not in classes:
+            raise ArmscopeError(f"{path}: line {row_no}: label {label!r} is not one of the bundle's "
+                                f"classes {classes}")
+        if labels.get(image, label) != label:
+            raise ArmscopeError(f"{path}: line {row_no}: {image!r} is labelled {labels[image]!r} earlier and {label!r} here")
+        labels[image] = label
     if not labels:
         raise ArmscopeError(f"{path}: no labels in this file")
     return labels

@@ -313,7 +313,11 @@ def load_calibration_set(path: Path, spec: Preprocessing | None = None) -> Calib
     if not path.is_file():
         raise ArmscopeError(f"{path}: no such calibration set (make one with 'armscope calibration-set')")
     try:
-        with np.load(path, allow_pickle=False) as data:
+        loaded = np.load(path, allow_pickle=False)
+        if not isinstance(loaded, np.lib.npyio.NpzFile):  # a plain .npy array: no manifest, no preprocessing
+            raise ArmscopeError(f"{path}: a single numpy array, not an armscope calibration set (.npz with "
+                                "'images' and 'manifest'); make one with 'armscope calibration-set'")
+        with loaded as data:
             if "images" not in data.files or "manifest" not in data.files:
                 raise ArmscopeError(f"{path}: not an armscope calibration set (arrays {data.files}, "
                                     f"expected 'images' and 'manifest')")

@@ -244,6 +244,12 @@ def make_reduced_bundle(
     source = load_bundle(bundle_dir)
     refuse_cascade(source, "armscope quantize")
     refuse_derived_source(source, f"--precision {precision}")
+    if op_types and precision == "int8":  # a misspelt op type would quantize nothing and still write an "int8" bundle
+        present = {node.op_type for node in onnx.load(str(source.member_paths[0]), load_external_data=False).graph.node}
+        unknown = [t for t in op_types if t not in present]
+        if unknown:
+            raise ArmscopeError(f"--op-types: {', '.join(map(repr, unknown))} not in the member graphs "
+                                f"(they have {', '.join(sorted(present))})")
     op_types = list(op_types or DEFAULT_OP_TYPES)
 
     calib_set = None

@@ -72,12 +72,23 @@ def run_bench(config: Config, frames: int = 50, json_out: str | None = None, plo
     collector.start()
     runner.start()
     limit = timeout_s or max(120.0, 10.0 * (warmup + frames))
-    finished = done.wait(limit)
+    end = time.monotonic() + limit
+    # Also stop waiting when the daemon stops on its own (a file source that ended, a fatal error): the
+    # missing overlays are not coming.
+    while not (finished := done.wait(0.5)) and runner.is_alive() and time.monotonic() < end:
+        pass
+    if not finished and not runner.is_alive():
+        finished = done.wait(1.0)  # overlays still in flight from its last frames
+    stopped_early = not finished and not runner.is_alive()
     daemon.request_stop("bench done")
     runner.join(60)
     done.set()
     collector.join(5)
     sub.close()
+    if stopped_early:
+        raise ArmscopeError(f"bench: the daemon stopped after {len(headers)} of {warmup + frames} overlays (source "
+                            f"{config.source} ended, or see the log above); use a longer or looping source "
+                            "(e.g. dir://...?loop=1) or fewer --frames")
     if not finished:
         raise ArmscopeError(f"bench: only {len(headers)} of {warmup + frames} overlays within {limit:.0f} s "
                             f"(source {config.source}; is there tissue in focus? see the no_tissue status)")

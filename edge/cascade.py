@@ -24,7 +24,8 @@ from pathlib import Path
 
 import numpy as np
 
-from armscope.bundle import MANIFEST, Bundle, load_bundle, require_deployable, staged_directory, write_manifest
+from armscope.bundle import (MANIFEST, Bundle, check_out_apart, load_bundle, require_deployable, staged_directory,
+                             write_manifest)
 from armscope.errors import ArmscopeError
 from edge.decision import decide
 
@@ -130,10 +131,7 @@ def assemble(step_one: Path, then: dict[str, Path], out: Path, *, force: bool = 
     if not then:
         raise ArmscopeError("give at least one second step: --then CLASS=BUNDLE_DIR")
     out = Path(out).resolve()
-    for path in [first.root, *map(Path, then.values())]:
-        path = Path(path).resolve()
-        if out == path or path in out.parents or out in path.parents:  # --force would delete an input
-            raise ArmscopeError(f"--out {out}: must not be, lie inside or contain an input bundle ({path})")
+    check_out_apart(out, [first.root, *then.values()])  # --force would delete an input
     with staged_directory(out, overwrite=force) as stage:
         shutil.copytree(first.root, stage, dirs_exist_ok=True)
         steps, used = [], set()

@@ -141,14 +141,15 @@ class Daemon:
         pub = self.context.socket(zmq.PUB)
         rep = self.context.socket(zmq.REP)
         rep.setsockopt(zmq.LINGER, 0)
-        if cfg.curve_server_secret:
-            self.auth = setup_curve_server(self.context, [pub, rep], cfg.curve_server_secret, cfg.curve_clients_dir)
-            log.info("CurveZMQ on: %s", "only keys in " + cfg.curve_clients_dir if cfg.curve_clients_dir
-                     else "any client with the server key")
-        try:
+        try:  # on any failure close both: an open socket would make shutdown's context.term() wait forever
+            if cfg.curve_server_secret:
+                self.auth = setup_curve_server(self.context, [pub, rep], cfg.curve_server_secret,
+                                               cfg.curve_clients_dir)
+                log.info("CurveZMQ on: %s", "only keys in " + cfg.curve_clients_dir if cfg.curve_clients_dir
+                         else "any client with the server key")
             bind(pub, cfg.publish, "publish")
             bind(rep, cfg.control, "control")
-        except ArmscopeError:
+        except BaseException:
             pub.close(0)
             rep.close(0)
             raise

@@ -100,10 +100,10 @@ def parse_source(uri: str) -> SourceSpec:
                                 f"(allowed: {', '.join(sorted(allowed[scheme])) or 'none'})")
         if key == "fps" and value != "max":
             try:
-                if float(value) <= 0:
+                if not 0 < float(value) <= 1000:  # also NaN and inf
                     raise ValueError
             except ValueError:
-                raise ArmscopeError(f"{uri!r}: parameter fps={value!r}: expected a positive number or 'max'") from None
+                raise ArmscopeError(f"{uri!r}: parameter fps={value!r}: expected a number in (0, 1000] or 'max'") from None
         if key in ("width", "height", "flip") and not value.isdigit():
             raise ArmscopeError(f"{uri!r}: parameter {key}={value!r}: expected a non-negative integer")
         if key == "loop" and value not in ("0", "1", "true", "false"):

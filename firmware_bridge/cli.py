@@ -26,6 +26,7 @@ import cv2
 import numpy as np
 
 from armscope.cpus import cpu_name, usable_cpus
+from armscope.errors import output_file_problem
 
 from .link import MAX_PAYLOAD_RANGE
 from .pixel_formats import GAMMA_RANGE, PixelFormat
@@ -368,18 +369,6 @@ def blank_main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _unwritable(path: str) -> str | None:
-    """Why ``path`` cannot be written as a file, or None."""
-    parent = os.path.dirname(os.path.abspath(path))
-    if os.path.isdir(path):
-        return "is a directory; expected a file path"
-    if not os.path.isdir(parent):
-        return f"directory {parent} does not exist"
-    if not os.access(parent, os.W_OK) or (os.path.exists(path) and not os.access(path, os.W_OK)):
-        return "not writable"
-    return None
-
-
 def _cpu() -> str:
     """``'<model name>, N CPUs'``: the CPUs this process may use, on the machine a bench figure belongs to."""
     return f"{cpu_name()}, {usable_cpus()} CPUs"
@@ -423,7 +412,7 @@ def bench_main(argv: list[str] | None = None) -> int:
         args = p.parse_args(argv)
     except SystemExit as exc:
         return int(exc.code or 0)
-    if args.json and (problem := _unwritable(args.json)):
+    if args.json and (problem := output_file_problem(args.json)):
         print(f"armscope bridge bench: --json {args.json}: {problem}", file=sys.stderr)  # before the run, not after
         return 2
     if args.frames is None:
@@ -465,6 +454,7 @@ def bench_main(argv: list[str] | None = None) -> int:
               + f"{r.wire_seconds(args.baud):>12.2f}s")
     print("(ms, medians; p95 of the total)")
     if args.json:
+        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
         with open(args.json, "w") as f:
             json.dump({"cpu": cpu, "opencv": opencv_build(), "crc": CRC_PATH,
                        "results": [r.as_dict(args.baud) for r in results]}, f, indent=2)
@@ -510,6 +500,7 @@ def _bench_display(args, deliver, open_display, display_errors) -> int:
               + f"{r.stages_ms['total']['p95']:>9.2f}" + link)
     print("(ms, medians; p95 of the total; wire KB per overlay incl. resends; MB/s of pixel bytes delivered)")
     if args.json:
+        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
         with open(args.json, "w") as f:
             json.dump({"cpu": _cpu(), "display": args.display,
                        "results": [r.as_dict() for r in results]}, f, indent=2)

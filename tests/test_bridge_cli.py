@@ -164,5 +164,6 @@ def test_bridge_commands_refuse_bad_numbers_and_endpoints_before_starting(tmp_pa
     assert "argument --max-payload" in capsys.readouterr().err
     assert main(["bench", "--size", "64x48", "--frames", "1", "--warmup", "0", "--json", str(tmp_path)]) == 2
     assert "is a directory" in capsys.readouterr().err
-    assert main(["bench", "--size", "64x48", "--json", str(tmp_path / "no" / "r.json")]) == 2
-    assert "does not exist" in capsys.readouterr().err
+    (tmp_path / "f").write_text("x")
+    assert main(["bench", "--size", "64x48", "--json", str(tmp_path / "f" / "r.json")]) == 2
+    assert "is a file, not a directory" in capsys.readouterr().err

@@ -200,7 +200,7 @@ def test_cli_assembles_and_refuses(tmp_path, capsys):
     shutil.copytree(STEP_ONE, first)
     for target in (first, first / "cascade", tmp_path):
         assert cli_main(["cascade", str(first), "--then", f"other={TISSUE}", "--out", str(target), "--force"]) == 2
-        assert "must not be, lie inside or contain an input bundle" in capsys.readouterr().err
+        assert "must not be, lie inside or contain an input" in capsys.readouterr().err
     assert not (first / "cascade").exists() and load_bundle(first).task["type"] == "binary"
 
 
