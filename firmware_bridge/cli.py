@@ -309,6 +309,10 @@ def run_main(argv: list[str] | None = None) -> int:
             if getattr(args, key) is not None:
                 uri = _with_query(uri, key, getattr(args, key))
         display = open_display(uri)
+        if registration is not None and display.size is not None and tuple(display.size) != registration.display_size:
+            raise ValueError(f"{args.registration}: registration is for a {registration.display_size[0]}x"
+                             f"{registration.display_size[1]} display, but {args.display} is "
+                             f"{display.size[0]}x{display.size[1]}")
         bridge = Bridge(display, connect=args.connect, registration=registration, curve=curve,
                         poll_interval=args.poll_ms / 1000.0, max_stale_ms=args.max_stale_ms, clock_mode=args.clock,
                         stats_interval=args.stats_interval, label=args.label)
@@ -400,8 +404,8 @@ def bench_main(argv: list[str] | None = None) -> int:
     p.add_argument("--crop", type=int, default=1024, help="the model's centre crop, camera px (default 1024)")
     p.add_argument("--display", help="show the overlays on this output and time the delivery "
                    "(e.g. serial:///dev/ttyACM0?baud=921600); its size and format replace --size/--format")
-    p.add_argument("--frames", type=int, help="overlays timed per case (default 200; 20 with --display)")
-    p.add_argument("--warmup", type=int, default=10, help="overlays run first, not timed (default 10)")
+    p.add_argument("--frames", type=_number(1, integer=True), help="overlays timed per case (default 200; 20 with --display)")
+    p.add_argument("--warmup", type=_number(0, integer=True), default=10, help="overlays run first, not timed (default 10)")
     p.add_argument("--dither", action="store_true", help="ordered dithering (MONO1)")
     p.add_argument("--brightness", type=_BRIGHTNESS, default=1.0)
     p.add_argument("--gamma", type=_GAMMA, default=1.0)

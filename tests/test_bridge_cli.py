@@ -162,6 +162,13 @@ def test_bridge_commands_refuse_bad_numbers_and_endpoints_before_starting(tmp_pa
         assert f"argument {named}" in capsys.readouterr().err
     assert main(["bench", "--size", "64x48", "--max-payload", "-1"]) == 2
     assert "argument --max-payload" in capsys.readouterr().err
+    assert main(["bench", "--display", f"{png}-bench?width=64&height=48", "--frames", "0"]) == 2
+    assert "argument --frames" in capsys.readouterr().err and not (tmp_path / "eyepiece-bench").exists()
+    reg = tmp_path / "reg.json"
+    R.save_registration(R.Registration(np.eye(3), (320, 240), 0.0), reg)
+    assert main(["--connect", "tcp://127.0.0.1:5556", "--display", f"{png}?width=64&height=48",
+                 "--registration", str(reg)]) == 2
+    assert f"{reg}: registration is for a 320x240 display, but {png}?width=64&height=48 is 64x48" in capsys.readouterr().err
     assert main(["bench", "--size", "64x48", "--frames", "1", "--warmup", "0", "--json", str(tmp_path)]) == 2
     assert "is a directory" in capsys.readouterr().err
     (tmp_path / "f").write_text("x")
