@@ -65,7 +65,7 @@ def test_bench_rejects_bad_input(tmp_path, capsys):
     assert main(["bench", "--size", "160x120", "--camera", "640x480", "--crop", "1024", "--frames", "1"]) == 2
     assert "crop 1024 must fit the 640x480 camera frame" in capsys.readouterr().err
     assert main(["bench", "--size", "160x120", "--frames", "0"]) == 2
-    assert "frames must be >= 1" in capsys.readouterr().err
+    assert "argument --frames: must be >= 1" in capsys.readouterr().err
 
 
 def test_bench_delivers_to_a_real_serial_controller(tmp_path, capsys):
