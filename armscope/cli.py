@@ -12,22 +12,13 @@ import sys
 from pathlib import Path
 
 from armscope import __version__
+from armscope.argtypes import number
 from armscope.errors import ArmscopeError, output_file_problem
 from edge.backends import BACKENDS, CPU_PRECISIONS
 
 
-def _int_in(lo: int, hi: int | None = None):
-    """An argparse ``type``: an integer within [lo, hi]; argparse names the option."""
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-        if value < lo or (hi is not None and value > hi):
-            raise argparse.ArgumentTypeError(f"must be >= {lo}" + (f" and <= {hi}" if hi is not None else "")
-                                             + f", got {text!r}")
-        return value
-    return parse
+def _int_in(lo: int, hi: float = float("inf")):
+    return number(lo, hi, integer=True)
 
 
 def _check_output_file(path, option: str) -> None:

@@ -15,7 +15,6 @@ tests can call them directly.  Exit codes: 0 ok, 1 unexpected error,
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import signal
 import sys
@@ -26,12 +25,14 @@ import cv2
 import numpy as np
 
 from armscope.cpus import cpu_name, usable_cpus
+from armscope.argtypes import number as _number
 from armscope.errors import output_file_problem
 
 from .link import MAX_PAYLOAD_RANGE
 from .pixel_formats import GAMMA_RANGE, PixelFormat
 from .registration import (
     RegistrationError,
+    check_fits_display,
     from_camera_image,
     from_point_pairs,
     load_point_pairs,
@@ -52,22 +53,6 @@ def _size(text: str) -> tuple[int, int]:
     if w <= 0 or h <= 0:
         raise argparse.ArgumentTypeError(f"size must be positive, got {text!r}")
     return w, h
-
-
-def _number(lo: float, hi: float = math.inf, *, integer: bool = False, above: bool = False):
-    """An argparse ``type``: a finite number within [lo, hi] (``above``: > lo);
-    argparse names the option in its message."""
-    def parse(text: str):
-        try:
-            value = int(text) if integer else float(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected {'an integer' if integer else 'a number'}, got {text!r}") from None
-        if not math.isfinite(value) or value < lo or (above and value == lo) or value > hi:
-            bound = f"> {lo:g}" if above else f">= {lo:g}"
-            raise argparse.ArgumentTypeError(f"must be {bound}" + (f" and <= {hi:g}" if hi < math.inf else "")
-                                             + f", got {text!r}")
-        return value
-    return parse
 
 
 _SECONDS = _number(0.0)  # a duration or interval; 0 = the option's 'never'/'until stopped'
@@ -309,10 +294,7 @@ def run_main(argv: list[str] | None = None) -> int:
             if getattr(args, key) is not None:
                 uri = _with_query(uri, key, getattr(args, key))
         display = open_display(uri)
-        if registration is not None and display.size is not None and tuple(display.size) != registration.display_size:
-            raise ValueError(f"{args.registration}: registration is for a {registration.display_size[0]}x"
-                             f"{registration.display_size[1]} display, but {args.display} is "
-                             f"{display.size[0]}x{display.size[1]}")
+        check_fits_display(registration, args.registration, display.size, args.display)
         bridge = Bridge(display, connect=args.connect, registration=registration, curve=curve,
                         poll_interval=args.poll_ms / 1000.0, max_stale_ms=args.max_stale_ms, clock_mode=args.clock,
                         stats_interval=args.stats_interval, label=args.label)
@@ -426,9 +408,7 @@ def bench_main(argv: list[str] | None = None) -> int:
     (w, h), fmt = args.size, args.format
     try:
         registration = load_registration(args.registration) if args.registration else None
-        if registration is not None and registration.display_size != (w, h):
-            raise ValueError(f"{args.registration}: registration is for a {registration.display_size[0]}x"
-                             f"{registration.display_size[1]} display, --size is {w}x{h}")
+        check_fits_display(registration, args.registration, (w, h), "--size")
         kinds = ("daemon", "fullscreen") if args.overlay == "both" else (args.overlay,)
         results = []
         with PtyController(ControllerCore(w, h, fmt, max_payload=args.max_payload)) as sim:
@@ -476,10 +456,7 @@ def _bench_display(args, deliver, open_display, display_errors) -> int:
     try:
         registration = load_registration(args.registration) if args.registration else None
         with open_display(args.display) as display:
-            if registration is not None and display.size is not None and registration.display_size != tuple(display.size):
-                raise ValueError(f"{args.registration}: registration is for a {registration.display_size[0]}x"
-                                 f"{registration.display_size[1]} display, {args.display} is "
-                                 f"{display.size[0]}x{display.size[1]}")
+            check_fits_display(registration, args.registration, display.size, args.display)
             display.blank()
             try:
                 for kind in kinds:

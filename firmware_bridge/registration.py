@@ -37,6 +37,7 @@ __all__ = [
     "Registration",
     "RegistrationError",
     "RegistrationFileError",
+    "check_fits_display",
     "from_point_pairs",
     "mirrors",
     "load_point_pairs",
@@ -102,6 +103,14 @@ def reprojection_errors(matrix: np.ndarray, camera_pts, display_pts) -> np.ndarr
     disp = np.asarray(display_pts, dtype=np.float64).reshape(-1, 2)
     proj = cv2.perspectiveTransform(cam, np.asarray(matrix, dtype=np.float64)).reshape(-1, 2)
     return np.linalg.norm(proj - disp, axis=1)
+
+
+def check_fits_display(reg: "Registration | None", path, size, display: str) -> None:
+    """Refuse a registration (read from ``path``) made for another display
+    size than ``size`` (of ``display``, as the user named it); None passes."""
+    if reg is not None and size is not None and tuple(size) != reg.display_size:
+        raise RegistrationError(f"{path}: registration is for a {reg.display_size[0]}x{reg.display_size[1]} display, "
+                                f"but {display} is {size[0]}x{size[1]}")
 
 
 def mirrors(matrix: np.ndarray, at: Sequence[float]) -> bool:

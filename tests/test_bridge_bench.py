@@ -61,7 +61,7 @@ def test_bench_rejects_bad_input(tmp_path, capsys):
     reg = tmp_path / "reg.json"
     save_registration(Registration(np.eye(3), (320, 240), 0.0), reg)
     assert main(["bench", "--size", "160x120", "--registration", str(reg), "--frames", "1"]) == 2
-    assert "registration is for a 320x240 display, --size is 160x120" in capsys.readouterr().err
+    assert "registration is for a 320x240 display, but --size is 160x120" in capsys.readouterr().err
     assert main(["bench", "--size", "160x120", "--camera", "640x480", "--crop", "1024", "--frames", "1"]) == 2
     assert "crop 1024 must fit the 640x480 camera frame" in capsys.readouterr().err
     assert main(["bench", "--size", "160x120", "--frames", "0"]) == 2
