@@ -18,8 +18,9 @@ def number(lo: float, hi: float = math.inf, *, integer: bool = False, above: boo
         except ValueError:
             raise argparse.ArgumentTypeError(f"expected {'an integer' if integer else 'a number'}, got {text!r}") from None
         if not math.isfinite(value) or value < lo or (above and value == lo) or value > hi:
-            bound = f"> {lo:g}" if above else f">= {lo:g}"
-            raise argparse.ArgumentTypeError(f"must be {bound}" + (f" and <= {hi:g}" if hi < math.inf else "")
+            show = (lambda v: str(int(v))) if integer else (lambda v: f"{v:g}")
+            bound = f"> {show(lo)}" if above else f">= {show(lo)}"
+            raise argparse.ArgumentTypeError(f"must be {bound}" + (f" and <= {show(hi)}" if hi < math.inf else "")
                                              + f", got {text!r}")
         return value
     return parse
