@@ -320,13 +320,10 @@ def staged_directory(final: Path, overwrite: bool = False):
     stage = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
     try:
         yield stage
-    except ArmscopeError as exc:
+    except BaseException as exc:
         shutil.rmtree(stage, ignore_errors=True)
-        if str(stage) in str(exc):  # name the output the user asked for, not a temporary directory now gone
-            exc.args = (str(exc).replace(str(stage), str(final)),)
-        raise
-    except BaseException:
-        shutil.rmtree(stage, ignore_errors=True)
+        if isinstance(exc, ArmscopeError) and str(stage) in str(exc):
+            exc.args = (str(exc).replace(str(stage), str(final)),)  # name the output asked for, not a gone temp dir
         raise
     if final.exists():
         trash = final.with_name(f".{final.name}.old.{os.getpid()}")

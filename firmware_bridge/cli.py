@@ -355,6 +355,15 @@ def blank_main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def _write_json(path: str, doc: dict) -> None:
+    """``armscope bridge bench --json``: the results, parents created (the path was checked before the run)."""
+    import json
+
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(doc, f, indent=2)
+
+
 def _cpu() -> str:
     """``'<model name>, N CPUs'``: the CPUs this process may use, on the machine a bench figure belongs to."""
     return f"{cpu_name()}, {usable_cpus()} CPUs"
@@ -369,8 +378,6 @@ def bench_main(argv: list[str] | None = None) -> int:
     that takes at --baud. With --display URI the overlays are shown on that
     output instead and the delivery is timed too (serial://: to the
     controller and back, with its ACKs and resends)."""
-    import json
-
     from .bench import STAGES, deliver, run
     from .displays import DisplayURIError, open_display
     from .link import CRC_PATH, LinkError
@@ -438,17 +445,13 @@ def bench_main(argv: list[str] | None = None) -> int:
               + f"{r.wire_seconds(args.baud):>12.2f}s")
     print("(ms, medians; p95 of the total)")
     if args.json:
-        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-        with open(args.json, "w") as f:
-            json.dump({"cpu": cpu, "opencv": opencv_build(), "crc": CRC_PATH,
-                       "results": [r.as_dict(args.baud) for r in results]}, f, indent=2)
+        _write_json(args.json, {"cpu": cpu, "opencv": opencv_build(), "crc": CRC_PATH,
+                                "results": [r.as_dict(args.baud) for r in results]})
     return 0
 
 
 def _bench_display(args, deliver, open_display, display_errors) -> int:
     """``armscope bridge bench --display URI``: show the overlays on a real output."""
-    import json
-
     from .registration import load_registration
 
     kinds = ("daemon", "fullscreen") if args.overlay == "both" else (args.overlay,)
@@ -481,10 +484,7 @@ def _bench_display(args, deliver, open_display, display_errors) -> int:
               + f"{r.stages_ms['total']['p95']:>9.2f}" + link)
     print("(ms, medians; p95 of the total; wire KB per overlay incl. resends; MB/s of pixel bytes delivered)")
     if args.json:
-        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-        with open(args.json, "w") as f:
-            json.dump({"cpu": _cpu(), "display": args.display,
-                       "results": [r.as_dict() for r in results]}, f, indent=2)
+        _write_json(args.json, {"cpu": _cpu(), "display": args.display, "results": [r.as_dict() for r in results]})
     return 0
 
 

@@ -249,7 +249,8 @@ class PngDisplay(_PictureDisplay):
             raise DisplayURIError(f"png://{directory}: cannot write into this directory")
         # Number on from what an earlier run left: the highest-numbered PNG is always what the display shows now
         # (a run killed mid-frame, then `bridge blank`, must not leave a lit frame as the newest file).
-        self.count = max((int(_PNG_NAME.fullmatch(f.name).group(1)) for f in numbered_pngs(self.directory)), default=0)
+        earlier = numbered_pngs(self.directory)
+        self.count = int(_PNG_NAME.fullmatch(earlier[-1].name).group(1)) if earlier else 0
         self.paths: list[Path] = []
         self._last_size = self.size
 
