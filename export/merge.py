@@ -29,15 +29,16 @@ def merge_members(member_paths: list[Path]) -> onnx.ModelProto:
             nodes.append(node)
         initializers.extend(graph.initializer)
         value_info.extend(graph.value_info)
-    for name in OUTPUTS:
+    outputs = {o.name: o for o in first.graph.output}
+    names = [n for n in OUTPUTS if n in outputs]  # patch_probs only where the members have per-patch heads
+    for name in names:
         nodes.append(helper.make_node("Mean", [f"m{i}_{name}" for i in range(len(members))], [name],
                                       name=f"ensemble_mean_{name}"))
-    outputs = {o.name: o for o in first.graph.output}
     graph = helper.make_graph(
         nodes,
         "armscope_ensemble",
         inputs=[first.graph.input[0]],
-        outputs=[outputs[name] for name in OUTPUTS],
+        outputs=[outputs[name] for name in names],
         initializer=initializers,
         value_info=value_info,
     )
