@@ -2,7 +2,8 @@
 
 Each member is prefixed (``onnx.compose.add_prefix``) so names cannot clash,
 all members read the one ``image`` input, and ``Mean`` nodes average their
-``probs``, ``patch_probs`` and ``cam``. Done on the ONNX graphs rather than by
+``probs``, ``patch_probs`` (only tiled models with per-patch heads have it) and
+``cam``. Done on the ONNX graphs rather than by
 tracing all members through tf2onnx again, which would convert every member
 twice (minutes for DenseNet-121).
 """
@@ -13,12 +14,18 @@ from pathlib import Path
 import onnx
 from onnx import compose, helper
 
-OUTPUTS = ("probs", "patch_probs", "cam")
+OUTPUTS = ("probs", "patch_probs", "cam")  # in this order, those the members have
 
 
 def merge_members(member_paths: list[Path]) -> onnx.ModelProto:
     members = [onnx.load(str(p)) for p in member_paths]
     first = members[0]
+    names = [o.name for o in first.graph.output]
+    for path, model in zip(member_paths[1:], members[1:]):
+        if sorted(o.name for o in model.graph.output) != sorted(names):
+            raise ValueError(f"{path}: outputs {[o.name for o in model.graph.output]} differ from the first "
+                             f"member's {names}; members of one ensemble must have the same outputs")
+    merged_outputs = [name for name in OUTPUTS if name in names]
     nodes, initializers, value_info = [], [], []
     for i, model in enumerate(members):
         prefixed = compose.add_prefix(model, prefix=f"m{i}_")
