@@ -44,6 +44,45 @@ _file = {
     },
 }
 
+# What the graph is, for people and for checks. Two architectures: the paper's tiled
+# model (the backbone runs on a grid of patches whose feature maps are reassembled;
+# optional per-patch heads) and a whole-image classifier (one backbone pass over the
+# S x S input). Only the tiled one needs its tiling described; everything the runtime
+# needs (input size S, CAM size H x W, which outputs exist) is in inputs/outputs.
+_model = {
+    "type": "object",
+    "required": ["architecture", "cam"],
+    "properties": {
+        "architecture": {"enum": ["tiled-patch-classifier", "whole-image-classifier"]},
+        "backbone": {"type": "string"},
+        "patch_size": {"type": "integer", "minimum": 1},
+        "grid": {"type": "integer", "minimum": 1},
+        "map_size": {"type": "integer", "minimum": 1},
+        "input_size": {"type": "integer", "minimum": 1},
+        "feature_layer": {"type": "string"},
+        "head": {"enum": ["softmax", "sigmoid"]},
+        "per_patch_heads": {"enum": ["shared", "separate", "none"]},
+        "cam": {
+            "type": "object",
+            "required": ["method", "definition"],
+            "properties": {"method": {"type": "string"}, "definition": {"type": "string"},
+                           "score": {"type": "string"}},
+        },
+    },
+    "allOf": [
+        {
+            "if": {"properties": {"architecture": {"const": "tiled-patch-classifier"}}},
+            "then": {"required": ["backbone", "patch_size", "grid", "map_size"]},
+        },
+        {
+            # new exports say which score the Grad-CAM differentiates (e.g. the logit
+            # of a single sigmoid unit, for both classes of [1 - p, p])
+            "if": {"properties": {"architecture": {"const": "whole-image-classifier"}}},
+            "then": {"properties": {"cam": {"required": ["method", "definition", "score"]}}},
+        },
+    ],
+}
+
 MANIFEST_SCHEMA = {
     "$schema": "https://json-schema.org/draft/2020-12/schema",
     "type": "object",
@@ -94,10 +133,7 @@ MANIFEST_SCHEMA = {
                 "channel_order": {"enum": ["RGB", "BGR"]},
             },
         },
-        "model": {
-            "type": "object",
-            "required": ["architecture", "backbone", "patch_size", "grid", "map_size"],
-        },
+        "model": _model,
         "inputs": {"type": "array", "items": _tensor, "minItems": 1},
         "outputs": {"type": "array", "items": _tensor, "minItems": 1},
         "members": {
@@ -141,7 +177,13 @@ MANIFEST_SCHEMA = {
     },
 }
 
-REQUIRED_OUTPUTS = ("probs", "patch_probs", "cam")
+# The graph outputs the runtime reads, in the order backends return them, with the
+# rank of each: probs (N, C), patch_probs (N, P, C), cam (N, C, H, W). patch_probs
+# exists only for tiled models with per-patch heads; nothing downstream needs it.
+REQUIRED_OUTPUTS = ("probs", "cam")
+OPTIONAL_OUTPUTS = ("patch_probs",)
+OUTPUT_ORDER = ("probs", "patch_probs", "cam")
+OUTPUT_RANKS = {"probs": 2, "patch_probs": 3, "cam": 4}
 
 
 def sha256_file(path: Path) -> str:
@@ -179,6 +221,17 @@ class Bundle:
     def member_paths(self) -> list[Path]:
         return [self.root / m["file"] for m in self.manifest["members"]]
 
+    @property
+    def input_size(self) -> int:
+        """S of the graph's (N, S, S, 3) input (validated equal to preprocessing.resize)."""
+        return int(self.manifest["inputs"][0]["shape"][1])
+
+    @property
+    def output_names(self) -> tuple[str, ...]:
+        """The outputs this bundle's graphs have and the runtime returns (``OUTPUT_ORDER``)."""
+        declared = {o["name"] for o in self.manifest["outputs"]}
+        return tuple(n for n in OUTPUT_ORDER if n in declared)
+
     def output_shape(self, name: str) -> list:
         for out in self.manifest["outputs"]:
             if out["name"] == name:
@@ -202,16 +255,52 @@ def validate_manifest(manifest: dict, path: Path) -> None:
         raise ArmscopeError(
             f"{path}: field task.positive_class: {task['positive_class']!r} is not one of task.classes {task['classes']}"
         )
-    names = [o["name"] for o in manifest["outputs"]]
-    missing = [n for n in REQUIRED_OUTPUTS if n not in names]
-    if missing:
-        raise ArmscopeError(f"{path}: field outputs: missing {missing}, expected {list(REQUIRED_OUTPUTS)}")
-    pre = manifest["preprocessing"]
-    if manifest["inputs"][0]["shape"][1:] != [pre["resize"], pre["resize"], 3]:
+    _check_io(manifest, path)
+
+
+def _check_io(manifest: dict, path: Path) -> None:
+    """The graph I/O the runtime relies on: one input ``image`` [N, S, S, 3]
+    with S = preprocessing.resize (the runtime resizes every field to S), the
+    required outputs with their ranks, and the model block's optional sizes
+    agreeing with them."""
+    inputs = manifest["inputs"]
+    if [i["name"] for i in inputs] != ["image"]:
+        raise ArmscopeError(f"{path}: field inputs: {[i['name'] for i in inputs]}, expected exactly one input 'image'")
+    shape = inputs[0]["shape"]
+    if len(shape) != 4 or shape[3] != 3 or not isinstance(shape[1], int) or shape[1] != shape[2]:
+        raise ArmscopeError(f"{path}: field inputs.0.shape: {shape}, expected [N, S, S, 3] (square RGB, S an integer)")
+    resize = manifest["preprocessing"]["resize"]
+    if shape[1] != resize:
         raise ArmscopeError(
-            f"{path}: field inputs.0.shape: {manifest['inputs'][0]['shape']} does not match "
-            f"preprocessing.resize {pre['resize']} (expected [N, {pre['resize']}, {pre['resize']}, 3])"
-        )
+            f"{path}: field preprocessing.resize: {resize} does not match field inputs.0.shape {shape}; "
+            f"the runtime resizes every field to preprocessing.resize, so it must equal the graph's input size "
+            f"{shape[1]} (expected [N, {resize}, {resize}, 3] or resize {shape[1]})")
+    outputs = {o["name"]: (i, o["shape"]) for i, o in enumerate(manifest["outputs"])}
+    missing = [n for n in REQUIRED_OUTPUTS if n not in outputs]
+    if missing:
+        raise ArmscopeError(f"{path}: field outputs: missing {missing}, expected {list(REQUIRED_OUTPUTS)} "
+                            f"(and optionally {list(OPTIONAL_OUTPUTS)})")
+    for name, rank in OUTPUT_RANKS.items():
+        if name in outputs and len(outputs[name][1]) != rank:
+            i, out_shape = outputs[name]
+            raise ArmscopeError(f"{path}: field outputs.{i}.shape: {name} {out_shape} has rank {len(out_shape)}, "
+                                f"expected {rank} ({_LAYOUTS[name]})")
+    model = manifest["model"]
+    if model.get("input_size", shape[1]) != shape[1]:
+        raise ArmscopeError(f"{path}: field model.input_size: {model['input_size']} does not match "
+                            f"field inputs.0.shape {shape}")
+    i, cam = outputs["cam"]
+    if "map_size" in model and any(isinstance(d, int) and d != model["map_size"] for d in cam[2:]):
+        raise ArmscopeError(f"{path}: field model.map_size: {model['map_size']} does not match "
+                            f"field outputs.{i}.shape {cam} (cam is N x C x H x W)")
+    heads = model.get("per_patch_heads")
+    if heads is not None and (heads == "none") == ("patch_probs" in outputs):
+        raise ArmscopeError(f"{path}: field model.per_patch_heads: {heads!r}, but outputs "
+                            f"{'have' if 'patch_probs' in outputs else 'lack'} patch_probs "
+                            f"(present exactly when the model has per-patch heads)")
+
+
+_LAYOUTS = {"probs": "N x C", "patch_probs": "N x P x C", "cam": "N x C x H x W"}
 
 
 def _reject_constant(token: str):

@@ -100,9 +100,7 @@ def _cmd_inspect(args) -> int:
     pre = m["preprocessing"]
     print(f"input       centre crop {pre['center_crop']} -> resize {pre['resize']} ({pre['interpolation']}), "
           f"{pre['channel_order']} float32 0..255")
-    model = m["model"]
-    print(f"model       {model['architecture']}, backbone {model['backbone']}, "
-          f"{model['grid']}x{model['grid']} patches of {model['patch_size']}, map {model['map_size']}x{model['map_size']}")
+    print(_describe_model(m))
     print("outputs     " + ", ".join(f"{o['name']} {o['shape']}" for o in m["outputs"]))
     for member in m["members"]:
         print(f"member      {member['file']}  fold {member['fold']}  sha256 {member['sha256'][:16]}...  ok")
@@ -110,6 +108,27 @@ def _cmd_inspect(args) -> int:
     print("producer    " + ", ".join(f"{k} {v}" for k, v in m["producer"].items()))
     print("hashes      all verified")
     return 0
+
+
+def _describe_model(manifest: dict) -> str:
+    """inspect's model line: tiled models with their grid, whole-image ones with
+    their input size; the CAM size from the cam output (N x C x H x W)."""
+    model = manifest["model"]
+    cam = next(o["shape"] for o in manifest["outputs"] if o["name"] == "cam")
+    size = manifest["inputs"][0]["shape"][1]
+    parts = [model["architecture"]]
+    if "backbone" in model:
+        parts.append(f"backbone {model['backbone']}")
+    if model["architecture"] == "tiled-patch-classifier":
+        parts.append(f"{model['grid']}x{model['grid']} patches of {model['patch_size']}")
+    else:
+        parts.append(f"input {size}x{size}")
+    if "head" in model:
+        parts.append(f"{model['head']} head")
+    if "per_patch_heads" in model:
+        parts.append(f"per-patch heads {model['per_patch_heads']}")
+    parts.append(f"CAM {cam[2]}x{cam[3]}" + (f" of {model['feature_layer']}" if "feature_layer" in model else ""))
+    return "model       " + ", ".join(parts)
 
 
 def _cmd_cascade(args) -> int:
