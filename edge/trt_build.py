@@ -189,9 +189,11 @@ def make_entropy_calibrator(trt, images: np.ndarray, cache_path: Path, batch: in
 # ----------------------------------------------------------------------------- building
 
 def build_engine(trt, onnx_path: Path, engine_path: Path, precision: str, *, workspace_mb: int,
-                 timing_cache: Path, dla_core: int | None = None, max_batch: int = 1,
-                 calibrator=None, explicit_int8: bool = True, input_shape=(640, 640, 3)) -> None:
-    """Parse one ONNX graph and serialise an engine (see the module docstring for the flags)."""
+                 timing_cache: Path, input_shape: tuple[int, int, int], dla_core: int | None = None,
+                 max_batch: int = 1, calibrator=None, explicit_int8: bool = True) -> None:
+    """Parse one ONNX graph and serialise an engine (see the module docstring for the flags).
+    ``input_shape``: (S, S, 3) from the bundle's manifest (``inputs[0].shape``), so the
+    optimisation profile fits any input size the bundle was exported for."""
     logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)
     major = trt_major(trt.__version__)

@@ -14,7 +14,7 @@ import numpy as np
 from armscope.bundle import Bundle
 from armscope.cpus import usable_cpus
 from armscope.errors import ArmscopeError
-from edge.backends.base import OUTPUTS, InferenceBackend
+from edge.backends.base import InferenceBackend, check_graph_io
 from edge.backends.cpu_features import require_exact_int8
 
 LAYOUTS = ("merged", "members")
@@ -32,6 +32,7 @@ def session_options(threads: int, exact_qdq: bool = False):
     opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     opts.intra_op_num_threads = max(1, threads)
     opts.inter_op_num_threads = 1
+    opts.log_severity_level = 3  # errors only: its graph-clean-up warnings are no use at the eyepiece (failures raise)
     return opts
 
 
@@ -54,6 +55,7 @@ class OnnxRuntimeBackend(InferenceBackend):
             raise ArmscopeError(f"onnxruntime layout {layout!r}: expected one of {', '.join(LAYOUTS)}")
         require_exact_int8(bundle, "onnxruntime", allow_inexact_int8)
         self.bundle = bundle
+        self.outputs = list(bundle.output_names)  # patch_probs only where the bundle has it
         self.layout = layout
         self.threads = threads or usable_cpus()
         if layout == "merged":
@@ -76,11 +78,7 @@ class OnnxRuntimeBackend(InferenceBackend):
         for session in self.sessions:
             names = [o.name for o in session.get_outputs()]
             inputs = session.get_inputs()
-            if [i.name for i in inputs] != ["image"] or any(n not in names for n in OUTPUTS):
-                raise ArmscopeError(
-                    f"{self.bundle.root}: a graph has inputs {[i.name for i in inputs]} and outputs {names}; "
-                    f"expected input ['image'] and outputs {list(OUTPUTS)}"
-                )
+            check_graph_io(self.bundle.root, [i.name for i in inputs], names, tuple(self.outputs))
             expected = self.bundle.manifest["inputs"][0]["shape"][1:]
             if list(inputs[0].shape[1:]) != expected:
                 raise ArmscopeError(
@@ -92,6 +90,12 @@ class OnnxRuntimeBackend(InferenceBackend):
             if isinstance(probs_shape[-1], int) and probs_shape[-1] != n_classes:
                 raise ArmscopeError(
                     f"{self.bundle.root}: graph 'probs' has {probs_shape[-1]} classes, manifest task.classes has {n_classes}"
+                )
+            cam_shape = next(o.shape for o in session.get_outputs() if o.name == "cam")
+            if len(cam_shape) != 4 or (isinstance(cam_shape[1], int) and cam_shape[1] != n_classes):
+                raise ArmscopeError(
+                    f"{self.bundle.root}: graph 'cam' has shape {cam_shape}, expected [N, {n_classes}, H, W] "
+                    f"(one map per class of manifest task.classes)"
                 )
 
     def _warm_up(self) -> None:
@@ -111,7 +115,7 @@ class OnnxRuntimeBackend(InferenceBackend):
 
         def failure(session) -> Exception | None:
             try:
-                session.run(list(OUTPUTS), {"image": frame})
+                session.run(self.outputs, {"image": frame})
             except Exception as exc:  # onnxruntime's own Fail/RuntimeException types
                 return exc
             return None
@@ -130,9 +134,9 @@ class OnnxRuntimeBackend(InferenceBackend):
     def infer(self, images: np.ndarray) -> dict[str, np.ndarray]:
         images = np.ascontiguousarray(images, dtype=np.float32)
         if len(self.sessions) == 1:
-            return dict(zip(OUTPUTS, self.sessions[0].run(list(OUTPUTS), {"image": images})))
-        results = list(self.pool.map(lambda s: s.run(list(OUTPUTS), {"image": images}), self.sessions))
-        return {name: np.mean([r[i] for r in results], axis=0) for i, name in enumerate(OUTPUTS)}
+            return dict(zip(self.outputs, self.sessions[0].run(self.outputs, {"image": images})))
+        results = list(self.pool.map(lambda s: s.run(self.outputs, {"image": images}), self.sessions))
+        return {name: np.mean([r[i] for r in results], axis=0) for i, name in enumerate(self.outputs)}
 
     def describe(self) -> dict:
         import onnxruntime as ort

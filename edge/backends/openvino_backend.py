@@ -27,7 +27,7 @@ import numpy as np
 from armscope.bundle import Bundle
 from armscope.cpus import usable_cpus
 from armscope.errors import ArmscopeError, require_module
-from edge.backends.base import OUTPUTS, InferenceBackend
+from edge.backends.base import InferenceBackend, check_graph_io
 from edge.backends.cpu_features import require_exact_int8
 
 LAYOUTS = ("merged", "members")
@@ -68,6 +68,7 @@ class OpenVinoBackend(InferenceBackend):
         ov = require_module("openvino", "openvino", "--backend openvino")
         self.ov = ov
         self.bundle = bundle
+        self.outputs = list(bundle.output_names)  # patch_probs only where the bundle has it
         self.layout = layout
         self.threads = threads or usable_cpus()
         core = ov.Core()
@@ -88,21 +89,17 @@ class OpenVinoBackend(InferenceBackend):
         for compiled in self.compiled:
             inputs = [i.get_any_name() for i in compiled.inputs]
             outputs = {n for o in compiled.outputs for n in o.get_names()}
-            if inputs != ["image"] or any(n not in outputs for n in OUTPUTS):
-                raise ArmscopeError(
-                    f"{self.bundle.root}: a graph has inputs {inputs} and outputs {sorted(outputs)}; "
-                    f"expected input ['image'] and outputs {list(OUTPUTS)}"
-                )
+            check_graph_io(self.bundle.root, inputs, outputs, tuple(self.outputs))
 
     def infer(self, images: np.ndarray) -> dict[str, np.ndarray]:
         images = np.ascontiguousarray(images, dtype=np.float32)
         results = []
         for request in self.requests:
             request.infer({"image": images}, share_inputs=True)
-            results.append([np.array(request.get_tensor(name).data, copy=True) for name in OUTPUTS])
+            results.append([np.array(request.get_tensor(name).data, copy=True) for name in self.outputs])
         if len(results) == 1:
-            return dict(zip(OUTPUTS, results[0]))
-        return {name: np.mean([r[i] for r in results], axis=0) for i, name in enumerate(OUTPUTS)}
+            return dict(zip(self.outputs, results[0]))
+        return {name: np.mean([r[i] for r in results], axis=0) for i, name in enumerate(self.outputs)}
 
     def describe(self) -> dict:
         return {"backend": self.name, "layout": self.layout, "threads": self.threads,

@@ -13,7 +13,7 @@ Per frame, with everything allocated once at start-up (``max_batch`` frames):
 
 * ``layout="merged"`` (default): the ensemble engine, whose ``Mean`` nodes
   average the members on the device. One stream: H2D copy, ``execute_async_v3``,
-  D2H copies of the three averaged outputs, one stream synchronise.
+  D2H copies of the averaged outputs, one stream synchronise.
 * ``layout="members"``: one engine, execution context and CUDA stream per
   member, all reading one device copy of the input (the copy is made on the
   first stream; an event makes the others wait for it). Each stream runs its
@@ -37,7 +37,7 @@ import numpy as np
 
 from armscope.bundle import Bundle
 from armscope.errors import ArmscopeError
-from edge.backends.base import OUTPUTS, InferenceBackend
+from edge.backends.base import InferenceBackend, check_graph_io
 
 log = logging.getLogger(__name__)
 
@@ -239,7 +239,7 @@ def select_engines(bundle: Bundle, trt_version: str, gpu: dict, layout: str = "m
 class _Member:
     """One engine with its context, stream, device buffers and pinned outputs."""
 
-    def __init__(self, cuda: CudaRuntime, engine, max_batch: int, input_ptr: int):
+    def __init__(self, cuda: CudaRuntime, engine, max_batch: int, input_ptr: int, wanted: tuple[str, ...]):
         import tensorrt as trt
 
         self.engine = engine
@@ -249,15 +249,13 @@ class _Member:
         self.outputs: dict[str, tuple[int, np.ndarray]] = {}
         names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
         inputs = [n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
-        if inputs != [INPUT] or any(o not in names for o in OUTPUTS):
-            raise ArmscopeError(f"engine has inputs {inputs} and tensors {names}; expected input ['{INPUT}'] "
-                                f"and outputs {list(OUTPUTS)}")
+        check_graph_io("engine", inputs, names, wanted)
         # shapes at the largest batch the engine's profile allows us to use
         profile_max = engine.get_tensor_profile_shape(INPUT, 0)[2]
         self.max_batch = min(max_batch, int(profile_max[0]))
         self.context.set_input_shape(INPUT, (self.max_batch, *profile_max[1:]))
         self.context.set_tensor_address(INPUT, input_ptr)  # every member reads the one device input
-        for name in OUTPUTS:
+        for name in wanted:  # the bundle's outputs (patch_probs only where it has per-patch heads)
             shape = tuple(self.context.get_tensor_shape(name))
             dtype = trt.nptype(engine.get_tensor_dtype(name))
             if dtype != np.float32:
@@ -287,15 +285,17 @@ def run_members(cuda: CudaRuntime, members: list, host_input: np.ndarray, input_
     ({name: (device pointer, pinned host array)}) and ``enqueue(cuda, shape)``:
     ``_Member`` runs a TensorRT engine; the ``cuda`` tests pass members whose
     "engine" is stream-ordered copies, to check this sequence where TensorRT
-    is not installed. Batches larger than the smallest ``max_batch`` run in chunks."""
+    is not installed. Batches larger than the smallest ``max_batch`` run in chunks.
+    The outputs are those of the first member's ``outputs`` (every member has the same)."""
     images = np.ascontiguousarray(images, dtype=np.float32)
+    names = list(members[0].outputs)
     if images.ndim != host_input.ndim or images.shape[1:] != host_input.shape[1:]:
         raise ArmscopeError(f"input batch of shape {images.shape}: expected (N, {', '.join(map(str, host_input.shape[1:]))})")
     max_batch = min(host_input.shape[0], *(m.max_batch for m in members))
     if images.shape[0] > max_batch:
         parts = [run_members(cuda, members, host_input, input_ptr, input_ready, images[i : i + max_batch])
                  for i in range(0, len(images), max_batch)]
-        return {k: np.concatenate([p[k] for p in parts]) for k in OUTPUTS}
+        return {k: np.concatenate([p[k] for p in parts]) for k in names}
     n = images.shape[0]
     first = members[0]
     host_input[:n] = images
@@ -305,7 +305,7 @@ def run_members(cuda: CudaRuntime, members: list, host_input: np.ndarray, input_
         if member is not first:
             cuda.wait(member.stream, input_ready)
         member.enqueue(cuda, images.shape)
-        for name in OUTPUTS:
+        for name in names:
             ptr, host = member.outputs[name]
             cuda.dtoh(host, ptr, host[:n].nbytes, member.stream)
         if member is not first:
@@ -313,8 +313,8 @@ def run_members(cuda: CudaRuntime, members: list, host_input: np.ndarray, input_
             cuda.wait(first.stream, member.done)
     cuda.synchronize(first.stream)  # the one synchronisation per batch
     if len(members) == 1:
-        return {name: first.outputs[name][1][:n].copy() for name in OUTPUTS}
-    return {name: np.mean([m.outputs[name][1][:n] for m in members], axis=0) for name in OUTPUTS}
+        return {name: first.outputs[name][1][:n].copy() for name in names}
+    return {name: np.mean([m.outputs[name][1][:n] for m in members], axis=0) for name in names}
 
 
 class TensorRTBackend(InferenceBackend):
@@ -345,7 +345,7 @@ class TensorRTBackend(InferenceBackend):
             if engine is None:
                 raise ArmscopeError(f"{path}: TensorRT {trt.__version__} could not deserialize this engine; "
                                     f"rebuild it: armscope build {bundle.root} --precision {entry['precision']}")
-            self.members.append(_Member(self.cuda, engine, max_batch, self.input_ptr))
+            self.members.append(_Member(self.cuda, engine, max_batch, self.input_ptr, bundle.output_names))
         self.max_batch = min(m.max_batch for m in self.members)
         self.gpu, self.trt_version = gpu, trt.__version__
 
