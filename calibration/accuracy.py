@@ -110,16 +110,19 @@ def load_eval_set(inputs: list[Path], spec: Preprocessing, classes: list[str],
 
 def run_graph(path: Path, images: np.ndarray, threads: int | None = None, batch: int = 4,
               exact_qdq: bool = False) -> dict[str, np.ndarray]:
-    """The three outputs of one ensemble graph on ONNX Runtime (CPU), in small batches.
+    """The outputs of one ensemble graph on ONNX Runtime (CPU), in small batches:
+    probs and cam, and patch_probs where the graph has per-patch heads.
     ``exact_qdq``: Q/DQ computed exactly, not by this CPU's INT8 kernels
     (``edge.backends.cpu_features``)."""
     from edge.backends.base import OUTPUTS
     from edge.backends.onnxruntime_backend import open_session
 
     session = open_session(path, threads or usable_cpus(), exact_qdq=exact_qdq)
-    parts = [session.run(list(OUTPUTS), {"image": np.ascontiguousarray(images[i : i + batch], np.float32)})
+    present = {o.name for o in session.get_outputs()}
+    names = [n for n in OUTPUTS if n in present]
+    parts = [session.run(names, {"image": np.ascontiguousarray(images[i : i + batch], np.float32)})
              for i in range(0, len(images), batch)]
-    return {name: np.concatenate([p[k] for p in parts]) for k, name in enumerate(OUTPUTS)}
+    return {name: np.concatenate([p[k] for p in parts]) for k, name in enumerate(names)}
 
 
 def run_bundle(bundle: Bundle, images: np.ndarray, **kw) -> dict[str, np.ndarray]:

@@ -11,7 +11,8 @@ ranges are fitted to what the model will actually be asked to classify.
 
 File format (``.npz``, loadable with ``allow_pickle=False``):
 
-* ``images``: uint8 (N, 640, 640, 3) RGB. ``preprocess_frame`` resizes a uint8
+* ``images``: uint8 (N, S, S, 3) RGB, S the preprocessing's ``resize`` (the
+  bundle's input size, when made with ``--bundle``). ``preprocess_frame`` resizes a uint8
   crop and only then casts to float32, so its output is integer-valued and
   uint8 stores it losslessly (a quarter of the size); ``load_calibration_set``
   casts back to float32, bit-identical to what the daemon feeds the model.

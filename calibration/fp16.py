@@ -1,6 +1,6 @@
 """FP16 graphs: onnxconverter-common's ``convert_float_to_float16`` with
 ``keep_io_types=True``, so the bundle's I/O contract (float32 image in, float32
-probs/patch_probs/cam out) is unchanged and the host code is the same. Verified
+probs/cam, and patch_probs where present, out) is unchanged and the host code is the same. Verified
 on ONNX Runtime's CPU provider (which runs most FP16 ops through inserted
 casts: correct, not fast; FP16 pays off on a GPU/TensorRT or an FP16 NPU)."""
 from __future__ import annotations

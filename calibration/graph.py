@@ -5,8 +5,11 @@
   the backbone once per patch, so there are 16 of them per member. They see
   the raw 0..255 image after in-graph scaling, and INT8 on the stem is the
   classic accuracy loss of quantized CNNs.
-* ``heads``: MatMul/Gemm/Einsum downstream of the last Conv that multiply by a
-  weight initializer: ``final_head`` and the 16 ``patch_heads``.
+* ``heads``: MatMul/Gemm/Einsum downstream of the last Conv and of a pooling
+  node after it (GAP, ReduceMean ...) that multiply by a weight initializer:
+  ``final_head`` and the 16 ``patch_heads``; a whole-image classifier's Dense.
+  (A whole-image model's closed-form Grad-CAM multiplies the unpooled feature
+  map by the same head kernel: by structure that is ``cam``, not ``heads``.)
 * ``cam``: every other node downstream of the backbone: the patch GAPs, the
   softmax shares, the closed-form Grad-CAM matmul/einsum and its ReLU. Small,
   cheap, and the CAM's dynamic range differs per frame (INT8 ranges fitted on
@@ -21,6 +24,7 @@ import onnx
 GROUPS = ("first_conv", "heads", "cam")
 CONV_OPS = {"Conv", "ConvTranspose"}
 MATMUL_OPS = {"MatMul", "Gemm", "Einsum"}
+POOL_OPS = {"GlobalAveragePool", "GlobalMaxPool", "AveragePool", "MaxPool", "ReduceMean", "ReduceMax"}
 
 
 def _graph_maps(graph: onnx.GraphProto):
@@ -58,12 +62,24 @@ def sensitive_nodes(model: onnx.ModelProto) -> dict[str, list[str]]:
                 downstream[i] = True
                 break
 
+    after_last_conv = [upstream[i] and not downstream[i] and nodes[i].op_type not in CONV_OPS
+                       for i in range(len(nodes))]
+    pooled = [False] * len(nodes)  # a pooling node after the last Conv feeds node i (directly or not)
+    for i in order:
+        if not after_last_conv[i]:
+            continue
+        for name in nodes[i].input:
+            j = producer.get(name)
+            if j is not None and after_last_conv[j] and (nodes[j].op_type in POOL_OPS or pooled[j]):
+                pooled[i] = True
+                break
+
     groups = {g: [] for g in GROUPS}
     for i, node in enumerate(nodes):
         if node.op_type in CONV_OPS and not upstream[i]:
             groups["first_conv"].append(node.name)
-        elif upstream[i] and not downstream[i] and node.op_type not in CONV_OPS:
-            if node.op_type in MATMUL_OPS and any(n in initializers for n in node.input):
+        elif after_last_conv[i]:
+            if node.op_type in MATMUL_OPS and pooled[i] and any(n in initializers for n in node.input):
                 groups["heads"].append(node.name)
             else:
                 groups["cam"].append(node.name)

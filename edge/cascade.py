@@ -10,10 +10,11 @@ steps here only, so they agree on what a valid cascade is and on what the
 second step reports.
 
 Why the steps must share step one's preprocessing: the daemon and
-``classify`` preprocess a field once and hand the same (1, 640, 640, 3) batch
-to step two. A step trained on another crop or channel order would get input
-it was not trained on and answer confidently anyway, so that is refused when
-the bundle is loaded, naming the step.
+``classify`` preprocess a field once and hand the same (1, S, S, 3) batch
+to step two. A step trained on another crop, input size S or channel order
+would get input it was not trained on (or cannot take) and answer confidently
+anyway, so that is refused when the bundle is loaded, naming the step. The
+steps may differ in everything else: tiled or whole-image, CAM size, classes.
 """
 from __future__ import annotations
 

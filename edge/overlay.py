@@ -1,6 +1,6 @@
 """Grad-CAM overlays: the heat map over the field the pathologist sees, and
 the outline of the AI-focused region (cells above the median CAM value, as in
-the paper). ``heat_rgba`` is what the eyepiece shows (transparent where cold);
+the paper). A CAM is one (H, W) map of any size, upsampled to the overlay. ``heat_rgba`` is what the eyepiece shows (transparent where cold);
 ``blend_on_frame`` is what ``classify`` writes for review."""
 from __future__ import annotations
 
@@ -22,8 +22,9 @@ def focus_mask(cam: np.ndarray) -> np.ndarray:
 
 def focus_contours(cam: np.ndarray, size: int) -> list[np.ndarray]:
     """Outline of the focused region: the CAM upsampled (bilinear, like the heat map)
-    to ``size`` pixels and cut at the median of the 20x20 cells, so the outline
-    follows the heat map instead of the cell grid."""
+    to ``size`` pixels and cut at the median of its cells (20x20 for the tiled
+    model, 8x8 for InceptionV3 at 299: any H x W), so the outline follows the
+    heat map instead of the cell grid."""
     smooth = cv2.resize(cam.astype(np.float32), (size, size), interpolation=cv2.INTER_LINEAR)
     mask = (smooth > np.median(cam)).astype(np.uint8) * 255
     contours, _ = cv2.findContours(mask, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
