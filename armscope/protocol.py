@@ -305,11 +305,15 @@ def parse_command(raw: bytes) -> tuple[str, list[str]]:
             obj = json.loads(text)
         except json.JSONDecodeError as exc:
             raise ProtocolError(f"request: invalid JSON ({exc})") from None
+        except RecursionError:
+            raise ProtocolError("request: JSON nested too deeply") from None
         if not isinstance(obj, dict) or not isinstance(obj.get("cmd"), str):
             raise ProtocolError("request: JSON requests need a string key 'cmd'")
         args = obj.get("args", [])
         if not isinstance(args, list):
             raise ProtocolError("request key args: expected a list")
+        if not all(isinstance(a, (str, int, float)) and not isinstance(a, bool) for a in args):
+            raise ProtocolError("request key args: expected a list of strings or numbers")
         return obj["cmd"].lower(), [str(a) for a in args]
     parts = text.split()
     return parts[0].lower(), parts[1:]

@@ -73,7 +73,8 @@ OPTIONS: tuple[Option, ...] = (
            minimum=-1.0, maximum=1.0,
            check=lambda v: None if v == -1.0 or v >= 0.0 else "expected -1 (the manifest's) or 0..1"),
     Option("heartbeat_hz", float, 2.0, "status heartbeats per second", minimum=0.1, maximum=100.0),
-    Option("stale_after_ms", int, 1500, "subscribers blank an overlay this long after receiving it",
+    Option("stale_after_ms", int, 1500, "the oldest an overlay may be, from its camera capture: older ones are "
+           "not published, and subscribers blank an overlay this long after its capture",
            minimum=50, maximum=600000),
     Option("min_tissue_fraction", float, 0.1, "classify only crops with at least this tissue fraction",
            minimum=0.0, maximum=1.0),

@@ -38,7 +38,7 @@ from edge.decision import check_threshold, decide
 from edge.metrics import Metrics, OverlayGapWatch, prometheus_text, serve_prometheus
 from edge.overlay import focus_mask, heat_rgba
 from edge.pipeline import LatestSlot, SlotClosed
-from edge.publisher import Publisher, bind, setup_curve_server
+from edge.publisher import Publisher, bind, make_curve_server, pub_socket, rep_socket, setup_curve_server
 from edge.slides import SlideRecorder
 from edge.sources import Capture, Frame, parse_source
 from edge.tissue import TissueGate
@@ -107,6 +107,7 @@ class Daemon:
         self.last_lock = threading.Lock()
         self.last: tuple[Frame, np.ndarray, dict] | None = None
         self.published = 0
+        self.stale_run = 0                   # overlays refused as stale in a row
         self.gap_watch = OverlayGapWatch(config.stale_after_ms)
         self.stop_reason = None
         self.started_mono = time.monotonic()
@@ -138,9 +139,8 @@ class Daemon:
             self.step_backends[when] = open_backend(step.bundle, cfg.backend, **options)
             log.info("cascade: when %r, then %s, classes %s, backend %s", when, model_id(step.bundle),
                      step.bundle.classes, self.step_backends[when].describe())
-        pub = self.context.socket(zmq.PUB)
-        rep = self.context.socket(zmq.REP)
-        rep.setsockopt(zmq.LINGER, 0)
+        pub = pub_socket(self.context, self.overlay_size)
+        rep = rep_socket(self.context)
         try:  # on any failure close both: an open socket would make shutdown's context.term() wait forever
             if cfg.curve_server_secret:
                 self.auth = setup_curve_server(self.context, [pub, rep], cfg.curve_server_secret,
@@ -178,7 +178,8 @@ class Daemon:
             threading.Thread(target=self._render_loop, name="render", daemon=True),
         ]
         self.aux = [threading.Thread(target=self._heartbeat_loop, name="heartbeat", daemon=True),
-                    ControlServer(rep, self.handle_command, self.halt)]
+                    ControlServer(self._make_rep, self.handle_command, self.halt, sock=rep)]
+        self.control = self.aux[1]
         for thread in self.threads + self.aux:
             thread.start()
         if cfg.metrics_http:
@@ -187,6 +188,18 @@ class Daemon:
             except OSError as exc:
                 self.request_stop("metrics_http failed")
                 raise ArmscopeError(f"key 'metrics_http': cannot serve on {cfg.metrics_http} ({exc})") from None
+
+    def _make_rep(self) -> zmq.Socket:
+        """A new bound control socket, for the control thread to replace one that failed."""
+        rep = rep_socket(self.context)
+        try:
+            if self.config.curve_server_secret:
+                make_curve_server(rep, *protocol.load_keypair(self.config.curve_server_secret))
+            bind(rep, self.config.control, "control")
+        except BaseException:
+            rep.close(0)
+            raise
+        return rep
 
     def request_stop(self, reason: str = "requested") -> None:
         if not self.stop.is_set():
@@ -278,7 +291,11 @@ class Daemon:
     def _counters(self) -> dict:
         capture = getattr(self, "capture", None)
         slots = [getattr(self, name, None) for name in ("frames", "inputs", "results")]
-        return {"frames_captured": capture.captured if capture else 0,
+        control = getattr(self, "control", None)
+        return {"control": control.state if control else None,
+                "control_restarts": control.restarts if control else 0,
+                "control_bad_requests": control.bad_requests if control else 0,
+                "frames_captured": capture.captured if capture else 0,
                 "corrupt": capture.corrupt if capture else 0,
                 "reconnects": capture.reconnects if capture else 0,
                 "dropped": sum(s.dropped for s in slots if s is not None),
@@ -378,11 +395,12 @@ class Daemon:
     def process_frame(self, frame: Frame) -> dict | None:
         """All stages for one frame, serially, in the calling thread (after ``open``):
         what the benchmark compares with pure inference. Returns the header sent,
-        or None if the gate rejected the frame."""
+        or None if the gate rejected the frame or it was too old to publish."""
         work = self._preprocess(frame)
         if work is None:
             return None
-        self._render_and_publish(self._infer(work))
+        if not self._render_and_publish(self._infer(work)):
+            return None
         with self.last_lock:
             return self.last[2]
 
@@ -407,7 +425,8 @@ class Daemon:
             log.exception("render stage failed")
             self.request_stop("render stage failed")
 
-    def _render_and_publish(self, work: Work) -> None:
+    def _render_and_publish(self, work: Work) -> bool:
+        """Render and publish one classified frame; False if it was too old to publish."""
         t0 = time.monotonic()
         probs = work.outputs["probs"][0]
         decision, cam = work.decision, work.cam
@@ -438,6 +457,12 @@ class Daemon:
         slide_id = self.slides.slide_id
         sent = self.publisher.send(protocol.TOPIC_OVERLAY, header, payload, slide_id)
         t2 = time.monotonic()
+        # The field was classified: it counts for the slide even when too old to show.
+        self.slides.add(probs, slide_id, work.subtype)
+        if sent is None:
+            self._stale_overlay(frame)
+            return False
+        self.stale_run = 0
         self.published += 1
         self.metrics.observe("render", times["render"])
         self.metrics.observe("publish", (t2 - t1) * 1000)
@@ -447,11 +472,23 @@ class Daemon:
         if gap_warning:
             self.metrics.count("overlay_gap_warnings")
             log.warning("%s", gap_warning)
-        self.slides.add(probs, slide_id, work.subtype)
         with self.last_lock:
             self.last = (frame, rgba, sent)
         if self.signal_ok and not self.paused and frame.id > self.last_reject_id:
             self._set_state(protocol.STATE_RUNNING, None, work.measures)
+        return True
+
+    def _stale_overlay(self, frame: Frame) -> None:
+        """An overlay too old to publish (Publisher.send refused it): count it, and
+        log the first of each run of them, with the likely cause."""
+        self.metrics.count("stale_dropped")
+        self.stale_run += 1
+        if self.stale_run == 1:
+            age = self.publisher.last_stale_age_ms
+            log.warning("frame %d not published: captured %.0f ms ago, over stale_after_ms=%d (the process was "
+                        "paused, or the pipeline is slower than the stale window: raise stale_after_ms or use a "
+                        "faster backend)", frame.id, age if age is not None else float("nan"),
+                        self.config.stale_after_ms)
 
     def _heartbeat_loop(self) -> None:
         period = 1.0 / self.config.heartbeat_hz

@@ -27,18 +27,20 @@ design is driven by that safety requirement rather than by throughput:
   ``running`` status (edge/daemon.py), so the held overlay is shown as soon
   as that status arrives, if it is still fresh.  Before the first status
   the state is unknown and nothing is shown.
-* **Staleness** (docs/protocol.md 1.4): an overlay expires ``stale_after_ms``
-  after the bridge *received* it, measured on the bridge's own monotonic
-  clock, which is always valid.  When the daemon is on the same host
-  (``clock="mono"``; ``auto`` picks it for loopback/ipc endpoints) the
-  overlay also expires ``stale_after_ms`` after its ``publish_mono``; with
-  ``clock="wall"`` (hosts with synchronised clocks) after ``publish_wall``.
-  The earlier expiry wins.  The publish time, not the capture time, is used
-  because ``stale_after_ms`` is the daemon's validity period for a
-  *published* overlay, and its own capture->publish latency is already
-  bounded by the daemon; what the extra check catches is time spent in
-  transit and in the bridge's receive queue, which receipt time cannot see.
-  ``stale_after_ms`` from the header is capped at ``max_stale_ms``.
+* **Staleness** (docs/protocol.md 1.4): ``stale_after_ms`` bounds the age of
+  what the eyepiece shows *from the capture of the camera frame*, not from
+  its publication: a daemon frozen for seconds (SIGSTOP, swapping) must not
+  hand over a fresh-looking message about an old field.  So an overlay
+  expires at the earliest of: receipt + ``stale_after_ms`` minus the age the
+  capture already had when the daemon published it (``publish_mono -
+  capture_mono``, one clock, valid across hosts), measured on the bridge's
+  own monotonic clock; on the same host (``clock="mono"``; ``auto`` picks it
+  for loopback/ipc endpoints) ``capture_mono + stale_after_ms``, which also
+  sees time spent frozen after publishing, in transit and in the receive
+  queue; with ``clock="wall"`` (hosts with synchronised clocks)
+  ``capture_wall + stale_after_ms``.  The daemon itself never publishes an
+  overlay older than the window.  ``stale_after_ms`` from the header is
+  capped at ``max_stale_ms``.
 * **Silence**: if no message of any topic arrives for ``stale_after_ms``
   (heartbeats are 2 Hz), the daemon is presumed dead and the display is
   blanked (reason ``silent``), whatever is on it.
@@ -427,7 +429,8 @@ class Bridge:
         self.last_rejections: collections.deque = collections.deque(maxlen=20)
         self.started_at = self.clock()
         self._last_stats_log = self.started_at
-        self._last_shown_latency_ms: float | None = None
+        self._last_shown_latency_ms: float | None = None   # clock "mono" only: capture -> on the display
+        self._max_shown_latency_ms: float | None = None    # the oldest capture ever shown, when it landed
 
     # -- lifecycle -----------------------------------------------------------
 
@@ -581,12 +584,16 @@ class Bridge:
 
     def _expiry(self, msg: protocol.Message, received: float) -> float:
         """When this overlay stops being valid, on the bridge's monotonic clock (see the module docstring)."""
-        stale = min(float(msg.header["stale_after_ms"]) / 1000.0, self.max_stale_s)
-        expiry = received + stale
+        h = msg.header
+        stale = min(float(h["stale_after_ms"]) / 1000.0, self.max_stale_s)
+        # The capture's age when the daemon published it, measured on the daemon's one clock:
+        # valid on any host, whatever the clocks say.
+        age_at_publish = max(0.0, float(h["publish_mono"]) - float(h["capture_mono"]))
+        expiry = received + stale - age_at_publish
         if self.clock_mode == "mono":
-            expiry = min(expiry, float(msg.header["publish_mono"]) + stale)
+            expiry = min(expiry, float(h["capture_mono"]) + stale)
         elif self.clock_mode == "wall":
-            remaining = float(msg.header["publish_wall"]) + stale - self.wall_clock()
+            remaining = float(h["capture_wall"]) + stale - self.wall_clock()
             expiry = min(expiry, self.clock() + remaining)
         return expiry
 
@@ -651,6 +658,7 @@ class Bridge:
         self.counts["shown"] += 1
         if self.clock_mode == "mono":
             self._last_shown_latency_ms = (self.clock() - float(ov.msg.header["capture_mono"])) * 1000.0
+            self._max_shown_latency_ms = max(self._max_shown_latency_ms or 0.0, self._last_shown_latency_ms)
 
     def _add_report(self, report) -> None:
         if report is None or not hasattr(report, "resent_chunks"):
@@ -761,5 +769,7 @@ class Bridge:
             "blanks_total": sum(self.blanks.values()),
             "link": dict(self.link),
             "capture_to_shown_ms": None if self._last_shown_latency_ms is None else round(self._last_shown_latency_ms, 1),
+            "capture_to_shown_max_ms": (None if self._max_shown_latency_ms is None
+                                        else round(self._max_shown_latency_ms, 1)),
             **counts,
         }

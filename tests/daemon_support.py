@@ -5,7 +5,10 @@ bounded-time waits on a real SUB socket."""
 from __future__ import annotations
 
 import os
+import signal
 import socket
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -87,3 +90,35 @@ def camera_frames() -> list[Path]:
     paths = sorted((REPO / "samples" / "frames").glob("*.jpg"))
     assert len(paths) >= 4, f"{REPO / 'samples' / 'frames'}: expected the 4 sample camera frames"
     return paths
+
+
+def start(bundle_dir, source, tmp_path, *extra):
+    """``armscope run`` as a subprocess with fresh ports and JSON logs in ``tmp_path/daemon.log``.
+    Returns (process, publish endpoint, control endpoint, log path)."""
+    publish, control = free_endpoint(), free_endpoint()
+    cmd = [sys.executable, "-m", "armscope.cli", "run", "--bundle", str(bundle_dir), "--source", source,
+           "--publish", publish, "--control", control, "--threads", "1", "--heartbeat-hz", "5",
+           "--log-format", "json", "--slides-dir", str(tmp_path / "slides"), *extra]
+    log = open(tmp_path / "daemon.log", "w")
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
+    return proc, publish, control, tmp_path / "daemon.log"
+
+
+def stop(proc, timeout=60):
+    """SIGTERM (SIGCONT first, in case a test froze it) and wait; kill and fail after ``timeout``."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGCONT)
+        proc.send_signal(signal.SIGTERM)
+    try:
+        return proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(10)
+        raise AssertionError(f"daemon did not exit within {timeout} s of SIGTERM")
+
+
+def rss_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise AssertionError("no VmRSS")

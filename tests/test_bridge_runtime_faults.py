@@ -118,7 +118,8 @@ def test_silent_daemon_blanks_with_reason_silent(tmp_path):
     try:
         bridge.feed(daemon.status_frames("running"))
         clock.t += 0.1
-        assert bridge.feed(daemon.overlay_frames(OVERLAY))  # the last message the daemon ever sends
+        # the last message the daemon ever sends; captured as it was published, so only silence can blank it
+        assert bridge.feed(daemon.overlay_frames(OVERLAY, capture_age_s=0.0))
         assert bridge.displayed == "overlay"
         clock.t += 0.49
         bridge.tick()
@@ -187,25 +188,42 @@ def test_frame_ids_going_backwards_are_rejected_and_blank(tmp_path):
         daemon.close()
 
 
-def test_same_host_staleness_counts_from_publish_time(tmp_path):
-    """clock "mono": an overlay that sat in a queue is already (partly) stale on
-    receipt; "receipt" counts only from arrival (docs/bridge.md, clocks)."""
+def test_staleness_counts_from_the_capture(tmp_path):
+    """stale_after_ms bounds the age of what is shown from the camera capture
+    (docs/protocol.md 1.4). clock "mono": an overlay captured 0.8 s ago (a daemon
+    frozen after publishing, or a queue) is stale on receipt; "receipt" cannot see
+    that, but does see the age the daemon itself measured at publish."""
     daemon = FakeDaemon(stale_after_ms=500)
     try:
-        for mode, shown in (("mono", 0), ("receipt", 1)):
+        for mode, shown in (("mono", 0), ("receipt", 1), ("wall", 0)):
             display, bridge = feed_bridge(tmp_path / mode, clock_mode=mode)
             bridge.feed(daemon.status_frames("running"))
-            old = daemon.overlay_frames(OVERLAY, publish_mono=time.monotonic() - 0.8)
+            t, w = time.monotonic(), time.time()
+            old = daemon.overlay_frames(OVERLAY, publish_mono=t - 0.75, capture_mono=t - 0.8,
+                                        publish_wall=w - 0.75, capture_wall=w - 0.8)
             bridge.feed(old)
             assert bridge.stats()["shown"] == shown, mode
-            if mode == "mono":
+            if shown == 0:
                 assert bridge.stats()["expired_unshown"] == 1
             bridge.close()
-        # published 0.3 s ago: shown, and blanked 0.2 s after receipt (not 0.5 s)
+        # Any clock mode: captured 0.4 s before it was published (a frozen daemon's frame)
+        # and received at once: shown, and blanked 0.1 s after receipt, not 0.5 s.
+        for mode in ("receipt", "mono"):
+            display, bridge = feed_bridge(tmp_path / f"aged-{mode}", clock_mode=mode)
+            bridge.feed(daemon.status_frames("running"))
+            t = time.monotonic()
+            bridge.feed(daemon.overlay_frames(OVERLAY, publish_mono=t, capture_mono=t - 0.4), received=t)
+            assert bridge.displayed == "overlay", mode
+            bridge.tick(now=t + 0.05)
+            assert bridge.displayed == "overlay", mode
+            bridge.tick(now=t + 0.11)
+            assert bridge.displayed == "blank" and bridge.stats()["blanks"]["stale"] == 1, mode
+            bridge.close()
+        # captured 0.3 s ago on this host: shown, and blanked 0.2 s after receipt (not 0.5 s)
         display, bridge = feed_bridge(tmp_path / "late", clock_mode="mono")
         bridge.feed(daemon.status_frames("running"))
         t = time.monotonic()
-        bridge.feed(daemon.overlay_frames(OVERLAY, publish_mono=t - 0.3), received=t)
+        bridge.feed(daemon.overlay_frames(OVERLAY, publish_mono=t - 0.3, capture_mono=t - 0.3), received=t)
         assert bridge.displayed == "overlay"
         bridge.tick(now=t + 0.15)
         assert bridge.displayed == "overlay"

@@ -17,7 +17,9 @@ import pytest
 
 from armscope import protocol
 
-from daemon_support import LARGE_FIELD, free_endpoint, pick_bundle, wait_for, camera_frames  # noqa: F401 (fixture)
+from daemon_support import (  # noqa: F401 (camera_frames: a fixture)
+    LARGE_FIELD, camera_frames, free_endpoint, pick_bundle, rss_kib, start, stop, wait_for,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -25,34 +27,6 @@ REPO = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="module")
 def bundle_dir(request) -> Path:
     return pick_bundle(request)
-
-
-def start(bundle_dir, source, tmp_path, *extra):
-    publish, control = free_endpoint(), free_endpoint()
-    cmd = [sys.executable, "-m", "armscope.cli", "run", "--bundle", str(bundle_dir), "--source", source,
-           "--publish", publish, "--control", control, "--threads", "1", "--heartbeat-hz", "5",
-           "--log-format", "json", "--slides-dir", str(tmp_path / "slides"), *extra]
-    log = open(tmp_path / "daemon.log", "w")
-    proc = subprocess.Popen(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
-    return proc, publish, control, tmp_path / "daemon.log"
-
-
-def stop(proc, timeout=60):
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-    try:
-        return proc.wait(timeout)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait(10)
-        raise AssertionError("daemon did not exit within 60 s of SIGTERM")
-
-
-def rss_kib(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1])
-    raise AssertionError("no VmRSS")
 
 
 def test_sigterm_during_inference_finishes_the_frame_and_exits_0(bundle_dir, camera_frames, tmp_path):
