@@ -20,12 +20,11 @@ OUTPUTS = ("probs", "patch_probs", "cam")  # in this order, those the members ha
 def merge_members(member_paths: list[Path]) -> onnx.ModelProto:
     members = [onnx.load(str(p)) for p in member_paths]
     first = members[0]
-    names = [o.name for o in first.graph.output]
+    first_names = sorted(o.name for o in first.graph.output)
     for path, model in zip(member_paths[1:], members[1:]):
-        if sorted(o.name for o in model.graph.output) != sorted(names):
+        if sorted(o.name for o in model.graph.output) != first_names:
             raise ValueError(f"{path}: outputs {[o.name for o in model.graph.output]} differ from the first "
-                             f"member's {names}; members of one ensemble must have the same outputs")
-    merged_outputs = [name for name in OUTPUTS if name in names]
+                             f"member's {first_names}; members of one ensemble must have the same outputs")
     nodes, initializers, value_info = [], [], []
     for i, model in enumerate(members):
         prefixed = compose.add_prefix(model, prefix=f"m{i}_")
