@@ -92,7 +92,7 @@ class OnnxRuntimeBackend(InferenceBackend):
                     f"{self.bundle.root}: graph 'probs' has {probs_shape[-1]} classes, manifest task.classes has {n_classes}"
                 )
             cam_shape = next(o.shape for o in session.get_outputs() if o.name == "cam")
-            if len(cam_shape) != 4 or (isinstance(cam_shape[1], int) and cam_shape[1] != n_classes):
+            if cam_shape and (len(cam_shape) != 4 or (isinstance(cam_shape[1], int) and cam_shape[1] != n_classes)):
                 raise ArmscopeError(
                     f"{self.bundle.root}: graph 'cam' has shape {cam_shape}, expected [N, {n_classes}, H, W] "
                     f"(one map per class of manifest task.classes)"
