@@ -14,6 +14,7 @@ import cv2
 import numpy as np
 
 from armscope.errors import ArmscopeError
+from armscope.imagefile import read_image_file
 
 INTERPOLATIONS = {
     "area": cv2.INTER_AREA,
@@ -58,15 +59,10 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
 
 
 def load_image(path: str | Path) -> np.ndarray:
-    """Read an image file as BGR uint8 (H, W, 3), or raise naming the file."""
-    path = Path(path)
-    if not path.is_file():
-        raise ArmscopeError(f"{path}: no such image file")
-    data = np.fromfile(str(path), dtype=np.uint8)
-    image = cv2.imdecode(data, cv2.IMREAD_COLOR) if data.size else None
-    if image is None:
-        raise ArmscopeError(f"{path}: not a readable image (expected PNG, JPEG, TIFF or BMP)")
-    return image
+    """Read an image file as BGR uint8 (H, W, 3), or raise naming the file. Decoding is
+    strict (``armscope.imagefile``): a truncated, spliced or damaged file raises
+    ``CorruptImage`` instead of returning a picture made of two images."""
+    return read_image_file(path)
 
 
 def preprocess_frame(frame_bgr: np.ndarray, spec: Preprocessing, source: str = "frame") -> np.ndarray:

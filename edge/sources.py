@@ -12,13 +12,16 @@ URIs::
     csi://0[?width=1920&height=1080&fps=30]              Jetson CSI camera (GStreamer nvarguscamerasrc)
     rtsp://host/stream                                   network camera (FFmpeg)
     file://video.mp4[?fps=max|N][&loop=1]                recorded video, at its own fps by default
-    dir://frames/[?fps=N][&loop=1]                       image sequence replay (sorted by name), default 10 fps
+    dir://frames/[?fps=N][&loop=1][&settle_ms=500]       image sequence replay (sorted by name), default 10 fps
     image://still.png[?fps=N]                            one image repeated, default 10 fps (fps=max: as fast as taken)
 
-A source that cannot be opened, ends or stops delivering frames is "lost": the
+A source that cannot be opened or stops delivering frames is "lost": the
 capture thread reports ``no_signal`` and reopens it with exponential backoff.
-A frame that cannot be decoded (a corrupt file in a dir:// sequence, a
-truncated image) is skipped and counted, never fatal.
+A finite source (file:// or dir:// without loop=1) that ends reports
+``no_signal`` once, then the daemon exits (``exit_on_source_end``) or waits;
+it is not replayed. A frame that cannot be decoded whole (a corrupt,
+truncated, spliced or half-written file in a dir:// sequence) is skipped and
+counted as corrupt, never classified and never fatal (``DirSource``).
 """
 from __future__ import annotations
 
@@ -33,10 +36,12 @@ import cv2
 import numpy as np
 
 from armscope.errors import ArmscopeError
+from armscope.imagefile import decode_image, read_image_file
 from armscope.preprocess import IMAGE_SUFFIXES
 
 log = logging.getLogger(__name__)
 
+DEFAULT_SETTLE_MS = 500   # dir://: a file modified more recently than this is not read yet
 SCHEMES = ("v4l2", "csi", "rtsp", "rtsps", "file", "dir", "image")
 _PATH_SCHEMES = ("file", "dir", "image")
 
@@ -93,7 +98,7 @@ def parse_source(uri: str) -> SourceSpec:
         raise ArmscopeError(f"{uri!r}: no device, path or address after {scheme}://")
     params = {k: v[-1] for k, v in parse_qs(query, keep_blank_values=True).items()}
     allowed = {"v4l2": {"width", "height", "fps"}, "csi": {"width", "height", "fps", "flip"},
-               "rtsp": set(), "rtsps": set(), "file": {"fps", "loop"}, "dir": {"fps", "loop"}, "image": {"fps"}}
+               "rtsp": set(), "rtsps": set(), "file": {"fps", "loop"}, "dir": {"fps", "loop", "settle_ms"}, "image": {"fps"}}
     for key, value in params.items():
         if key not in allowed[scheme]:
             raise ArmscopeError(f"{uri!r}: unknown parameter {key!r} for {scheme}:// "
@@ -104,6 +109,8 @@ def parse_source(uri: str) -> SourceSpec:
                     raise ValueError
             except ValueError:
                 raise ArmscopeError(f"{uri!r}: parameter fps={value!r}: expected a number in (0, 1000] or 'max'") from None
+        if key == "settle_ms" and not (value.isdigit() and int(value) <= 60000):
+            raise ArmscopeError(f"{uri!r}: parameter settle_ms={value!r}: expected an integer in 0..60000")
         if key in ("width", "height", "flip") and not value.isdigit():
             raise ArmscopeError(f"{uri!r}: parameter {key}={value!r}: expected a non-negative integer")
         if key == "loop" and value not in ("0", "1", "true", "false"):
@@ -144,6 +151,7 @@ class FrameSource:
     def __init__(self, spec: SourceSpec):
         self.spec = spec
         self.pace = None          # seconds between frames for replayed sources, None = unpaced
+        self.stop: threading.Event | None = None   # set by Capture: waits inside read end early
 
     def open(self) -> None:
         raise NotImplementedError
@@ -228,39 +236,93 @@ class VideoCaptureSource(FrameSource):
 
 
 class DirSource(FrameSource):
-    """An image sequence, replayed in name order at ``fps`` (default 10)."""
+    """An image sequence, replayed in name order at ``fps`` (default 10).
+
+    Only whole frames: a file modified less than ``settle_ms`` ago (default
+    500) is waited for until it has been left alone that long, and skipped as
+    corrupt if it changes meanwhile or while being read; decoding is strict
+    (``armscope.imagefile``), so a truncated or spliced file is corrupt, never
+    classified. Writers should write elsewhere and rename into the folder.
+
+    ``loop=0`` plays the folder once and ends. ``loop=1`` lists the folder
+    again before every pass, so added and deleted files are seen; a pass in
+    which no file was a whole image (all corrupt, deleted, or the folder
+    emptied) loses the source (``no_signal``) until a whole image is back.
+    """
 
     def __init__(self, spec: SourceSpec):
         super().__init__(spec)
+        self.root = Path(spec.target)
         self.files: list[Path] = []
         self.index = 0
+        self.good_in_pass = 0
         fps = spec.fps(10.0)
         self.pace = None if fps is None else 1.0 / fps
+        self.settle_s = float(spec.params.get("settle_ms", DEFAULT_SETTLE_MS)) / 1000.0
+
+    def _list(self) -> None:
+        try:
+            names = sorted(p for p in self.root.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+        except FileNotFoundError:
+            raise SourceLost(f"{self.root}: no such directory") from None
+        except NotADirectoryError:
+            raise SourceLost(f"{self.root}: not a directory") from None
+        except OSError as exc:
+            raise SourceLost(f"{self.root}: cannot list ({exc.strerror or exc})") from None
+        if not names:
+            raise SourceLost(f"{self.root}: no image files ({', '.join(IMAGE_SUFFIXES)})")
+        self.files, self.index, self.good_in_pass = names, 0, 0
 
     def open(self) -> None:
-        root = Path(self.spec.target)
-        if not root.is_dir():
-            raise SourceLost(f"{root}: no such directory")
-        self.files = sorted(p for p in root.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
-        if not self.files:
-            raise SourceLost(f"{root}: no image files ({', '.join(IMAGE_SUFFIXES)})")
-        self.index = 0
+        self._list()
+
+    def _wait(self, seconds: float) -> None:
+        if self.stop is not None:
+            self.stop.wait(seconds)
+        else:
+            time.sleep(seconds)
 
     def read(self) -> np.ndarray:
-        if self.index >= len(self.files):
-            if not self.spec.params.get("loop"):
-                raise SourceLost("source ended")
-            self.index = 0
-        path = self.files[self.index]
-        self.index += 1
-        try:
-            data = np.fromfile(str(path), dtype=np.uint8)
-        except OSError:
-            if not path.parent.is_dir():
-                raise SourceLost(f"{path.parent}: directory vanished") from None
-            raise CorruptFrame(f"{path}: unreadable") from None
-        image = cv2.imdecode(data, cv2.IMREAD_COLOR) if data.size else None
-        return _check_frame(image, str(path))
+        while True:
+            if self.index >= len(self.files):
+                if not self.spec.params.get("loop"):
+                    raise SourceLost("source ended")
+                if not self.good_in_pass:
+                    raise SourceLost(f"{self.root}: no whole image in a pass over the folder")
+                self._list()
+            path = self.files[self.index]
+            self.index += 1
+            try:
+                before = path.stat()
+            except FileNotFoundError:
+                continue                    # deleted since the folder was listed: not a frame, not an error
+            except OSError as exc:
+                raise CorruptFrame(f"{path}: unreadable ({exc.strerror or exc})") from None
+            age = time.time() - before.st_mtime
+            if age < self.settle_s:
+                self._wait(self.settle_s - max(age, 0.0))
+                try:
+                    settled = path.stat()
+                except FileNotFoundError:
+                    continue
+                if (settled.st_mtime_ns, settled.st_size) != (before.st_mtime_ns, before.st_size):
+                    raise CorruptFrame(f"{path}: still being written (changed within settle_ms)")
+                before = settled
+            try:
+                data = path.read_bytes()
+                after = path.stat()
+            except FileNotFoundError:
+                continue
+            except OSError as exc:
+                raise CorruptFrame(f"{path}: unreadable ({exc.strerror or exc})") from None
+            if (after.st_mtime_ns, after.st_size) != (before.st_mtime_ns, before.st_size):
+                raise CorruptFrame(f"{path}: changed while being read")
+            try:
+                image = decode_image(data, str(path))
+            except ArmscopeError as exc:   # NotAnImage, CorruptImage
+                raise CorruptFrame(str(exc)) from None
+            self.good_in_pass += 1
+            return _check_frame(image, str(path))
 
 
 class ImageSource(FrameSource):
@@ -273,12 +335,10 @@ class ImageSource(FrameSource):
         self.pace = None if fps is None else 1.0 / fps
 
     def open(self) -> None:
-        path = Path(self.spec.target)
-        data = np.fromfile(str(path), dtype=np.uint8) if path.is_file() else np.empty(0, np.uint8)
-        image = cv2.imdecode(data, cv2.IMREAD_COLOR) if data.size else None
-        if image is None:
-            raise SourceLost(f"{path}: missing or not a readable image")
-        self.image = image
+        try:
+            self.image = read_image_file(self.spec.target)
+        except ArmscopeError as exc:
+            raise SourceLost(str(exc)) from None
 
     def read(self) -> np.ndarray:
         return self.image.copy()
@@ -322,6 +382,7 @@ class Capture(threading.Thread):
         self.backoff_min, self.backoff_max = backoff_min, backoff_max
         self.exit_on_end = exit_on_end
         self.captured = self.corrupt = self.reconnects = 0
+        self._corrupt_logged_at, self._corrupt_unlogged = -float("inf"), 0
         self.latest: Frame | None = None
         self.error: str | None = None
 
@@ -331,6 +392,7 @@ class Capture(threading.Thread):
         try:
             while not self.stop.is_set():
                 source = open_source(self.spec)
+                source.stop = self.stop
                 try:
                     source.open()
                 except SourceLost as exc:
@@ -354,14 +416,32 @@ class Capture(threading.Thread):
                     source.close()
                 if self.stop.is_set():
                     break
-                if ended and self.spec.finite and self.exit_on_end:
-                    self.on_end()
+                if ended and self.spec.finite:
+                    # Ended once: one no_signal (already sent), then exit or wait; never replayed,
+                    # which would flicker the eyepiece between no_signal and running.
+                    if self.exit_on_end:
+                        self.on_end()
+                    else:
+                        self.stop.wait()
                     break
                 delay = self.backoff_min if self.captured else delay
                 self.stop.wait(delay)
                 delay = min(delay * 2, self.backoff_max)
         finally:
             self.slot.close()
+
+    CORRUPT_LOG_INTERVAL_S = 5.0
+
+    def _log_corrupt(self, exc: Exception) -> None:
+        """One warning line per corrupt frame, at most one every few seconds (a folder of
+        bad files must not flood the log); the next line says how many went unlogged."""
+        now = time.monotonic()
+        if now - self._corrupt_logged_at < self.CORRUPT_LOG_INTERVAL_S:
+            self._corrupt_unlogged += 1
+            return
+        more = f" ({self._corrupt_unlogged} more since the last such line)" if self._corrupt_unlogged else ""
+        log.warning("source %s: skipped a corrupt frame (%s)%s", self.spec.uri, exc, more)
+        self._corrupt_logged_at, self._corrupt_unlogged = now, 0
 
     def _lost(self, message: str, reason: str) -> None:
         if self.error != message:
@@ -383,7 +463,7 @@ class Capture(threading.Thread):
                 image = source.read()
             except CorruptFrame as exc:
                 self.corrupt += 1
-                log.warning("source %s: skipped a corrupt frame (%s)", self.spec.uri, exc)
+                self._log_corrupt(exc)
                 continue
             except SourceLost as exc:
                 self._lost(str(exc), str(exc))
