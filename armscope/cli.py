@@ -9,6 +9,7 @@ import logging
 import os
 import re
 import sys
+import tempfile
 from pathlib import Path
 
 from armscope import __version__
@@ -52,7 +53,14 @@ def _cmd_export(args) -> int:
     from export.onnx_export import TaskSpec, export_bundle
 
     task = None
-    resolved = [Path(m).resolve() for m in args.members]
+    if args.weights or args.architecture or args.input_scaling:
+        if args.members:
+            raise ArmscopeError("give members either as model files or as --weights, not both")
+        if not (args.weights and args.architecture and args.input_scaling):
+            raise ArmscopeError("--weights needs --architecture and --input-scaling (and the other way round)")
+    elif not args.members:
+        raise ArmscopeError("no members given: expected .keras/.h5 files or SavedModel directories, or --weights")
+    resolved = [Path(m).resolve() for m in args.members or args.weights]
     if len(set(resolved)) < len(resolved):
         raise ArmscopeError("members: the same file is given twice; each ensemble member is a different model")
     if args.classes is not None:
@@ -69,11 +77,18 @@ def _cmd_export(args) -> int:
             check_threshold(args.threshold, task.to_manifest(), "--threshold")
     elif args.task or args.positive_class or args.threshold is not None:
         raise ArmscopeError("--task/--positive-class/--threshold need --classes")
-    check_out_apart(args.out, args.members)
+    check_out_apart(args.out, args.members or args.weights)
     spec = Preprocessing(center_crop=args.crop, resize=640, interpolation=args.interpolation)
-    out = export_bundle([Path(p) for p in args.members], Path(args.out), task=task, name=args.name,
-                        preprocessing=spec, opset=args.opset, force=args.force, description=args.description,
-                        jobs=args.jobs)
+    with tempfile.TemporaryDirectory(prefix="armscope-weights-") as scratch:
+        members = [Path(p) for p in args.members]
+        if args.weights:
+            from export.weights_map import save_weights_members
+
+            members = save_weights_members([Path(w) for w in args.weights], args.architecture, args.input_scaling,
+                                           Path(scratch))
+        out = export_bundle(members, Path(args.out), task=task, name=args.name,
+                            preprocessing=spec, opset=args.opset, force=args.force, description=args.description,
+                            jobs=args.jobs)
     print(f"wrote bundle {out}")
     return 0
 
@@ -347,7 +362,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_train)
 
     p = sub.add_parser("export", help="Keras members -> ONNX bundle with in-graph tiling and Grad-CAM (needs [tf])")
-    p.add_argument("members", nargs="+", help=".keras, .h5 or SavedModel directories, one per ensemble member")
+    p.add_argument("members", nargs="*", help=".keras, .h5 or SavedModel directories, one per ensemble member")
+    p.add_argument("--weights", action="append", default=[], metavar="FILE.h5",
+                   help="weights-only member (repeat per member): a Keras 2 .h5 whose graph cannot be rebuilt; its "
+                        "tensors are mapped by name and shape onto --architecture, every match is printed, and a "
+                        "partial or ambiguous match is refused. No code from the file runs")
+    p.add_argument("--architecture", help="with --weights: the architecture the weights belong to "
+                                          "(tiled-densenet121, tiled-densenet-mini)")
+    p.add_argument("--input-scaling", choices=["symmetric", "unit", "imagenet"],
+                   help="with --weights: how the model scaled RGB 0..255 in training (symmetric: -1..1, unit: "
+                        "0..1, imagenet: /255 then ImageNet mean/std); weights cannot tell, so it must be given")
     p.add_argument("--out", required=True, help="bundle directory to create")
     p.add_argument("--name")
     p.add_argument("--description", default="")
