@@ -41,6 +41,7 @@ from edge.pipeline import LatestSlot, SlotClosed
 from edge.publisher import Publisher, bind, make_curve_server, pub_socket, rep_socket, setup_curve_server
 from edge.slides import SlideRecorder
 from edge.sources import Capture, Frame, parse_source
+from edge.storage import check_output_dir, write_all
 from edge.tissue import TissueGate
 
 log = logging.getLogger(__name__)
@@ -96,6 +97,8 @@ class Daemon:
                                config.tissue_min_saturation, config.tissue_max_brightness)
         self.overlay_size = config.overlay_size or self.spec.center_crop
         self.metrics = Metrics()
+        for key in ("slides_dir", "snapshot_dir"):   # writable, with free space: before any slide is lost
+            check_output_dir(key, getattr(config, key))
         self.slides = SlideRecorder(config.slides_dir, self.classes, self.steps)
         self.stop = threading.Event()        # pipeline: stop taking new frames
         self.halt = threading.Event()        # heartbeat/control: the daemon is going away
@@ -572,7 +575,6 @@ class Daemon:
         with self.last_lock:
             last = self.last
         directory = Path(self.config.snapshot_dir)
-        directory.mkdir(parents=True, exist_ok=True)
         if last is not None:
             frame, rgba, header = last
         else:
@@ -580,17 +582,13 @@ class Daemon:
             if frame is None:
                 raise ArmscopeError("snapshot: no frame captured yet")
             rgba, header = None, {"topic": "status", "state": self.state, "reason": self.reason}
-        stem = directory / f"{time.strftime('%Y%m%dT%H%M%S')}_frame{frame.id:06d}"
-        written = []
-        if not cv2.imwrite(f"{stem}_frame.png", frame.image):
-            raise ArmscopeError(f"snapshot: could not write {stem}_frame.png")
-        written.append(Path(f"{stem}_frame.png"))
+        stem = f"{time.strftime('%Y%m%dT%H%M%S')}_frame{frame.id:06d}"
+        files = [(directory / f"{stem}_frame.png", cv2.imencode(".png", frame.image)[1].tobytes())]
         if rgba is not None:
-            cv2.imwrite(f"{stem}_overlay.png", cv2.cvtColor(rgba, cv2.COLOR_RGBA2BGRA))
-            written.append(Path(f"{stem}_overlay.png"))
-        Path(f"{stem}_header.json").write_text(json.dumps(header, indent=2, default=str) + "\n")
-        written.append(Path(f"{stem}_header.json"))
-        return written
+            files.append((directory / f"{stem}_overlay.png",
+                          cv2.imencode(".png", cv2.cvtColor(rgba, cv2.COLOR_RGBA2BGRA))[1].tobytes()))
+        files.append((directory / f"{stem}_header.json", (json.dumps(header, indent=2, default=str) + "\n").encode()))
+        return write_all(files, "snapshot")   # all three or none, and the reason if not
 
 
 def run_daemon(config: Config) -> int:

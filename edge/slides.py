@@ -15,6 +15,7 @@ import numpy as np
 
 from armscope.errors import ArmscopeError
 from edge.cascade import SubtypeMeans
+from edge.storage import os_reason, write_atomic
 
 SLIDE_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 
@@ -49,29 +50,38 @@ class SlideRecorder:
                     self._subtypes.add(subtype["when"], subtype["probs"])
 
     def end(self, extra: dict, decide) -> tuple[dict, Path]:
-        """Close the slide; ``decide(mean_probs)`` gives the decision. Writes the record atomically."""
-        with self.lock:
+        """Close the slide; ``decide(mean_probs)`` gives the decision. Writes the record
+        atomically (``edge.storage.write_atomic``). The slide is closed only once its
+        record is on disk: if the write fails, the slide stays open with every frame
+        counted so far, no temporary file is left, and the ArmscopeError says why
+        (e.g. "No space left on device") so the operator can free space and end it again."""
+        with self.lock:   # the record from one consistent state; the frames keep coming meanwhile
             if self.slide_id is None:
                 raise ArmscopeError("slide end: no slide is running (send 'slide start ID' first)")
-            slide_id, total, n, started, subtypes = self.slide_id, self._sum, self._n, self._started, self._subtypes
-            self.slide_id = None
-        mean = total / n if n else None
-        decision = None if mean is None else decide(mean)
-        record = {"slide_id": slide_id, **extra, "classes": self.classes, "started_wall": started,
-                  "ended_wall": time.time(), "n_frames": n,
-                  "probs": None if mean is None else {c: round(float(p), 6) for c, p in zip(self.classes, mean)},
-                  "decision": decision}
-        if self.steps:
-            # the second step of the slide's decision, over the fields step one sent there
-            record["subtype"] = subtypes.result(decision["label"] if decision else None)
-            record["fields_per_step"] = subtypes.counts()
-        self.directory.mkdir(parents=True, exist_ok=True)
+            slide_id, n, started = self.slide_id, self._n, self._started
+            mean = self._sum / n if n else None
+            decision = None if mean is None else decide(mean)
+            record = {"slide_id": slide_id, **extra, "classes": self.classes, "started_wall": started,
+                      "ended_wall": time.time(), "n_frames": n,
+                      "probs": None if mean is None else {c: round(float(p), 6) for c, p in zip(self.classes, mean)},
+                      "decision": decision}
+            if self.steps:
+                # the second step of the slide's decision, over the fields step one sent there
+                record["subtype"] = self._subtypes.result(decision["label"] if decision else None)
+                record["fields_per_step"] = self._subtypes.counts()
         target = self.directory / f"{slide_id}.json"
-        k = 1
-        while target.exists():
-            target = self.directory / f"{slide_id}.{k}.json"
-            k += 1
-        tmp = target.with_name(f".{target.name}.tmp")
-        tmp.write_text(json.dumps(record, indent=2) + "\n")
-        tmp.replace(target)
+        try:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            k = 1
+            while target.exists():
+                target = self.directory / f"{slide_id}.{k}.json"
+                k += 1
+            write_atomic(target, (json.dumps(record, indent=2) + "\n").encode())
+        except OSError as exc:
+            raise ArmscopeError(f"slide end: could not write the record of slide {slide_id} to {target}: "
+                                f"{os_reason(exc)}; the slide is still running with its {n} frames "
+                                "(free space or fix the directory, then send 'slide end' again)") from None
+        with self.lock:
+            if self.slide_id == slide_id and self._started == started:
+                self.slide_id = None       # frames that arrived while writing are not in the record
         return record, target
