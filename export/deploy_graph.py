@@ -1,85 +1,185 @@
-"""The deployable forward graph: tiling, heads and the patch-weighted Grad-CAM,
-all in one TensorFlow function that tf2onnx turns into ONNX.
+"""The deployable forward graph: the member's own layers (tiling included) plus
+Grad-CAM, all in one TensorFlow function that tf2onnx turns into ONNX, so every
+runtime computes the CAM in the same pass as the prediction.
 
-Grad-CAM here is the paper's: on the reassembled 20x20 map A, the gradient of
-each patch head's class score is weighted by that patch's share of the class
-confidence,
+Which Grad-CAM (``export.structure`` decides; A is the pooled feature map in
+image layout, H x W cells, K channels; cam^c = ReLU(sum_d alpha^c_d A_d)):
 
-    G^c = sum_k  p_k^c / sum_i p_i^c  *  d z_k^c / dA,
+* patch-weighted (the paper's, when per-patch heads exist): on A, the gradient
+  of each patch head's class score is weighted by that patch's share of the
+  class confidence, G^c = sum_k p_k^c / sum_i p_i^c * dz_k^c/dA, and
+  alpha^c = mean over A of G^c. Every patch head is linear after a global
+  average pool over its cells, so dz_k^c/dA is W_k[:, c] / cells_k on patch k's
+  cells and 0 elsewhere, and alpha^c_d = (1 / HW) * sum_k share_k^c W_k[d, c]:
+  a few matmuls, no backward pass.
+* plain Grad-CAM, closed form (no per-patch heads, a Dense right after the
+  pool): alpha^c = W[:, c] / HW, a constant.
+* plain Grad-CAM by gradient (a head that is not linear after the pool): a
+  ``tf.GradientTape`` inside the traced function; tf2onnx converts the gradient
+  ops (``export.tf2onnx_grads`` supplies the few it lacks).
 
-(p = patch-head softmax probabilities, z = patch-head logits, the score that
-Grad-CAM differentiates), channel weights alpha^c = mean over the 20x20 map of
-G^c, and cam^c = ReLU(sum_d alpha^c_d A_d).
-
-Because every patch head is linear after a global average pool over its 5x5
-cells, dz_k^c/dA is W_k[:, c] / 25 on patch k's cells and 0 elsewhere, so
-
-    alpha^c_d = (1 / 400) * sum_k share_k^c * W_k[d, c]
-
-and no backward pass is needed: the CAM is a few matmuls in the forward graph,
-which ONNX Runtime and TensorRT run in the same pass as the prediction.
-``export.gradcam_reference`` computes the same quantity with tf.GradientTape,
-and the tests compare the two.
+The score differentiated is the class logit (before softmax); for a single
+sigmoid unit with logit z it is z for class 1 (p) and -z for class 0 (1 - p),
+and probs are exported as [1 - p, p]. ``export.gradcam_reference`` computes each
+form with tf.GradientTape on the original model, and the tests compare.
 """
 from __future__ import annotations
 
-from export import architecture as arch
+from export.graph import shape_of, sub_model
+from export.structure import GRADCAM_CLOSED, GRADCAM_GRADIENT, PATCH_WEIGHTED, ModelStructure
 
 
-def member_parts(model):
-    """A Keras sub-model returning (feature_map, patch_logits, probs) and the patch-head kernel."""
-    import keras
-
-    parts = keras.Model(
-        model.input,
-        [
-            model.get_layer(arch.FEATURE_MAP).output,
-            model.get_layer(arch.PATCH_HEADS).output,
-            model.get_layer(arch.FINAL_HEAD).output,
-        ],
-        name=f"{model.name}_parts",
-    )
-    kernel = model.get_layer(arch.PATCH_HEADS).kernel
-    return parts, kernel
-
-
-def closed_form_cam(feature_map, patch_logits, kernel):
-    """(B, 20, 20, K), (B, 16, C), (16, K, C) -> (B, C, 20, 20), patch_probs (B, 16, C)."""
+def assemble_map(maps, layout: str, order: list[int], grid: int):
+    """Pooled maps -> one (B, H, W, K) map in image layout. ``order[j]`` is the
+    patch map for image block j (row-major); a "map" layout already is one."""
     import tensorflow as tf
 
-    patch_probs = tf.nn.softmax(patch_logits, axis=-1)
-    share = patch_probs / tf.reduce_sum(patch_probs, axis=1, keepdims=True)  # (B, 16, C)
+    if layout == "map":
+        return tf.convert_to_tensor(maps[0])
+    if layout == "stacked":
+        patches = tf.gather(maps[0], order, axis=1)
+    else:
+        patches = tf.stack([maps[k] for k in order], axis=1)
+    _, _, h, w, k = patches.shape
+    x = tf.reshape(patches, (-1, grid, grid, h, w, k))
+    x = tf.transpose(x, (0, 1, 3, 2, 4, 5))
+    return tf.reshape(x, (-1, grid * h, grid * w, k))
+
+
+def _two_class(p):
+    """A single sigmoid unit's p (B, ..., 1) -> [1 - p, p]."""
+    import tensorflow as tf
+
+    return tf.concat([1.0 - p, p], axis=-1)
+
+
+def _signed(kernel):
+    """A sigmoid unit's kernel (..., K, 1) -> (..., K, 2): the score is -z for class 0, z for class 1."""
+    import tensorflow as tf
+
+    return tf.concat([-kernel, kernel], axis=-1)
+
+
+def closed_form_cam(feature_map, patch_probs, kernel):
+    """Patch-weighted Grad-CAM: (B, H, W, K), (B, P, C) probabilities, (P, K, C) -> (B, C, H, W)."""
+    import tensorflow as tf
+
+    share = patch_probs / tf.reduce_sum(patch_probs, axis=1, keepdims=True)  # (B, P, C)
     cells = tf.cast(tf.shape(feature_map)[1] * tf.shape(feature_map)[2], feature_map.dtype)
     # alpha[b, d, c] = sum_k share[b, k, c] * W[k, d, c] / cells
     alpha = tf.reduce_sum(share[:, :, None, :] * kernel[None], axis=1) / cells  # (B, K, C)
-    cam = tf.nn.relu(tf.einsum("bijd,bdc->bcij", feature_map, alpha))
-    return cam, patch_probs
+    return tf.nn.relu(tf.einsum("bijd,bdc->bcij", feature_map, alpha))
 
 
-def make_deploy_function(models):
+class MemberGraph:
+    """One member's deploy computation: image -> {probs, cam[, patch_probs]}."""
+
+    def __init__(self, model, structure: ModelStructure):
+        self.st = st = structure
+        tensors = [st.final.output, *st.final.maps]
+        self.score_index = None
+        if st.cam_form == GRADCAM_GRADIENT:
+            self.score_index = len(tensors)
+            tensors.append(st.final.logits if st.final.logits is not None else st.final.classifier.inputs[0])
+        self.patch_index = len(tensors)
+        tensors.extend(h.output for h in st.patch_heads)
+        self.parts = sub_model(model, tensors, f"{model.name}_deploy_parts")
+        self.n_maps = len(st.final.maps)
+
+    def _patch_terms(self, outs):
+        """Per-patch probabilities (B, P, C) and kernels (P, K, C), in head order."""
+        import tensorflow as tf
+
+        st = self.st
+        probs, kernels = [], []
+        for head, p in zip(st.patch_heads, outs[self.patch_index:]):
+            kernel = tf.convert_to_tensor(head.kernel_and_bias()[0])
+            if head.per_patch_stack:
+                n = shape_of(head.output)[1]
+                probs.append(p)
+                kernels.append(kernel if kernel.shape.rank == 3 else tf.tile(kernel[None], (n, 1, 1)))
+            else:
+                probs.append(p[:, None, :])
+                kernels.append(kernel[None])
+        probs, kernel = tf.concat(probs, axis=1), tf.concat(kernels, axis=0)
+        if st.final.activation == "sigmoid":
+            probs, kernel = _two_class(probs), _signed(kernel)
+        return probs, kernel
+
+    def _score(self, outs):
+        """The differentiated score (B, C): class logits, or [-z, z] for a sigmoid unit."""
+        import tensorflow as tf
+
+        st = self.st
+        z = outs[self.score_index]
+        if st.final.logits is None:  # the Dense applies the activation itself: recompute its logits
+            kernel, bias = st.final.kernel_and_bias()
+            z = tf.matmul(z, kernel) + (bias if bias is not None else 0.0)
+        return tf.concat([-z, z], axis=-1) if st.final.activation == "sigmoid" else z
+
+    def __call__(self, image) -> dict:
+        import tensorflow as tf
+
+        st = self.st
+        if st.cam_form == GRADCAM_GRADIENT:
+            with tf.GradientTape(persistent=True) as tape:
+                tape.watch(image)
+                outs = self._outputs(image)
+                score = self._score(outs)
+                # one-hot products, not score[:, c]: a strided slice's gradient has no ONNX form
+                targets = [tf.reduce_sum(score * tf.one_hot(c, st.n_classes, dtype=score.dtype))
+                           for c in range(st.n_classes)]
+        else:
+            outs = self._outputs(image)
+        maps = outs[1:1 + self.n_maps]
+        fmap = assemble_map(maps, st.final.layout, st.order, st.grid)
+        p = outs[0]
+        result = {"probs": _two_class(p) if st.final.activation == "sigmoid" else p}
+        if st.cam_form == PATCH_WEIGHTED:
+            patch_probs, kernel = self._patch_terms(outs)
+            result["cam"] = closed_form_cam(fmap, patch_probs, kernel)
+            inverse = [st.patch_blocks.index(j) for j in range(len(st.patch_blocks))]
+            result["patch_probs"] = tf.gather(patch_probs, inverse, axis=1)  # image block order, row-major
+        elif st.cam_form == GRADCAM_CLOSED:
+            kernel = tf.convert_to_tensor(st.final.kernel_and_bias()[0])
+            if st.final.activation == "sigmoid":
+                kernel = _signed(kernel)
+            cells = float(st.map_size[0] * st.map_size[1])
+            result["cam"] = tf.nn.relu(tf.einsum("bijd,dc->bcij", fmap, kernel / cells))
+        else:
+            cams = []
+            for target in targets:
+                grads = assemble_map(tape.gradient(target, maps), st.final.layout, st.order, st.grid)
+                alpha = tf.reduce_mean(grads, axis=(1, 2))  # (B, K)
+                cams.append(tf.nn.relu(tf.einsum("bijd,bd->bij", fmap, alpha)))
+            del tape
+            result["cam"] = tf.stack(cams, axis=1)
+        return result
+
+    def _outputs(self, image) -> list:
+        outs = self.parts(image, training=False)
+        return list(outs) if isinstance(outs, (list, tuple)) else [outs]
+
+
+def make_deploy_function(models, structures: list[ModelStructure] | None = None):
     """One tf.function over ``models`` with their outputs averaged. The exporter
     traces one member at a time (the bundle's merged graph is assembled from the
-    member ONNX graphs by ``export.merge``, since tracing every member a second
-    time costs minutes per DenseNet-121)."""
+    member ONNX graphs by ``export.merge``). Members must agree on input size and
+    outputs."""
     import tensorflow as tf
 
-    members = [member_parts(m) for m in models]
-    spec = tf.TensorSpec((None, arch.IMAGE_SIZE, arch.IMAGE_SIZE, 3), tf.float32, name="image")
+    from export.structure import find_structure
+
+    if structures is None:
+        structures = [find_structure(m, m.name) for m in models]
+    members = [MemberGraph(m, s) for m, s in zip(models, structures)]
+    size = structures[0].input_size
+    spec = tf.TensorSpec((None, size, size, 3), tf.float32, name="image")
 
     @tf.function(input_signature=[spec])
     def deploy(image):
-        probs, patch_probs, cams = [], [], []
-        for parts, kernel in members:
-            feature_map, logits, p = parts(image, training=False)
-            cam, pp = closed_form_cam(feature_map, logits, kernel)
-            probs.append(p)
-            patch_probs.append(pp)
-            cams.append(cam)
-        n = float(len(members))
-        return {
-            "probs": tf.add_n(probs) / n,
-            "patch_probs": tf.add_n(patch_probs) / n,
-            "cam": tf.add_n(cams) / n,
-        }
+        results = [member(image) for member in members]
+        n = float(len(results))
+        return {key: tf.add_n([r[key] for r in results]) / n for key in results[0]}
 
     return deploy, spec

@@ -1,13 +1,16 @@
 """Keras members -> ONNX graphs (tf2onnx) -> a model bundle.
 
 Per member one graph (tf2onnx), plus one merged graph (``export.merge``) that
-averages the members inside the graph (one session, one pass). Each graph takes ``image`` (N, 640, 640, 3)
-float32 RGB 0..255 and returns ``probs`` (N, C), ``patch_probs`` (N, 16, C)
-and ``cam`` (N, C, 20, 20). The bundle is written to a temporary directory and
+averages the members inside the graph (one session, one pass). Each graph takes ``image`` (N, S, S, 3)
+float32 RGB 0..255 (S: the model's own input size) and returns ``probs`` (N, C),
+``cam`` (N, C, H, W) and, for tiled models with per-patch heads, ``patch_probs``
+(N, P, C). What the model is (tiling, feature map, heads, Grad-CAM form) comes
+from ``export.structure``. The bundle is written to a temporary directory and
 renamed into place, so a failed export leaves nothing behind.
 """
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import json
 import logging
@@ -21,8 +24,9 @@ from armscope.bundle import SCHEMA_VERSION, sha256_file, staged_directory, write
 from armscope.errors import ArmscopeError, require_module
 from armscope.preprocess import Preprocessing
 from export import architecture as arch
-from export.keras_io import backbone_of, load_member, n_classes_of
+from export.keras_io import load_member, quiet_libraries
 from export.merge import merge_members
+from export.structure import GRADCAM_GRADIENT, PATCH_WEIGHTED, ModelStructure, find_structure
 
 log = logging.getLogger(__name__)
 
@@ -61,15 +65,23 @@ def read_sidecar(member: Path) -> dict:
         raise ArmscopeError(f"{sidecar}: not valid JSON ({exc})") from None
 
 
-def convert_to_onnx(models, output_path: Path, opset: int = DEFAULT_OPSET) -> None:
-    """Trace the deploy function over ``models`` and write it as ONNX."""
+def convert_to_onnx(models, output_path: Path, opset: int = DEFAULT_OPSET,
+                    structures: list[ModelStructure] | None = None) -> None:
+    """Trace the deploy function over ``models`` and write it as ONNX (``structures``:
+    what ``export.structure`` found for each, found again when not given)."""
     tf2onnx = require_module("tf2onnx", "tf", "ONNX export")
+    import export.tf2onnx_grads  # noqa: F401  (registers the gradient ops an in-graph Grad-CAM needs)
     from export.deploy_graph import make_deploy_function
 
     import onnx
 
-    deploy, spec = make_deploy_function(models)
-    model, _ = tf2onnx.convert.from_function(deploy, input_signature=[spec], opset=opset)
+    deploy, spec = make_deploy_function(models, structures)
+    with quiet_libraries():
+        model, _ = tf2onnx.convert.from_function(deploy, input_signature=[spec], opset=opset)
+    unknown = sorted({n.op_type for n in model.graph.node if not n.domain and not onnx.defs.has(n.op_type)})
+    if unknown:
+        raise ArmscopeError(f"{output_path.name}: tf2onnx could not convert TensorFlow ops {', '.join(unknown)} "
+                            "of the deploy graph")
     # tf2onnx names the dynamic batch dimension 'unk__NNN'; call it N everywhere so
     # runtimes (TensorRT profiles, Triton configs) see one shared batch axis.
     for value in list(model.graph.input) + list(model.graph.output):
@@ -77,15 +89,53 @@ def convert_to_onnx(models, output_path: Path, opset: int = DEFAULT_OPSET) -> No
     onnx.save(model, str(output_path))
 
 
-def _check_parity(models, onnx_path: Path, seed: int = 0) -> float:
+def keras_probs(model, structure: ModelStructure, x: np.ndarray) -> np.ndarray:
+    """The member's final probabilities from Keras itself, as the bundle gives them ([1 - p, p] for a sigmoid)."""
+    from export.graph import sub_model
+
+    p = np.asarray(sub_model(model, [structure.final.output], "armscope_probs")(x, training=False))
+    return np.concatenate([1 - p, p], axis=-1) if structure.final.activation == "sigmoid" else p
+
+
+def _check_parity(models, structures, onnx_path: Path, seed: int = 0) -> float:
     """Max |probs| difference between Keras (averaged over members) and ONNX Runtime on one frame."""
     import onnxruntime as ort
 
-    x = np.random.default_rng(seed).uniform(0, 255, (1, arch.IMAGE_SIZE, arch.IMAGE_SIZE, 3)).astype(np.float32)
-    ref = np.mean([m(x, training=False)["probs"].numpy() for m in models], axis=0)
+    size = structures[0].input_size
+    x = np.random.default_rng(seed).uniform(0, 255, (1, size, size, 3)).astype(np.float32)
+    ref = np.mean([keras_probs(m, s, x) for m, s in zip(models, structures)], axis=0)
     session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
     got = session.run(["probs"], {"image": x})[0]
     return float(np.max(np.abs(ref - got)))
+
+
+def load_and_analyse(member_paths: list[Path], trust_code: bool = False):
+    """Load every member and find its structure; members must agree on input size and outputs."""
+    models, structures = [], []
+    for path in member_paths:
+        model = load_member(path, trust_code=trust_code)
+        with quiet_libraries():
+            structures.append(find_structure(model, path))
+        models.append(model)
+    first = structures[0]
+    for path, st in zip(member_paths[1:], structures[1:]):
+        ours = (st.input_size, st.n_classes, bool(st.patch_heads), st.grid)
+        theirs = (first.input_size, first.n_classes, bool(first.patch_heads), first.grid)
+        if ours != theirs:
+            raise ArmscopeError(
+                f"{path}: (input size, classes, per-patch heads, grid) = {ours} differs from {member_paths[0]}'s "
+                f"{theirs}; members of one ensemble must share input and outputs")
+    return models, structures
+
+
+def explain(member_paths: list[Path], trust_code: bool = False) -> str:
+    """What ``export`` would find in each member, without exporting."""
+    texts = []
+    for path in member_paths:
+        model = load_member(path, trust_code=trust_code)
+        with quiet_libraries():
+            texts.append(find_structure(model, path).explain())
+    return "\n\n".join(texts)
 
 
 def export_bundle(
@@ -98,6 +148,7 @@ def export_bundle(
     force: bool = False,
     description: str = "",
     jobs: int = 1,
+    trust_code: bool = False,
 ) -> Path:
     """Export members to a bundle directory and return its path. ``jobs`` > 1
     converts members in that many worker processes (tf2onnx's graph optimiser is
@@ -114,15 +165,11 @@ def export_bundle(
     import onnx
 
     member_paths = [Path(p) for p in member_paths]
-    models = [load_member(p) for p in member_paths]
+    models, structures = load_and_analyse(member_paths, trust_code)
     sidecars = [read_sidecar(p) for p in member_paths]
-    counts = {n_classes_of(m) for m in models}
-    if len(counts) != 1:
-        raise ArmscopeError(
-            "members disagree on the number of classes: "
-            + ", ".join(f"{p}: {n_classes_of(m)}" for p, m in zip(member_paths, models))
-        )
-    n_classes = counts.pop()
+    st = structures[0]
+    n_classes = st.n_classes
+    preprocessing = dataclasses.replace(preprocessing, resize=st.input_size)
     task = task or _task_from_sidecars(sidecars, member_paths, n_classes)
     if len(task.classes) != n_classes:
         raise ArmscopeError(
@@ -133,11 +180,11 @@ def export_bundle(
         (stage / "members").mkdir()
         targets = [stage / "members" / f"member_{i}.onnx" for i in range(len(models))]
         if jobs > 1 and len(models) > 1:
-            _convert_in_workers(member_paths, targets, opset, jobs)
+            _convert_in_workers(member_paths, targets, opset, jobs, trust_code)
         else:
             for i, (model, target) in enumerate(zip(models, targets)):
                 log.info("converting member %d/%d: %s", i + 1, len(models), member_paths[i])
-                convert_to_onnx([model], target, opset)
+                convert_to_onnx([model], target, opset, [structures[i]])
         members = []
         for i, (path, model, side, target) in enumerate(zip(member_paths, models, sidecars, targets)):
             members.append({
@@ -145,13 +192,12 @@ def export_bundle(
                 "sha256": sha256_file(target),
                 "fold": int(side.get("fold", i)),
                 "source": path.name,
-                "parity_max_abs_probs": _check_parity([model], target),
+                "parity_max_abs_probs": _check_parity([model], [structures[i]], target),
             })
         ensemble = stage / "ensemble.onnx"
         log.info("merging %d member graphs into the ensemble graph", len(models))
         onnx.save(merge_members([stage / m["file"] for m in members]), str(ensemble))
-        ensemble_parity = _check_parity(models, ensemble)
-        channels = int(models[0].get_layer(arch.FEATURE_MAP).output.shape[-1])
+        ensemble_parity = _check_parity(models, structures, ensemble)
         manifest = {
             "schema_version": SCHEMA_VERSION,
             "name": name or out_dir.name,
@@ -159,25 +205,9 @@ def export_bundle(
             "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
             "task": task.to_manifest(),
             "preprocessing": preprocessing.to_manifest(),
-            "model": {
-                "architecture": "tiled-patch-classifier",
-                "backbone": backbone_of(models[0]),
-                "patch_size": arch.PATCH_SIZE,
-                "grid": arch.GRID,
-                "map_size": arch.MAP_SIZE,
-                "feature_channels": channels,
-                "cam": {
-                    "method": "patch-weighted Grad-CAM (closed form, in graph)",
-                    "definition": "alpha_c = mean_20x20( sum_k p_k^c/sum_i p_i^c * dz_k^c/dA ); cam_c = relu(sum_d alpha_c,d A_d)",
-                    "layout": "N x C x 20 x 20, raw (not normalised)",
-                },
-            },
-            "inputs": [{"name": "image", "shape": ["N", arch.IMAGE_SIZE, arch.IMAGE_SIZE, 3], "dtype": "float32"}],
-            "outputs": [
-                {"name": "probs", "shape": ["N", n_classes], "dtype": "float32"},
-                {"name": "patch_probs", "shape": ["N", arch.N_PATCHES, n_classes], "dtype": "float32"},
-                {"name": "cam", "shape": ["N", n_classes, arch.MAP_SIZE, arch.MAP_SIZE], "dtype": "float32"},
-            ],
+            "model": model_block(st),
+            "inputs": [{"name": "image", "shape": ["N", st.input_size, st.input_size, 3], "dtype": "float32"}],
+            "outputs": output_block(st),
             "members": members,
             "ensemble": {"file": ensemble.name, "sha256": sha256_file(ensemble),
                          "parity_max_abs_probs": ensemble_parity},
@@ -200,19 +230,80 @@ def export_bundle(
     return out_dir
 
 
-def _convert_member_file(path: str, target: str, opset: int) -> str:
+def _is_armscope_model(st: ModelStructure) -> bool:
+    """Built by ``armscope train``: its bundles keep the manifest they always had."""
+    return (st.backbone in arch.BACKBONES and st.tiled and st.cam_form == PATCH_WEIGHTED
+            and st.input_size == arch.IMAGE_SIZE and st.grid == arch.GRID and st.map_size == (arch.MAP_SIZE,) * 2)
+
+
+def model_block(st: ModelStructure) -> dict:
+    """manifest["model"] per the bundle contract (README, "Bundle contract")."""
+    h, w = st.map_size
+    if _is_armscope_model(st):
+        return {
+            "architecture": "tiled-patch-classifier",
+            "backbone": st.backbone,
+            "patch_size": arch.PATCH_SIZE,
+            "grid": arch.GRID,
+            "map_size": arch.MAP_SIZE,
+            "feature_channels": st.channels,
+            "cam": {
+                "method": "patch-weighted Grad-CAM (closed form, in graph)",
+                "definition": "alpha_c = mean_20x20( sum_k p_k^c/sum_i p_i^c * dz_k^c/dA ); cam_c = relu(sum_d alpha_c,d A_d)",
+                "layout": "N x C x 20 x 20, raw (not normalised)",
+            },
+        }
+    if st.cam_form == PATCH_WEIGHTED:
+        definition = (f"alpha_c = mean_{h}x{w}( sum_k p_k^c/sum_i p_i^c * dz_k^c/dA ) over the per-patch heads; "
+                      "cam_c = relu(sum_d alpha_c,d A_d)")
+    else:
+        definition = (f"alpha_c = mean_{h}x{w}( dy^c/dA ) for the final head; cam_c = relu(sum_d alpha_c,d A_d)"
+                      + ("; dy^c/dA computed by a gradient inside the graph" if st.cam_form == GRADCAM_GRADIENT else
+                         f"; closed form: alpha_c = W[:, c] / {h * w}"))
+    block = {
+        "architecture": "tiled-patch-classifier" if st.tiled else "whole-image-classifier",
+        "backbone": st.backbone,
+        "input_size": st.input_size,
+        "map_size": h,
+        "feature_layer": st.feature_layer,
+        "feature_channels": st.channels,
+        "head": st.final.activation,
+        "per_patch_heads": st.per_patch,
+        "cam": {"method": st.cam_form, "definition": definition, "score": st.score,
+                "layout": f"N x C x {h} x {w}, raw (not normalised)"},
+    }
+    if st.final.activation == "sigmoid":
+        block["probs"] = "[1 - p, p] from the single sigmoid unit p"
+    if st.tiled:
+        block.update({"patch_size": st.patch_size, "grid": st.grid})
+    return block
+
+
+def output_block(st: ModelStructure) -> list[dict]:
+    h, w = st.map_size
+    c = st.n_classes
+    outputs = [{"name": "probs", "shape": ["N", c], "dtype": "float32"}]
+    if st.patch_heads:
+        outputs.append({"name": "patch_probs", "shape": ["N", st.grid * st.grid, c], "dtype": "float32"})
+    outputs.append({"name": "cam", "shape": ["N", c, h, w], "dtype": "float32"})
+    return outputs
+
+
+def _convert_member_file(path: str, target: str, opset: int, trust_code: bool = False) -> str:
     """Worker-process entry point: load one member and convert it."""
-    convert_to_onnx([load_member(path)], Path(target), opset)
+    convert_to_onnx([load_member(path, trust_code=trust_code)], Path(target), opset)
     return target
 
 
-def _convert_in_workers(paths: list[Path], targets: list[Path], opset: int, jobs: int) -> None:
+def _convert_in_workers(paths: list[Path], targets: list[Path], opset: int, jobs: int,
+                        trust_code: bool = False) -> None:
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
 
     log.info("converting %d members in %d worker processes", len(paths), jobs)
     with ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
-        futures = [pool.submit(_convert_member_file, str(p), str(t), opset) for p, t in zip(paths, targets)]
+        futures = [pool.submit(_convert_member_file, str(p), str(t), opset, trust_code)
+                   for p, t in zip(paths, targets)]
         for path, future in zip(paths, futures):
             try:
                 future.result()
