@@ -63,6 +63,15 @@ def _cmd_export(args) -> int:
     resolved = [Path(m).resolve() for m in args.members or args.weights]
     if len(set(resolved)) < len(resolved):
         raise ArmscopeError("members: the same file is given twice; each ensemble member is a different model")
+    if args.explain:
+        if args.weights:
+            raise ArmscopeError("--explain describes model files; a --weights member has no graph to explain")
+        from export.onnx_export import explain
+
+        print(explain([Path(p) for p in args.members], trust_code=args.trust_code))
+        return 0
+    if not args.out:
+        raise ArmscopeError("--out is required (the bundle directory to create), unless --explain")
     if args.classes is not None:
         classes = [c.strip() for c in args.classes.split(",")]
         if not all(classes):
@@ -88,7 +97,7 @@ def _cmd_export(args) -> int:
                                            Path(scratch))
         out = export_bundle(members, Path(args.out), task=task, name=args.name,
                             preprocessing=spec, opset=args.opset, force=args.force, description=args.description,
-                            jobs=args.jobs)
+                            jobs=args.jobs, trust_code=args.trust_code)
     print(f"wrote bundle {out}")
     return 0
 
@@ -372,7 +381,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--input-scaling", choices=["symmetric", "unit", "imagenet"],
                    help="with --weights: how the model scaled RGB 0..255 in training (symmetric: -1..1, unit: "
                         "0..1, imagenet: /255 then ImageNet mean/std); weights cannot tell, so it must be given")
-    p.add_argument("--out", required=True, help="bundle directory to create")
+    p.add_argument("--out", help="bundle directory to create (required unless --explain)")
+    p.add_argument("--explain", action="store_true",
+                   help="print what each member is (input size, tiling, backbone, feature map, head, per-patch "
+                        "heads, final output) and which Grad-CAM form applies, without exporting")
+    p.add_argument("--trust-code", action="store_true",
+                   help="allow running Python code stored in the model file (Keras Lambda layers and objects "
+                        "from outside Keras run their code while the model loads and runs); refused by default")
     p.add_argument("--name")
     p.add_argument("--description", default="")
     p.add_argument("--classes", help="comma-separated class names (default: from the training sidecars)")
