@@ -15,8 +15,13 @@ image layout, H x W cells, K channels; cam^c = ReLU(sum_d alpha^c_d A_d)):
 * plain Grad-CAM, closed form (no per-patch heads, a Dense right after the
   pool): alpha^c = W[:, c] / HW, a constant.
 * plain Grad-CAM by gradient (a head that is not linear after the pool): a
-  ``tf.GradientTape`` inside the traced function; tf2onnx converts the gradient
-  ops (``export.tf2onnx_grads`` supplies the few it lacks).
+  ``tf.GradientTape`` inside the traced function differentiates the head from
+  the pooled vector v to the score; tf2onnx converts the gradient ops
+  (``export.tf2onnx_grads`` supplies the few it lacks). The pool's own share is
+  exact without a tape: a global average pool gives every cell dy/dv / HW and a
+  global max pool gives dy/dv to its maximal cells, so in both cases
+  alpha = mean over A of dy/dA = dy/dv / HW. (TensorFlow's gradient of the
+  pool itself converts to an ONNX Reshape that fails at run time.)
 
 The score differentiated is the class logit (before softmax); for a single
 sigmoid unit with logit z it is z for class 1 (p) and -z for class 0 (1 - p),
@@ -81,6 +86,7 @@ class MemberGraph:
         if st.cam_form == GRADCAM_GRADIENT:
             self.score_index = len(tensors)
             tensors.append(st.final.logits if st.final.logits is not None else st.final.classifier.inputs[0])
+            tensors.append(st.final.pooled)
         self.patch_index = len(tensors)
         tensors.extend(h.output for h in st.patch_heads)
         self.parts = sub_model(model, tensors, f"{model.name}_deploy_parts")
@@ -147,10 +153,11 @@ class MemberGraph:
             cells = float(st.map_size[0] * st.map_size[1])
             result["cam"] = tf.nn.relu(tf.einsum("bijd,dc->bcij", fmap, kernel / cells))
         else:
+            pooled = outs[self.score_index + 1]
+            cells = float(st.map_size[0] * st.map_size[1])
             cams = []
             for target in targets:
-                grads = assemble_map(tape.gradient(target, maps), st.final.layout, st.order, st.grid)
-                alpha = tf.reduce_mean(grads, axis=(1, 2))  # (B, K)
+                alpha = tape.gradient(target, pooled) / cells  # (B, K) = mean over A of dy/dA
                 cams.append(tf.nn.relu(tf.einsum("bijd,bd->bij", fmap, alpha)))
             del tape
             result["cam"] = tf.stack(cams, axis=1)

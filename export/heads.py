@@ -31,6 +31,7 @@ class Head:
     pool: str  # "GlobalAveragePooling2D", "GlobalAveragePooling3D", "mean of per-patch GAP", ...
     maps: list  # the tensors the pool reads: one (B,H,W,K) map, one (B,P,h,w,K) stack, or P (B,h,w,K) maps
     layout: str  # "map" | "stacked" | "list"
+    pooled: object = None  # the pool's output vector (B, K)
     between: list[Call] = field(default_factory=list)  # non-identity layers between the pool and the classifier
     units: int = 0
 
@@ -136,6 +137,7 @@ def _find_pool(graph: ModelGraph, head: Head) -> str:
         if call.kind == "Flatten" and rank_in == 2:
             tensor = call.inputs[0]
             continue
+        head.pooled = call.outputs[0]
         if call.kind in ("GlobalAveragePooling2D", "GlobalMaxPooling2D") and rank_in == 4:
             head.pool, head.maps, head.layout = call.kind, [call.inputs[0]], "map"
             return ""

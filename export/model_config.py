@@ -73,7 +73,7 @@ def _saved_model_metadata(path: Path) -> list[dict]:
     metadata = path / "keras_metadata.pb"
     if not metadata.is_file():
         return []
-    from tf_keras.src.protobuf import saved_metadata_pb2
+    from tf_keras.protobuf import saved_metadata_pb2
 
     proto = saved_metadata_pb2.SavedMetadata()
     proto.ParseFromString(metadata.read_bytes())
