@@ -133,6 +133,17 @@ MANIFEST_SCHEMA = {
                 "channel_order": {"enum": ["RGB", "BGR"]},
             },
         },
+        # optional: the tissue/focus gate's thresholds for this modality (edge.tissue.TissueGate)
+        "tissue_gate": {
+            "type": "object",
+            "additionalProperties": False,
+            "properties": {
+                "min_tissue_fraction": {"type": "number", "minimum": 0, "maximum": 1},
+                "min_focus": {"type": "number", "minimum": 0},
+                "min_saturation": {"type": "integer", "minimum": 0, "maximum": 255},
+                "max_brightness": {"type": "integer", "minimum": 0, "maximum": 255},
+            },
+        },
         "model": _model,
         "inputs": {"type": "array", "items": _tensor, "minItems": 1},
         "outputs": {"type": "array", "items": _tensor, "minItems": 1},

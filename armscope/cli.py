@@ -191,14 +191,24 @@ def _cmd_classify(args) -> int:
     classes = report["classes"]
     width = max(len(Path(r["image"]).name) for r in report["images"])
     print(f"{'image':<{width}}  " + "  ".join(f"{c:>10}" for c in classes) + "  decision")
+
+    def row(name: str, entry: dict, suffix: str = "") -> str:
+        if entry["decision"] is None:   # the tissue gate or a damaged file: no diagnosis
+            nd = entry["no_decision"]
+            return (f"{name:<{width}}  " + "  ".join(f"{'-':>10}" for _ in classes)
+                    + f"  no decision: {nd['reason']} ({nd['detail']})")
+        return (f"{name:<{width}}  " + "  ".join(f"{entry['probs'][c]:>10.4f}" for c in classes)
+                + f"  {entry['decision']['label']}" + suffix)
+
     for r in report["images"]:
-        print(f"{Path(r['image']).name:<{width}}  " + "  ".join(f"{r['probs'][c]:>10.4f}" for c in classes)
-              + f"  {r['decision']['label']}" + (f" -> {r['subtype']['decision']['label']}" if "subtype" in r else ""))
+        print(row(Path(r["image"]).name, r, f" -> {r['subtype']['decision']['label']}" if r.get("subtype") else ""))
     slide = report["slide"]
-    print(f"{'slide (mean)':<{width}}  " + "  ".join(f"{slide['probs'][c]:>10.4f}" for c in classes)
-          + f"  {slide['decision']['label']}"
-          + (f" -> {slide['subtype']['decision']['label']} (over {slide['subtype']['n_fields']} images)"
-             if slide.get("subtype") else ""))
+    print(row("slide (mean)", slide,
+              f" -> {slide['subtype']['decision']['label']} (over {slide['subtype']['n_fields']} images)"
+              if slide.get("subtype") else ""))
+    if slide["n_classified"] < slide["n_images"]:
+        print(f"{slide['n_images'] - slide['n_classified']} of {slide['n_images']} images had no decision and are "
+              "left out of the slide mean")
     if args.overlay_dir:
         print(f"overlays in {args.overlay_dir}")
     return 0
@@ -416,7 +426,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="replace an existing bundle directory")
     p.set_defaults(func=_cmd_cascade)
 
-    p = sub.add_parser("classify", help="classify camera images with a bundle; slide-level mean; overlays")
+    p = sub.add_parser("classify", help="classify camera images with a bundle; slide-level mean; overlays",
+                       description="Classify camera images as one slide. As in the daemon, an image without "
+                                   "in-focus tissue (blank glass, a white or grey frame, a blurred field) or a "
+                                   "damaged image file gets 'no decision' with the reason and is left out of "
+                                   "the slide mean; the gate's thresholds are the bundle's (manifest "
+                                   "tissue_gate) or the defaults.")
     p.add_argument("images", nargs="+")
     p.add_argument("--bundle", required=True)
     p.add_argument("--json", help="write the per-image and slide results here")

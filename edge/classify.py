@@ -1,6 +1,11 @@
 """Offline classification of camera-sized images with a bundle: per-image and
 slide-level (mean over the images, as in the paper) probabilities, decisions,
-and Grad-CAM overlay PNGs for review."""
+and Grad-CAM overlay PNGs for review.
+
+The same safety rule as the daemon: an image without in-focus tissue (blank
+glass, a white or grey frame, a blurred field; ``edge.tissue.TissueGate`` with
+the bundle's thresholds) or a damaged image file gets "no decision" with the
+reason, never a diagnosis, and is left out of the slide mean."""
 from __future__ import annotations
 
 import json
@@ -12,11 +17,13 @@ import numpy as np
 
 from armscope.bundle import Bundle, load_bundle, require_deployable, staged_directory
 from armscope.errors import ArmscopeError
+from armscope.imagefile import CorruptImage
 from armscope.preprocess import crop_box, load_image, preprocess_frame
 from edge.backends import open_backend
 from edge.cascade import SubtypeMeans, load_steps
 from edge.decision import check_threshold, decide
 from edge.overlay import blend_on_frame
+from edge.tissue import TissueGate
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +60,27 @@ class Classifier:
             sub.close()
 
 
+REASON_CORRUPT = "corrupt_image"
+EXCLUDED_NOTE = "images without a decision (no tissue, out of focus, corrupt) are left out of the slide mean"
+
+
+def _gate(path: Path, spec, gate: TissueGate) -> tuple[np.ndarray | None, np.ndarray | None, dict]:
+    """(frame, model input, gate result) for one image. The daemon's gate decides
+    whether it gets a decision; a damaged image file (``armscope.imagefile``)
+    gets none either. A file that is not an image, or is smaller than the crop,
+    is bad input and raises."""
+    try:
+        frame = load_image(path)
+    except CorruptImage as exc:
+        return None, None, {"reason": REASON_CORRUPT, "detail": str(exc), "measures": None}
+    batch = preprocess_frame(frame, spec, source=str(path))
+    top, left, size = crop_box(frame.shape, spec)
+    measures = gate.measure(frame[top:top + size, left:left + size])
+    reason = gate.verdict(measures)
+    detail = None if reason is None else gate.explain(reason, measures)
+    return frame, batch, {"reason": reason, "detail": detail, "measures": measures}
+
+
 def classify_images(
     bundle_dir: Path,
     images: list[Path],
@@ -64,41 +92,62 @@ def classify_images(
     **backend_options,
 ) -> dict:
     """Classify ``images`` as one slide. Every image is read and checked before
-    any inference, so a bad file fails the run before anything is written."""
+    any inference, so a bad file fails the run before anything is written.
+    Images without in-focus tissue, and damaged image files, get no decision
+    (as in the daemon) and are left out of the slide mean."""
     if not images:
         raise ArmscopeError("no images given")
     bundle = require_deployable(load_bundle(bundle_dir))
     if threshold is not None:
         threshold = check_threshold(threshold, bundle.task, "--threshold")
     spec = bundle.preprocessing
-    frames = [load_image(p) for p in images]
-    batch = np.stack([preprocess_frame(f, spec, source=str(p)) for f, p in zip(frames, images)])
+    gate = TissueGate.from_manifest(bundle.manifest)
+    checked = [_gate(Path(p), spec, gate) for p in images]
+    kept = [i for i, (_, _, g) in enumerate(checked) if g["reason"] is None]
     classifier = Classifier(bundle, backend, **backend_options)
     try:
-        results, cams = _run(classifier, batch, images, threshold)
+        batch = np.stack([checked[i][1] for i in kept]) if kept else None
+        done, cams = _run(classifier, batch, [images[i] for i in kept], threshold) if kept else ([], [])
     finally:
         classifier.close()
-    slide_probs = np.mean([r["_probs"] for r in results], axis=0)
-    slide_decision = classifier.decide(slide_probs, threshold)
+    results, by_index = [], dict(zip(kept, zip(done, cams)))
+    for i, path in enumerate(images):
+        g = checked[i][2]
+        if i in by_index:
+            results.append({**by_index[i][0], "gate": g["measures"]})
+        else:
+            results.append({"image": str(path), "probs": None, "decision": None,
+                            "no_decision": {"reason": g["reason"], "detail": g["detail"]}, "gate": g["measures"]})
+    slide = {"n_images": len(images), "n_classified": len(kept),
+             "excluded": [r["image"] for r in results if r["decision"] is None], "note": EXCLUDED_NOTE}
+    slide_decision = None
+    if kept:
+        slide_probs = np.mean([r["_probs"] for r in done], axis=0)
+        slide_decision = classifier.decide(slide_probs, threshold)
+        slide.update(probs=_probs_dict(bundle.classes, slide_probs), decision=slide_decision)
+    else:
+        slide.update(probs=None, decision=None,
+                     no_decision={"reason": "no_classified_image", "detail": "no image had in-focus tissue"})
     report = {
         "bundle": bundle.manifest["name"],
         "backend": classifier.backend.describe(),
         "classes": bundle.classes,
+        "tissue_gate": {f: getattr(gate, f) for f in gate.__dataclass_fields__},
         "images": [{k: v for k, v in r.items() if not k.startswith("_")} for r in results],
-        "slide": {"n_images": len(results), "probs": _probs_dict(bundle.classes, slide_probs),
-                  "decision": slide_decision},
+        "slide": slide,
     }
     if classifier.cascade:
         # as the daemon's slide records: the slide decision's second step, over the images step one sent there
         means = SubtypeMeans(classifier.cascade)
-        for r in results:
+        for r in done:
             if r.get("subtype") is not None:
                 means.add(r["subtype"]["when"], r["subtype"]["probs"])
-        report["slide"]["subtype"] = means.result(slide_decision["label"])
-        report["slide"]["images_per_step"] = means.counts()
+        slide["subtype"] = means.result(slide_decision["label"] if slide_decision else None)
+        slide["images_per_step"] = means.counts()
     if overlay_dir is not None:
         with staged_directory(Path(overlay_dir), overwrite=force) as stage:
-            for frame, path, result, cam in zip(frames, images, results, cams):
+            for i, (result, cam) in zip(kept, zip(done, cams)):
+                frame, path = checked[i][0], images[i]
                 # each class with its own probability, as the eyepiece label (firmware_bridge.label)
                 d = result["decision"]
                 label = f"{d['label']} {result['probs'][d['label']]:.2f}"

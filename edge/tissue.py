@@ -11,6 +11,10 @@ focusing.
 
 Both run on the crop downscaled to 256 px (about 1 ms), which also makes the
 focus value independent of the camera resolution.
+
+One gate serves the daemon and ``armscope classify``. The defaults suit H&E
+brightfield; a bundle for another stain or modality carries its own in the
+manifest's optional ``tissue_gate`` block (``TissueGate.from_manifest``).
 """
 from __future__ import annotations
 
@@ -30,6 +34,20 @@ class TissueGate:
     min_focus: float = 150.0
     min_saturation: int = 20
     max_brightness: int = 235
+
+    @classmethod
+    def from_manifest(cls, manifest: dict) -> "TissueGate":
+        """The manifest's ``tissue_gate`` thresholds where it has them, else the defaults."""
+        block = manifest.get("tissue_gate") or {}
+        return cls(**{f: block[f] for f in cls.__dataclass_fields__ if f in block})
+
+    def explain(self, reason: str, measures: dict) -> str:
+        """A verdict in words, with the measure and the threshold it missed."""
+        if reason == REASON_NO_TISSUE:
+            return f"tissue fraction {measures['tissue_fraction']:.4f}, below {self.min_tissue_fraction}"
+        if reason == REASON_OUT_OF_FOCUS:
+            return f"focus {measures['focus']:.1f}, below {self.min_focus}"
+        return reason
 
     def measure(self, crop_bgr: np.ndarray) -> dict:
         small = cv2.resize(crop_bgr, (MEASURE_SIZE, MEASURE_SIZE), interpolation=cv2.INTER_AREA)
