@@ -357,6 +357,10 @@ def _cmd_accuracy(args) -> int:
                   "--exact-qdq measures the bundle itself", file=sys.stderr)
     print(f"report in {Path(args.out) / 'report.md'}"
           + ("" if not report["gate_reasons"] else f" (gate fails: {'; '.join(report['gate_reasons'])})"))
+    if report.get("fidelity_record"):
+        print(f"recorded in {report['fidelity_record']}: --backend auto "
+              + ("may now run this bundle in BF16 on CPUs like this one" if not report["gate_reasons"]
+                 else "keeps this bundle in FP32"))
     return 0
 
 
@@ -438,11 +442,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overlay-dir", help="write Grad-CAM overlay PNGs into this (new) directory")
     p.add_argument("--backend", default="auto", choices=list(BACKENDS),
                    help="auto: TensorRT where the bundle has engines for this GPU, else onnxruntime (openvino "
-                        "for INT8 bundles on VNNI/AMX CPUs when installed: faster there); "
+                        "for INT8 bundles on VNNI/AMX CPUs, and BF16 for FP32 bundles whose BF16 fidelity is recorded, "
+                        "on CPUs with BF16, when installed: faster there; edge/backends/select.py); "
                         "openvino: the other CPU runtime (pip install armscope[openvino])")
     p.add_argument("--cpu-precision", default="f32", choices=list(CPU_PRECISIONS),
                    help="openvino only: inference precision (bf16 needs AVX512-BF16 or AMX; check it with "
-                        "'armscope accuracy' first)")
+                        "'armscope accuracy' first). auto chooses its own: BF16 where the CPU has it and "
+                        "'armscope accuracy --backend openvino --cpu-precision bf16' recorded a passing gate")
     p.add_argument("--layout", default="auto", choices=["auto", "merged", "members"],
                    help="concurrent per-member sessions or one merged-ensemble session; auto (default): "
                         "members for ONNX Runtime and TensorRT, merged for OpenVINO (the faster each, BENCHMARKS.md)")
@@ -511,7 +517,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="run the candidate on this backend (what will be deployed); the reference runs on "
                         "onnxruntime FP32")
     p.add_argument("--cpu-precision", default="f32", choices=list(CPU_PRECISIONS),
-                   help="openvino inference precision for the candidate, e.g. bf16")
+                   help="openvino inference precision for the candidate, e.g. bf16; without --candidate, bf16's "
+                        "gate verdict is recorded in BUNDLE/fidelity/ for --backend auto")
     p.add_argument("--exact-qdq", action="store_true",
                    help="onnxruntime: compute the candidate's Q/DQ exactly (as TensorRT and VNNI/AMX CPUs do), "
                         "not with this CPU's INT8 kernels")

@@ -12,7 +12,10 @@ source, on real frames, in the terms that matter at the eyepiece:
 
 ``armscope accuracy`` writes report.md, report.json, per_image.csv and PNG
 plots (drawn with OpenCV, so the base install suffices). ``armscope quantize``
-uses the same numbers for its deployability gate.
+uses the same numbers for its deployability gate. Measuring a bundle against
+itself in OpenVINO BF16 (``--backend openvino --cpu-precision bf16``, no
+``--candidate``) also records the gate's verdict beside the bundle
+(``edge.backends.fidelity``), where ``--backend auto`` looks before it runs BF16.
 """
 from __future__ import annotations
 
@@ -28,6 +31,7 @@ from armscope.bundle import Bundle, load_bundle, refuse_cascade, staged_director
 from armscope.cpus import usable_cpus
 from armscope.errors import ArmscopeError
 from armscope.preprocess import IMAGE_SUFFIXES, Preprocessing, load_image, preprocess_frame
+from edge.backends import fidelity
 from edge.decision import decide
 from edge.overlay import focus_mask, normalise
 
@@ -437,8 +441,26 @@ def accuracy_report(reference: Path, candidate: Path | None, images: list[Path],
         "gate_reasons": gate(result["summary"]),
         "plots": [],
     }
+    key = _fidelity_key(ref_bundle, backend, cpu_precision) if candidate is None else None
+    if key is not None:
+        report["fidelity_record"] = str(fidelity.record_path(ref_bundle.root, backend, cpu_precision))
     write_report(report, ref_out, cand_out, ref_bundle.task, Path(out_dir), force=force)
+    if key is not None:
+        fidelity.write_record(ref_bundle, backend, cpu_precision, key, report,
+                              {"min_top1_agreement": MIN_AGREEMENT, "min_cam_pearson_mean": MIN_CAM_PEARSON,
+                               "max_positive_to_negative_flips": 0})
     return report
+
+
+def _fidelity_key(bundle: Bundle, backend: str, cpu_precision: str) -> dict | None:
+    """The key under which this measurement of ``bundle`` itself is recorded for
+    ``--backend auto`` (``edge.backends.fidelity``), or None where none is kept."""
+    if (backend, cpu_precision) not in fidelity.RECORDED:
+        return None
+    from edge.backends.cpu_features import cpu_flags
+
+    return fidelity.make_key(bundle.manifest["ensemble"]["sha256"], fidelity.openvino_version(),
+                             fidelity.bf16_unit(cpu_flags()))
 
 
 def write_report(report: dict, ref_out: dict, cand_out: dict, task: dict, out_dir: Path, force: bool = False):

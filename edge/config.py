@@ -61,8 +61,10 @@ OPTIONS: tuple[Option, ...] = (
     Option("publish", str, DEFAULT_PUBLISH, "ZeroMQ PUB endpoint for overlays and status", check=_endpoint),
     Option("control", str, DEFAULT_CONTROL, "ZeroMQ REP endpoint for control commands", check=_endpoint),
     Option("backend", str, "auto", "inference backend (auto: TensorRT where the bundle has engines for this GPU, "
-           "else onnxruntime, or openvino for an INT8 bundle on a VNNI/AMX CPU when installed)", choices=BACKENDS),
-    Option("cpu_precision", str, "f32", "openvino backend only: inference precision (bf16 needs AVX512-BF16 or AMX)",
+           "else onnxruntime, or openvino when installed: INT8 bundles on a VNNI/AMX CPU, FP32 bundles in BF16 on a "
+           "BF16 CPU once 'armscope accuracy --backend openvino --cpu-precision bf16' recorded a passing gate)",
+           choices=BACKENDS),
+    Option("cpu_precision", str, "f32", "openvino backend only: inference precision (bf16 needs AVX512-BF16 or AMX; auto chooses its own)",
            choices=CPU_PRECISIONS),
     Option("layout", str, "auto", "ensemble layout: concurrent per-member sessions/streams (ONNX Runtime: 1.66x faster than one merged session on a 2-core CPU, BENCHMARKS.md) or one merged graph (faster for OpenVINO); auto = the faster for the backend", choices=("auto", "merged", "members")),
     Option("threads", int, 0, "inference threads (0 = all cores)", minimum=0, maximum=256),
