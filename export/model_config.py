@@ -65,8 +65,9 @@ def read_config(path: Path) -> list[dict]:
     except ArmscopeError:
         raise
     except (OSError, KeyError, ValueError, zipfile.BadZipFile) as exc:
-        raise ArmscopeError(f"{path}: could not read the model configuration "
-                            f"({type(exc).__name__}: {str(exc)[:200]})") from None
+        kind = "SavedModel" if path.is_dir() else f"Keras {path.suffix} model"
+        raise ArmscopeError(f"{path}: could not be loaded as a {kind} (its configuration is unreadable: "
+                            f"{type(exc).__name__}: {str(exc)[:200]})") from None
 
 
 def _saved_model_metadata(path: Path) -> list[dict]:

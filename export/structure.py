@@ -111,6 +111,10 @@ def find_structure(model, source) -> ModelStructure:
         raise ArmscopeError(f"{source}: outputs {', '.join(repr(h.output_name) for _, h in finals)} all classify "
                             "the whole image from maps of the same size; cannot tell which is final")
     final_index, final = finals[0]
+    source_call = graph.producer_of(final.maps[0])
+    if source_call is None or source_call.kind == "InputLayer":
+        raise ArmscopeError(f"{source}: {final.pool} before {final.classifier.name!r} pools the input image itself; "
+                            "expected the feature map of a convolutional backbone")
     others = [h for i, h in heads if h is not final]
     if refused:
         raise ArmscopeError(f"{source}: besides the final output {final.output_name!r}, "

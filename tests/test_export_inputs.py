@@ -28,15 +28,19 @@ def test_unsupported_models_are_refused(tmp_path):
     import keras
 
     from export.keras_io import load_member
+    from export.structure import find_structure
 
     inp = keras.Input((224, 224, 3))
     keras.Model(inp, keras.layers.Dense(2)(keras.layers.GlobalAveragePooling2D()(inp))).save(tmp_path / "small.keras")
-    with pytest.raises(ArmscopeError, match=r"small\.keras: not a supported tiled model: input shape"):
-        load_member(tmp_path / "small.keras")
+    with pytest.raises(ArmscopeError, match=r"small\.keras: no supported classifier output: output 0 \('dense'\): "
+                                            r"'dense' has activation 'linear'"):
+        find_structure(load_member(tmp_path / "small.keras"), tmp_path / "small.keras")
     inp = keras.Input((640, 640, 3))
-    keras.Model(inp, keras.layers.Dense(2)(keras.layers.GlobalAveragePooling2D()(inp))).save(tmp_path / "nohead.keras")
-    with pytest.raises(ArmscopeError, match=r"nohead\.keras: not a supported tiled model: no layer named 'feature_map'"):
-        load_member(tmp_path / "nohead.keras")
+    probs = keras.layers.Dense(2, activation="softmax")(keras.layers.GlobalAveragePooling2D()(inp))
+    keras.Model(inp, probs).save(tmp_path / "nobackbone.keras")
+    with pytest.raises(ArmscopeError, match=r"nobackbone\.keras: GlobalAveragePooling2D before 'dense_1' pools the "
+                                            "input image itself"):
+        find_structure(load_member(tmp_path / "nobackbone.keras"), tmp_path / "nobackbone.keras")
     (tmp_path / "corrupt.keras").write_bytes(b"PK\x03\x04 truncated")
     with pytest.raises(ArmscopeError, match=r"corrupt\.keras: could not be loaded as a Keras \.keras model"):
         load_member(tmp_path / "corrupt.keras")
