@@ -179,6 +179,8 @@ def make_deploy_function(models, structures: list[ModelStructure] | None = None)
 
     if structures is None:
         structures = [find_structure(m, m.name) for m in models]
+    if any(s.cam_form == GRADCAM_GRADIENT for s in structures):
+        import export.tf2onnx_grads  # noqa: F401  (whichever route converts this graph needs the gradient ops)
     members = [MemberGraph(m, s) for m, s in zip(models, structures)]
     size = structures[0].input_size
     spec = tf.TensorSpec((None, size, size, 3), tf.float32, name="image")
