@@ -39,12 +39,13 @@ from armscope.errors import ArmscopeError
 SIGNATURES = ((b"\xff\xd8\xff", "JPEG"), (b"\x89PNG\r\n\x1a\n", "PNG"), (b"II*\x00", "TIFF"),
               (b"MM\x00*", "TIFF"), (b"BM", "BMP"))
 
-# Lines the decoders print for damaged data (libjpeg-turbo's JWRN_* texts, libpng's
-# prefix, OpenCV's codec log lines). Anything else captured is not ours and is passed on.
+# Lines the decoders print for damaged data, matched at the start of the line (libjpeg-turbo's
+# JWRN_* texts, libpng's prefix, OpenCV's codec log lines), so that another thread's log line
+# quoting one is not taken for it. Anything else captured is not ours and is passed on.
 _DECODER_LINE = re.compile(
-    rb"Corrupt JPEG data|Premature end of JPEG|Invalid SOS parameters|Inconsistent progression|"
-    rb"Unknown Adobe color transform|unknown JFIF revision|libpng (warning|error)|"
-    rb"grfmt_\w+\.cpp|loadsave\.cpp|TIFFRead|JPEG datastream")
+    rb"(Corrupt JPEG data|Premature end of JPEG|Invalid SOS parameters|Inconsistent progression|"
+    rb"Unknown Adobe color transform|Warning: unknown JFIF revision|libpng (warning|error)|"
+    rb"\[ *(WARN|ERROR)[^\]]*\] global (grfmt_|loadsave|bitstrm))")
 
 
 class NotAnImage(ArmscopeError):
@@ -162,7 +163,7 @@ def _decode_capturing_stderr(data: np.ndarray) -> tuple[np.ndarray | None, list[
             os.close(saved)
     ours, others = [], []
     for line in captured.splitlines(keepends=True):
-        (ours if _DECODER_LINE.search(line) else others).append(line)
+        (ours if _DECODER_LINE.match(line.lstrip()) else others).append(line)
     if others:
         try:
             os.write(2, b"".join(others))

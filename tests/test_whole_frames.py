@@ -67,6 +67,23 @@ def test_strict_decoding_refuses_spliced_truncated_and_damaged_files(camera_fram
             decode_image(bad, "x.png")
 
 
+def test_other_output_during_a_decode_still_reaches_stderr(camera_frames, capfd, monkeypatch):
+    """Descriptor 2 is redirected only while a frame decodes; what another thread
+    writes in that window (a log line, even one quoting a decoder warning) is
+    passed on and does not make the frame corrupt."""
+    import armscope.imagefile as imagefile
+
+    real = cv2.imdecode
+
+    def decode_while_another_thread_logs(data, flags):
+        os.write(2, b"2024-01-01 WARNING edge.sources: skipped (x.jpg: Corrupt JPEG data: 3 bytes)\n")
+        return real(data, flags)
+
+    monkeypatch.setattr(imagefile.cv2, "imdecode", decode_while_another_thread_logs)
+    assert decode_image(_bytes(camera_frames[0]), "a.jpg").shape == (1200, 1600, 3)
+    assert "WARNING edge.sources: skipped (x.jpg: Corrupt JPEG data: 3 bytes)" in capfd.readouterr().err
+
+
 def test_restart_markers_out_of_order_are_a_splice(camera_frames):
     image = cv2.imread(str(camera_frames[1]))
     ok, data = cv2.imencode(".jpg", image, [cv2.IMWRITE_JPEG_RST_INTERVAL, 2])
