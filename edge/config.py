@@ -44,6 +44,10 @@ def _endpoint(value: str) -> str | None:
     return endpoint_problem(value, bind=True)  # the daemon binds both its sockets
 
 
+def _unset_or_non_negative(value) -> str | None:
+    return None if value == -1 or value >= 0 else "expected -1 (the bundle's) or a value >= 0"
+
+
 def _host_port(value: str) -> str | None:
     if value == "":
         return None
@@ -78,14 +82,16 @@ OPTIONS: tuple[Option, ...] = (
     Option("stale_after_ms", int, 1500, "the oldest an overlay may be, from its camera capture: older ones are "
            "not published, and subscribers blank an overlay this long after its capture",
            minimum=50, maximum=600000),
-    Option("min_tissue_fraction", float, 0.1, "classify only crops with at least this tissue fraction",
-           minimum=0.0, maximum=1.0),
-    Option("min_focus", float, 150.0, "classify only crops whose Laplacian variance is at least this",
-           minimum=0.0),
-    Option("tissue_min_saturation", int, 20, "HSV saturation (0..255) below which a pixel is background",
-           minimum=0, maximum=255),
-    Option("tissue_max_brightness", int, 235, "HSV value (0..255) above which a pixel is background",
-           minimum=0, maximum=255),
+    # The tissue gate's thresholds: -1 = the bundle's (manifest tissue_gate, which is where a
+    # modality's values belong), else the gate's H&E defaults (edge.tissue.TissueGate).
+    Option("min_tissue_fraction", float, -1.0, "classify only crops with at least this tissue fraction "
+           "(-1 = the bundle's tissue_gate, else 0.1)", minimum=-1.0, maximum=1.0, check=_unset_or_non_negative),
+    Option("min_focus", float, -1.0, "classify only crops whose Laplacian variance is at least this "
+           "(-1 = the bundle's tissue_gate, else 150)", minimum=-1.0, check=_unset_or_non_negative),
+    Option("tissue_min_saturation", int, -1, "HSV saturation (0..255) below which a pixel is background "
+           "(-1 = the bundle's tissue_gate, else 20)", minimum=-1, maximum=255, check=_unset_or_non_negative),
+    Option("tissue_max_brightness", int, -1, "HSV value (0..255) above which a pixel is background "
+           "(-1 = the bundle's tissue_gate, else 235)", minimum=-1, maximum=255, check=_unset_or_non_negative),
     Option("reconnect_min_s", float, 0.5, "first reconnect delay after the source is lost", minimum=0.01),
     Option("reconnect_max_s", float, 10.0, "longest reconnect delay (exponential backoff)", minimum=0.01),
     Option("exit_on_source_end", bool, False, "exit (code 0) when a file/dir/image source ends"),

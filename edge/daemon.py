@@ -93,8 +93,9 @@ class Daemon:
         if config.threshold >= 0:
             check_threshold(config.threshold, self.bundle.task, "key 'threshold'")
             self.threshold = config.threshold
-        self.gate = TissueGate(config.min_tissue_fraction, config.min_focus,
-                               config.tissue_min_saturation, config.tissue_max_brightness)
+        self.gate = TissueGate.from_manifest(self.bundle.manifest, {     # config keys set (>= 0) win
+            "min_tissue_fraction": config.min_tissue_fraction, "min_focus": config.min_focus,
+            "min_saturation": config.tissue_min_saturation, "max_brightness": config.tissue_max_brightness})
         self.overlay_size = config.overlay_size or self.spec.center_crop
         self.metrics = Metrics()
         for key in ("slides_dir", "snapshot_dir"):   # writable, with free space: before any slide is lost

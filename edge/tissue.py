@@ -36,10 +36,14 @@ class TissueGate:
     max_brightness: int = 235
 
     @classmethod
-    def from_manifest(cls, manifest: dict) -> "TissueGate":
-        """The manifest's ``tissue_gate`` thresholds where it has them, else the defaults."""
+    def from_manifest(cls, manifest: dict, overrides: dict | None = None) -> "TissueGate":
+        """The manifest's ``tissue_gate`` thresholds where it has them, else the defaults;
+        ``overrides`` (field -> value; a negative value means unset) win over both:
+        the daemon's configuration keys."""
         block = manifest.get("tissue_gate") or {}
-        return cls(**{f: block[f] for f in cls.__dataclass_fields__ if f in block})
+        values = {f: block[f] for f in cls.__dataclass_fields__ if f in block}
+        values.update({f: v for f, v in (overrides or {}).items() if v is not None and v >= 0})
+        return cls(**values)
 
     def explain(self, reason: str, measures: dict) -> str:
         """A verdict in words, with the measure and the threshold it missed."""

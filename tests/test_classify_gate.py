@@ -115,3 +115,24 @@ def test_the_manifest_carries_the_gate_for_its_modality(inputs, tmp_path):
     (bundle / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(ArmscopeError, match="tissue_gate"):
         classify_images(bundle, [inputs["glass"]])
+
+
+def test_the_daemon_uses_the_same_gate_and_its_keys_win(tmp_path):
+    from edge.config import load_config
+    from edge.daemon import Daemon
+
+    bundle = tmp_path / "bundle"
+    shutil.copytree(DEMO, bundle)
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    manifest["tissue_gate"] = {"min_tissue_fraction": 0.05, "min_focus": 60.0}
+    (bundle / "manifest.json").write_text(json.dumps(manifest))
+    base = dict(bundle=str(bundle), source="image://x.png", slides_dir=str(tmp_path / "s"),
+                snapshot_dir=str(tmp_path / "n"))
+    gate = Daemon(load_config(None, base)).gate
+    assert (gate.min_tissue_fraction, gate.min_focus, gate.min_saturation, gate.max_brightness) == (0.05, 60.0, 20, 235)
+    gate = Daemon(load_config(None, {**base, "min_tissue_fraction": 0.2})).gate
+    assert (gate.min_tissue_fraction, gate.min_focus) == (0.2, 60.0)
+    gate = Daemon(load_config(None, {**base, "bundle": str(DEMO)})).gate
+    assert (gate.min_tissue_fraction, gate.min_focus) == (0.1, 150.0)
+    with pytest.raises(ArmscopeError, match="min_focus.*expected -1"):
+        load_config(None, {**base, "min_focus": -0.5})
