@@ -45,6 +45,7 @@ def daemon(bundle_dir, tmp_path_factory):
                                 "snapshot_dir": str(tmp_path_factory.mktemp("snap"))})
     d = Daemon(config)
     d.open()
+    d.activate_backends()  # on this thread, which runs every benchmark below
     yield d
     d.shutdown()
 

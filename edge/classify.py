@@ -34,7 +34,9 @@ def _probs_dict(classes, probs) -> dict:
 
 class Classifier:
     """A bundle with its backend, plus the second steps of a cascade task
-    (``edge.cascade``) with theirs."""
+    (``edge.cascade``) with theirs. The backends are activated on the thread
+    that constructs the classifier, which is the one that runs it (a CUDA
+    context is current per thread); ``close`` frees them."""
 
     def __init__(self, bundle: Bundle, backend: str = "auto", **backend_options):
         self.bundle = bundle
@@ -42,6 +44,7 @@ class Classifier:
         self.backend = open_backend(bundle, backend, **backend_options)
         self.steps: dict[str, Classifier] = {}
         try:
+            self.backend.activate()
             for when, step in self.cascade.items():
                 self.steps[when] = Classifier(step.bundle, backend, **backend_options)
         except BaseException:

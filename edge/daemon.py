@@ -120,6 +120,8 @@ class Daemon:
         self.backend = None
         self.backend_info = None
         self.step_backends: dict = {}   # step-one class -> backend of its second step
+        self.backend_ready = threading.Event()   # set by the inference thread once it activated (or failed to)
+        self.backend_error: BaseException | None = None
         self.publisher: Publisher | None = None
         self.threads: list[threading.Thread] = []
         self.http = None
@@ -128,7 +130,8 @@ class Daemon:
     # ------------------------------------------------------------ lifecycle
 
     def open(self) -> None:
-        """Open the backend and the sockets (no threads yet)."""
+        """Construct the backends (cheap: they are activated on the thread that infers,
+        ``activate_backends``) and open the sockets (no threads yet)."""
         from edge.backends import open_backend
 
         cfg = self.config
@@ -138,7 +141,7 @@ class Daemon:
         self.backend = open_backend(self.bundle, cfg.backend, **options)
         self.backend_info = self.backend.describe()
         log.info("model %s, classes %s, backend %s (requested %r)", self.model_id, self.classes,
-                 self.backend_info, cfg.backend)
+                 self.backend.name, cfg.backend)
         for when, step in self.steps.items():
             self.step_backends[when] = open_backend(step.bundle, cfg.backend, **options)
             log.info("cascade: when %r, then %s, classes %s, backend %s", when, model_id(step.bundle),
@@ -165,26 +168,58 @@ class Daemon:
         self.inputs = LatestSlot("preprocessed")
         self.results = LatestSlot("inferred")
 
+    def activate_backends(self) -> None:
+        """Activate the backend and the cascade's second-step backends on the calling
+        thread, the one that will infer (a CUDA context is current per thread); if one
+        fails, those already active are deactivated before the error propagates."""
+        try:
+            self.backend.activate()
+            for backend in self.step_backends.values():
+                backend.activate()
+        except BaseException:
+            self.deactivate_backends()
+            raise
+        self.backend_info = self.backend.describe()
+        log.info("backend active on thread %r: %s", threading.current_thread().name, self.backend_info)
+
+    def deactivate_backends(self) -> None:
+        """Free every backend's sessions, engines and device memory (idempotent)."""
+        for backend in [self.backend, *self.step_backends.values()]:
+            if backend is not None:
+                try:
+                    backend.deactivate()
+                except Exception:
+                    log.exception("freeing the %s backend failed", backend.name)
+
     def start(self) -> None:
-        """Open backend and sockets and start every thread (returns at once)."""
+        """Open sockets, start the inference thread and wait until it has activated the
+        backends (their errors are raised here, before any frame is taken), then start
+        every other thread. Returns once running."""
         self.open()
         cfg = self.config
         rep = self._rep
+        inference = threading.Thread(target=self._inference_loop, name="inference", daemon=True)
+        self.threads = [inference]
+        inference.start()
+        self.backend_ready.wait()
+        if self.backend_error is not None:
+            error, self.backend_error = self.backend_error, None
+            raise error
         self.capture = Capture(self.source, self.frames, self.stop, on_signal=self._on_signal,
                                on_end=lambda: self.request_stop("source ended"),
                                backoff_min=cfg.reconnect_min_s, backoff_max=cfg.reconnect_max_s,
                                exit_on_end=cfg.exit_on_source_end,
                                on_frame=lambda frame: self.metrics.captured.tick(frame.capture_mono))
-        self.threads = [
+        others = [
             self.capture,
             threading.Thread(target=self._preprocess_loop, name="preprocess", daemon=True),
-            threading.Thread(target=self._inference_loop, name="inference", daemon=True),
             threading.Thread(target=self._render_loop, name="render", daemon=True),
         ]
+        self.threads = [*others[:2], inference, others[2]]  # shutdown joins them in pipeline order
         self.aux = [threading.Thread(target=self._heartbeat_loop, name="heartbeat", daemon=True),
                     ControlServer(self._make_rep, self.handle_command, self.halt, sock=rep)]
         self.control = self.aux[1]
-        for thread in self.threads + self.aux:
+        for thread in others + self.aux:
             thread.start()
         if cfg.metrics_http:
             try:
@@ -249,11 +284,12 @@ class Daemon:
         if self.auth is not None:
             self.auth.stop()
             self.auth = None
-        if self.backend is not None:
-            self.backend.close()
-            self.backend = None
-        for backend in self.step_backends.values():
-            backend.close()
+        inference = next((t for t in getattr(self, "threads", []) if t.name == "inference"), None)
+        if inference is not None and inference.is_alive():
+            log.warning("the inference thread is still running: its backend is freed when the process exits")
+        else:
+            self.deactivate_backends()  # process_frame's; the inference thread freed its own on its way out
+        self.backend = None
         self.step_backends = {}
         if self._own_context and not self.context.closed:
             self.context.term()
@@ -362,7 +398,15 @@ class Daemon:
         return Work(frame, (top, left, size), measures, times, batch=batch)
 
     def _inference_loop(self) -> None:
+        """Activates the backends here, infers, and frees them here on the way out."""
         try:
+            try:
+                self.activate_backends()
+            except BaseException as exc:  # start() raises it on the main thread
+                self.backend_error = exc
+                return
+            finally:
+                self.backend_ready.set()
             while not self.stop.is_set():
                 try:
                     work = self.inputs.get(POLL_S)
@@ -375,6 +419,7 @@ class Daemon:
             log.exception("inference stage failed")
             self.request_stop("inference stage failed")
         finally:
+            self.deactivate_backends()
             self.results.close()
 
     def _infer(self, work: Work) -> Work:
@@ -399,7 +444,10 @@ class Daemon:
     def process_frame(self, frame: Frame) -> dict | None:
         """All stages for one frame, serially, in the calling thread (after ``open``):
         what the benchmark compares with pure inference. Returns the header sent,
-        or None if the gate rejected the frame or it was too old to publish."""
+        or None if the gate rejected the frame or it was too old to publish. The
+        backends are activated on the calling thread at the first call."""
+        if not self.backend.active:
+            self.activate_backends()
         work = self._preprocess(frame)
         if work is None:
             return None

@@ -1,4 +1,4 @@
-"""The ONNX Runtime backend refuses, when it opens, a graph that loads but
+"""The ONNX Runtime backend refuses, when it is activated, a graph that loads but
 cannot run on the installed onnxruntime (seen: per-channel INT8 MatMul weights
 on onnxruntime 1.30/1.31), naming the graph, rather than failing on the
 daemon's first camera frame."""
@@ -42,7 +42,7 @@ def test_a_graph_that_cannot_run_is_refused_at_open(tmp_path):
 
     with pytest.raises(ArmscopeError, match=r"member_0\.onnx: onnxruntime [\d.]+ loads this graph but cannot run it "
                                             r"\(.*Gather.*\); upgrade onnxruntime"):
-        OnnxRuntimeBackend(load_bundle(root), layout="members")
+        OnnxRuntimeBackend(load_bundle(root), layout="members").activate()
 
 
 def test_the_demo_bundle_opens_and_matches_its_first_run():

@@ -51,7 +51,7 @@ def test_bf16_runs_where_the_cpu_has_it_and_is_refused_where_not(demo, real_inpu
         assert np.abs(out["probs"] - reference["probs"]).max() < 0.05
     else:
         with pytest.raises(ArmscopeError, match="no BF16 support"):
-            OpenVinoBackend(demo, precision="bf16")
+            OpenVinoBackend(demo, precision="bf16").activate()
 
 
 def test_bad_options_are_clear_errors(demo):

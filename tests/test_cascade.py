@@ -47,11 +47,8 @@ def cascade(tmp_path_factory) -> Path:
 def tissue_outputs():
     """The tissue bundle run on its own on each demo frame: what the second step must report."""
     bundle = load_bundle(TISSUE)
-    backend = open_backend(bundle, "onnxruntime")
-    try:
+    with open_backend(bundle, "onnxruntime") as backend:
         return [backend.infer(preprocess_frame(load_image(p), bundle.preprocessing)[None]) for p in FRAMES]
-    finally:
-        backend.close()
 
 
 def test_assembled_cascade_is_self_contained_and_verified(cascade):
@@ -94,6 +91,7 @@ def _daemon(cascade, tmp_path, threshold):
                                 "slides_dir": str(tmp_path / "slides"), "snapshot_dir": str(tmp_path / "snap")})
     daemon = Daemon(config)
     daemon.open()
+    daemon.activate_backends()  # on this thread, which calls process_frame
     return daemon
 
 

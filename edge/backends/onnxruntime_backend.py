@@ -47,10 +47,13 @@ def open_session(path, threads: int, exact_qdq: bool = False):
 
 
 class OnnxRuntimeBackend(InferenceBackend):
+    """Sessions are opened by ``activate()`` (``InferenceBackend``); construction only checks options."""
+
     name = "onnxruntime"
 
     def __init__(self, bundle: Bundle, layout: str = "members", threads: int | None = None,
                  allow_inexact_int8: bool = False):
+        super().__init__()
         if layout not in LAYOUTS:
             raise ArmscopeError(f"onnxruntime layout {layout!r}: expected one of {', '.join(LAYOUTS)}")
         require_exact_int8(bundle, "onnxruntime", allow_inexact_int8)
@@ -58,21 +61,27 @@ class OnnxRuntimeBackend(InferenceBackend):
         self.outputs = list(bundle.output_names)  # patch_probs only where the bundle has it
         self.layout = layout
         self.threads = threads or usable_cpus()
-        if layout == "merged":
-            self.paths = [bundle.ensemble_path]
-            self.sessions = [open_session(bundle.ensemble_path, self.threads)]
-            self.pool = None
+        self.paths = [bundle.ensemble_path] if layout == "merged" else list(bundle.member_paths)
+        self.sessions: list = []
+        self.pool: ThreadPoolExecutor | None = None
+
+    def _activate(self) -> None:
+        if self.layout == "merged":
+            self.sessions.append(open_session(self.paths[0], self.threads))
         else:
-            self.paths = list(bundle.member_paths)
             per = max(1, self.threads // len(self.paths))
-            self.sessions = [open_session(p, per) for p in self.paths]
+            # the member threads first, so a failure below shuts them down with the sessions (_release)
             self.pool = ThreadPoolExecutor(max_workers=len(self.paths), thread_name_prefix="ort-member")
-        try:
-            self._check_io()
-            self._warm_up()
-        except ArmscopeError:
-            self.close()  # the member threads, too
-            raise
+            for path in self.paths:
+                self.sessions.append(open_session(path, per))
+        self._check_io()
+        self._warm_up()
+
+    def _release(self) -> None:
+        if self.pool is not None:
+            self.pool.shutdown(wait=True)
+            self.pool = None
+        self.sessions = []
 
     def _check_io(self) -> None:
         for session in self.sessions:
@@ -131,20 +140,15 @@ class OnnxRuntimeBackend(InferenceBackend):
                 raise ArmscopeError(f"{path}: onnxruntime {ort.__version__} loads this graph but cannot run it "
                                     f"({detail}); {hint}") from None
 
-    def infer(self, images: np.ndarray) -> dict[str, np.ndarray]:
+    def _infer(self, images: np.ndarray) -> dict[str, np.ndarray]:
         images = np.ascontiguousarray(images, dtype=np.float32)
         if len(self.sessions) == 1:
             return dict(zip(self.outputs, self.sessions[0].run(self.outputs, {"image": images})))
         results = list(self.pool.map(lambda s: s.run(self.outputs, {"image": images}), self.sessions))
         return {name: np.mean([r[i] for r in results], axis=0) for i, name in enumerate(self.outputs)}
 
-    def describe(self) -> dict:
+    def _details(self) -> dict:
         import onnxruntime as ort
 
-        return {"backend": self.name, "layout": self.layout, "threads": self.threads,
-                "sessions": len(self.sessions), "onnxruntime": ort.__version__}
-
-    def close(self) -> None:
-        if self.pool is not None:
-            self.pool.shutdown(wait=True)
-        self.sessions = []
+        return {"layout": self.layout, "threads": self.threads, "sessions": len(self.paths),
+                "onnxruntime": ort.__version__}

@@ -56,34 +56,48 @@ def compile_graph(core, path, threads: int, precision: str = "f32"):
 
 
 class OpenVinoBackend(InferenceBackend):
+    """Graphs are compiled by ``activate()`` (``InferenceBackend``); construction only checks options."""
+
     name = "openvino"
 
     def __init__(self, bundle: Bundle, layout: str = "members", threads: int | None = None,
                  precision: str = "f32", allow_inexact_int8: bool = False):
+        super().__init__()
         if layout not in LAYOUTS:
             raise ArmscopeError(f"openvino layout {layout!r}: expected one of {', '.join(LAYOUTS)}")
         if precision not in PRECISIONS:
             raise ArmscopeError(f"openvino precision {precision!r}: expected one of {', '.join(PRECISIONS)}")
         require_exact_int8(bundle, "openvino", allow_inexact_int8)
-        ov = require_module("openvino", "openvino", "--backend openvino")
-        self.ov = ov
+        self.ov = require_module("openvino", "openvino", "--backend openvino")
         self.bundle = bundle
         self.outputs = list(bundle.output_names)  # patch_probs only where the bundle has it
         self.layout = layout
         self.threads = threads or usable_cpus()
-        core = ov.Core()
+        self.requested_precision = precision
+        self.precision = None          # what OpenVINO settled on, once active
+        self.capabilities: list[str] = []
+        self.paths = [bundle.ensemble_path] if layout == "merged" else list(bundle.member_paths)
+        self.compiled: list = []
+        self.requests: list = []
+
+    def _activate(self) -> None:
+        core = self.ov.Core()
         self.capabilities = cpu_capabilities(core)
-        if precision == "bf16" and "BF16" not in self.capabilities:
+        if self.requested_precision == "bf16" and "BF16" not in self.capabilities:
             raise ArmscopeError(
                 "openvino precision bf16: this CPU has no BF16 support (needs AVX512-BF16 or AMX; OpenVINO "
                 f"reports {', '.join(self.capabilities)}); use f32"
             )
-        paths = [bundle.ensemble_path] if layout == "merged" else list(bundle.member_paths)
-        self.compiled = [compile_graph(core, path, self.threads, precision) for path in paths]
+        for path in self.paths:
+            self.compiled.append(compile_graph(core, path, self.threads, self.requested_precision))
         hint = self.compiled[0].get_property("INFERENCE_PRECISION_HINT")  # what OpenVINO settled on
         self.precision = hint.get_type_name() if hasattr(hint, "get_type_name") else str(hint)
         self._check_io()
         self.requests = [c.create_infer_request() for c in self.compiled]
+
+    def _release(self) -> None:
+        self.requests = []
+        self.compiled = []
 
     def _check_io(self) -> None:
         for compiled in self.compiled:
@@ -91,7 +105,7 @@ class OpenVinoBackend(InferenceBackend):
             outputs = {n for o in compiled.outputs for n in o.get_names()}
             check_graph_io(self.bundle.root, inputs, outputs, tuple(self.outputs))
 
-    def infer(self, images: np.ndarray) -> dict[str, np.ndarray]:
+    def _infer(self, images: np.ndarray) -> dict[str, np.ndarray]:
         images = np.ascontiguousarray(images, dtype=np.float32)
         results = []
         for request in self.requests:
@@ -101,11 +115,7 @@ class OpenVinoBackend(InferenceBackend):
             return dict(zip(self.outputs, results[0]))
         return {name: np.mean([r[i] for r in results], axis=0) for i, name in enumerate(self.outputs)}
 
-    def describe(self) -> dict:
-        return {"backend": self.name, "layout": self.layout, "threads": self.threads,
-                "precision": self.precision, "requests": len(self.requests),
+    def _details(self) -> dict:
+        return {"layout": self.layout, "threads": self.threads,
+                "precision": self.precision or self.requested_precision, "requests": len(self.paths),
                 "openvino": self.ov.__version__, "cpu_capabilities": self.capabilities}
-
-    def close(self) -> None:
-        self.requests = []
-        self.compiled = []
