@@ -1,114 +1,56 @@
-"""``armscope build``: TensorRT engines for a bundle, built on the target device.
+"""``armscope build``: TensorRT engines for a bundle, built on the target device,
+stored with the bundle where ``run``/``classify --backend auto`` find them
+(``BUNDLE/engines/<key>/``, see ``edge.engines`` for the key and layout).
 
-One engine per member and one for the merged ensemble (the backend's two
-layouts), with a shared timing cache (``engines/timing.cache``) so rebuilding
-after a bundle update takes seconds instead of minutes. Precision, by
-installed TensorRT version:
+Only the layout that will run is built: one engine per member (the default,
+what the backend runs: the members concurrently on their own streams), or,
+with ``--layout merged``, one engine for the merged ensemble graph. A timing
+cache shared by every build on the device (``BUNDLE/engines/timing.cache``)
+makes a rebuild after a bundle update take seconds instead of minutes.
+Precision, by installed TensorRT version (``edge.trt_env``):
 
 * TensorRT 10.x: FP32 as is; FP16 with ``BuilderFlag.FP16`` (TensorRT picks FP16
-  kernels where faster); INT8 *explicit*: the bundle is the Q/DQ ONNX made by
-  ``armscope quantize`` and TensorRT honours its scales (``BuilderFlag.INT8``
-  plus FP16 for the layers kept in float); INT8 *implicit* (``--int8-mode
-  implicit``, JetPack/TensorRT 10.x only, deprecated by NVIDIA): the FP32 graph
-  with ``IInt8EntropyCalibrator2`` fed from ``--calib CALIB.npz`` and a
-  calibration cache per graph (``engines/<graph>.calib``).
+  kernels where faster); INT8 *explicit*: the Q/DQ ONNX made by ``armscope
+  quantize`` (TensorRT honours its scales; ``BuilderFlag.INT8`` plus FP16 for
+  the layers kept in float); INT8 *implicit* (``--int8-mode implicit``,
+  TensorRT 10.x only, deprecated by NVIDIA): the FP32 graph with
+  ``IInt8EntropyCalibrator2`` fed from ``--calib CALIB.npz`` and a
+  calibration cache per graph (``<key>/<graph>.calib``).
 * TensorRT >= 11 (weak typing removed): a strongly typed network; the
   precision comes from the ONNX (FP16 graph from ``armscope quantize
   --precision fp16``, Q/DQ graph for INT8), no precision flags.
 
-Without a GPU (or without TensorRT) the command prepares what can be prepared
-here (the FP16 or Q/DQ bundle, via ``calibration.quantize``) and says that the
-engines are built on the target with the same command.
+FP16 and explicit INT8 compile a derived bundle (``BUNDLE-fp16``,
+``BUNDLE-int8``, or ``--out``): made here if missing, reused if it was made
+from this bundle (so it can be prepared on a workstation and copied to the
+device with the bundle), and refused if it failed its accuracy gate. The
+engines still go into ``BUNDLE``, keyed by ``BUNDLE``'s hash.
 
-The manifest records, per engine, the TensorRT version, GPU name, compute
-capability, precision and sha256; the TensorRT backend refuses engines built
-for another version or GPU.
+Without a GPU (or without TensorRT) the command prepares what can be prepared
+here (the FP16 or Q/DQ bundle) and prints the command that builds the engines
+on the target.
 """
 from __future__ import annotations
 
-import datetime as dt
 import logging
 import shutil
-import subprocess
 from pathlib import Path
 
 import numpy as np
 
-from armscope.bundle import Bundle, load_bundle, refuse_cascade, sha256_file, staged_directory, write_manifest
-from armscope.errors import ArmscopeError, require_module
+from armscope.bundle import Bundle, load_bundle, refuse_cascade, require_deployable, sha256_file, staged_directory
+from armscope.errors import ArmscopeError
 
 log = logging.getLogger(__name__)
 
+from edge.engines import ENGINE_DIR, LAYOUTS, TIMING_CACHE, engine_key, graphs_for, new_index, write_index
+from edge.trt_env import (  # noqa: F401  (re-exported: callers import them from here)
+    JETSON_TENSORRT, gpu_info, import_cudart, require_tensorrt, strongly_typed_only, tensorrt_available, trt_logger,
+    trt_major,
+)
+
 PRECISIONS = ("fp32", "fp16", "int8")
-ENGINE_DIR = "engines"
-TIMING_CACHE = "timing.cache"
 CALIB_CACHE_HEADER = "TRT-"  # TensorRT calibration caches start "TRT-<version>-EntropyCalibration2"
-
-
-# JetPack installs TensorRT's Python module system-wide (apt), and pip has no Jetson wheels for it
-JETSON_TENSORRT = ("on a Jetson it comes with JetPack (apt package python3-libnvinfer): "
-                   "make the venv with --system-site-packages")
-
-
-def require_tensorrt(purpose: str):
-    return require_module("tensorrt", "gpu", purpose, JETSON_TENSORRT)
-
-
-def tensorrt_available() -> bool:
-    try:
-        import tensorrt  # noqa: F401
-    except Exception:  # ImportError, or a broken install raising OSError on its .so
-        return False
-    return True
-
-
-def import_cudart():
-    """cuda-python's runtime module, under its current name or (cuda-python < 12.6) its old one."""
-    try:
-        from cuda.bindings import runtime as cudart
-    except ImportError:
-        from cuda import cudart
-    return cudart
-
-
-def gpu_info() -> dict | None:
-    """{'name', 'compute_capability'} of GPU 0, or None without one (cuda-python,
-    then pycuda, then nvidia-smi)."""
-    try:
-        cudart = import_cudart()
-        err, count = cudart.cudaGetDeviceCount()
-        if int(err) != 0 or count < 1:
-            return None
-        err, prop = cudart.cudaGetDeviceProperties(0)
-        if int(err) == 0:
-            name = prop.name.decode() if isinstance(prop.name, bytes) else str(prop.name)
-            return {"name": name.strip("\x00 "), "compute_capability": f"{prop.major}.{prop.minor}"}
-    except Exception:
-        pass
-    try:
-        import pycuda.driver as driver
-
-        driver.init()
-        if driver.Device.count() < 1:
-            return None
-        device = driver.Device(0)
-        major, minor = device.compute_capability()
-        return {"name": device.name(), "compute_capability": f"{major}.{minor}"}
-    except Exception:
-        pass
-    try:
-        out = subprocess.run(["nvidia-smi", "--query-gpu=name,compute_cap", "--format=csv,noheader"],
-                             capture_output=True, text=True, timeout=10)
-        if out.returncode == 0 and out.stdout.strip():
-            name, cap = [s.strip() for s in out.stdout.strip().splitlines()[0].split(",")]
-            return {"name": name, "compute_capability": cap}
-    except Exception:
-        pass
-    return None
-
-
-def trt_major(version: str) -> int:
-    return int(version.split(".")[0])
 
 
 # ----------------------------------------------------------------------------- caches
@@ -194,13 +136,12 @@ def build_engine(trt, onnx_path: Path, engine_path: Path, precision: str, *, wor
     """Parse one ONNX graph and serialise an engine (see the module docstring for the flags).
     ``input_shape``: (S, S, 3) from the bundle's manifest (``inputs[0].shape``), so the
     optimisation profile fits any input size the bundle was exported for."""
-    logger = trt.Logger(trt.Logger.WARNING)
+    logger = trt_logger()  # the process's one logger (edge.trt_env)
     builder = trt.Builder(logger)
-    major = trt_major(trt.__version__)
     # TensorRT 11 removed weak typing: every network is strongly typed, precision comes from the ONNX
     # (its STRONGLY_TYPED creation flag is kept only as a deprecated no-op, so it is not passed);
     # TensorRT 10 builds weakly typed networks with the FP16/INT8 flags below.
-    strongly_typed = major >= 11
+    strongly_typed = strongly_typed_only(trt.__version__)
     network = builder.create_network(0)
     parser = trt.OnnxParser(network, logger)
     if not parser.parse_from_file(str(onnx_path)):
@@ -218,6 +159,11 @@ def build_engine(trt, onnx_path: Path, engine_path: Path, precision: str, *, wor
     if dla_core is not None:
         if precision == "fp32":
             raise ArmscopeError("--dla needs --precision fp16 or int8 (DLA has no FP32)")
+        if int(dla_core) >= builder.num_DLA_cores:
+            raise ArmscopeError(f"--dla {dla_core}: this device has {builder.num_DLA_cores} DLA core(s)")
+        # IBuilderConfig: layers go to DLA core N; those DLA cannot run fall back to the GPU
+        # (GPU_FALLBACK, recorded as engine.json "gpu_fallback"); the runtime must then set
+        # IRuntime.DLA_core to the same core before deserializing (tensorrt_backend).
         config.default_device_type = trt.DeviceType.DLA
         config.DLA_core = int(dla_core)
         config.set_flag(trt.BuilderFlag.GPU_FALLBACK)
@@ -238,11 +184,24 @@ def build_engine(trt, onnx_path: Path, engine_path: Path, precision: str, *, wor
     timing_cache.write_bytes(bytes(config.get_timing_cache().serialize()))
 
 
+def derived_from(candidate: Path, source: Bundle, precision: str) -> Bundle | None:
+    """The bundle at ``candidate`` if it is a ``precision`` bundle made from ``source``
+    (its manifest's quantization.source.ensemble_sha256), else None."""
+    if not (candidate / "manifest.json").is_file():
+        return None
+    derived = load_bundle(candidate)
+    made_from = derived.manifest.get("quantization", {}).get("source", {}).get("ensemble_sha256")
+    if derived.manifest["precision"] == precision and made_from == source.manifest["ensemble"]["sha256"]:
+        return derived
+    return None
+
+
 def prepare_onnx(bundle: Bundle, precision: str, calib: Path | None, out: Path | None, int8_mode: str,
                  force: bool, holdout: list[Path] | None = None) -> Bundle:
     """The bundle whose graphs TensorRT compiles: this one if it already has the
     precision (or the precision comes from builder flags), else a derived FP16
-    or Q/DQ bundle written next to it (``<bundle>-<precision>``)."""
+    or Q/DQ bundle next to it (``<bundle>-<precision>`` or ``out``): reused when
+    it was made from this bundle (unless ``force``), else made here."""
     have = bundle.manifest["precision"]
     if precision == have or precision == "fp32":
         if precision != have:
@@ -256,9 +215,13 @@ def prepare_onnx(bundle: Bundle, precision: str, calib: Path | None, out: Path |
         if calib is None:
             raise ArmscopeError("--int8-mode implicit needs --calib CALIB.npz")
         return bundle  # TensorRT calibrates the FP32 graph itself
+    target = Path(out) if out else bundle.root.with_name(f"{bundle.root.name}-{precision}")
+    existing = None if force else derived_from(target, bundle, precision)
+    if existing is not None:
+        print(f"using the {precision} bundle {target} made from {bundle.root} earlier (--force remakes it)")
+        return existing
     from calibration.quantize import make_reduced_bundle
 
-    target = out or bundle.root.with_name(f"{bundle.root.name}-{precision}")
     if precision == "int8" and calib is None:
         raise ArmscopeError("--precision int8 needs --calib CALIB.npz to make the Q/DQ graphs "
                             "(or pass a bundle made by 'armscope quantize')")
@@ -269,12 +232,15 @@ def prepare_onnx(bundle: Bundle, precision: str, calib: Path | None, out: Path |
 
 def build_bundle(bundle_dir: Path, precision: str, calib: Path | None = None, workspace_mb: int = 2048,
                  dla_core: int | None = None, out: Path | None = None, int8_mode: str = "explicit",
-                 max_batch: int = 1, force: bool = False, holdout: list[Path] | None = None) -> dict:
-    """Returns {'bundle': path, 'engines': [...] or None, 'message': str}."""
+                 max_batch: int = 1, force: bool = False, holdout: list[Path] | None = None,
+                 layout: str = "members") -> dict:
+    """Returns {'bundle': path, 'compiled': path, 'engines': engines/<key> path or None, 'message': str}."""
     if precision not in PRECISIONS:
         raise ArmscopeError(f"--precision {precision!r}: expected one of {', '.join(PRECISIONS)}")
     if int8_mode not in ("explicit", "implicit"):
         raise ArmscopeError(f"--int8-mode {int8_mode!r}: expected explicit or implicit")
+    if layout not in LAYOUTS:
+        raise ArmscopeError(f"--layout {layout!r}: expected one of {', '.join(LAYOUTS)}")
     bundle = load_bundle(bundle_dir)
     refuse_cascade(bundle, "armscope build")
     calib_set = None
@@ -286,62 +252,85 @@ def build_bundle(bundle_dir: Path, precision: str, calib: Path | None = None, wo
     if gpu is None and dla_core is not None:
         raise ArmscopeError("--dla: no NVIDIA GPU/DLA here; DLA engines are built on the Jetson itself")
     target = prepare_onnx(bundle, precision, calib, out, int8_mode, force, holdout)
+    implicit = precision == "int8" and int8_mode == "implicit"
     if gpu is None:
         why = "TensorRT is not installed" if not tensorrt_available() else "no NVIDIA GPU was found"
-        cmd = f"armscope build {target.root} --precision {precision}"
-        if precision == "int8" and int8_mode == "implicit":
+        cmd = f"armscope build {bundle.root} --precision {precision}"
+        if target is not bundle and out:
+            cmd += f" --out {target.root}"
+        if implicit:
             cmd += f" --int8-mode implicit --calib {calib}"
-        return {"bundle": str(target.root), "engines": None,
-                "message": f"{why}: engines are built on the target device with: {cmd}"}
+        if layout == "merged":
+            cmd += " --layout merged"
+        return {"bundle": str(bundle.root), "compiled": str(target.root), "engines": None,
+                "message": f"{why}: engines are built on the target device (with {bundle.root}"
+                           + (f" and {target.root}" if target is not bundle else "") + f") with: {cmd}"}
+    if target is not bundle:
+        try:
+            require_deployable(target)   # engines of a model that failed its gate must never be found by run
+        except ArmscopeError as exc:
+            raise ArmscopeError(f"{exc}; no engines were built into {bundle.root}") from None
 
     trt = require_tensorrt("armscope build")
-    major = trt_major(trt.__version__)
-    implicit = precision == "int8" and int8_mode == "implicit"
-    if implicit and major >= 11:
+    if implicit and strongly_typed_only(trt.__version__):
         raise ArmscopeError(f"--int8-mode implicit: TensorRT {trt.__version__} has no implicit INT8; make a Q/DQ "
                             "bundle with 'armscope quantize' and build with --int8-mode explicit")
-    if major >= 11 and precision == "fp16" and target.manifest["precision"] != "fp16":
+    if strongly_typed_only(trt.__version__) and precision == "fp16" and target.manifest["precision"] != "fp16":
         raise ArmscopeError(f"{target.root}: TensorRT {trt.__version__} builds strongly typed networks; "
                             "FP16 needs the FP16 ONNX bundle (armscope quantize --precision fp16)")
-    graphs = [("ensemble", target.ensemble_path)] + [
-        (f"member_{i}", p) for i, p in enumerate(target.member_paths)]
-    built = []
+    onnx_of = {"ensemble": target.ensemble_path, **{f"member_{i}": p for i, p in enumerate(target.member_paths)}}
+    graphs = graphs_for(target, layout)  # only the layout that will run
     shape = tuple(target.manifest["inputs"][0]["shape"][1:])
-    with staged_directory(target.root, overwrite=True) as stage:
-        for item in target.root.iterdir():  # copy the bundle, then add engines to the copy
-            if item.name == ENGINE_DIR:
-                continue
-            (shutil.copytree if item.is_dir() else shutil.copy2)(item, stage / item.name)
-        engines = stage / ENGINE_DIR
-        engines.mkdir()
-        old_cache = target.root / ENGINE_DIR / TIMING_CACHE
-        if old_cache.is_file():
-            shutil.copy2(old_cache, engines / TIMING_CACHE)
-        for graph, onnx_path in graphs:
+    engines_root = bundle.root / ENGINE_DIR
+    key = engine_key(bundle.manifest["ensemble"]["sha256"], precision, trt.__version__, gpu, dla_core)
+    final = engines_root / key
+    index = new_index(bundle, target, precision, trt.__version__, gpu, dla_core=dla_core,
+                      int8_mode=int8_mode if precision == "int8" else None, max_batch=max_batch,
+                      workspace_mb=workspace_mb)
+    engines_root.mkdir(exist_ok=True)
+    with staged_directory(final, overwrite=True) as stage:
+        old = read_index_or_none(final)
+        for graph in graphs:
             calibrator = None
             if implicit:
-                calib_cache = engines / f"{graph}.calib"
-                old = target.root / ENGINE_DIR / calib_cache.name
-                if old.is_file():
-                    read_calibration_cache(old)
-                    shutil.copy2(old, calib_cache)
+                calib_cache = stage / f"{graph}.calib"
+                if (final / calib_cache.name).is_file():
+                    read_calibration_cache(final / calib_cache.name)
+                    shutil.copy2(final / calib_cache.name, calib_cache)
                 calibrator = make_entropy_calibrator(trt, calib_set.images, calib_cache)
-            file = f"{ENGINE_DIR}/{graph}.{precision}.engine"
-            log.info("building %s (%s) ...", file, precision)
-            build_engine(trt, stage / onnx_path.relative_to(target.root), stage / file, precision,
-                         workspace_mb=workspace_mb, timing_cache=engines / TIMING_CACHE, dla_core=dla_core,
-                         max_batch=max_batch, calibrator=calibrator, explicit_int8=not implicit, input_shape=shape)
-            built.append({
-                "file": file, "sha256": sha256_file(stage / file), "graph": graph, "precision": precision,
-                "tensorrt": trt.__version__, "gpu": gpu["name"], "compute_capability": gpu["compute_capability"],
-                "int8_mode": int8_mode if precision == "int8" else None, "dla_core": dla_core,
-                "max_batch": max_batch, "workspace_mb": workspace_mb,
-                "built": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-            })
-        manifest = dict(target.manifest)
-        manifest["engines"] = built  # engines for another device/version are replaced, not kept
-        write_manifest(stage, manifest)
-        load_bundle(stage)
-    return {"bundle": str(target.root), "engines": built,
-            "message": f"built {len(built)} engine(s) for {gpu['name']} (sm {gpu['compute_capability']}), "
-                       f"TensorRT {trt.__version__}, {precision}"}
+            file = f"{graph}.engine"
+            log.info("building %s/%s (%s, %d of %d) ...", key, file, precision, graphs.index(graph) + 1, len(graphs))
+            print(f"building {graph} ({precision}) ...", flush=True)
+            try:
+                build_engine(trt, onnx_of[graph], stage / file, precision, workspace_mb=workspace_mb,
+                             timing_cache=engines_root / TIMING_CACHE, dla_core=dla_core, max_batch=max_batch,
+                             calibrator=calibrator, explicit_int8=not implicit, input_shape=shape)
+            finally:
+                if calibrator is not None:
+                    calibrator.cuda.close()
+            index["engines"][graph] = {"file": file, "sha256": sha256_file(stage / file),
+                                       "onnx_sha256": sha256_file(onnx_of[graph])}
+        same_settings = old is not None and all(old.get(k) == index[k] for k in ("max_batch", "int8_mode", "format"))
+        if same_settings:
+            # engines of the other layout built earlier under this key and with these settings stay usable
+            for graph, entry in old["engines"].items():
+                if graph not in index["engines"] and (final / entry["file"]).is_file():
+                    shutil.copy2(final / entry["file"], stage / entry["file"])
+                    index["engines"][graph] = entry
+        write_index(stage, index)
+    built = sorted(index["engines"])
+    return {"bundle": str(bundle.root), "compiled": str(target.root), "engines": str(final),
+            "message": f"built {len(graphs)} engine(s) into {final} for {gpu['name']} (sm "
+                       f"{gpu['compute_capability']}), TensorRT {trt.__version__}, {precision}; "
+                       f"'armscope run' / 'classify --backend auto' with {bundle.root} use them"
+                       + (f" (this set also holds {', '.join(g for g in built if g not in graphs)})"
+                          if len(built) > len(graphs) else "")}
+
+
+def read_index_or_none(directory: Path) -> dict | None:
+    from edge.engines import read_index
+
+    try:
+        return read_index(directory)
+    except ArmscopeError:
+        return None   # a damaged index is replaced by the new build

@@ -1,7 +1,10 @@
-"""TensorRT build and backend. Without a GPU: what ``build`` prepares, the
-engine/version checks, cache validation and ``auto`` falling back. With one
-(``@pytest.mark.gpu``, skipped elsewhere by the root conftest): real engines
-for one demo member, compared with ONNX Runtime on real frames."""
+"""TensorRT build and backend. Without a GPU: what ``build`` prepares (and
+reuses), cache validation, the CUDA flavour checks (engine keys, lookup and
+``auto``'s fallback are in test_engines.py). With one (``@pytest.mark.gpu``,
+skipped elsewhere by the root conftest): real engines for one demo member,
+built into the bundle and found by ``auto``, compared with ONNX Runtime on
+real frames, activated on another thread with each CUDA flavour, with and
+without CUDA graphs."""
 from __future__ import annotations
 
 import json
@@ -18,12 +21,11 @@ from armscope.errors import ArmscopeError
 from armscope.preprocess import Preprocessing, load_image, preprocess_frame
 from calibration.derive import subset_bundle
 from edge.backends import open_backend
-from edge.backends.tensorrt_backend import FLAVOURS, CudaRuntime, cuda_flavours, engine_mismatch, select_engines
+from edge.backends.tensorrt_backend import FLAVOURS, CudaRuntime, cuda_flavours
 from edge.trt_build import read_calibration_cache
 
 SAMPLES = Path(__file__).resolve().parents[1] / "samples"
-GPU = {"name": "NVIDIA Jetson AGX Orin", "compute_capability": "8.7"}  # what gpu_info() returns
-BUILT_ON = {"gpu": GPU["name"], "compute_capability": GPU["compute_capability"]}  # what the manifest records
+BUILT_ON = {"gpu": "NVIDIA Jetson AGX Orin", "compute_capability": "8.7"}  # what a manifest engine entry records
 
 
 @pytest.fixture(scope="module")
@@ -59,33 +61,14 @@ def test_a_cuda_api_that_cannot_load_is_named(monkeypatch):
     """A CUDA Python API that is installed but cannot be imported (e.g. built
     for a CUDA the driver lacks): the next flavour is tried, and if none
     loads, each one's import error is reported by name, not as a traceback."""
-    import edge.backends.tensorrt_backend as backend
+    import edge.backends.cuda_runtime as runtime
 
-    monkeypatch.setattr(backend, "cuda_flavours", lambda: ["cuda-python", "pycuda"])
+    monkeypatch.setattr(runtime, "cuda_flavours", lambda: ["cuda-python", "pycuda"])
     for module in ("cuda", "cuda.bindings", "pycuda", "pycuda.driver"):
         monkeypatch.setitem(sys.modules, module, None)  # None in sys.modules: importing it fails
     with pytest.raises(ArmscopeError, match=r"no CUDA Python API could be imported \(cuda-python: import of cuda\b.*; "
                                             r"pycuda: import of pycuda"):
         CudaRuntime()
-
-
-def test_engine_checks_name_version_gpu_and_rebuild(tmp_path, one_member):
-    entry = {"tensorrt": "10.13.0.35", **BUILT_ON}
-    assert engine_mismatch(entry, "10.13.0.35", GPU) is None
-    assert "TensorRT 10.13.0.35, this device has TensorRT 10.14.1" in engine_mismatch(entry, "10.14.1", GPU)
-    other = {"name": "NVIDIA H100 80GB HBM3", "compute_capability": "9.0"}
-    assert "compute capability 8.7" in engine_mismatch(entry, "10.13.0.35", other)
-    import shutil
-
-    copy = tmp_path / "b"
-    shutil.copytree(one_member, copy)
-    bundle = load_bundle(_with_engine(copy))
-    with pytest.raises(ArmscopeError, match=r"ensemble.fp16.engine: built with TensorRT 10.13.0.35.*rebuild on this "
-                                            r"device: armscope build .* --precision fp32"):
-        select_engines(bundle, "10.14.1", GPU)
-    with pytest.raises(ArmscopeError, match="no engine for member_0"):
-        select_engines(bundle, "10.13.0.35", GPU, layout="members")
-    assert select_engines(bundle, "10.13.0.35", GPU)[0]["graph"] == "ensemble"
 
 
 def test_engine_files_are_hash_checked(tmp_path, one_member):
@@ -97,18 +80,6 @@ def test_engine_files_are_hash_checked(tmp_path, one_member):
     (copy / "engines" / "ensemble.fp16.engine").write_bytes(b"changed")
     with pytest.raises(ArmscopeError, match=r"ensemble.fp16.engine: sha256 .* field engines.0.sha256"):
         load_bundle(copy)
-
-
-def test_auto_falls_back_to_onnxruntime_with_reason(tmp_path, one_member, caplog):
-    import shutil
-
-    copy = tmp_path / "b"
-    shutil.copytree(one_member, copy)
-    bundle = load_bundle(_with_engine(copy))
-    with caplog.at_level(logging.INFO, logger="edge.backends"):
-        with open_backend(bundle, "auto") as backend:
-            assert backend.name == "onnxruntime"
-    assert any("backend: onnxruntime on the CPU (" in r.message for r in caplog.records)
 
 
 def test_asking_for_tensorrt_without_it_says_how_to_get_it(capsys):
@@ -140,12 +111,22 @@ def test_calibration_cache_validation(tmp_path):
 
 @pytest.mark.skipif(__import__("edge.trt_build", fromlist=["x"]).gpu_info() is not None, reason="needs a machine without a GPU")
 def test_build_without_gpu_prepares_fp16_and_says_where_engines_are_built(tmp_path, one_member, capsys):
+    """Without a GPU ``build`` makes the FP16 bundle and prints the command for the
+    device, naming the bundle ``run`` uses; on the device the same command reuses the
+    FP16 bundle made from this bundle instead of making it again."""
     out = tmp_path / "fp16"
     assert main(["build", str(one_member), "--precision", "fp16", "--out", str(out),
                  "--holdout", str(SAMPLES / "frames")]) == 0
     text = capsys.readouterr().out.strip().splitlines()
-    assert text[-1].endswith(f"engines are built on the target device with: armscope build {out} --precision fp16")
+    assert text[-1].endswith(f"engines are built on the target device (with {one_member} and {out}) with: "
+                             f"armscope build {one_member} --precision fp16 --out {out}")
     assert load_bundle(out).manifest["precision"] == "fp16"
+    made = (out / "manifest.json").stat().st_mtime_ns
+    assert main(["build", str(one_member), "--precision", "fp16", "--out", str(out), "--layout", "merged"]) == 0
+    text = capsys.readouterr().out.strip().splitlines()
+    assert text[0] == f"using the fp16 bundle {out} made from {one_member} earlier (--force remakes it)"
+    assert text[-1].endswith("--precision fp16 --out " + str(out) + " --layout merged")
+    assert (out / "manifest.json").stat().st_mtime_ns == made
     # GPU-only options fail clearly, and leave nothing
     assert main(["build", str(one_member), "--precision", "fp16", "--dla", "0", "--out", str(tmp_path / "x")]) == 2
     assert not (tmp_path / "x").exists()
@@ -161,62 +142,132 @@ def frames():
     return np.stack([preprocess_frame(load_image(p), spec) for p in sorted((SAMPLES / "frames").glob("*.jpg"))])
 
 
-@pytest.mark.gpu
-@pytest.mark.parametrize("precision,atol", [("fp32", 2e-3), ("fp16", 3e-2)])
-def test_engines_match_onnxruntime(tmp_path, one_member, frames, precision, atol):
+def _build(tmp_path, one_member, precision, layout="members", max_batch=2):
     import shutil
 
-    from edge.backends.onnxruntime_backend import OnnxRuntimeBackend
-    from edge.backends.tensorrt_backend import TensorRTBackend
     from edge.trt_build import build_bundle
 
     bundle_dir = tmp_path / "b"
-    shutil.copytree(one_member, bundle_dir)
-    if precision == "fp16":
-        from calibration.quantize import make_reduced_bundle
+    if not bundle_dir.exists():
+        shutil.copytree(one_member, bundle_dir)
+    result = build_bundle(bundle_dir, precision, workspace_mb=1024, max_batch=max_batch, layout=layout,
+                          holdout=[SAMPLES / "frames"] if precision != "fp32" else None)
+    return load_bundle(bundle_dir), result
 
-        make_reduced_bundle(bundle_dir, tmp_path / "b16", "fp16", holdout=[SAMPLES / "frames"])
-        bundle_dir = tmp_path / "b16"
-    result = build_bundle(bundle_dir, precision, workspace_mb=1024, max_batch=2)
-    assert result["engines"] and {e["graph"] for e in result["engines"]} == {"ensemble", "member_0"}
-    bundle = load_bundle(bundle_dir)
-    assert (bundle_dir / "engines" / "timing.cache").stat().st_size > 0
+
+def _raises(call, *args):
+    try:
+        call(*args)
+    except ArmscopeError as e:
+        return e
+    return None
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("precision,atol", [("fp32", 2e-3), ("fp16", 3e-2)])
+def test_engines_match_onnxruntime(tmp_path, one_member, frames, precision, atol):
+    """build writes per-member engines into the bundle (keyed for this device) and
+    ``auto`` on the same bundle finds them; the merged engine only when asked for."""
     import tensorrt
 
-    assert all(e["tensorrt"] == tensorrt.__version__ for e in bundle.manifest["engines"])
+    from edge.backends.onnxruntime_backend import OnnxRuntimeBackend
+    from edge.backends.tensorrt_backend import TensorRTBackend
+    from edge.engines import find_engines, graphs_for
+    from edge.trt_env import gpu_info
+
+    bundle, result = _build(tmp_path, one_member, precision)
+    engines = Path(result["engines"])
+    assert engines.parent == bundle.root / "engines" and (bundle.root / "engines" / "timing.cache").stat().st_size > 0
+    index = json.loads((engines / "engine.json").read_text())
+    assert sorted(index["engines"]) == ["member_0"] and index["tensorrt"] == tensorrt.__version__
+    with pytest.raises(ArmscopeError, match="--layout merged"):
+        find_engines(bundle, tensorrt.__version__, gpu_info(), "merged")
+    _build(tmp_path, one_member, precision, layout="merged")
+    merged = find_engines(bundle, tensorrt.__version__, gpu_info(), "merged")
+    assert sorted(merged.index["engines"]) == ["ensemble", "member_0"]
     with OnnxRuntimeBackend(bundle) as ort_backend:
         ref = ort_backend.infer(frames)
     for layout in ("merged", "members"):
         with open_backend(bundle, "auto", layout=layout, max_batch=2) as backend:
-            assert isinstance(backend, TensorRTBackend) and backend.describe()["layout"] == layout
+            info = backend.describe()
+            assert isinstance(backend, TensorRTBackend) and info["layout"] == layout
+            assert info["requested"] == "auto" and info["precision"] == precision
+            assert len(backend.members) == len(graphs_for(bundle, layout))
             got = backend.infer(frames)  # 4 frames through a max-batch-2 engine: chunked
         np.testing.assert_allclose(got["probs"], ref["probs"], atol=atol)
         assert got["cam"].shape == ref["cam"].shape
         corr = np.corrcoef(got["cam"].ravel(), ref["cam"].ravel())[0, 1]
         assert corr > 0.99
-    # the same bundle claiming another TensorRT version is refused with the rebuild command
-    manifest = json.loads((bundle_dir / "manifest.json").read_text())
-    for e in manifest["engines"]:
-        e["tensorrt"] = "9.0.0"
-    (bundle_dir / "manifest.json").write_text(json.dumps(manifest))
+    # the same engines claiming another TensorRT version are refused with the build command
+    index = json.loads((merged.root / "engine.json").read_text())
+    index["tensorrt"] = "9.0.0"
+    (merged.root / "engine.json").write_text(json.dumps(index))
     with pytest.raises(ArmscopeError, match="built with TensorRT 9.0.0.*armscope build"):
-        TensorRTBackend(load_bundle(bundle_dir))
+        TensorRTBackend(bundle, layout="members")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("flavour", FLAVOURS)
+def test_activated_on_the_inference_thread_with_each_cuda_flavour(tmp_path, one_member, frames, flavour):
+    """The daemon's threading contract on the GPU: constructed on this thread, activated,
+    run and freed on a thread named 'inference' (pycuda pushes the context there), with
+    CUDA graphs and without; the same outputs each way, and infer() from another thread
+    is refused by name."""
+    import threading
+
+    from edge.backends.tensorrt_backend import TensorRTBackend
+
+    if flavour not in cuda_flavours():
+        pytest.skip(f"{flavour} is not installed")
+    bundle, _ = _build(tmp_path, one_member, "fp32")
+    outputs = {}
+    for graphs in (True, False):
+        backend = TensorRTBackend(bundle, flavour=flavour, cuda_graphs=graphs)
+        seen = {}
+
+        def inference():
+            with backend:
+                seen["out"] = backend.infer(frames[:1])
+                seen["describe"] = backend.describe()
+
+        thread = threading.Thread(target=inference, name="inference")
+        thread.start()
+        thread.join(300)
+        assert "out" in seen, "the inference thread failed (see the log)"
+        info = seen["describe"]
+        assert info["thread"] == "inference" and info["cuda"] == flavour and not backend.active
+        if not graphs:
+            assert info["cuda_graphs"].startswith("off")
+        elif flavour == "cuda-python":
+            assert info["cuda_graphs"].startswith(("on", "partly")), info["cuda_graphs"]
+        outputs[graphs] = seen["out"]
+    np.testing.assert_allclose(outputs[True]["probs"], outputs[False]["probs"], rtol=1e-5, atol=1e-6)
+    with TensorRTBackend(bundle, flavour=flavour) as backend:
+        failed = {}
+        thread = threading.Thread(target=lambda: failed.setdefault("e", _raises(backend.infer, frames[:1])))
+        thread.start()
+        thread.join(60)
+        assert "activated on thread 'MainThread'" in str(failed["e"])
 
 
 @pytest.mark.gpu
 def test_int8_explicit_engine_from_qdq_bundle(tmp_path, one_member, frames):
+    """INT8 from a Q/DQ bundle made on the way (``BUNDLE-int8``, gated on real frames):
+    the engines live in the FP32 bundle, and match the Q/DQ graph on ONNX Runtime."""
+    import shutil
+
+    from calibration.accuracy import run_bundle
     from calibration.calibration_set import build_calibration_set
     from edge.backends.tensorrt_backend import TensorRTBackend
     from edge.trt_build import build_bundle
 
     calib = tmp_path / "calib.npz"
     build_calibration_set([SAMPLES / "he" / "cmu-small-region"], calib, size=3, frame_size=(1600, 1200))
-    result = build_bundle(one_member, "int8", calib=calib, out=tmp_path / "int8", holdout=[SAMPLES / "frames"])
-    bundle = load_bundle(result["bundle"])
-    assert bundle.manifest["precision"] == "int8" and result["engines"][0]["precision"] == "int8"
-    from calibration.accuracy import run_bundle
-
-    ref = run_bundle(bundle, frames)  # the Q/DQ graph on ONNX Runtime
-    with TensorRTBackend(bundle) as backend:
+    shutil.copytree(one_member, tmp_path / "b")
+    result = build_bundle(tmp_path / "b", "int8", calib=calib, out=tmp_path / "int8", holdout=[SAMPLES / "frames"])
+    assert result["compiled"] == str(tmp_path / "int8")
+    assert json.loads((Path(result["engines"]) / "engine.json").read_text())["precision"] == "int8"
+    ref = run_bundle(load_bundle(tmp_path / "int8"), frames)  # the Q/DQ graph on ONNX Runtime
+    with TensorRTBackend(load_bundle(tmp_path / "b")) as backend:
         got = backend.infer(frames)
     assert np.abs(got["probs"] - ref["probs"]).max() < 0.05
