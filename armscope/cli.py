@@ -329,7 +329,7 @@ def _cmd_build(args) -> int:
     result = build_bundle(Path(args.bundle), args.precision, calib=Path(args.calib) if args.calib else None,
                           workspace_mb=args.workspace, dla_core=args.dla, out=Path(args.out) if args.out else None,
                           int8_mode=args.int8_mode, max_batch=args.max_batch, force=args.force,
-                          holdout=[Path(p) for p in args.holdout or []] or None)
+                          holdout=[Path(p) for p in args.holdout or []] or None, layout=args.layout)
     print(result["message"])
     return 0
 
@@ -496,7 +496,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="mark the bundle deployable even if it fails the accuracy gate (recorded as forced)")
     p.set_defaults(func=_cmd_quantize)
 
-    p = sub.add_parser("build", help="TensorRT engines for a bundle on this GPU (prepares FP16/Q-DQ ONNX without one)")
+    p = sub.add_parser("build", help="TensorRT engines for a bundle on this GPU (prepares FP16/Q-DQ ONNX without one)",
+                       description="Build TensorRT engines on this device into BUNDLE/engines/<key>/ (key: bundle "
+                                   "hash, precision, TensorRT version, GPU, DLA core), where 'run' and 'classify "
+                                   "--backend auto' with the same BUNDLE find them; the last build that fits the "
+                                   "device is the one that runs.")
     p.add_argument("bundle")
     p.add_argument("--precision", required=True, choices=["fp32", "fp16", "int8"])
     p.add_argument("--calib", help="CALIB.npz: to make the Q/DQ bundle, or for --int8-mode implicit")
@@ -505,7 +509,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workspace", type=_int_in(1), default=2048, help="builder workspace, MB")
     p.add_argument("--dla", type=int, help="DLA core (Jetson Xavier/Orin), with GPU fallback")
     p.add_argument("--max-batch", type=_int_in(1, 4096), default=1)
-    p.add_argument("--out", help="where a derived FP16/INT8 bundle goes (default BUNDLE-PRECISION)")
+    p.add_argument("--layout", default="members", choices=["members", "merged"],
+                   help="members (default): one engine per member, what the TensorRT backend runs by default; "
+                        "merged: one engine for the merged ensemble (for --layout merged at run time)")
+    p.add_argument("--out", help="where a derived FP16/INT8 bundle goes (default BUNDLE-PRECISION; reused if it "
+                                 "was made from BUNDLE, unless --force)")
     p.add_argument("--holdout", nargs="+", help="hold-out images for the derived bundle's gate")
     p.add_argument("--force", action="store_true", help="replace an existing derived bundle")
     p.set_defaults(func=_cmd_build)

@@ -13,71 +13,65 @@ BACKENDS = ("auto", "onnxruntime", "openvino", "tensorrt")
 CPU_PRECISIONS = ("f32", "bf16", "auto")  # OpenVINO inference precision (edge/backends/openvino_backend.py)
 
 
-def tensorrt_unavailable_reason(bundle: Bundle, layout: str = "merged") -> str | None:
-    """Why ``auto`` cannot pick TensorRT for this bundle here (None: it can): TensorRT
-    must import, a GPU must be present, and the manifest must hold engines built for
-    this TensorRT version and this GPU."""
-    if not bundle.manifest.get("engines"):
-        return f"no TensorRT engines in {bundle.root}"
-    from edge.trt_build import gpu_info, tensorrt_available
+def gpu_choice(bundle: Bundle, layout: str = "members"):
+    """What ``auto`` does about the GPU: (engine set, why) to run TensorRT; or (None,
+    why not, loud) to run on the CPU, ``loud`` (a WARNING) wherever a GPU run was to be
+    expected: a GPU or a Jetson without TensorRT, TensorRT without a GPU, or engines in
+    the bundle that cannot run. On a machine with a GPU and TensorRT but no engines for
+    it, this raises, naming the ``armscope build`` command: such a box never silently
+    runs on its CPU (``--backend onnxruntime`` asks for the CPU explicitly)."""
+    from edge.engines import engine_sets, find_engines
+    from edge.trt_env import gpu_info, is_jetson, tensorrt_available
 
-    if not tensorrt_available():
-        return "TensorRT is not installed"
-    gpu = gpu_info()
-    if gpu is None:
-        return "no NVIDIA GPU found"
-    import tensorrt
+    trt_ok, gpu = tensorrt_available(), gpu_info()
+    if trt_ok and gpu is not None:
+        import tensorrt
 
-    from edge.backends.tensorrt_backend import select_engines
-
-    try:
-        select_engines(bundle, tensorrt.__version__, gpu, layout)
-    except ArmscopeError as exc:
-        return str(exc)
-    return None
-
-
-def cpu_backend_for(bundle: Bundle, openvino_installed: bool, int8_exact_here: bool) -> tuple[str, str]:
-    """The CPU runtime ``auto`` picks for ``bundle``, and why.
-
-    ONNX Runtime, except for an INT8 bundle on a CPU that computes INT8
-    exactly (VNNI/AMX) when OpenVINO is installed: there ONNX Runtime ran a
-    full-size INT8 Q/DQ member *slower* than FP32 (230 vs 122 ms on 16 Xeon
-    cores, 257 vs 242 ms on 2) while OpenVINO ran it 1.8x / 2.4x faster than
-    FP32 and as exactly (BENCHMARKS.md section 4). Where INT8 is inexact both
-    refuse the bundle; ONNX Runtime says so."""
-    if bundle.manifest.get("precision") != "int8":
-        return "onnxruntime", "the default CPU runtime"
-    if not int8_exact_here:
-        return "onnxruntime", "INT8 bundle; this CPU's INT8 is inexact, see below"
-    if openvino_installed:
-        return "openvino", "INT8 bundle on a VNNI/AMX CPU: OpenVINO runs it 1.8-2.4x faster than FP32, ONNX Runtime slower"
-    return "onnxruntime", ("INT8 bundle: ONNX Runtime runs INT8 Q/DQ no faster than FP32 on the CPUs measured; "
-                           "pip install 'armscope[openvino]' for OpenVINO, 1.8-2.4x faster than FP32 on a VNNI/AMX CPU")
+        engines = find_engines(bundle, tensorrt.__version__, gpu, layout)  # or the error with the build command
+        return engines, f"engines {engines.root.name} for this GPU and TensorRT", False
+    stored = engine_sets(bundle)
+    if gpu is not None:
+        why = f"NVIDIA GPU {gpu['name']} found but TensorRT is not installed (pip install 'armscope[gpu]'; " \
+              "on a Jetson it comes with JetPack: python3-libnvinfer, venv with --system-site-packages)"
+    elif trt_ok:
+        why = "TensorRT is installed but no NVIDIA GPU is reachable (driver, cuda-python or pycuda missing?)"
+    elif is_jetson():
+        why = "this is a Jetson, but neither TensorRT nor a CUDA device is reachable from Python"
+    elif stored:
+        why = f"{bundle.root} has TensorRT engines ({stored[0].root.name}), but this machine has no NVIDIA GPU"
+    else:
+        return None, "no NVIDIA GPU or TensorRT here", False
+    return None, why, True
 
 
 def open_backend(bundle: Bundle, kind: str = "auto", **options) -> InferenceBackend:
     """Open the backend named by ``kind``; ``auto`` picks TensorRT when this machine can
-    run the bundle's engines, else a CPU runtime (``cpu_backend_for``: ONNX Runtime,
-    or OpenVINO for INT8 bundles where that is faster), and logs why. ``openvino``
+    run the bundle's engines, else the fastest faithful CPU path (``edge.backends.select``:
+    OpenVINO BF16 or INT8 where this CPU and the bundle allow it, else ONNX Runtime), and
+    logs why. ``openvino``
     is the other CPU runtime (option ``cpu_precision``: f32, bf16 or auto); the
-    ``cpu_precision`` option is ignored by the others, which run the bundle's own precision.
+    ``cpu_precision`` option is ignored by the others, which run the bundle's own precision,
+    and by ``auto``, which chooses it.
     Option ``layout`` ``auto`` (default) is the faster one for the backend chosen."""
     if kind not in BACKENDS:
         raise ArmscopeError(f"backend {kind!r}: expected one of {', '.join(BACKENDS)}")
     layout = options.get("layout", "auto")
     if kind == "auto":
-        reason = tensorrt_unavailable_reason(bundle, "members" if layout == "auto" else layout)
-        if reason is None:
-            kind = "tensorrt"
-            log.info("backend: tensorrt (engines for this TensorRT version and GPU in %s)", bundle.root)
-        else:
-            import importlib.util
+        engines, why, loud = gpu_choice(bundle, "members" if layout == "auto" else layout)
+        if engines is not None:
+            from edge.backends.tensorrt_backend import TensorRTBackend
 
-            from edge.backends.cpu_features import int8_exact
+            log.info("backend: tensorrt (%s in %s)", why, bundle.root)
+            options = {k: v for k, v in options.items() if k not in ("threads", "cpu_precision", "allow_inexact_int8")}
+            backend = TensorRTBackend(bundle, **dict(options, layout="members" if layout == "auto" else layout),
+                                      engines=engines)
+            backend.selection = {"requested": "auto", "why": why}
+            return backend
+        from edge.backends.select import open_auto_cpu
 
-            kind, why = cpu_backend_for(bundle, importlib.util.find_spec("openvino") is not None, int8_exact()[0])
-            log.info("backend: %s on the CPU (%s; %s)", kind, reason, why)
+        # the fastest CPU path that stays faithful here (BF16 only after a recorded agreement gate);
+        # a WARNING where a GPU run was to be expected (gpu_choice)
+        return open_auto_cpu(bundle, why, options, level=logging.WARNING if loud else logging.INFO)
     if layout == "auto":
         # OpenVINO runs one merged graph fastest (2.36 s vs 3.47 s per-member requests on
         # 2 cores); ONNX Runtime and TensorRT run members concurrently (1.66x), BENCHMARKS.md.
