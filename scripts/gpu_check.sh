@@ -1,68 +1,120 @@
 #!/usr/bin/env bash
-# The checks that need an NVIDIA GPU, in one run on a lent GPU machine (the
-# `device` tool), whose image has Python, numpy, OpenCV, numba, ONNX Runtime
-# and cuda-python but not this project's other dependencies, and no network.
+# Everything that needs an NVIDIA GPU, in one command for a lent GPU machine, within
+# ~9.5 minutes (BUDGET_S), with a report in $OUT/report.md (OUT defaults to out/gpu_check):
+#   1. the CUDA runtime tests and benchmark (both CUDA flavours present; no TensorRT needed)
+#   2. with TensorRT importable: the `gpu` tests (one-member engines FP32/FP16/INT8, parity
+#      with ONNX Runtime, activation on another thread with each flavour, CUDA graphs on/off),
+#      then samples/demo_bundle built FP16, FP32, INT8 (in that order, as time allows), each
+#      checked against ONNX Runtime on the real frames and run through the daemon (bench,
+#      N frames on the GPU): the precision table in the report.
+# Without a GPU (or without TensorRT) those parts are skipped and the report says so.
 #
-# Here, first (wheels for the machine's Python 3.12; .whl/ is git-ignored):
-#   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 \
-#     --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 \
-#     --platform manylinux2014_x86_64 -d .whl pyzmq pyserial jsonschema \
-#     jsonschema-specifications referencing rpds-py isal
-# and, to check the pycuda flavour too (PyPI has pycuda as source only; it is built
-# there against the machine's CUDA, ~1.5 min):
-#   python3 -m pip download --no-deps --no-binary=pycuda -d .whl pycuda
-#   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 \
-#     --implementation cp --platform manylinux2014_x86_64 -d .whl pytools platformdirs siphash24 mako
-#   (and, should the image lack Python's headers, a 3.12's include/python3.12 into .whl/include/)
-# then run this with carry [".whl"]. Results land in $OUT (env, tests, benchmarks).
-# TensorRT itself cannot travel (its libraries are over 1 GB; the tool carries
-# 64 MiB), so the `gpu` tests skip unless the machine has it; the `cuda` tests
-# and benchmarks (the TensorRT backend's CUDA calls) run either way, once per
-# CUDA flavour present.
+# Offline wheels: a lent machine has no network. Put the wheels this project needs that
+# its image lacks in .whl/ (see git history of this script for the pip download lines;
+# pycuda as an sdist is built there) and run with carry [".whl"].
 set -uo pipefail
 OUT=${OUT:-out/gpu_check}
-REPO=$PWD
+PY=${PYTHON:-python3}
+FRAMES_N=${FRAMES_N:-30}
+DEADLINE=$((SECONDS + ${BUDGET_S:-570}))
 mkdir -p "$OUT"
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-    --target /tmp/site .whl/*.whl || exit 1
-export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
-if ls .whl/pycuda-*.tar.gz >/dev/null 2>&1; then
-  if ( set -e; rm -rf /tmp/pycuda; mkdir /tmp/pycuda
-       tar xzf .whl/pycuda-*.tar.gz -C /tmp/pycuda --strip-components=1; cd /tmp/pycuda
-       export CFLAGS="-g0"  # no debug info: a faster (serial) compile
-       inc=$(python3 -c "import sysconfig; print(sysconfig.get_paths()['include'])")
-       # an image without Python's headers: carry a 3.12's include/python3.12 in .whl/include
-       [ -f "$inc/Python.h" ] || export CFLAGS="$CFLAGS -I$REPO/.whl/include/python3.12"
-       command -v nvcc >/dev/null || export PATH=/usr/local/cuda/bin:$PATH
-       python3 configure.py --cuda-root="$(dirname "$(dirname "$(command -v nvcc)")")"
-       python3 setup.py build_ext --inplace ) > "$OUT/pycuda_build.log" 2>&1; then
-    export PYTHONPATH=$PYTHONPATH:/tmp/pycuda
-  else
-    echo "pycuda build failed:"; tail -15 "$OUT/pycuda_build.log"
-  fi
+REPORT="$OUT/report.md"
+WORK=$(mktemp -d)
+trap 'rm -rf "$WORK"' EXIT
+echo "# gpu_check $(date -u +%FT%TZ)" > "$REPORT"
+note() { echo "$*" | tee -a "$REPORT"; }
+left() { echo $((DEADLINE - SECONDS)); }
+# step NAME MAX_S CMD...: run with a timeout that fits the budget; PASS/FAIL/SKIP in the report
+step() {
+  local name=$1 max=$2; shift 2
+  local t=$(( $(left) < max ? $(left) : max ))
+  if (( t < 20 )); then note "- SKIP $name: out of time"; return 1; fi
+  local start=$SECONDS
+  timeout "$t" "$@" > "$OUT/$name.log" 2>&1
+  local rc=$?
+  local verdict=PASS; (( rc == 124 )) && verdict="FAIL (timeout ${t}s)"; (( rc != 0 && rc != 124 )) && verdict="FAIL (rc $rc)"
+  note "- $verdict $name ($((SECONDS - start)) s): $(tail -1 "$OUT/$name.log")"
+  return $rc
+}
+
+if ls .whl/*.whl >/dev/null 2>&1; then
+  $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl \
+    && export PYTHONPATH=/tmp/site:${PYTHONPATH:-}
 fi
+export PYTHONPATH=$PWD:${PYTHONPATH:-} PYTHONUNBUFFERED=1
+ARMSCOPE="$PY -m armscope.cli"
+
 {
-  date -u; nvidia-smi -L; nvidia-smi --query-gpu=name,compute_cap,driver_version --format=csv
-  lscpu | grep -E 'Model name|^CPU\(s\)'
-  python3 -c "import sys, cv2, numba, numpy, onnxruntime; print(sys.version.split()[0], 'cv2', cv2.__version__, 'numba', numba.__version__, 'numpy', numpy.__version__, 'ort', onnxruntime.__version__, onnxruntime.get_available_providers())"
-  python3 -c "import cuda.bindings; print('cuda-bindings', cuda.bindings.__version__)"
-  python3 -c "import pycuda.driver as d; d.init(); print('pycuda', d.get_version(), 'driver', d.get_driver_version())" 2>&1 | tail -1
-  python3 -c "import tensorrt; print('tensorrt', tensorrt.__version__)" 2>&1 | tail -1
-} 2>&1 | tee "$OUT/env.txt"
-python3 -m pytest -q -p no:cacheprovider -rs tests/test_cuda_runtime.py tests/test_calibration_tensorrt.py tests/test_cpus.py \
-    2>&1 | tee "$OUT/gpu_tests.txt"
-python3 -m pytest -q -p no:cacheprovider benchmarks/bench_cuda.py --benchmark-only \
-    --benchmark-json="$OUT/bench_cuda.json" 2>&1 | tail -15
-[ -n "${SKIP_BRIDGE:-}" ] && exit 0  # SKIP_BRIDGE=1: the GPU part only (the bridge runs on the host CPU)
-taskset -c 0,1 python3 -m pytest -q -p no:cacheprovider benchmarks/bench_bridge.py -k bridge_path \
-    --benchmark-only --benchmark-json="$OUT/bench_bridge_2cpu.json" 2>&1 | tail -15
-python3 -m pytest -q -p no:cacheprovider tests/test_bridge_link.py tests/test_bridge_bench.py \
-    2>&1 | tail -15 | tee "$OUT/bridge_tests.txt"
-python3 -c "import sys; from firmware_bridge.cli import main; sys.exit(main(sys.argv[1:]))" \
-    bench --frames 200 --json "$OUT/bridge_bench.json" 2>&1 | tee "$OUT/bridge_bench.txt"
-# The CLI on a GPU machine without TensorRT: auto falls back to ONNX Runtime and says why;
-# asking for tensorrt is refused with a clear message (exit status 2, no traceback).
-A="python3 -c 'import sys; from armscope.cli import main; sys.exit(main(sys.argv[1:]))'"
-eval "$A classify --bundle samples/demo_bundle samples/frames/cmu1_frame_1.jpg --backend auto" 2>&1 | tail -6
-eval "$A classify --bundle samples/demo_bundle samples/frames/cmu1_frame_1.jpg --backend tensorrt" 2>&1 | tail -4
-echo "tensorrt refusal: exit ${PIPESTATUS[0]}"
+  echo '## environment'; echo '```'
+  nvidia-smi --query-gpu=name,compute_cap,driver_version --format=csv 2>&1 | head -3
+  grep -m1 'model name' /proc/cpuinfo
+  $PY -c "import sys, numpy, onnxruntime; print('python', sys.version.split()[0], 'numpy', numpy.__version__, 'onnxruntime', onnxruntime.__version__)"
+  $PY -c "from edge.backends.cuda_runtime import cuda_flavours; print('CUDA Python APIs:', cuda_flavours() or 'none')"
+  $PY -c "import tensorrt; print('tensorrt', tensorrt.__version__)" 2>&1 | tail -1
+  echo '```'
+} >> "$REPORT" 2>&1
+GPU=$($PY -c "from edge.trt_env import gpu_info; g = gpu_info(); print(g['name'] if g else '')" 2>/dev/null)
+TRT=$($PY -c "from edge.trt_env import tensorrt_available; print(int(tensorrt_available()))" 2>/dev/null)
+
+note "## results"
+if [ -z "$GPU" ]; then
+  note "- SKIP everything that needs a GPU: no NVIDIA GPU found (cuda-python, pycuda, nvidia-smi). Not run:"
+  note "  CUDA runtime tests, TensorRT engine builds (FP32/FP16/INT8), parity vs ONNX Runtime, daemon on the GPU,"
+  note "  precision benchmark. What the GPU tests would run, collected and skipped here:"
+  step gpu-tests-collected 120 $PY -m pytest -q -p no:cacheprovider -rs tests/test_cuda_runtime.py \
+    tests/test_calibration_tensorrt.py -m "gpu or cuda"
+  cat "$REPORT"; exit 0
+fi
+note "- GPU: $GPU"
+step cuda-runtime-tests 120 $PY -m pytest -q -p no:cacheprovider -rs tests/test_cuda_runtime.py
+step cuda-benchmark 60 $PY -m pytest -q -p no:cacheprovider benchmarks/bench_cuda.py --benchmark-only \
+  --benchmark-json="$OUT/bench_cuda.json"
+if [ "$TRT" != 1 ]; then
+  note "- SKIP TensorRT parts: TensorRT is not importable here (engine builds, parity, daemon on the GPU, precision"
+  note "  benchmark not run). auto on this machine must warn and run on the CPU:"
+  step auto-without-tensorrt 120 $ARMSCOPE classify --bundle samples/demo_bundle samples/frames/cmu1_frame_1.jpg
+  grep -q "WARNING" "$OUT/auto-without-tensorrt.log" && note "  (the WARNING was printed)" || note "  (NO WARNING: a defect)"
+  cat "$REPORT"; exit 0
+fi
+step gpu-tests 240 $PY -m pytest -q -p no:cacheprovider -rs tests/test_calibration_tensorrt.py -m gpu
+
+# the demo bundle, built per precision into a copy; auto runs the newest build
+cp -r samples/demo_bundle "$WORK/demo"
+note ""; note "| precision | build | max abs dp vs ONNX Runtime | daemon fps | inference p50 ms |"
+note "|---|---|---|---|---|"
+parity() {  # max |p_auto - p_reference| over the real frames; reference: the compiled bundle on ONNX Runtime
+  $ARMSCOPE classify --bundle "$WORK/demo" --backend auto --json "$WORK/auto.json" samples/frames/*.jpg >/dev/null 2>&1 &&
+  $ARMSCOPE classify --bundle "$1" --backend onnxruntime --json "$WORK/ref.json" samples/frames/*.jpg >/dev/null 2>&1 &&
+  $PY -c "
+import json; a, r = (json.load(open(f))['images'] for f in ('$WORK/auto.json', '$WORK/ref.json'))
+assert json.load(open('$WORK/auto.json'))['backend']['backend'] == 'tensorrt', 'auto did not run TensorRT'
+print(max(abs(x['probs'][c] - y['probs'][c]) for x, y in zip(a, r) if x['probs'] for c in x['probs']))"
+}
+for precision in fp16 fp32 int8; do
+  extra=""; compiled="$WORK/demo"
+  if [ $precision != fp32 ]; then extra="--out $WORK/demo-$precision --holdout samples/frames"; compiled="$WORK/demo-$precision"; fi
+  if [ $precision = int8 ]; then
+    step calib 60 $ARMSCOPE calibration-set samples/he/cmu-small-region --out "$WORK/calib.npz" --size 8 \
+      --frame-size 1600x1200 --bundle "$WORK/demo" || continue
+    extra="$extra --calib $WORK/calib.npz"
+  fi
+  if step build-$precision 240 $ARMSCOPE build "$WORK/demo" --precision $precision $extra; then
+    dp=$(parity "$compiled" 2>&1 | tail -1)
+    cat > "$WORK/run.toml" <<TOML
+bundle = "$WORK/demo"
+source = "dir://$PWD/samples/frames/?fps=30&loop=1"
+backend = "auto"
+TOML
+    fps="-"; p50="-"
+    if step bench-$precision 120 $ARMSCOPE bench --config "$WORK/run.toml" --frames "$FRAMES_N" --json "$OUT/bench_$precision.json"; then
+      read -r fps p50 < <($PY -c "import json; r = json.load(open('$OUT/bench_$precision.json')); \
+assert r['backend']['backend'] == 'tensorrt', r['backend']; print(r['fps'], r['latency_ms']['inference']['p50'])" 2>&1 | tail -1)
+    fi
+    note "| $precision | ok | $dp | $fps | $p50 |"
+  else
+    note "| $precision | failed (see $precision build log) | - | - | - |"
+  fi
+done
+cp -r "$WORK/demo/engines" "$OUT/engines_index" 2>/dev/null && find "$OUT/engines_index" -name '*.engine' -delete
+note ""; note "finished in $SECONDS s"
+cat "$REPORT"
