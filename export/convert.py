@@ -38,6 +38,7 @@ from typing import Callable
 import numpy as np
 
 from armscope.errors import ArmscopeError, require_module
+from export.keras_io import quiet_libraries
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +47,11 @@ WEIGHT_PREFIX = "weight_"
 # ONNX Runtime's basic level cancels the transposes in C++ instead).
 TEMPLATE_OPTIMIZERS = ("fold_constants", "merge_duplication", "reshape_optimizer", "global_pool_optimizer",
                        "remove_identity", "remove_back_to_back", "einsum_optimizer")
+
+
+class SharedConversionUnsupported(ArmscopeError):
+    """The deploy graph cannot be converted with its weights as inputs; the
+    caller can still convert each member on its own."""
 
 
 def _stderr_progress(message: str) -> None:
@@ -100,7 +106,7 @@ def trace_member(model, build: Callable = _default_build) -> TracedMember:
     """Trace ``build(model)``'s function and read what it captured, in capture order."""
     import tensorflow as tf
 
-    with batched_time_distributed():
+    with batched_time_distributed(), quiet_libraries():
         function, spec = build(model)
         concrete = function.get_concrete_function(spec)
     variables = {id(v.handle): v for v in concrete.variables}
@@ -109,8 +115,8 @@ def trace_member(model, build: Callable = _default_build) -> TracedMember:
         if external.dtype == tf.resource:
             variable = variables.get(id(external))
             if variable is None:
-                raise ArmscopeError("the deploy function captured a resource that is not a variable; "
-                                    "cannot convert it with bound weights")
+                raise SharedConversionUnsupported("the deploy function captured a resource that is not a "
+                                                  "variable; cannot convert it with bound weights")
             values.append(variable.numpy())
         else:
             values.append(external.numpy())
@@ -146,7 +152,10 @@ def _template(traced: TracedMember, opset: int):
     from tensorflow.python.framework.convert_to_constants import convert_variables_to_constants_v2
 
     require_module("tf2onnx", "tf", "ONNX export")
+    import onnx
     from tf2onnx import convert, optimizer, tf_loader
+
+    import export.tf2onnx_grads  # noqa: F401  (gradient ops of an in-graph Grad-CAM by GradientTape)
 
     concrete = traced.concrete
     inputs = [t.name for t in concrete.inputs if t.dtype != tf.resource]
@@ -168,16 +177,19 @@ def _template(traced: TracedMember, opset: int):
         renames[f"{node.name}:0"] = f"{WEIGHT_PREFIX}{index}"
         weights.append(f"{node.name}:0")
     if len(weights) != len(traced.values):
-        raise ArmscopeError(f"froze {len(weights)} of the deploy function's {len(traced.values)} captured values; "
-                            "cannot convert it with bound weights")
+        raise SharedConversionUnsupported(f"froze {len(weights)} of the deploy function's {len(traced.values)} "
+                                          "captured values; cannot convert it with bound weights")
     with tf.Graph().as_default() as graph, tf_loader.tf_session(graph=graph):
         tf.import_graph_def(graph_def, name="")
         graph_def = tf_loader.tf_optimize(inputs + weights, outputs, graph_def)
     chosen = {k: v for k, v in optimizer._get_optimizers().items() if k in TEMPLATE_OPTIMIZERS}
-    with tf.device("/cpu:0"):
+    with tf.device("/cpu:0"), quiet_libraries():
         model, _ = convert._convert_common(graph_def, name=concrete.name, continue_on_error=True, opset=opset,
                                            input_names=inputs + weights, output_names=outputs,
                                            tensors_to_rename=renames, optimizers=chosen)
+    unknown = sorted({n.op_type for n in model.graph.node if not n.domain and not onnx.defs.has(n.op_type)})
+    if unknown:
+        raise ArmscopeError(f"tf2onnx could not convert TensorFlow ops {', '.join(unknown)} of the deploy graph")
     return model
 
 
@@ -213,8 +225,9 @@ def fold_and_save(model, target: Path) -> None:
     folded = onnx.load(str(target))
     used = {node.domain or "" for node in folded.graph.node}
     if used - {"", "ai.onnx"}:
-        raise ArmscopeError(f"ONNX Runtime's basic optimisation produced operators outside standard ONNX "
-                            f"({', '.join(sorted(used - {'', 'ai.onnx'}))}); {target.name} would not be portable")
+        raise SharedConversionUnsupported(
+            f"ONNX Runtime's basic optimisation produced operators outside standard ONNX "
+            f"({', '.join(sorted(used - {'', 'ai.onnx'}))}); {target.name} would not be portable")
     # ONNX Runtime lists every domain it knows (com.microsoft, org.pytorch.aten, ...); keep the one in use
     kept = [o for o in folded.opset_import if o.domain in ("", "ai.onnx")]
     del folded.opset_import[:]

@@ -24,6 +24,7 @@ from armscope.bundle import SCHEMA_VERSION, sha256_file, staged_directory, write
 from armscope.errors import ArmscopeError, require_module
 from armscope.preprocess import Preprocessing
 from export import architecture as arch
+from export.convert import SharedConversionUnsupported, convert_members
 from export.keras_io import load_member, quiet_libraries
 from export.merge import merge_members
 from export.structure import GRADCAM_GRADIENT, PATCH_WEIGHTED, ModelStructure, find_structure
@@ -150,9 +151,10 @@ def export_bundle(
     jobs: int = 1,
     trust_code: bool = False,
 ) -> Path:
-    """Export members to a bundle directory and return its path. ``jobs`` > 1
-    converts members in that many worker processes (tf2onnx's graph optimiser is
-    single-threaded Python: minutes per DenseNet-121 member)."""
+    """Export members to a bundle directory and return its path. Members sharing
+    one graph are converted once (``export.convert``: seconds per member, not
+    minutes); ``jobs`` > 1 converts members in that many worker processes where
+    that shared conversion cannot take the graph (tf2onnx per member)."""
     if jobs < 1:
         raise ArmscopeError(f"--jobs {jobs}: expected 1 or more")
     if opset < 17:
@@ -179,12 +181,16 @@ def export_bundle(
     with staged_directory(out_dir, overwrite=force) as stage:
         (stage / "members").mkdir()
         targets = [stage / "members" / f"member_{i}.onnx" for i in range(len(models))]
-        if jobs > 1 and len(models) > 1:
-            _convert_in_workers(member_paths, targets, opset, jobs, trust_code)
-        else:
-            for i, (model, target) in enumerate(zip(models, targets)):
-                log.info("converting member %d/%d: %s", i + 1, len(models), member_paths[i])
-                convert_to_onnx([model], target, opset, [structures[i]])
+        try:  # one tf2onnx conversion per distinct graph, each member's weights bound (export.convert)
+            convert_members(models, targets, opset, build=_deploy_builder(models, structures))
+        except SharedConversionUnsupported as exc:
+            log.warning("%s: converting each member on its own", exc)
+            if jobs > 1 and len(models) > 1:
+                _convert_in_workers(member_paths, targets, opset, jobs, trust_code)
+            else:
+                for i, (model, target) in enumerate(zip(models, targets)):
+                    log.info("converting member %d/%d: %s", i + 1, len(models), member_paths[i])
+                    convert_to_onnx([model], target, opset, [structures[i]])
         members = []
         for i, (path, model, side, target) in enumerate(zip(member_paths, models, sidecars, targets)):
             members.append({
@@ -287,6 +293,14 @@ def output_block(st: ModelStructure) -> list[dict]:
         outputs.append({"name": "patch_probs", "shape": ["N", st.grid * st.grid, c], "dtype": "float32"})
     outputs.append({"name": "cam", "shape": ["N", c, h, w], "dtype": "float32"})
     return outputs
+
+
+def _deploy_builder(models, structures):
+    """model -> its deploy function, with the structure already found for it."""
+    from export.deploy_graph import make_deploy_function
+
+    found = {id(m): st for m, st in zip(models, structures)}
+    return lambda model: make_deploy_function([model], [found[id(model)]])
 
 
 def _convert_member_file(path: str, target: str, opset: int, trust_code: bool = False) -> str:
