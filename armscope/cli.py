@@ -358,9 +358,15 @@ def _cmd_accuracy(args) -> int:
     print(f"report in {Path(args.out) / 'report.md'}"
           + ("" if not report["gate_reasons"] else f" (gate fails: {'; '.join(report['gate_reasons'])})"))
     if report.get("fidelity_record"):
+        speed = report.get("speed")
+        if speed:
+            print(f"speed, one frame: OpenVINO BF16 {speed['openvino_bf16_s'] * 1000:.0f} ms, ONNX Runtime FP32 "
+                  f"{speed['onnxruntime_fp32_s'] * 1000:.0f} ms ({speed['speedup']:.2f}x)")
+        faster = bool(speed) and speed["speedup"] > 1.0
         print(f"recorded in {report['fidelity_record']}: --backend auto "
-              + ("may now run this bundle in BF16 on CPUs like this one" if not report["gate_reasons"]
-                 else "keeps this bundle in FP32"))
+              + ("may now run this bundle in BF16 on CPUs like this one" if faster
+                 else "keeps this bundle in FP32 (" + ("gate failed" if report["gate_reasons"] else
+                                                       "BF16 not faster here") + ")"))
     return 0
 
 

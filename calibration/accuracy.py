@@ -446,9 +446,14 @@ def accuracy_report(reference: Path, candidate: Path | None, images: list[Path],
         report["fidelity_record"] = str(fidelity.record_path(ref_bundle.root, backend, cpu_precision))
     write_report(report, ref_out, cand_out, ref_bundle.task, Path(out_dir), force=force)
     if key is not None:
+        from edge.backends.select import measure_speed
+
+        # auto runs BF16 only where it is also faster: timed here, on the first image
+        speed = None if report["gate_reasons"] else measure_speed(ref_bundle, batch[:1], threads=threads)
         fidelity.write_record(ref_bundle, backend, cpu_precision, key, report,
                               {"min_top1_agreement": MIN_AGREEMENT, "min_cam_pearson_mean": MIN_CAM_PEARSON,
-                               "max_positive_to_negative_flips": 0})
+                               "max_positive_to_negative_flips": 0}, speed)
+        report["speed"] = speed
     return report
 
 

@@ -18,7 +18,8 @@ one file per (precision, backend), holding a list of records::
     {"format": 1, "backend": "openvino", "cpu_precision": "bf16",
      "records": [{"key": {"ensemble_sha256": "...", "openvino": "2026.4.1",
                           "bf16_unit": "avx512_bf16"},
-                  "passed": true, "failed": [], "summary": {...}, ...}]}
+                  "passed": true, "failed": [], "summary": {...},
+                  "speed": {"onnxruntime_fp32_s": 0.55, "openvino_bf16_s": 0.28, "speedup": 1.96}, ...}]}
 
 A record counts only where its whole key matches: the same ensemble (its
 sha256 in the manifest), the same OpenVINO version, and the same kind of BF16
@@ -110,9 +111,10 @@ def match(records: list[dict], key: dict) -> tuple[dict | None, str]:
 
 
 def write_record(bundle, backend: str, cpu_precision: str, key: dict, report: dict,
-                 gate_limits: dict) -> Path:
+                 gate_limits: dict, speed: dict | None) -> Path:
     """Add (or replace, same key) the record of one ``armscope accuracy`` run of
-    ``bundle`` itself on ``backend``/``cpu_precision`` against its FP32 reference."""
+    ``bundle`` itself on ``backend``/``cpu_precision`` against its FP32 reference,
+    with ``speed`` (``edge.backends.select.measure_speed``; None where the gate failed)."""
     from armscope.cpus import cpu_name
 
     if (backend, cpu_precision) not in RECORDED:
@@ -132,6 +134,7 @@ def write_record(bundle, backend: str, cpu_precision: str, key: dict, report: di
         "summary": {k: s[k] for k in ("n_images", "top1_agreement", "max_abs_delta_p", "mean_abs_delta_p",
                                       "decision_flips", "positive_to_negative_flips", "cam_pearson_mean",
                                       "cam_pearson_min", "cam_iou_mean")},
+        "speed": speed,
         "images_from": report["images_from"],
         "reference": "the same bundle on ONNX Runtime FP32",
         "cpu": cpu_name(),
