@@ -23,7 +23,7 @@ from edge.bench import free_tcp_endpoint
 from edge.cascade import assemble
 from edge.config import load_config
 from edge.daemon import Daemon
-from edge.sources import Frame
+from edge.capture import Frame
 
 REPO = Path(__file__).resolve().parents[1]
 FRAME = REPO / "samples" / "frames" / "cmu1_frame_1.jpg"

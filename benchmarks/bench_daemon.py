@@ -24,7 +24,7 @@ from armscope.preprocess import load_image, preprocess_frame
 from edge.bench import free_tcp_endpoint, run_bench
 from edge.config import load_config
 from edge.daemon import Daemon
-from edge.sources import Frame
+from edge.capture import Frame
 
 REPO = Path(__file__).resolve().parents[1]
 FRAME = REPO / "samples" / "frames" / "cmu1_frame_1.jpg"

@@ -3,7 +3,7 @@ ensemble inference -> Grad-CAM overlay -> ZeroMQ, as four threads joined by
 newest-wins slots (``edge.pipeline``), so throughput is that of the slowest
 stage (inference) and latency never grows with a backlog.
 
-Threads: ``capture`` (edge.sources.Capture), ``preprocess``, ``inference``,
+Threads: ``capture`` (edge.capture.Capture), ``preprocess``, ``inference``,
 ``render`` (overlay + publish), ``heartbeat`` (status at a fixed rate),
 ``control`` (REP socket). The inference backend releases the GIL, so the
 other stages run while it computes.
@@ -31,6 +31,7 @@ from armscope import protocol
 from armscope.bundle import load_bundle, require_deployable
 from armscope.errors import ArmscopeError
 from armscope.preprocess import crop_box, preprocess_frame
+from edge.capture import Capture, Frame
 from edge.cascade import load_steps, model_id
 from edge.config import Config
 from edge.control import ControlServer
@@ -40,7 +41,7 @@ from edge.overlay import focus_mask, heat_rgba
 from edge.pipeline import LatestSlot, SlotClosed
 from edge.publisher import Publisher, bind, make_curve_server, pub_socket, rep_socket, setup_curve_server
 from edge.slides import SlideRecorder
-from edge.sources import Capture, Frame, parse_source
+from edge.sources import parse_source
 from edge.storage import check_output_dir, write_all
 from edge.tissue import TissueGate
 

@@ -25,7 +25,7 @@ from edge.classify import classify_images
 from edge.config import load_config
 from edge.daemon import Daemon
 from edge.overlay import heat_rgba
-from edge.sources import Frame
+from edge.capture import Frame
 
 from daemon_support import free_endpoint
 

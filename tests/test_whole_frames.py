@@ -18,7 +18,8 @@ from armscope.errors import ArmscopeError
 from armscope.imagefile import CorruptImage, NotAnImage, decode_image, read_image_file
 from armscope.preprocess import load_image
 from edge.pipeline import LatestSlot
-from edge.sources import Capture, CorruptFrame, SourceLost, open_source, parse_source
+from edge.capture import Capture
+from edge.sources import CorruptFrame, SourceLost, open_source, parse_source
 
 from daemon_support import camera_frames  # noqa: F401 (fixture)
 
