@@ -61,7 +61,7 @@ OPTIONS: tuple[Option, ...] = (
     Option("bundle", str, "samples/demo_bundle", "model bundle directory", path=True),
     Option("source", str, "v4l2:///dev/video0",
            "camera URI: v4l2:///dev/videoN, csi://N, rtsp://..., file://video.mp4[?fps=max|N&loop=1], "
-           "dir://frames/?fps=N[&loop=1], image://still.png[?fps=N]"),
+           "dir://frames/?fps=N[&loop=1][&settle_ms=500] (writers must rename files into place), image://still.png[?fps=N]"),
     Option("publish", str, DEFAULT_PUBLISH, "ZeroMQ PUB endpoint for overlays and status", check=_endpoint),
     Option("control", str, DEFAULT_CONTROL, "ZeroMQ REP endpoint for control commands", check=_endpoint),
     Option("backend", str, "auto", "inference backend (auto: TensorRT where the bundle has engines for this GPU, "
