@@ -31,14 +31,15 @@ def test_unsupported_models_are_refused(tmp_path):
     from export.structure import find_structure
 
     inp = keras.Input((224, 224, 3))
-    keras.Model(inp, keras.layers.Dense(2)(keras.layers.GlobalAveragePooling2D()(inp))).save(tmp_path / "small.keras")
-    with pytest.raises(ArmscopeError, match=r"small\.keras: no supported classifier output: output 0 \('dense'\): "
-                                            r"'dense' has activation 'linear'"):
+    keras.Model(inp, keras.layers.Dense(2, name="logits")(keras.layers.GlobalAveragePooling2D()(inp))).save(
+        tmp_path / "small.keras")
+    with pytest.raises(ArmscopeError, match=r"small\.keras: no supported classifier output: output 0 \('logits'\): "
+                                            r"'logits' has activation 'linear'"):
         find_structure(load_member(tmp_path / "small.keras"), tmp_path / "small.keras")
     inp = keras.Input((640, 640, 3))
-    probs = keras.layers.Dense(2, activation="softmax")(keras.layers.GlobalAveragePooling2D()(inp))
+    probs = keras.layers.Dense(2, activation="softmax", name="probs")(keras.layers.GlobalAveragePooling2D()(inp))
     keras.Model(inp, probs).save(tmp_path / "nobackbone.keras")
-    with pytest.raises(ArmscopeError, match=r"nobackbone\.keras: GlobalAveragePooling2D before 'dense_1' pools the "
+    with pytest.raises(ArmscopeError, match=r"nobackbone\.keras: GlobalAveragePooling2D before 'probs' pools the "
                                             "input image itself"):
         find_structure(load_member(tmp_path / "nobackbone.keras"), tmp_path / "nobackbone.keras")
     (tmp_path / "corrupt.keras").write_bytes(b"PK\x03\x04 truncated")
