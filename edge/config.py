@@ -79,9 +79,10 @@ OPTIONS: tuple[Option, ...] = (
            minimum=-1.0, maximum=1.0,
            check=lambda v: None if v == -1.0 or v >= 0.0 else "expected -1 (the manifest's) or 0..1"),
     Option("heartbeat_hz", float, 2.0, "status heartbeats per second", minimum=0.1, maximum=100.0),
-    Option("stale_after_ms", int, 1500, "the oldest an overlay may be, from its camera capture: older ones are "
-           "not published, and subscribers blank an overlay this long after its capture",
-           minimum=50, maximum=600000),
+    Option("stale_after_ms", int, 0, "the oldest an overlay may be, from its camera capture: older ones are "
+           "not published, and subscribers blank an overlay this long after its capture; 0 = auto: 3 x the "
+           "inference time measured at start-up + 500 ms, at least 1500 (edge/pacing.py)",
+           minimum=0, maximum=600000, check=lambda v: None if v == 0 or v >= 50 else "expected 0 (auto) or >= 50"),
     # The tissue gate's thresholds: -1 = the bundle's (manifest tissue_gate, which is where a
     # modality's values belong), else the gate's H&E defaults (edge.tissue.TissueGate).
     Option("min_tissue_fraction", float, -1.0, "classify only crops with at least this tissue fraction "

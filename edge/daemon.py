@@ -31,6 +31,7 @@ from armscope import protocol
 from armscope.bundle import load_bundle, require_deployable
 from armscope.errors import ArmscopeError
 from armscope.preprocess import crop_box, preprocess_frame
+from edge import pacing
 from edge.capture import Capture, Frame
 from edge.cascade import load_steps, model_id
 from edge.config import Config
@@ -113,7 +114,9 @@ class Daemon:
         self.last: tuple[Frame, np.ndarray, dict] | None = None
         self.published = 0
         self.stale_run = 0                   # overlays refused as stale in a row
-        self.gap_watch = OverlayGapWatch(config.stale_after_ms)
+        # 0 = auto: derived from the inference time measured at start-up (edge.pacing); until then the floor
+        self.stale_after_ms = config.stale_after_ms or pacing.FLOOR_MS
+        self.gap_watch = OverlayGapWatch(self.stale_after_ms)
         self.stop_reason = None
         self.started_mono = time.monotonic()
         self._own_context = context is None
@@ -161,7 +164,7 @@ class Daemon:
             pub.close(0)
             rep.close(0)
             raise
-        self.publisher = Publisher(pub, self.model_id, cfg.stale_after_ms)
+        self.publisher = Publisher(pub, self.model_id, self.stale_after_ms)
         self._rep = rep
         log.info("publishing on %s, control on %s, source %s", cfg.publish, cfg.control, cfg.source)
         self._send_status(heartbeat=False)
@@ -403,6 +406,8 @@ class Daemon:
         try:
             try:
                 self.activate_backends()
+                if not self.config.stale_after_ms:
+                    self._derive_stale_window()
             except BaseException as exc:  # start() raises it on the main thread
                 self.backend_error = exc
                 return
@@ -422,6 +427,23 @@ class Daemon:
         finally:
             self.deactivate_backends()
             self.results.close()
+
+    def _derive_stale_window(self) -> None:
+        """stale_after_ms = 0 (auto): time this machine's inference, here on the thread
+        that infers and before any frame, and set the window by edge.pacing's rule. A
+        cascade frame runs step one and at most one second step: the slowest is counted."""
+        size = self.bundle.input_size
+        frame_ms = pacing.time_inference_ms(self.backend.infer, size)
+        frame_ms += max((pacing.time_inference_ms(b.infer, size) for b in self.step_backends.values()), default=0.0)
+        window = pacing.stale_window_ms(frame_ms)
+        self.stale_after_ms = window
+        self.publisher.stale_after_ms = window
+        self.gap_watch.stale_after_ms = float(window)
+        log.info("stale_after_ms auto: %d ms from %.0f ms per frame measured here (3 x frame + %d ms, at least %d)",
+                 window, frame_ms, pacing.MARGIN_MS, pacing.FLOOR_MS)
+        if window > 5000:
+            log.warning("stale_after_ms auto = %d ms: overlays may be up to that old on this machine; a bridge with "
+                        "the default --max-stale-ms 5000 blanks them sooner", window)
 
     def _infer(self, work: Work) -> Work:
         """Step one, and for a cascade bundle the second step its decision
@@ -521,7 +543,7 @@ class Daemon:
         self.metrics.observe("publish", (t2 - t1) * 1000)
         self.metrics.observe("capture_to_publish", (sent.get("publish_mono", t2) - frame.capture_mono) * 1000)
         self.metrics.published.tick(t2)
-        gap_warning = self.gap_watch.observe(t2)
+        gap_warning = self.gap_watch.observe(t2, (sent.get("publish_mono", t2) - frame.capture_mono) * 1000)
         if gap_warning:
             self.metrics.count("overlay_gap_warnings")
             log.warning("%s", gap_warning)
@@ -541,7 +563,7 @@ class Daemon:
             log.warning("frame %d not published: captured %.0f ms ago, over stale_after_ms=%d (the process was "
                         "paused, or the pipeline is slower than the stale window: raise stale_after_ms or use a "
                         "faster backend)", frame.id, age if age is not None else float("nan"),
-                        self.config.stale_after_ms)
+                        self.stale_after_ms)
 
     def _heartbeat_loop(self) -> None:
         period = 1.0 / self.config.heartbeat_hz

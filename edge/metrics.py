@@ -65,35 +65,39 @@ class RateMeter:
 
 
 class OverlayGapWatch:
-    """Warns when overlays are published further apart than subscribers keep
-    them: with ``stale_after_ms`` below the publish period the eyepiece shows
-    each overlay for ``stale_after_ms`` and goes dark until the next one (a
-    full-size ensemble on a 2-core CPU publishes every ~1.9 s; the default
-    is 1500 ms). Judged on the median of the last ``window`` intervals, so a
-    pause (no tissue, slide change) does not trigger it; at most one warning
-    per ``every_s``."""
+    """Warns when overlays expire before the next one replaces them. Since
+    ``stale_after_ms`` counts from the capture (docs/protocol.md 1.4), an overlay
+    published ``L`` ms after its capture and replaced ``P`` ms later is ``L + P``
+    old by then: above ``stale_after_ms`` the eyepiece goes dark between
+    overlays. Judged on the median of the last ``window`` such ages, so a pause
+    (no tissue, slide change) does not trigger it; at most one warning per
+    ``every_s``. (``stale_after_ms = 0``, auto, sizes the window for this from
+    the measured frame time: edge/pacing.py.)"""
 
     def __init__(self, stale_after_ms: float, window: int = 8, every_s: float = 300.0):
         self.stale_after_ms = float(stale_after_ms)
         self.intervals: collections.deque[float] = collections.deque(maxlen=window)
         self.every_s = every_s
         self._last_publish: float | None = None
+        self._last_latency_ms = 0.0
         self._last_warning = float("-inf")
 
-    def observe(self, now: float) -> str | None:
-        """Record a publish at ``now`` (monotonic seconds); returns the warning text when due."""
+    def observe(self, now: float, latency_ms: float = 0.0) -> str | None:
+        """Record a publish at ``now`` (monotonic seconds) of an overlay captured
+        ``latency_ms`` earlier; returns the warning text when due."""
         prev, self._last_publish = self._last_publish, now
+        prev_latency, self._last_latency_ms = self._last_latency_ms, float(latency_ms)
         if prev is not None:
-            self.intervals.append((now - prev) * 1000.0)
+            self.intervals.append((now - prev) * 1000.0 + prev_latency)
         if len(self.intervals) < self.intervals.maxlen or now - self._last_warning < self.every_s:
             return None
-        period = float(np.median(np.fromiter(self.intervals, dtype=np.float64)))
-        if period <= self.stale_after_ms:
+        age = float(np.median(np.fromiter(self.intervals, dtype=np.float64)))
+        if age <= self.stale_after_ms:
             return None
         self._last_warning = now
-        return (f"overlays are published every ~{period:.0f} ms but subscribers blank them after "
-                f"stale_after_ms={self.stale_after_ms:.0f}: the eyepiece goes dark between overlays. "
-                f"Raise stale_after_ms above {period:.0f} (older overlays stay up longer) or make "
+        return (f"overlays are ~{age:.0f} ms old (from capture) when the next one replaces them, but subscribers "
+                f"blank them at stale_after_ms={self.stale_after_ms:.0f}: the eyepiece goes dark between overlays. "
+                f"Use stale_after_ms = 0 (auto) or raise it above {age:.0f} (older overlays stay up longer), or make "
                 f"inference faster (backend, precision, fewer members)")
 
 

@@ -143,7 +143,7 @@ def test_a_subscriber_that_never_reads_costs_at_most_a_few_overlays(bundle_dir, 
         with protocol.Subscriber(publish) as idle:          # connected, subscribed, never reads
             deadline = time.monotonic() + 90
             while time.monotonic() < deadline:
-                published = protocol.control_request("status", control)["metrics"]["frames_published"]
+                published = protocol.control_request("status", control, timeout_ms=15_000)["metrics"]["frames_published"]
                 if published >= 10:
                     break
                 time.sleep(0.5)
@@ -151,7 +151,7 @@ def test_a_subscriber_that_never_reads_costs_at_most_a_few_overlays(bundle_dir, 
             deadline = time.monotonic() + 120
             while published < start_count + 50 and time.monotonic() < deadline:
                 time.sleep(0.5)
-                published = protocol.control_request("status", control)["metrics"]["frames_published"]
+                published = protocol.control_request("status", control, timeout_ms=15_000)["metrics"]["frames_published"]
             assert published >= start_count + 50, f"only {published - start_count} overlays in 120 s"
             grown_mib = (rss_kib(proc.pid) - before) / 1024
             assert idle.socket.getsockopt(zmq.RCVHWM) == 4

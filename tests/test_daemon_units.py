@@ -273,5 +273,27 @@ def test_overlay_gap_watch_warns_when_overlays_outlive_nothing():
     slow = OverlayGapWatch(1500, window=8, every_s=300)
     got = [slow.observe(1.9 * i) for i in range(30)]
     assert [i for i, w in enumerate(got) if w] == [8]  # once the window is full, then rate-limited
-    assert "every ~1900 ms" in got[8] and "stale_after_ms=1500" in got[8]
+    assert "~1900 ms old" in got[8] and "stale_after_ms=1500" in got[8]
     assert slow.observe(1.9 * 30 + 300) is not None  # again after every_s
+
+    # The age counts from the capture: published every 1.0 s but 0.8 s after capture,
+    # an overlay is 1.8 s old when replaced, past a 1500 ms window.
+    late = OverlayGapWatch(1500, window=8, every_s=300)
+    got = [late.observe(1.0 * i, latency_ms=800.0) for i in range(12)]
+    assert got[8] is not None and "~1800 ms old" in got[8]
+    assert not any(OverlayGapWatch(2000, window=8).observe(1.0 * i, latency_ms=800.0) for i in range(12))
+
+
+def test_stale_window_from_the_measured_frame_time():
+    from edge import pacing
+
+    assert pacing.stale_window_ms(0.0) == 1500            # the floor where inference is fast
+    assert pacing.stale_window_ms(50.0) == 1500
+    assert pacing.stale_window_ms(400.0) == 1700          # 3 x 400 + 500
+    assert pacing.stale_window_ms(2750.0) == 8800         # five full-size members on a 2-core CPU
+    assert pacing.stale_window_ms(401.0) == 1800          # rounded up to 100 ms: never shorter than the rule
+    with pytest.raises(ValueError):
+        pacing.stale_window_ms(float("nan"))
+    calls = []
+    assert pacing.time_inference_ms(lambda b: calls.append(b.shape), 24) >= 0.0
+    assert calls == [(1, 24, 24, 3)] * (1 + pacing.TIMED_RUNS)
