@@ -11,6 +11,8 @@ URIs::
     file://video.mp4[?fps=max|N][&loop=1]                recorded video, at its own fps by default
     dir://frames/[?fps=N][&loop=1][&settle_ms=500]       image sequence replay (sorted by name), default 10 fps
     image://still.png[?fps=N]                            one image repeated, default 10 fps (fps=max: as fast as taken)
+    watch://DIR[?fps=N&width=W&height=H]                 a camera watching a png:// display: its newest PNG, default 30 fps
+                                                         (edge.watch_source; glass-to-glass measurement)
 
 A source that cannot be opened or stops delivering frames is "lost": the
 capture thread reports ``no_signal`` and reopens it with exponential backoff.
@@ -39,8 +41,8 @@ from armscope.preprocess import IMAGE_SUFFIXES
 log = logging.getLogger(__name__)
 
 DEFAULT_SETTLE_MS = 500   # dir://: a file modified more recently than this is not read yet
-SCHEMES = ("v4l2", "csi", "rtsp", "rtsps", "file", "dir", "image")
-_PATH_SCHEMES = ("file", "dir", "image")
+SCHEMES = ("v4l2", "csi", "rtsp", "rtsps", "file", "dir", "image", "watch")
+_PATH_SCHEMES = ("file", "dir", "image", "watch")
 
 
 class SourceLost(Exception):
@@ -95,7 +97,8 @@ def parse_source(uri: str) -> SourceSpec:
         raise ArmscopeError(f"{uri!r}: no device, path or address after {scheme}://")
     params = {k: v[-1] for k, v in parse_qs(query, keep_blank_values=True).items()}
     allowed = {"v4l2": {"width", "height", "fps"}, "csi": {"width", "height", "fps", "flip"},
-               "rtsp": set(), "rtsps": set(), "file": {"fps", "loop"}, "dir": {"fps", "loop", "settle_ms"}, "image": {"fps"}}
+               "rtsp": set(), "rtsps": set(), "file": {"fps", "loop"}, "dir": {"fps", "loop", "settle_ms"}, "image": {"fps"},
+               "watch": {"fps", "width", "height"}}
     for key, value in params.items():
         if key not in allowed[scheme]:
             raise ArmscopeError(f"{uri!r}: unknown parameter {key!r} for {scheme}:// "
@@ -347,4 +350,8 @@ def open_source(spec: SourceSpec | str) -> FrameSource:
         return DirSource(spec)
     if spec.scheme == "image":
         return ImageSource(spec)
+    if spec.scheme == "watch":
+        from edge.watch_source import WatchSource
+
+        return WatchSource(spec)
     return VideoCaptureSource(spec)

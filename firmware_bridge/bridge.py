@@ -79,6 +79,7 @@ from .displays import Display, paste_on_black
 from .label import add_label, label_text
 from .link import LinkError
 from .registration import Registration, slow_warp_warning
+from .stamping import add_stamp
 
 __all__ = [
     "Bridge",
@@ -363,6 +364,8 @@ class Bridge:
     ``label``: write the decision (and a cascade's subtype) beside the
     overlay in display pixels (``firmware_bridge.label``); ``armscope bridge``
     turns it on unless ``--no-label``.
+    ``stamp``: draw the overlay's ``frame_id`` in the display's bottom-left corner
+    (``armscope.stamp``), for glass-to-glass latency measurement (``--stamp``, docs/latency.md).
     """
 
     def __init__(
@@ -378,6 +381,7 @@ class Bridge:
         clock_mode: str = "auto",
         stats_interval: float = 10.0,
         label: bool = False,
+        stamp: bool = False,
         clock: Callable[[], float] = time.monotonic,
         wall_clock: Callable[[], float] = time.time,
     ):
@@ -399,6 +403,7 @@ class Bridge:
         self.clock_mode = clock_mode
         self.stats_interval = float(stats_interval)
         self.label = bool(label)
+        self.stamp = bool(stamp)   # frame_id drawn in a corner, for glass-to-glass measurement (armscope.stamp)
         self.clock = clock
         self.wall_clock = wall_clock
         if registration is not None and display.size is not None and tuple(display.size) != registration.display_size:
@@ -635,6 +640,8 @@ class Bridge:
             rgb, region = render_for(self.display, ov.rgba, matrix, size)
             if self.label:
                 rgb, region = add_label(rgb, region, label_text(h), size, align=self.display.align)
+            if self.stamp:
+                rgb, region = add_stamp(rgb, region, int(h["frame_id"]), size, align=self.display.align)
             if self.display.size is None:  # e.g. png:// without a size: hand it the whole picture
                 rgb, region = paste_on_black(rgb, region[0], region[1], *size), None
             report = self.display.show(rgb, region=region, deadline=budget)

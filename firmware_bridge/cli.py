@@ -271,6 +271,9 @@ def run_main(argv: list[str] | None = None) -> int:
     p.add_argument("--stats-interval", type=_SECONDS, default=10.0, help="log counters every N s (0 = never)")
     p.add_argument("--no-label", dest="label", action="store_false",
                    help="show the heat overlay only, without the decision (and subtype) written beside it")
+    p.add_argument("--stamp", action="store_true",
+                   help="measurement mode: draw each overlay's frame id as a binary stamp in the display's bottom-left "
+                   "corner, for a camera watching the display (glass-to-glass latency, docs/latency.md)")
     p.add_argument("--duration", type=_SECONDS, default=0.0, help="stop after N s (0 = until SIGINT/SIGTERM)")
     p.add_argument("-v", "--verbose", action="store_true", help="log at INFO (blanks, state changes, counters)")
     try:
@@ -297,7 +300,7 @@ def run_main(argv: list[str] | None = None) -> int:
         check_fits_display(registration, args.registration, display.size, args.display)
         bridge = Bridge(display, connect=args.connect, registration=registration, curve=curve,
                         poll_interval=args.poll_ms / 1000.0, max_stale_ms=args.max_stale_ms, clock_mode=args.clock,
-                        stats_interval=args.stats_interval, label=args.label)
+                        stats_interval=args.stats_interval, label=args.label, stamp=args.stamp)
         if registration is None:
             logging.getLogger("firmware_bridge").warning(
                 "no --registration: assuming the display shows the whole camera frame (uncalibrated)")

@@ -1,0 +1,31 @@
+"""The frame stamp in the eyepiece image (``armscope bridge --stamp``): the
+overlay's ``frame_id`` in the display's bottom-left corner, for glass-to-glass
+latency measurement (``armscope.stamp``; docs/latency.md). A measurement mode
+only: the stamp is a patch of light the pathologist would see."""
+from __future__ import annotations
+
+import numpy as np
+
+from armscope import stamp
+
+from .displays import Region, union
+
+
+def add_stamp(image: np.ndarray, region: Region, frame_id: int, display_size: tuple[int, int],
+              align=None) -> tuple[np.ndarray, Region]:
+    """``image`` (the rendered overlay at ``region``, RGB or grey) with the
+    stamp of ``frame_id`` drawn in its corner of the display: the new
+    ``(image, region)`` covering both, black elsewhere (as ``label.add_label``)."""
+    bx, by, bw, bh = stamp.box(display_size)
+    send = union(tuple(region), (bx, by, bw, bh))
+    if align is not None:
+        send = align(send)
+    sx, sy, sw, sh = send
+    if tuple(send) == tuple(region):
+        canvas = image
+    else:
+        canvas = np.zeros((sh, sw) + image.shape[2:], np.uint8)
+        rx, ry = region[0] - sx, region[1] - sy
+        canvas[ry:ry + image.shape[0], rx:rx + image.shape[1]] = image
+    stamp.draw(canvas, frame_id, (bx - sx, by - sy), stamp.cell_size(display_size))
+    return canvas, send
