@@ -23,7 +23,10 @@ import jsonschema
 from armscope.errors import ArmscopeError
 from armscope.preprocess import Preprocessing
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+# schema 1 manifests load and mean what they meant; 2 adds per-member preprocessing,
+# the input modality (preprocessing.input, center_crop 0) and the saliency output
+SUPPORTED_SCHEMA_VERSIONS = (1, 2)
 MANIFEST = "manifest.json"
 
 _tensor = {
@@ -83,6 +86,20 @@ _model = {
     ],
 }
 
+# Schema 2: what one member's graph does to the bundle's host input (N, S, S, 3) RGB 0..255 before
+# its own layers: resize to the member's input size (inside the graph; "none" when it is S already)
+# and scale (e.g. "x/127.5-1", "caffe: RGB->BGR, minus ImageNet mean"; "none": the model scales
+# itself). Documentation for people and checks: the runtime never applies it, the graph does.
+_member_preprocessing = {
+    "type": "object",
+    "required": ["input_size", "resize", "scaling"],
+    "properties": {
+        "input_size": {"type": "integer", "minimum": 1},
+        "resize": {"enum": ["none", "bilinear"]},
+        "scaling": {"type": "string", "minLength": 1},
+    },
+}
+
 MANIFEST_SCHEMA = {
     "$schema": "https://json-schema.org/draft/2020-12/schema",
     "type": "object",
@@ -91,7 +108,7 @@ MANIFEST_SCHEMA = {
         "members", "ensemble", "precision", "opset", "producer",
     ],
     "properties": {
-        "schema_version": {"const": SCHEMA_VERSION},
+        "schema_version": {"enum": list(SUPPORTED_SCHEMA_VERSIONS)},
         "name": {"type": "string", "minLength": 1},
         "description": {"type": "string"},
         "task": {
@@ -127,10 +144,25 @@ MANIFEST_SCHEMA = {
             "type": "object",
             "required": ["center_crop", "resize", "interpolation", "channel_order"],
             "properties": {
-                "center_crop": {"type": "integer", "minimum": 1},
+                # 0: no crop, the whole image padded with black to a square (whole-image models)
+                "center_crop": {"type": "integer", "minimum": 0},
                 "resize": {"type": "integer", "minimum": 1},
                 "interpolation": {"enum": ["area", "linear", "cubic", "nearest"]},
                 "channel_order": {"enum": ["RGB", "BGR"]},
+                # optional: how a grey / 16-bit / DICOM file becomes the RGB 0..255 input
+                # (armscope.preprocess.InputSpec); absent: camera frames and 8-bit colour files
+                "input": {
+                    "type": "object",
+                    "required": ["kind"],
+                    "properties": {
+                        "kind": {"enum": ["rgb", "grey"]},
+                        "bit_depth_handling": {"enum": ["window", "minmax", "scale"]},
+                        "window": {"oneOf": [{"type": "null"},
+                                             {"type": "array", "items": {"type": "number"}, "minItems": 2,
+                                              "maxItems": 2}]},
+                        "replicate_channels": {"const": 3},
+                    },
+                },
             },
         },
         # optional: the tissue/focus gate's thresholds for this modality (edge.tissue.TissueGate)
@@ -142,6 +174,8 @@ MANIFEST_SCHEMA = {
                 "min_focus": {"type": "number", "minimum": 0},
                 "min_saturation": {"type": "integer", "minimum": 0, "maximum": 255},
                 "max_brightness": {"type": "integer", "minimum": 0, "maximum": 255},
+                # a pixel darker than this is background (air around an MRI slice); 0: off
+                "min_brightness": {"type": "integer", "minimum": 0, "maximum": 255},
             },
         },
         "model": _model,
@@ -151,7 +185,8 @@ MANIFEST_SCHEMA = {
             "type": "array",
             "minItems": 1,
             "items": {**_file, "required": ["file", "sha256", "fold"],
-                      "properties": {**_file["properties"], "fold": {"type": "integer", "minimum": 0}}},
+                      "properties": {**_file["properties"], "fold": {"type": "integer", "minimum": 0},
+                                     "preprocessing": _member_preprocessing}},
         },
         "ensemble": _file,
         "precision": {"enum": ["fp32", "fp16", "int8"]},
@@ -191,10 +226,11 @@ MANIFEST_SCHEMA = {
 # The graph outputs the runtime reads, in the order backends return them, with the
 # rank of each: probs (N, C), patch_probs (N, P, C), cam (N, C, H, W). patch_probs
 # exists only for tiled models with per-patch heads; nothing downstream needs it.
+# saliency (N, C, S, S): max over channels of |d score_c / d image|, optional.
 REQUIRED_OUTPUTS = ("probs", "cam")
-OPTIONAL_OUTPUTS = ("patch_probs",)
-OUTPUT_ORDER = ("probs", "patch_probs", "cam")
-OUTPUT_RANKS = {"probs": 2, "patch_probs": 3, "cam": 4}
+OPTIONAL_OUTPUTS = ("patch_probs", "saliency")
+OUTPUT_ORDER = ("probs", "patch_probs", "cam", "saliency")
+OUTPUT_RANKS = {"probs": 2, "patch_probs": 3, "cam": 4, "saliency": 4}
 
 
 def sha256_file(path: Path) -> str:
@@ -267,6 +303,23 @@ def validate_manifest(manifest: dict, path: Path) -> None:
             f"{path}: field task.positive_class: {task['positive_class']!r} is not one of task.classes {task['classes']}"
         )
     _check_io(manifest, path)
+    _check_member_preprocessing(manifest, path)
+
+
+def _check_member_preprocessing(manifest: dict, path: Path) -> None:
+    """members[i].preprocessing is a schema 2 field, and a member that resizes says so."""
+    size = manifest["inputs"][0]["shape"][1]
+    for i, member in enumerate(manifest["members"]):
+        pre = member.get("preprocessing")
+        if pre is None:
+            continue
+        if manifest["schema_version"] < 2:
+            raise ArmscopeError(f"{path}: field members.{i}.preprocessing: needs schema_version 2 "
+                                f"(the manifest says {manifest['schema_version']})")
+        if (pre["resize"] == "none") != (pre["input_size"] == size):
+            raise ArmscopeError(f"{path}: field members.{i}.preprocessing.resize: {pre['resize']!r} with "
+                                f"input_size {pre['input_size']} and the bundle's input {size}x{size} (expected "
+                                "'none' exactly when they are equal)")
 
 
 def _check_io(manifest: dict, path: Path) -> None:
@@ -304,6 +357,11 @@ def _check_io(manifest: dict, path: Path) -> None:
     if "map_size" in model and any(isinstance(d, int) and d != model["map_size"] for d in cam[2:]):
         raise ArmscopeError(f"{path}: field model.map_size: {model['map_size']} does not match "
                             f"field outputs.{i}.shape {cam} (cam is N x C x H x W)")
+    if "saliency" in outputs:
+        i, sal = outputs["saliency"]
+        if sal[2:] != [shape[1], shape[2]] or sal[1] != cam[1]:
+            raise ArmscopeError(f"{path}: field outputs.{i}.shape: saliency {sal}, expected [N, {cam[1]}, {shape[1]}, "
+                                f"{shape[2]}] (one map per class at the input's size)")
     heads = model.get("per_patch_heads")
     if heads is not None and (heads == "none") == ("patch_probs" in outputs):
         raise ArmscopeError(f"{path}: field model.per_patch_heads: {heads!r}, but outputs "
@@ -311,7 +369,7 @@ def _check_io(manifest: dict, path: Path) -> None:
                             f"(present exactly when the model has per-patch heads)")
 
 
-_LAYOUTS = {"probs": "N x C", "patch_probs": "N x P x C", "cam": "N x C x H x W"}
+_LAYOUTS = {"probs": "N x C", "patch_probs": "N x P x C", "cam": "N x C x H x W", "saliency": "N x C x S x S"}
 
 
 def _reject_constant(token: str):
@@ -334,10 +392,11 @@ def load_bundle(root: str | Path, verify_hashes: bool = True) -> Bundle:
         raise ArmscopeError(f"{manifest_path}: {exc}") from None
     if not isinstance(manifest, dict):
         raise ArmscopeError(f"{manifest_path}: expected a JSON object at the top level")
-    if manifest.get("schema_version") not in (None, SCHEMA_VERSION):
+    if manifest.get("schema_version") not in (None, *SUPPORTED_SCHEMA_VERSIONS):
         raise ArmscopeError(
             f"{manifest_path}: field schema_version: {manifest.get('schema_version')!r} is not supported "
-            f"by this armscope (supports {SCHEMA_VERSION}); upgrade armscope or re-export the bundle"
+            f"by this armscope (supports {', '.join(map(str, SUPPORTED_SCHEMA_VERSIONS))}); upgrade armscope or "
+            "re-export the bundle"
         )
     validate_manifest(manifest, manifest_path)
     bundle = Bundle(root, manifest)

@@ -35,6 +35,11 @@ def check_out_apart(out, inputs, option: str = "--out") -> None:
 
 
 _THREADS = _int_in(1, 256)
+
+
+def _crop_size(text: str) -> int:
+    """--crop: 0 (no crop: whole images) or 16..16384 pixels."""
+    return 0 if text.strip() == "0" else _int_in(16, 16384)(text)
 _SEED = _int_in(0, 2**32 - 1)
 
 
@@ -53,7 +58,7 @@ def _cmd_export(args) -> int:
     from export.onnx_export import TaskSpec, export_bundle
 
     task = None
-    if args.weights or args.architecture or args.input_scaling:
+    if args.weights or args.architecture:
         if args.members:
             raise ArmscopeError("give members either as model files or as --weights, not both")
         if not (args.weights and args.architecture and args.input_scaling):
@@ -87,7 +92,9 @@ def _cmd_export(args) -> int:
     elif args.task or args.positive_class or args.threshold is not None:
         raise ArmscopeError("--task/--positive-class/--threshold need --classes")
     check_out_apart(args.out, args.members or args.weights)
-    spec = Preprocessing(center_crop=args.crop, resize=640, interpolation=args.interpolation)
+    spec = Preprocessing(center_crop=0 if args.no_crop else args.crop, resize=640, interpolation=args.interpolation,
+                         input=_input_spec(args))
+    gate = _tissue_gate(args.tissue_gate) if args.tissue_gate else None
     with tempfile.TemporaryDirectory(prefix="armscope-weights-") as scratch:
         members = [Path(p) for p in args.members]
         if args.weights:
@@ -97,9 +104,44 @@ def _cmd_export(args) -> int:
                                            Path(scratch))
         out = export_bundle(members, Path(args.out), task=task, name=args.name,
                             preprocessing=spec, opset=args.opset, force=args.force, description=args.description,
-                            jobs=args.jobs, trust_code=args.trust_code)
+                            jobs=args.jobs, trust_code=args.trust_code, saliency=args.saliency,
+                            input_scaling=None if args.weights else args.input_scaling, tissue_gate=gate)
     print(f"wrote bundle {out}")
     return 0
+
+
+def _input_spec(args):
+    """--grey / --bit-depth / --window -> the manifest's preprocessing.input (None: camera frames as always)."""
+    from armscope.preprocess import InputSpec, parse_window
+
+    if not (args.grey or args.bit_depth or args.window):
+        return None
+    return InputSpec(kind="grey" if args.grey else "rgb", bit_depth_handling=args.bit_depth or "window",
+                     window=parse_window(args.window) if args.window else None)
+
+
+def _tissue_gate(text: str) -> dict:
+    """--tissue-gate mri | KEY=VALUE,... -> the manifest's tissue_gate block."""
+    from edge.tissue import GATE_PRESETS, TissueGate
+
+    if text in GATE_PRESETS:
+        return dict(GATE_PRESETS[text])
+    fields = TissueGate.__dataclass_fields__
+    block = {}
+    for item in text.split(","):
+        key, sep, value = item.partition("=")
+        key = key.strip()
+        if not sep or key not in fields:
+            raise ArmscopeError(f"--tissue-gate {text!r}: expected {' or '.join(GATE_PRESETS)} or KEY=VALUE pairs "
+                                f"with KEY one of {', '.join(fields)}")
+        try:
+            number_value = float(value)
+        except ValueError:
+            raise ArmscopeError(f"--tissue-gate {item!r}: {value!r} is not a number") from None
+        block[key] = int(number_value) if fields[key].type in (int, "int") else number_value
+    return block
+
+
 
 
 def _cmd_inspect(args) -> int:
@@ -178,6 +220,19 @@ def _cmd_classify(args) -> int:
     inputs = [args.bundle, *args.images]
     if args.overlay_dir:
         check_out_apart(args.overlay_dir, inputs, "--overlay-dir")
+    if args.contact_sheet:
+        check_out_apart(args.contact_sheet, inputs, "--contact-sheet")
+        _check_output_file(args.contact_sheet, "--contact-sheet")
+        if Path(args.contact_sheet).suffix.lower() != ".png":
+            raise ArmscopeError(f"--contact-sheet {args.contact_sheet}: expected a .png file name")
+    window = None
+    if args.window:
+        from armscope.preprocess import parse_window
+
+        window = parse_window(args.window)
+    if args.json:
+        check_out_apart(args.json, inputs, "--json")
+        _check_output_file(args.json, "--json")
     if args.json:
         check_out_apart(args.json, inputs, "--json")
         _check_output_file(args.json, "--json")
@@ -187,7 +242,8 @@ def _cmd_classify(args) -> int:
     report = classify_images(Path(args.bundle), [Path(p) for p in args.images],
                              json_out=Path(args.json) if args.json else None,
                              overlay_dir=Path(args.overlay_dir) if args.overlay_dir else None,
-                             backend=args.backend, threshold=args.threshold, force=args.force, **options)
+                             backend=args.backend, threshold=args.threshold, force=args.force, window=window,
+                             contact_sheet=Path(args.contact_sheet) if args.contact_sheet else None, **options)
     classes = report["classes"]
     width = max(len(Path(r["image"]).name) for r in report["images"])
     print(f"{'image':<{width}}  " + "  ".join(f"{c:>10}" for c in classes) + "  decision")
@@ -211,6 +267,8 @@ def _cmd_classify(args) -> int:
               "left out of the slide mean")
     if args.overlay_dir:
         print(f"overlays in {args.overlay_dir}")
+    if args.contact_sheet:
+        print(f"contact sheet {args.contact_sheet}")
     return 0
 
 
@@ -399,8 +457,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--architecture", help="with --weights: the architecture the weights belong to "
                                           "(tiled-densenet121, tiled-densenet-mini)")
     p.add_argument("--input-scaling", choices=["symmetric", "unit", "imagenet"],
-                   help="with --weights: how the model scaled RGB 0..255 in training (symmetric: -1..1, unit: "
-                        "0..1, imagenet: /255 then ImageNet mean/std); weights cannot tell, so it must be given")
+                   help="how the model expects RGB 0..255 scaled (symmetric: -1..1, unit: 0..1, imagenet: /255 then "
+                        "ImageNet mean/std); required with --weights (weights cannot tell); for model files trained "
+                        "on pre-scaled pixels it is prepended in the graph (the manifest says so)")
     p.add_argument("--out", help="bundle directory to create (required unless --explain)")
     p.add_argument("--explain", action="store_true",
                    help="print what each member is (input size, tiling, backbone, feature map, head, per-patch "
@@ -414,7 +473,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--task", choices=["binary", "multiclass"])
     p.add_argument("--positive-class")
     p.add_argument("--threshold", type=float, help="decision threshold on the positive class (binary tasks)")
-    p.add_argument("--crop", type=_int_in(16, 16384), default=1024, help="centre crop of the camera frame, pixels")
+    p.add_argument("--crop", type=_crop_size, default=1024,
+                   help="centre crop of the camera frame, pixels; 0: none, the whole image padded to a square")
+    p.add_argument("--no-crop", action="store_true", help="whole images (an MRI slice): same as --crop 0")
+    p.add_argument("--saliency", action="store_true",
+                   help="add a vanilla saliency output (max over channels of |d score / d image| at the input size, "
+                        "computed in the graph; whole-image models): about one more backward pass per image")
+    p.add_argument("--grey", action="store_true",
+                   help="the model was trained on greyscale images replicated to 3 channels (MRI slices): colour "
+                        "inputs are turned grey")
+    p.add_argument("--bit-depth", choices=["window", "minmax", "scale"],
+                   help="how images of more than 8 bits (16-bit PNG/TIFF, DICOM) became 8 bits in training: "
+                        "window (--window, else the DICOM file's, else min/max; the default), minmax, scale (x/65535)")
+    p.add_argument("--window", metavar="CENTRE,WIDTH", help="the window/level the model was trained with "
+                                                            "(default: each DICOM file's own)")
+    p.add_argument("--tissue-gate", metavar="mri|KEY=VALUE,...",
+                   help="the gate's thresholds for this modality, written to the manifest: 'mri' (air is background, "
+                        "edge.tissue.MRI_GATE) or e.g. min_tissue_fraction=0.1,min_brightness=45")
     p.add_argument("--interpolation", default="area", choices=["area", "linear", "cubic", "nearest"])
     p.add_argument("--opset", type=int, default=17)
     p.add_argument("--jobs", type=int, default=1, help="convert members in this many worker processes")
@@ -445,7 +520,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("images", nargs="+")
     p.add_argument("--bundle", required=True)
     p.add_argument("--json", help="write the per-image and slide results here")
-    p.add_argument("--overlay-dir", help="write Grad-CAM overlay PNGs into this (new) directory")
+    p.add_argument("--overlay-dir", help="write Grad-CAM overlay PNGs (and saliency PNGs, when the bundle has them) "
+                                         "into this (new) directory, over each original image")
+    p.add_argument("--contact-sheet", metavar="OUT.png", help="write one PNG with every image's explanations "
+                                                              "(and the images without a decision, with the reason)")
+    p.add_argument("--window", metavar="CENTRE,WIDTH",
+                   help="window/level for DICOM and 16-bit images, instead of the bundle's or the file's")
     p.add_argument("--backend", default="auto", choices=list(BACKENDS),
                    help="auto: TensorRT where the bundle has engines for this GPU, else onnxruntime (openvino "
                         "for INT8 bundles on VNNI/AMX CPUs, and BF16 for FP32 bundles whose BF16 fidelity is recorded, "

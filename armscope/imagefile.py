@@ -133,14 +133,14 @@ _capture_lock = threading.Lock()
 _capture_file = None
 
 
-def _decode_capturing_stderr(data: np.ndarray) -> tuple[np.ndarray | None, list[str]]:
+def _decode_capturing_stderr(data: np.ndarray, flags: int = cv2.IMREAD_COLOR) -> tuple[np.ndarray | None, list[str]]:
     """cv2.imdecode with descriptor 2 redirected; returns the image and the decoder's warning lines."""
     global _capture_file
     with _capture_lock:
         try:
             saved = os.dup(2)
         except OSError:                   # no stderr at all: nothing to capture, nothing to hide
-            return cv2.imdecode(data, cv2.IMREAD_COLOR), []
+            return cv2.imdecode(data, flags), []
         try:
             if _capture_file is None:
                 _capture_file = tempfile.TemporaryFile()
@@ -154,7 +154,7 @@ def _decode_capturing_stderr(data: np.ndarray) -> tuple[np.ndarray | None, list[
                         pass
             os.dup2(_capture_file.fileno(), 2)
             try:
-                image = cv2.imdecode(data, cv2.IMREAD_COLOR)
+                image = cv2.imdecode(data, flags)
             finally:
                 os.dup2(saved, 2)
             _capture_file.seek(0)
@@ -172,27 +172,36 @@ def _decode_capturing_stderr(data: np.ndarray) -> tuple[np.ndarray | None, list[
     return image, [line.decode("utf-8", "replace").strip() for line in ours]
 
 
-def decode_image(data: bytes, name: str) -> np.ndarray:
-    """Decode one image file's bytes to BGR uint8, or raise NotAnImage/CorruptImage naming ``name``."""
+def decode_image(data: bytes, name: str, unchanged: bool = False) -> np.ndarray:
+    """Decode one image file's bytes to BGR uint8, or raise NotAnImage/CorruptImage naming ``name``.
+    ``unchanged``: as stored (greyscale stays (H, W), 16-bit stays uint16, alpha is kept), for
+    ``armscope.preprocess.read_frame``, which converts it as the bundle's manifest says."""
     kind = image_format(data)
     if kind is None:
         raise NotAnImage(f"{name}: not a readable image (expected PNG, JPEG, TIFF or BMP)")
     problem = jpeg_problem(data) if kind == "JPEG" else png_problem(data) if kind == "PNG" else None
     if problem is None:
-        image, warnings = _decode_capturing_stderr(np.frombuffer(data, np.uint8))
+        flags = cv2.IMREAD_UNCHANGED if unchanged else cv2.IMREAD_COLOR
+        image, warnings = _decode_capturing_stderr(np.frombuffer(data, np.uint8), flags)
         if warnings:
             problem = "; ".join(warnings)
         elif image is None:
             problem = "the decoder could not read it"
     if problem is not None:
         raise CorruptImage(f"{name}: corrupt {kind}: {problem}")
+    if unchanged:
+        if image.ndim not in (2, 3) or (image.ndim == 3 and image.shape[2] not in (1, 3, 4)) or \
+                image.dtype not in (np.uint8, np.uint16):
+            raise CorruptImage(f"{name}: {kind} decoded to {image.dtype} {image.shape}; expected an 8- or 16-bit "
+                               "greyscale or colour image")
+        return image
     if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
         raise CorruptImage(f"{name}: {kind} did not decode to a BGR uint8 image")
     return image
 
 
-def read_image_file(path: str | Path) -> np.ndarray:
-    """Read and strictly decode an image file; raises ArmscopeError subclasses naming the file."""
+def read_file_bytes(path: str | Path) -> bytes:
+    """A file's bytes, or ArmscopeError naming it (missing, a directory, unreadable)."""
     path = Path(path)
     try:
         data = path.read_bytes()
@@ -202,4 +211,9 @@ def read_image_file(path: str | Path) -> np.ndarray:
         raise ArmscopeError(f"{path}: a directory, not an image file") from None
     except OSError as exc:
         raise ArmscopeError(f"{path}: cannot read ({exc.strerror or exc})") from None
-    return decode_image(data, str(path))
+    return data
+
+
+def read_image_file(path: str | Path) -> np.ndarray:
+    """Read and strictly decode an image file; raises ArmscopeError subclasses naming the file."""
+    return decode_image(read_file_bytes(path), str(path))

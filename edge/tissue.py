@@ -14,7 +14,13 @@ focus value independent of the camera resolution.
 
 One gate serves the daemon and ``armscope classify``. The defaults suit H&E
 brightfield; a bundle for another stain or modality carries its own in the
-manifest's optional ``tissue_gate`` block (``TissueGate.from_manifest``).
+manifest's optional ``tissue_gate`` block (``TissueGate.from_manifest``). An
+MRI slice has no stain: its background is the dark air around the head, so
+``MRI_GATE`` counts a pixel as background when it is darker than
+``min_brightness`` (saturation and brightness caps off); a slice of air, or one
+with a sliver of anatomy, gets no decision. Focus is not gated for MRI (a
+reconstruction has no focal plane; the thresholds below were set on real MR
+slices, tests/test_tsc_system.py).
 """
 from __future__ import annotations
 
@@ -34,6 +40,7 @@ class TissueGate:
     min_focus: float = 150.0
     min_saturation: int = 20
     max_brightness: int = 235
+    min_brightness: int = 0
 
     @classmethod
     def from_manifest(cls, manifest: dict, overrides: dict | None = None) -> "TissueGate":
@@ -57,6 +64,8 @@ class TissueGate:
         small = cv2.resize(crop_bgr, (MEASURE_SIZE, MEASURE_SIZE), interpolation=cv2.INTER_AREA)
         hsv = cv2.cvtColor(small, cv2.COLOR_BGR2HSV)
         background = (hsv[..., 1] < self.min_saturation) | (hsv[..., 2] > self.max_brightness)
+        if self.min_brightness > 0:
+            background |= hsv[..., 2] < self.min_brightness
         fraction = 1.0 - float(background.mean())
         grey = cv2.cvtColor(small, cv2.COLOR_BGR2GRAY)
         focus = float(cv2.Laplacian(grey, cv2.CV_64F).var())
@@ -69,3 +78,11 @@ class TissueGate:
         if measures["focus"] < self.min_focus:
             return REASON_OUT_OF_FOCUS
         return None
+
+
+# Thresholds for MRI slices (``armscope export --tissue-gate mri``): background is
+# air, darker than 45 of 255 after windowing (a brain window maps air to about 30-40); at least 10% of the image must be
+# anatomy; no saturation, brightness-cap or focus criterion.
+MRI_GATE = {"min_tissue_fraction": 0.1, "min_focus": 0.0, "min_saturation": 0, "max_brightness": 255,
+            "min_brightness": 45}
+GATE_PRESETS = {"mri": MRI_GATE}

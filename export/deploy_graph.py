@@ -27,6 +27,19 @@ The score differentiated is the class logit (before softmax); for a single
 sigmoid unit with logit z it is z for class 1 (p) and -z for class 0 (1 - p),
 and probs are exported as [1 - p, p]. ``export.gradcam_reference`` computes each
 form with tf.GradientTape on the original model, and the tests compare.
+
+Saliency (optional, whole-image models): the vanilla gradient map
+max_channels |d score_c / d image| at the input's S x S, the image being the
+bundle's input (RGB 0..255, before any scaling). A tape over the backbone gives
+d/d image of the pooled feature map A weighted by dscore/dA, which is known
+without differentiating the pool (see above: dy/dv / HW on every cell for a
+global average pool, dy/dv shared among the maximal cells for a global max
+pool); the backbone's backward ops convert through ``export.tf2onnx_pool_grads``.
+For a sigmoid unit |d(-z)| = |dz|, so both classes share one map.
+
+Input scaling (``export --input-scaling``, for models trained on pre-scaled
+pixels): x * scale + offset per channel, prepended inside the graph so the
+bundle still takes RGB 0..255.
 """
 from __future__ import annotations
 
@@ -77,10 +90,17 @@ def closed_form_cam(feature_map, patch_probs, kernel):
 
 
 class MemberGraph:
-    """One member's deploy computation: image -> {probs, cam[, patch_probs]}."""
+    """One member's deploy computation: image -> {probs, cam[, patch_probs][, saliency]}."""
 
-    def __init__(self, model, structure: ModelStructure):
+    def __init__(self, model, structure: ModelStructure, saliency: bool = False, input_scaling=None):
         self.st = st = structure
+        self.saliency = saliency
+        self.input_scaling = input_scaling  # (scale[3], offset[3]) or None
+        if saliency and (st.tiled or st.final.layout != "map"):
+            from armscope.errors import ArmscopeError
+
+            raise ArmscopeError(f"{st.source}: a saliency map is supported for whole-image models; this one is "
+                                f"tiled ({st.grid}x{st.grid} patches)")
         tensors = [st.final.output, *st.final.maps]
         self.score_index = None
         if st.cam_form == GRADCAM_GRADIENT:
@@ -127,16 +147,18 @@ class MemberGraph:
         import tensorflow as tf
 
         st = self.st
-        if st.cam_form == GRADCAM_GRADIENT:
+        tape = None
+        if st.cam_form == GRADCAM_GRADIENT or self.saliency:
             with tf.GradientTape(persistent=True) as tape:
                 tape.watch(image)
-                outs = self._outputs(image)
-                score = self._score(outs)
-                # one-hot products, not score[:, c]: a strided slice's gradient has no ONNX form
-                targets = [tf.reduce_sum(score * tf.one_hot(c, st.n_classes, dtype=score.dtype))
-                           for c in range(st.n_classes)]
+                outs = self._outputs(self._scaled(image))
+                if st.cam_form == GRADCAM_GRADIENT:
+                    score = self._score(outs)
+                    # one-hot products, not score[:, c]: a strided slice's gradient has no ONNX form
+                    targets = [tf.reduce_sum(score * tf.one_hot(c, st.n_classes, dtype=score.dtype))
+                               for c in range(st.n_classes)]
         else:
-            outs = self._outputs(image)
+            outs = self._outputs(self._scaled(image))
         maps = outs[1:1 + self.n_maps]
         fmap = assemble_map(maps, st.final.layout, st.order, st.grid)
         p = outs[0]
@@ -155,33 +177,75 @@ class MemberGraph:
         else:
             pooled = outs[self.score_index + 1]
             cells = float(st.map_size[0] * st.map_size[1])
-            cams = []
+            cams, self._dv = [], []
             for target in targets:
-                alpha = tape.gradient(target, pooled) / cells  # (B, K) = mean over A of dy/dA
+                dv = tape.gradient(target, pooled)  # (B, K)
+                self._dv.append(dv)
+                alpha = dv / cells  # = mean over A of dy/dA
                 cams.append(tf.nn.relu(tf.einsum("bijd,bd->bij", fmap, alpha)))
-            del tape
             result["cam"] = tf.stack(cams, axis=1)
+        if self.saliency:
+            result["saliency"] = self._saliency_maps(tape, image, maps[0])
+        del tape
         return result
+
+    def _scaled(self, image):
+        if self.input_scaling is None:
+            return image
+        import tensorflow as tf
+
+        scale, offset = self.input_scaling
+        return image * tf.constant(scale, image.dtype) + tf.constant(offset, image.dtype)
+
+    def _saliency_maps(self, tape, image, fmap):
+        """(B, C, S, S): max over channels of |d score_c / d image|, through the backbone only
+        (dscore/dA is known: see the module docstring)."""
+        import tensorflow as tf
+
+        st = self.st
+        if st.final.pool == "GlobalMaxPooling2D":
+            peak = tf.reduce_max(fmap, axis=(1, 2), keepdims=True)
+            weight = tf.cast(tf.equal(fmap, peak), fmap.dtype)
+            weight = weight / tf.reduce_sum(weight, axis=(1, 2), keepdims=True)
+        else:
+            weight = tf.ones_like(fmap) / float(st.map_size[0] * st.map_size[1])
+        if st.cam_form == GRADCAM_GRADIENT:
+            dvs = [dv[:, None, None, :] for dv in self._dv]
+        else:
+            kernel = tf.convert_to_tensor(st.final.kernel_and_bias()[0])
+            if st.final.activation == "sigmoid":
+                kernel = _signed(kernel)
+            dvs = [kernel[:, c] for c in range(kernel.shape[-1])]
+        sigmoid = st.final.activation == "sigmoid"
+        maps = []
+        for dv in dvs[1:] if sigmoid else dvs:  # a sigmoid's classes share |dz|: class 1's map serves both
+            grad = tape.gradient(fmap, image, output_gradients=weight * dv)
+            maps.append(tf.reduce_max(tf.abs(grad), axis=-1))
+        if sigmoid:
+            maps = [maps[0], maps[0]]
+        return tf.stack(maps, axis=1)
 
     def _outputs(self, image) -> list:
         outs = self.parts(image, training=False)
         return list(outs) if isinstance(outs, (list, tuple)) else [outs]
 
 
-def make_deploy_function(models, structures: list[ModelStructure] | None = None):
+def make_deploy_function(models, structures: list[ModelStructure] | None = None, saliency: bool = False,
+                         input_scaling=None):
     """One tf.function over ``models`` with their outputs averaged. The exporter
     traces one member at a time (the bundle's merged graph is assembled from the
     member ONNX graphs by ``export.merge``). Members must agree on input size and
-    outputs."""
+    outputs. ``saliency``: add the saliency output; ``input_scaling``: (scale,
+    offset) per channel applied to the image first."""
     import tensorflow as tf
 
     from export.structure import find_structure
 
     if structures is None:
         structures = [find_structure(m, m.name) for m in models]
-    if any(s.cam_form == GRADCAM_GRADIENT for s in structures):
+    if saliency or any(s.cam_form == GRADCAM_GRADIENT for s in structures):
         import export.tf2onnx_grads  # noqa: F401  (whichever route converts this graph needs the gradient ops)
-    members = [MemberGraph(m, s) for m, s in zip(models, structures)]
+    members = [MemberGraph(m, s, saliency, input_scaling) for m, s in zip(models, structures)]
     size = structures[0].input_size
     spec = tf.TensorSpec((None, size, size, 3), tf.float32, name="image")
 

@@ -104,3 +104,28 @@ def reference_cam(model, image: np.ndarray, structure: ModelStructure | None = N
         cams.append(tf.nn.relu(tf.reduce_sum(fmap * alpha[:, None, None, :], axis=-1))[0].numpy())
     del tape
     return np.stack(cams)
+
+
+def reference_saliency(model, image: np.ndarray, structure: ModelStructure | None = None,
+                       input_scaling=None) -> np.ndarray:
+    """image (S, S, 3) float32 0..255 -> saliency (C, S, S): max over channels of
+    |d score_c / d image| by GradientTape through the whole Keras model (pool and
+    head included), the image scaled by ``input_scaling`` = (scale, offset) first
+    when the bundle prepends it."""
+    import tensorflow as tf
+
+    st = structure or find_structure(model, model.name)
+    x = tf.convert_to_tensor(image[None].astype(np.float32))
+    scored = st.final.logits if st.final.logits is not None else st.final.output
+    with _logits_out([st.final]):
+        part = sub_model(model, [scored], "armscope_reference_saliency")
+        with tf.GradientTape(persistent=True) as tape:
+            tape.watch(x)
+            fed = x if input_scaling is None else x * np.asarray(input_scaling[0], np.float32) + \
+                np.asarray(input_scaling[1], np.float32)
+            out = part(fed, training=False)
+            z = _scores(st.final, out[0] if isinstance(out, (list, tuple)) else out)
+            targets = [tf.reduce_sum(z[:, c]) for c in range(st.n_classes)]
+    maps = [tf.reduce_max(tf.abs(tape.gradient(t, x)), axis=-1)[0].numpy() for t in targets]
+    del tape
+    return np.stack(maps)

@@ -67,7 +67,8 @@ def read_sidecar(member: Path) -> dict:
 
 
 def convert_to_onnx(models, output_path: Path, opset: int = DEFAULT_OPSET,
-                    structures: list[ModelStructure] | None = None) -> None:
+                    structures: list[ModelStructure] | None = None, saliency: bool = False,
+                    input_scaling: str | None = None) -> None:
     """Trace the deploy function over ``models`` and write it as ONNX (``structures``:
     what ``export.structure`` found for each, found again when not given)."""
     tf2onnx = require_module("tf2onnx", "tf", "ONNX export")
@@ -76,7 +77,7 @@ def convert_to_onnx(models, output_path: Path, opset: int = DEFAULT_OPSET,
 
     import onnx
 
-    deploy, spec = make_deploy_function(models, structures)
+    deploy, spec = make_deploy_function(models, structures, saliency, scaling_of(input_scaling))
     with quiet_libraries():
         model, _ = tf2onnx.convert.from_function(deploy, input_signature=[spec], opset=opset)
     unknown = sorted({n.op_type for n in model.graph.node if not n.domain and not onnx.defs.has(n.op_type)})
@@ -98,13 +99,37 @@ def keras_probs(model, structure: ModelStructure, x: np.ndarray) -> np.ndarray:
     return np.concatenate([1 - p, p], axis=-1) if structure.final.activation == "sigmoid" else p
 
 
-def _check_parity(models, structures, onnx_path: Path, seed: int = 0) -> float:
+def scaling_of(name: str | None):
+    """--input-scaling NAME -> (scale, offset) per channel (``export.weights_map.INPUT_SCALINGS``), or None."""
+    if name is None:
+        return None
+    from export.weights_map import INPUT_SCALINGS
+
+    if name not in INPUT_SCALINGS:
+        raise ArmscopeError(f"--input-scaling {name!r}: expected one of {', '.join(INPUT_SCALINGS)}")
+    scale, offset = INPUT_SCALINGS[name]
+    return [float(v) for v in scale], [float(v) for v in offset]
+
+
+def apply_scaling(x: np.ndarray, input_scaling: str | None) -> np.ndarray:
+    """What the deploy graph feeds the model for a bundle input x (RGB 0..255)."""
+    pair = scaling_of(input_scaling)
+    if pair is None:
+        return x
+    return (x * np.asarray(pair[0], np.float32) + np.asarray(pair[1], np.float32)).astype(np.float32)
+
+
+SCALING_FORMULAS = {"unit": "x / 255 (0..1)", "symmetric": "x / 127.5 - 1 (-1..1)",
+                    "imagenet": "(x / 255 - mean) / std, ImageNet RGB mean (0.485, 0.456, 0.406), std (0.229, 0.224, 0.225)"}
+
+
+def _check_parity(models, structures, onnx_path: Path, seed: int = 0, input_scaling: str | None = None) -> float:
     """Max |probs| difference between Keras (averaged over members) and ONNX Runtime on one frame."""
     import onnxruntime as ort
 
     size = structures[0].input_size
     x = np.random.default_rng(seed).uniform(0, 255, (1, size, size, 3)).astype(np.float32)
-    ref = np.mean([keras_probs(m, s, x) for m, s in zip(models, structures)], axis=0)
+    ref = np.mean([keras_probs(m, s, apply_scaling(x, input_scaling)) for m, s in zip(models, structures)], axis=0)
     session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
     got = session.run(["probs"], {"image": x})[0]
     return float(np.max(np.abs(ref - got)))
@@ -150,6 +175,9 @@ def export_bundle(
     description: str = "",
     jobs: int = 1,
     trust_code: bool = False,
+    saliency: bool = False,
+    input_scaling: str | None = None,
+    tissue_gate: dict | None = None,
 ) -> Path:
     """Export members to a bundle directory and return its path. Members sharing
     one graph are converted once (``export.convert``: seconds per member, not
@@ -171,6 +199,12 @@ def export_bundle(
     sidecars = [read_sidecar(p) for p in member_paths]
     st = structures[0]
     n_classes = st.n_classes
+    scaling_of(input_scaling)  # an unknown name fails before minutes of conversion
+    if saliency:
+        for path, found in zip(member_paths, structures):
+            if found.tiled or found.final.layout != "map":
+                raise ArmscopeError(f"--saliency: supported for whole-image models; {path} is tiled "
+                                    f"({found.grid}x{found.grid} patches)")
     preprocessing = dataclasses.replace(preprocessing, resize=st.input_size)
     task = task or _task_from_sidecars(sidecars, member_paths, n_classes)
     if len(task.classes) != n_classes:
@@ -182,15 +216,15 @@ def export_bundle(
         (stage / "members").mkdir()
         targets = [stage / "members" / f"member_{i}.onnx" for i in range(len(models))]
         try:  # one tf2onnx conversion per distinct graph, each member's weights bound (export.convert)
-            convert_members(models, targets, opset, build=_deploy_builder(models, structures))
+            convert_members(models, targets, opset, build=_deploy_builder(models, structures, saliency, input_scaling))
         except SharedConversionUnsupported as exc:
             log.warning("%s: converting each member on its own", exc)
             if jobs > 1 and len(models) > 1:
-                _convert_in_workers(member_paths, targets, opset, jobs, trust_code)
+                _convert_in_workers(member_paths, targets, opset, jobs, trust_code, saliency, input_scaling)
             else:
                 for i, (model, target) in enumerate(zip(models, targets)):
                     log.info("converting member %d/%d: %s", i + 1, len(models), member_paths[i])
-                    convert_to_onnx([model], target, opset, [structures[i]])
+                    convert_to_onnx([model], target, opset, [structures[i]], saliency, input_scaling)
         members = []
         for i, (path, model, side, target) in enumerate(zip(member_paths, models, sidecars, targets)):
             members.append({
@@ -198,22 +232,37 @@ def export_bundle(
                 "sha256": sha256_file(target),
                 "fold": int(side.get("fold", i)),
                 "source": path.name,
-                "parity_max_abs_probs": _check_parity([model], [structures[i]], target),
+                "parity_max_abs_probs": _check_parity([model], [structures[i]], target, input_scaling=input_scaling),
             })
         ensemble = stage / "ensemble.onnx"
         log.info("merging %d member graphs into the ensemble graph", len(models))
         onnx.save(merge_members([stage / m["file"] for m in members]), str(ensemble))
-        ensemble_parity = _check_parity(models, structures, ensemble)
+        ensemble_parity = _check_parity(models, structures, ensemble, input_scaling=input_scaling)
+        pre_block = preprocessing.to_manifest()
+        if input_scaling is not None:
+            pre_block["scaling"] = {"name": input_scaling, "formula": SCALING_FORMULAS[input_scaling],
+                                    "where": "prepended in the graph at export (--input-scaling): the model "
+                                             "was trained on scaled pixels; the bundle takes RGB 0..255"}
+        model_info = model_block(st)
+        outputs_info = output_block(st)
+        if saliency:
+            model_info["saliency"] = {
+                "method": "vanilla gradient (in graph)",
+                "definition": "saliency_c = max over RGB channels of |d score_c / d image|, image = the bundle input "
+                              "(RGB 0..255, before any in-graph scaling), at the input size",
+                "score": st.score, "layout": f"N x C x {st.input_size} x {st.input_size}, raw (not normalised)"}
+            outputs_info.append({"name": "saliency", "shape": ["N", n_classes, st.input_size, st.input_size],
+                                 "dtype": "float32"})
         manifest = {
             "schema_version": SCHEMA_VERSION,
             "name": name or out_dir.name,
             "description": description,
             "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
             "task": task.to_manifest(),
-            "preprocessing": preprocessing.to_manifest(),
-            "model": model_block(st),
+            "preprocessing": pre_block,
+            "model": model_info,
             "inputs": [{"name": "image", "shape": ["N", st.input_size, st.input_size, 3], "dtype": "float32"}],
-            "outputs": output_block(st),
+            "outputs": outputs_info,
             "members": members,
             "ensemble": {"file": ensemble.name, "sha256": sha256_file(ensemble),
                          "parity_max_abs_probs": ensemble_parity},
@@ -227,6 +276,8 @@ def export_bundle(
                 "onnx": onnx.__version__,
             },
         }
+        if tissue_gate:
+            manifest["tissue_gate"] = dict(tissue_gate)
         worst = max([m["parity_max_abs_probs"] for m in members] + [ensemble_parity])
         if worst > 1e-4:
             raise ArmscopeError(
@@ -295,28 +346,31 @@ def output_block(st: ModelStructure) -> list[dict]:
     return outputs
 
 
-def _deploy_builder(models, structures):
+def _deploy_builder(models, structures, saliency: bool = False, input_scaling: str | None = None):
     """model -> its deploy function, with the structure already found for it."""
     from export.deploy_graph import make_deploy_function
 
     found = {id(m): st for m, st in zip(models, structures)}
-    return lambda model: make_deploy_function([model], [found[id(model)]])
+    scaling = scaling_of(input_scaling)
+    return lambda model: make_deploy_function([model], [found[id(model)]], saliency, scaling)
 
 
-def _convert_member_file(path: str, target: str, opset: int, trust_code: bool = False) -> str:
+def _convert_member_file(path: str, target: str, opset: int, trust_code: bool = False, saliency: bool = False,
+                         input_scaling: str | None = None) -> str:
     """Worker-process entry point: load one member and convert it."""
-    convert_to_onnx([load_member(path, trust_code=trust_code)], Path(target), opset)
+    convert_to_onnx([load_member(path, trust_code=trust_code)], Path(target), opset, saliency=saliency,
+                    input_scaling=input_scaling)
     return target
 
 
 def _convert_in_workers(paths: list[Path], targets: list[Path], opset: int, jobs: int,
-                        trust_code: bool = False) -> None:
+                        trust_code: bool = False, saliency: bool = False, input_scaling: str | None = None) -> None:
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
 
     log.info("converting %d members in %d worker processes", len(paths), jobs)
     with ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
-        futures = [pool.submit(_convert_member_file, str(p), str(t), opset, trust_code)
+        futures = [pool.submit(_convert_member_file, str(p), str(t), opset, trust_code, saliency, input_scaling)
                    for p, t in zip(paths, targets)]
         for path, future in zip(paths, futures):
             try:

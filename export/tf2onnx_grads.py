@@ -60,3 +60,6 @@ class TanhGrad:
         local = ctx.make_node("Sub", [_const(ctx, node, 1.0, dtype), square.output[0]])
         node.type = "Mul"
         ctx.replace_inputs(node, [grads, local.output[0]])
+
+
+import export.tf2onnx_pool_grads  # noqa: E402,F401  (the input gradient's pooling/concat ops: saliency maps)

@@ -23,7 +23,8 @@ def bundle_copy(mini_bundle, tmp_path):
 def test_manifest_describes_the_export(mini_bundle):
     bundle = load_bundle(mini_bundle)
     m = bundle.manifest
-    assert m["schema_version"] == 1
+    assert m["schema_version"] == 2  # new exports; schema 1 bundles (samples/demo_bundle) load unchanged
+    assert load_bundle("samples/demo_bundle").manifest["schema_version"] == 1
     assert m["task"] == {"type": "binary", "classes": ["other", "tumour"], "positive_class": "tumour", "threshold": 0.3}
     assert m["preprocessing"]["center_crop"] == 1024 and m["preprocessing"]["resize"] == 640
     assert m["preprocessing"]["interpolation"] == "area"
