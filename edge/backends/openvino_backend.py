@@ -18,6 +18,13 @@ requests with the threads shared out took 3.47 s against 2.36 s for the merged
 graph; one after another 2.73 s against 2.60 s, BENCHMARKS.md section 4:
 OpenVINO parallelises inside a graph better than ONNX Runtime does),
 ``merged`` compiles the ensemble graph once.
+
+Graphs are compiled for one frame (input reshaped from [N, S, S, 3] to
+[1, S, S, 3]), the daemon's batch: a static shape let OpenVINO run a full-size
+DenseNet-121 member 12% faster than the bundle's dynamic-batch graph (80 vs
+92 ms, BF16, AMD EPYC with AVX512-BF16, 2 cores; BENCHMARKS.md section 4).
+Other batch sizes (``armscope accuracy``, ``classify`` of many images) run on
+the dynamic graph, compiled the first time one comes.
 """
 from __future__ import annotations
 
@@ -41,16 +48,21 @@ def cpu_capabilities(core=None) -> list[str]:
     return list(core.get_property("CPU", "OPTIMIZATION_CAPABILITIES"))
 
 
-def compile_graph(core, path, threads: int, precision: str = "f32"):
+def compile_graph(core, path, threads: int, precision: str = "f32", batch: int | None = None):
     """One ONNX graph compiled for the CPU as the backend runs it: latency
     mode, one stream, ``threads`` threads, ``precision`` as
-    ``INFERENCE_PRECISION_HINT`` (``auto``: OpenVINO's choice). Checks
-    neither the precision against the CPU nor the graph's I/O (the backend does)."""
+    ``INFERENCE_PRECISION_HINT`` (``auto``: OpenVINO's choice), and with
+    ``batch`` its input's batch dimension fixed (None: as the graph declares
+    it). Checks neither the precision against the CPU nor the graph's I/O (the backend does)."""
     config = {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_NUM_THREADS": threads, "NUM_STREAMS": 1}
     if precision != "auto":
         config["INFERENCE_PRECISION_HINT"] = precision
     try:
-        return core.compile_model(core.read_model(str(path)), "CPU", config)
+        model = core.read_model(str(path))
+        if batch is not None and len(model.inputs) == 1 and model.input(0).get_partial_shape().rank.is_static:
+            shape = model.input(0).get_partial_shape()
+            model.reshape({model.input(0).get_any_name(): [batch, *list(shape)[1:]]})
+        return core.compile_model(model, "CPU", config)
     except Exception as exc:  # OpenVINO raises RuntimeError subclasses with long C++ traces
         raise ArmscopeError(f"{path}: OpenVINO could not compile it ({str(exc).splitlines()[0][:300]})") from None
 
@@ -74,11 +86,13 @@ class OpenVinoBackend(InferenceBackend):
         self.layout = layout
         self.threads = threads or usable_cpus()
         self.requested_precision = precision
+        self.core = None
         self.precision = None          # what OpenVINO settled on, once active
         self.capabilities: list[str] = []
         self.paths = [bundle.ensemble_path] if layout == "merged" else list(bundle.member_paths)
         self.compiled: list = []
-        self.requests: list = []
+        self.requests: list = []  # for one frame (static shape)
+        self.any_batch: list = []  # for other batch sizes, compiled when the first comes
 
     def _activate(self) -> None:
         core = self.ov.Core()
@@ -88,8 +102,9 @@ class OpenVinoBackend(InferenceBackend):
                 "openvino precision bf16: this CPU has no BF16 support (needs AVX512-BF16 or AMX; OpenVINO "
                 f"reports {', '.join(self.capabilities)}); use f32"
             )
+        self.core = core
         for path in self.paths:
-            self.compiled.append(compile_graph(core, path, self.threads, self.requested_precision))
+            self.compiled.append(compile_graph(core, path, self.threads, self.requested_precision, batch=1))
         hint = self.compiled[0].get_property("INFERENCE_PRECISION_HINT")  # what OpenVINO settled on
         self.precision = hint.get_type_name() if hasattr(hint, "get_type_name") else str(hint)
         self._check_io()
@@ -97,7 +112,9 @@ class OpenVinoBackend(InferenceBackend):
 
     def _release(self) -> None:
         self.requests = []
+        self.any_batch = []
         self.compiled = []
+        self.core = None
 
     def _check_io(self) -> None:
         for compiled in self.compiled:
@@ -107,8 +124,14 @@ class OpenVinoBackend(InferenceBackend):
 
     def _infer(self, images: np.ndarray) -> dict[str, np.ndarray]:
         images = np.ascontiguousarray(images, dtype=np.float32)
+        requests = self.requests
+        if len(images) != 1:
+            if not self.any_batch:
+                self.any_batch = [compile_graph(self.core, path, self.threads, self.requested_precision)
+                                  .create_infer_request() for path in self.paths]
+            requests = self.any_batch
         results = []
-        for request in self.requests:
+        for request in requests:
             request.infer({"image": images}, share_inputs=True)
             results.append([np.array(request.get_tensor(name).data, copy=True) for name in self.outputs])
         if len(results) == 1:
