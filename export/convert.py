@@ -15,9 +15,9 @@ patch). Here:
    converted by tf2onnx once, without its slow transpose optimiser (a
    "template"). Members whose traced graphs have the same structure share it.
 3. For each member its captured variable values are bound to those inputs as
-   initializers, and ONNX Runtime's basic offline optimisation (constant
-   folding, Conv+BN/Mul/Add fusion, transpose cancelling; standard ONNX ops
-   only) writes the member graph.
+   initializers, ONNX Runtime's basic offline optimisation folds and fuses the
+   result (standard ONNX ops only) and per-channel ``x * s + b`` become
+   ``BatchNormalization`` again (``export.onnx_passes``).
 
 The deploy function is a parameter (``build``: model -> (tf.function,
 input TensorSpec)), so any deploy graph that closes over Keras variables is
@@ -39,19 +39,14 @@ import numpy as np
 
 from armscope.errors import ArmscopeError, require_module
 from export.keras_io import quiet_libraries
+from export.onnx_passes import WEIGHT_PREFIX, SharedConversionUnsupported, bind_weights, finish_member
 
 log = logging.getLogger(__name__)
 
-WEIGHT_PREFIX = "weight_"
 # tf2onnx's passes minus optimize_transpose (minutes of Python on DenseNet-121;
 # ONNX Runtime's basic level cancels the transposes in C++ instead).
 TEMPLATE_OPTIMIZERS = ("fold_constants", "merge_duplication", "reshape_optimizer", "global_pool_optimizer",
                        "remove_identity", "remove_back_to_back", "einsum_optimizer")
-
-
-class SharedConversionUnsupported(ArmscopeError):
-    """The deploy graph cannot be converted with its weights as inputs; the
-    caller can still convert each member on its own."""
 
 
 def _stderr_progress(message: str) -> None:
@@ -64,7 +59,8 @@ def batched_time_distributed():
     (batch * time, ...) instead of once per time step (Keras 3 unrolls a static
     time axis into a Python loop: 16 copies of the backbone in a traced graph).
     Valid in inference, where a CNN treats batch elements independently;
-    masked calls keep Keras's own path."""
+    masked calls keep Keras's own path. For tracing only: an eager call would
+    push batch x time images through the backbone at once."""
     import keras
     from keras import ops
 
@@ -106,9 +102,10 @@ def trace_member(model, build: Callable = _default_build) -> TracedMember:
     """Trace ``build(model)``'s function and read what it captured, in capture order."""
     import tensorflow as tf
 
-    with batched_time_distributed(), quiet_libraries():
-        function, spec = build(model)
-        concrete = function.get_concrete_function(spec)
+    with quiet_libraries():
+        function, spec = build(model)  # may run the model eagerly (structure probes): unpatched, bounded memory
+        with batched_time_distributed():
+            concrete = function.get_concrete_function(spec)
     variables = {id(v.handle): v for v in concrete.variables}
     values = []
     for external, _ in concrete.graph.captures:
@@ -193,51 +190,6 @@ def _template(traced: TracedMember, opset: int):
     return model
 
 
-def bind_weights(template, values: list[np.ndarray]):
-    """A copy of ``template`` whose ``weight_i`` inputs are initializers holding ``values[i]``."""
-    import onnx
-    from onnx import numpy_helper
-
-    model = onnx.ModelProto()
-    model.CopyFrom(template)
-    graph = model.graph
-    keep = [i for i in graph.input if not i.name.startswith(WEIGHT_PREFIX)]
-    bound = [i for i in graph.input if i.name.startswith(WEIGHT_PREFIX)]
-    for value_info in bound:
-        value = values[int(value_info.name[len(WEIGHT_PREFIX):])]
-        dtype = onnx.helper.tensor_dtype_to_np_dtype(value_info.type.tensor_type.elem_type)
-        graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(value, dtype=dtype), value_info.name))
-    del graph.input[:]
-    graph.input.extend(keep)
-    return model
-
-
-def fold_and_save(model, target: Path) -> None:
-    """Constant folding and fusions by ONNX Runtime's basic (portable, standard-ops) level, written to ``target``."""
-    import onnx
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
-    options.optimized_model_filepath = str(target)
-    options.log_severity_level = 3
-    ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
-    folded = onnx.load(str(target))
-    used = {node.domain or "" for node in folded.graph.node}
-    if used - {"", "ai.onnx"}:
-        raise SharedConversionUnsupported(
-            f"ONNX Runtime's basic optimisation produced operators outside standard ONNX "
-            f"({', '.join(sorted(used - {'', 'ai.onnx'}))}); {target.name} would not be portable")
-    # ONNX Runtime lists every domain it knows (com.microsoft, org.pytorch.aten, ...); keep the one in use
-    kept = [o for o in folded.opset_import if o.domain in ("", "ai.onnx")]
-    del folded.opset_import[:]
-    folded.opset_import.extend(kept)
-    # one name for the dynamic batch axis everywhere, as convert_to_onnx does
-    for value in list(folded.graph.input) + list(folded.graph.output):
-        value.type.tensor_type.shape.dim[0].dim_param = "N"
-    onnx.save(folded, str(target))
-
-
 @dataclass
 class ConversionReport:
     """What ``convert_members`` did: seconds per stage and which members shared a template."""
@@ -279,8 +231,8 @@ def convert_members(models, targets, opset: int = 17, build: Callable = _default
         template = _template(traced[first], opset)
         stage("tf2onnx", started)
         for i in group:
-            progress(f"member {i + 1}/{n}: binding weights, folding constants -> {Path(targets[i]).name}")
+            progress(f"member {i + 1}/{n}: binding weights, folding, fusing -> {Path(targets[i]).name}")
             started = time.perf_counter()
-            fold_and_save(bind_weights(template, traced[i].values), Path(targets[i]))
+            finish_member(bind_weights(template, traced[i].values), Path(targets[i]))
             stage("bind+fold", started)
     return report

@@ -106,6 +106,8 @@ def test_shared_conversion_is_plain_onnx_and_runs_in_openvino(converted, frames)
     onnx.checker.check_model(model, full_check=True)
     assert {o.domain for o in model.opset_import} <= {"", "ai.onnx"}
     assert all(node.domain in ("", "ai.onnx") for node in model.graph.node)
+    # DenseNet's batch norms after a concatenation are BatchNormalization nodes again (export.onnx_passes)
+    assert any(node.op_type == "BatchNormalization" for node in model.graph.node)
     # the backbone runs once on a batch of 16 patches, not 16 times
     assert sum(node.op_type == "Conv" for node in model.graph.node) * 16 == sum(
         node.op_type == "Conv" for node in onnx.load(str(slow[0])).graph.node)
