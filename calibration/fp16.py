@@ -13,7 +13,9 @@ from armscope.errors import require_module
 
 # Kept in FP32: the softmaxes and the share normalisation of the Grad-CAM weights
 # (exp/sum in half precision underflows for confident patches).
-DEFAULT_OP_BLOCK = ["Softmax", "ReduceSum", "Div"]
+# Loop (an SVM head's pairwise coupling, export.svm_head): kept FP32 with its body, which the
+# converter otherwise half-converts into a body whose types ONNX Runtime rejects.
+DEFAULT_OP_BLOCK = ["Softmax", "ReduceSum", "Div", "Loop"]
 
 
 def convert_member(src: Path, dst: Path, op_block_list: list[str] | None = None) -> None:
@@ -29,5 +31,26 @@ def convert_member(src: Path, dst: Path, op_block_list: list[str] | None = None)
     # infer types themselves; re-inferring here would mint 'unk__N' dims that collide between
     # members once they are merged).
     del converted.graph.value_info[:]
+    _keep_output_types(model, converted)
     onnx.checker.check_model(converted)
     onnx.save(converted, str(dst))
+
+
+def _keep_output_types(source: onnx.ModelProto, converted: onnx.ModelProto) -> None:
+    """keep_io_types does not hold for an output produced by a blocked (FP32) node: the converter
+    casts that node's result to float16 for its consumers, and the graph output is one of them
+    (e.g. a member's probs straight from a Softmax, a CAM straight from a Resize). Cast such
+    outputs back to their source type: the bundle's I/O contract is float32 out, and the merged
+    ensemble's Mean needs every member's output in one type."""
+    wanted = {o.name: o.type.tensor_type.elem_type for o in source.graph.output}
+    for output in converted.graph.output:
+        elem = wanted.get(output.name)
+        if elem is None or output.type.tensor_type.elem_type == elem:
+            continue
+        inner = f"{output.name}_before_output_cast"
+        for node in converted.graph.node:
+            node.output[:] = [inner if name == output.name else name for name in node.output]
+            node.input[:] = [inner if name == output.name else name for name in node.input]
+        converted.graph.node.append(onnx.helper.make_node("Cast", [inner], [output.name], to=elem,
+                                                          name=f"{output.name}_output_cast"))
+        output.type.tensor_type.elem_type = elem
