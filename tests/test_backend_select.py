@@ -20,7 +20,7 @@ import pytest
 from armscope.bundle import load_bundle
 from armscope.preprocess import load_image, preprocess_frame
 from edge.backends import fidelity, open_backend
-from edge.backends.cpu_features import cpu_flags, int8_exact
+from edge.backends.cpu_features import int8_exact
 from edge.backends.select import Machine, choose, decide
 
 REPO = Path(__file__).resolve().parents[1]
