@@ -131,6 +131,9 @@ class Preprocessing:
 
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
+# what read_frame reads from a folder (classify, calibration-set, accuracy); the daemon's
+# dir:// source reads camera-like pictures only (IMAGE_SUFFIXES)
+FILE_SUFFIXES = IMAGE_SUFFIXES + (".dcm", ".dicom")
 
 
 def load_image(path: str | Path) -> np.ndarray:

@@ -30,7 +30,8 @@ import numpy as np
 from armscope.bundle import Bundle, load_bundle, refuse_cascade, staged_directory
 from armscope.cpus import usable_cpus
 from armscope.errors import ArmscopeError
-from armscope.preprocess import IMAGE_SUFFIXES, Preprocessing, load_image, preprocess_frame
+from armscope.preprocess import FILE_SUFFIXES as IMAGE_SUFFIXES
+from armscope.preprocess import Preprocessing, preprocess_frame, read_frame
 from edge.backends import fidelity
 from edge.decision import decide
 from edge.overlay import focus_mask, normalise
@@ -95,7 +96,7 @@ def load_eval_set(inputs: list[Path], spec: Preprocessing, classes: list[str],
     """Camera images -> model inputs with the daemon's preprocessing; labels from
     the CSV, else from class subfolder names when they are class names."""
     paths = list_images(inputs)
-    batch = np.stack([preprocess_frame(load_image(p), spec, source=str(p)) for p in paths])
+    batch = np.stack([preprocess_frame(read_frame(p, spec)[0], spec, source=str(p)) for p in paths])
     labels = None
     if labels_csv is not None:
         table = read_labels(labels_csv, classes)
@@ -134,11 +135,10 @@ def run_bundle(bundle: Bundle, images: np.ndarray, **kw) -> dict[str, np.ndarray
 
 
 def run_backend(bundle: Bundle, images: np.ndarray, backend: str, cpu_precision: str = "f32",
-                threads: int | None = None, batch: int = 1) -> dict[str, np.ndarray]:
+                threads: int | None = None, batch: int = 4) -> dict[str, np.ndarray]:
     """The bundle through a deployable backend (``edge.backends``), so what is
     measured is what will run: e.g. an INT8 bundle on OpenVINO, or the FP32
-    bundle with OpenVINO's BF16 inference precision; one frame a call, as the
-    daemon runs it (OpenVINO compiles a static one-frame graph for that)."""
+    bundle with OpenVINO's BF16 inference precision."""
     from edge.backends import open_backend
 
     # measured as it runs, even where INT8 is inexact on this CPU (the report shows the damage)

@@ -34,7 +34,8 @@ import cv2
 import numpy as np
 
 from armscope.errors import ArmscopeError
-from armscope.preprocess import IMAGE_SUFFIXES, Preprocessing, crop_box, preprocess_frame
+from armscope.preprocess import FILE_SUFFIXES as IMAGE_SUFFIXES
+from armscope.preprocess import Preprocessing, crop_box, gate_region, preprocess_frame, read_frame
 
 log = logging.getLogger(__name__)
 
@@ -130,14 +131,17 @@ def _windows(shape, frame_size: tuple[int, int] | None) -> list[tuple[int, int, 
 class _SourceFrames:
     """Lazily enumerates one source's candidate frames in a spread-out order."""
 
-    def __init__(self, source: Source, frame_size, per_video: int, rng: np.random.Generator):
+    def __init__(self, source: Source, frame_size, per_video: int, rng: np.random.Generator,
+                 spec: Preprocessing | None = None):
         self.source = source
         self.error: str | None = None
         self._image = None
         self._capture = None
         if source.kind == "image":
-            data = np.fromfile(str(source.path), dtype=np.uint8)
-            image = cv2.imdecode(data, cv2.IMREAD_COLOR) if data.size else None
+            try:  # DICOM, 16-bit and grey files converted as the bundle says (armscope.preprocess)
+                image = read_frame(source.path, spec or Preprocessing())[0]
+            except ArmscopeError:
+                image = None
             if image is None:
                 self.error = "unreadable"
                 self.candidates = []
@@ -215,7 +219,7 @@ def build_calibration_set(
     for label, group in by_label.items():
         opened = []
         for source in group:
-            frames = _SourceFrames(source, frame_size, per_video, rng)
+            frames = _SourceFrames(source, frame_size, per_video, rng, spec)
             if frames.error:
                 skipped[frames.error] += 1
                 skipped_files[str(source.path)] = frames.error
@@ -253,10 +257,10 @@ def build_calibration_set(
                     skipped["unreadable_frame"] += 1
                     continue
                 top, left, crop = crop_box(frame.shape, spec)
-                if top < 0 or left < 0:
+                if spec.center_crop and (top < 0 or left < 0):  # center_crop 0: whole images, padded
                     skipped["smaller_than_crop"] += 1
                     continue
-                measures = gate.measure(frame[top : top + crop, left : left + crop])
+                measures = gate.measure(gate_region(frame, spec))
                 reason = gate.verdict(measures)
                 if reason is not None:
                     skipped[reason] += 1

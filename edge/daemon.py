@@ -30,7 +30,7 @@ import zmq
 from armscope import protocol
 from armscope.bundle import load_bundle, require_deployable
 from armscope.errors import ArmscopeError
-from armscope.preprocess import crop_box, preprocess_frame
+from armscope.preprocess import crop_box, gate_region, preprocess_frame
 from edge import pacing
 from edge.capture import Capture, Frame
 from edge.cascade import load_steps, model_id
@@ -66,6 +66,19 @@ class Work:
     cam: np.ndarray | None = None    # the CAM the overlay shows: of the most specific decision
 
 
+def inner_square_cam(cam: np.ndarray, frame_shape) -> np.ndarray:
+    """A whole-image bundle's CAM covers the frame padded to a square; the eyepiece
+    region (the bridge takes squares inside the frame) is the largest centred square
+    inside the frame: the CAM resampled to the padded square and cut there."""
+    h, w = frame_shape[:2]
+    if h == w:
+        return cam
+    side, inner = max(h, w), min(h, w)
+    full = cv2.resize(cam.astype(np.float32), (side, side), interpolation=cv2.INTER_LINEAR)
+    start = (side - inner) // 2
+    return full[start:start + inner, start:start + inner]  # the frame sits centred in the square on both axes
+
+
 def focus_bbox(cam: np.ndarray, size: int) -> list[int] | None:
     """[x, y, w, h] in overlay pixels of the AI-focused region (edge.overlay.focus_mask)."""
     ys, xs = np.nonzero(focus_mask(cam))
@@ -98,7 +111,7 @@ class Daemon:
         self.gate = TissueGate.from_manifest(self.bundle.manifest, {     # config keys set (>= 0) win
             "min_tissue_fraction": config.min_tissue_fraction, "min_focus": config.min_focus,
             "min_saturation": config.tissue_min_saturation, "max_brightness": config.tissue_max_brightness})
-        self.overlay_size = config.overlay_size or self.spec.center_crop
+        self.overlay_size = config.overlay_size or self.spec.center_crop or self.spec.resize
         self.metrics = Metrics()
         for key in ("slides_dir", "snapshot_dir"):   # writable, with free space: before any slide is lost
             check_output_dir(key, getattr(config, key))
@@ -382,12 +395,15 @@ class Daemon:
         t0 = time.monotonic()
         h, w = frame.image.shape[:2]
         c = self.spec.center_crop
-        if h < c or w < c:
+        if c and (h < c or w < c):
             self.metrics.count("too_small")
             log.warning("frame %d is %dx%d, smaller than the bundle's %d px crop; skipped", frame.id, w, h, c)
             return None
         top, left, size = crop_box(frame.image.shape, self.spec)
-        measures = self.gate.measure(frame.image[top:top + size, left:left + size])
+        if c == 0:  # whole images: the published region is the largest centred square inside the frame
+            size = min(h, w)
+            top, left = (h - size) // 2, (w - size) // 2
+        measures = self.gate.measure(gate_region(frame.image, self.spec))
         reason = self.gate.verdict(measures)
         if reason is not None:
             self.metrics.count("no_tissue")
@@ -457,6 +473,8 @@ class Daemon:
             sub = self.step_backends[step.when].infer(work.batch)
             work.subtype = step.result(sub["probs"][0])
             work.cam = sub["cam"][0, work.subtype["decision"]["index"]]
+        if self.spec.center_crop == 0:
+            work.cam = inner_square_cam(work.cam, work.frame.image.shape)
         work.batch = None
         t1 = time.monotonic()
         work.times["inference"] = (t1 - t0) * 1000

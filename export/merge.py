@@ -2,8 +2,8 @@
 
 Each member is prefixed (``onnx.compose.add_prefix``) so names cannot clash,
 all members read the one ``image`` input, and ``Mean`` nodes average their
-``probs``, ``patch_probs`` (only tiled models with per-patch heads have it) and
-``cam``. Done on the ONNX graphs rather than by
+``probs``, ``patch_probs`` (only tiled models with per-patch heads have it),
+``cam`` and ``saliency`` (when exported with it). Done on the ONNX graphs rather than by
 tracing all members through tf2onnx again, which would convert every member
 twice (minutes for DenseNet-121).
 """
@@ -14,7 +14,7 @@ from pathlib import Path
 import onnx
 from onnx import compose, helper
 
-OUTPUTS = ("probs", "patch_probs", "cam")  # in this order, those the members have
+OUTPUTS = ("probs", "patch_probs", "cam", "saliency")  # in this order, those the members have
 
 
 def merge_members(member_paths: list[Path]) -> onnx.ModelProto:

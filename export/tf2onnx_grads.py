@@ -22,14 +22,14 @@ def _const(ctx, node, value: float, dtype):
 
 @tf_op("ReluGrad")
 class ReluGrad:
-    """ReluGrad(dy, x) = dy * (x > 0)."""
+    """ReluGrad(dy, x) = dy * (x > 0) = dy * Sign(Relu(x)): no Cast to a fixed float type, so
+    the graph converts to FP16 whole (calibration.fp16)."""
 
     @classmethod
     def version_1(cls, ctx, node, **kwargs):
         grads, features = node.input
-        dtype = ctx.get_dtype(features)
-        positive = ctx.make_node("Greater", [features, _const(ctx, node, 0.0, dtype)])
-        mask = ctx.make_node("Cast", positive.output, attr={"to": dtype})
+        relu = ctx.make_node("Relu", [features])
+        mask = ctx.make_node("Sign", relu.output)
         node.type = "Mul"
         ctx.replace_inputs(node, [grads, mask.output[0]])
 

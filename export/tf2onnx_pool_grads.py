@@ -137,8 +137,8 @@ class MaxPoolGrad:
         g_nchw = ctx.make_node("Transpose", [grad], attr={"perm": _TO_NCHW}).output[0]
         flat = ctx.make_const(utils.make_name(f"{node.name}_flat"), np.array([-1], np.int64)).output[0]
         in_shape = ctx.make_node("Shape", [x_nchw]).output[0]
-        zeros = ctx.make_node("ConstantOfShape", [in_shape],
-                              attr={"value": _zero_tensor(dtype)}).output[0]
+        # zeros of x's shape and type (x - x, x finite): no typed constant, so FP16 conversion keeps it whole
+        zeros = ctx.make_node("Sub", [x_nchw, x_nchw]).output[0]
         index = ctx.make_node("Reshape", [pool.output[1], flat]).output[0]
         values = ctx.make_node("Reshape", [g_nchw, flat]).output[0]
         zeros_flat = ctx.make_node("Reshape", [zeros, flat]).output[0]
@@ -189,8 +189,3 @@ class AvgPoolGrad:
                                      "pads": [pt, pl, pb, pr], "output_padding": [extra_h, extra_w]}).output[0]
         ctx.make_node("Transpose", [spread], attr={"perm": _TO_NHWC}, outputs=[out], shapes=[shape], dtypes=[dtype])
 
-
-def _zero_tensor(dtype):
-    from onnx import helper
-
-    return helper.make_tensor("zero", dtype, [1], [0])

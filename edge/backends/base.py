@@ -24,7 +24,7 @@ from armscope.errors import ArmscopeError
 
 # every output a bundle graph may have, in the order backends return them
 # (armscope.bundle.OUTPUT_ORDER); a bundle's own are ``Bundle.output_names``
-OUTPUTS = ("probs", "patch_probs", "cam")
+OUTPUTS = ("probs", "patch_probs", "cam", "saliency")  # armscope.bundle.OUTPUT_ORDER
 
 
 class InferenceBackend(ABC):
