@@ -150,7 +150,8 @@ def load_and_analyse(member_paths: list[Path], trust_code: bool = False):
         if ours != theirs:
             raise ArmscopeError(
                 f"{path}: (input size, classes, per-patch heads, grid) = {ours} differs from {member_paths[0]}'s "
-                f"{theirs}; members of one ensemble must share input and outputs")
+                f"{theirs}; members of one ensemble must share input and outputs (for whole-image members of "
+                f"other input sizes, give --input-size S: each then resizes in its own graph)")
     return models, structures
 
 
