@@ -71,6 +71,11 @@ def _cmd_export(args) -> int:
     if args.explain:
         if args.weights:
             raise ArmscopeError("--explain describes model files; a --weights member has no graph to explain")
+        if _differing_members(args):
+            from export.multi_export import explain as explain_multi
+
+            print(explain_multi(_member_sources(args), trust_code=args.trust_code))
+            return 0
         from export.onnx_export import explain
 
         print(explain([Path(p) for p in args.members], trust_code=args.trust_code))
@@ -95,6 +100,17 @@ def _cmd_export(args) -> int:
     spec = Preprocessing(center_crop=0 if args.no_crop else args.crop, resize=640, interpolation=args.interpolation,
                          input=_input_spec(args))
     gate = _tissue_gate(args.tissue_gate) if args.tissue_gate else None
+    if _differing_members(args):
+        from export.multi_export import export_multi
+
+        if args.weights or args.saliency or args.jobs != 1:
+            raise ArmscopeError("--svm-head/--scaling/--input-size export members that differ; they do not combine "
+                                "with --weights, --saliency or --jobs")
+        out = export_multi(_member_sources(args), Path(args.out), task=task, name=args.name, preprocessing=spec,
+                           input_size=args.input_size, opset=args.opset, force=args.force,
+                           description=args.description, trust_code=args.trust_code, tissue_gate=gate)
+        print(f"wrote bundle {out}")
+        return 0
     with tempfile.TemporaryDirectory(prefix="armscope-weights-") as scratch:
         members = [Path(p) for p in args.members]
         if args.weights:
@@ -108,6 +124,35 @@ def _cmd_export(args) -> int:
                             input_scaling=None if args.weights else args.input_scaling, tissue_gate=gate)
     print(f"wrote bundle {out}")
     return 0
+
+
+def _differing_members(args) -> bool:
+    """Members that differ in head, scaling or input size go through export.multi_export."""
+    return bool(args.svm_head or args.scaling or args.input_size)
+
+
+def _member_sources(args):
+    """--svm-head MEMBER=HEAD and --scaling MEMBER=NAME, matched to the positional members by path."""
+    from export.multi_export import MemberSource
+
+    members = [Path(m) for m in args.members]
+    by_path = {m.resolve(): i for i, m in enumerate(members)}
+    heads, scalings = {}, {}
+    for option, values, into in (("--svm-head", args.svm_head, heads), ("--scaling", args.scaling, scalings)):
+        for text in values:
+            member, sep, value = text.rpartition("=")
+            if not sep or not member or not value:
+                raise ArmscopeError(f"{option} {text!r}: expected MEMBER=VALUE, MEMBER one of the member files given")
+            index = by_path.get(Path(member).resolve())
+            if index is None:
+                raise ArmscopeError(f"{option} {text!r}: {member} is not one of the members given "
+                                    f"({', '.join(map(str, members))})")
+            if index in into:
+                raise ArmscopeError(f"{option}: {member} is given twice")
+            into[index] = value
+    default = args.input_scaling or "none"  # export.member_input takes --input-scaling's names too
+    return [MemberSource(m, Path(heads[i]) if i in heads else None, scalings.get(i, default))
+            for i, m in enumerate(members)]
 
 
 def _input_spec(args):
@@ -140,8 +185,6 @@ def _tissue_gate(text: str) -> dict:
             raise ArmscopeError(f"--tissue-gate {item!r}: {value!r} is not a number") from None
         block[key] = int(number_value) if fields[key].type in (int, "int") else number_value
     return block
-
-
 
 
 def _cmd_inspect(args) -> int:
@@ -233,9 +276,6 @@ def _cmd_classify(args) -> int:
     if args.json:
         check_out_apart(args.json, inputs, "--json")
         _check_output_file(args.json, "--json")
-    if args.json:
-        check_out_apart(args.json, inputs, "--json")
-        _check_output_file(args.json, "--json")
     options = {"layout": args.layout, "cpu_precision": args.cpu_precision}
     if args.threads:
         options["threads"] = args.threads
@@ -289,6 +329,10 @@ def _cmd_bench(args) -> int:
     from edge.bench import run_bench
     from edge.config import from_args
 
+    if args.suite:
+        return _cmd_bench_suite(args)
+    if args.out or args.quick or args.benchmarks_md:
+        raise ArmscopeError("--out, --quick and --benchmarks-md belong to --suite")
     _check_output_file(args.json, "--json")
     _check_output_file(args.plot, "--plot")
     if args.plot and Path(args.plot).suffix.lower() != ".png":
@@ -301,6 +345,35 @@ def _cmd_bench(args) -> int:
           f"{report['latency_ms']['inference']['p50']} ms")
     for path in report["files"]:
         print(f"wrote {path}")
+    return 0
+
+
+def _cmd_bench_suite(args) -> int:
+    """``armscope bench --suite``: every stage, the inference matrix with peers and limits,
+    the pipeline, glass-to-glass, power; JSON + BENCHMARKS.md section + plots (edge.benchsuite)."""
+    import shlex
+    import sys
+
+    from edge.benchsuite.suite import run_suite
+    from export.merge import merge_members  # onnx only: sub-ensembles of 1 and 3 members get merged graphs too
+
+    if not args.out:
+        raise ArmscopeError("--suite needs --out DIR (the JSON, tables and plots go there)")
+    result = run_suite(args.bundle or "samples/demo_bundle", Path(args.out), quick=args.quick, rounds=args.rounds,
+                       extra_bundles=args.extra_bundle or [], keras_members=args.keras, merge=merge_members,
+                       source=args.source, benchmarks_md=Path(args.benchmarks_md) if args.benchmarks_md else None,
+                       command="armscope bench " + " ".join(shlex.quote(a) for a in sys.argv[2:]))
+    c, g = result["comparison"], result["glass"]
+    print(f"{result['machine']['cpu']}, {result['machine']['usable_cpus']} CPUs, load {result['machine']['load_average_start']}"
+          f" -> {result['load_average_end']}")
+    print(f"default ({c['ours']}): {c['ours_ms']:.1f} ms per frame; peers: "
+          + ", ".join(f"{p['name']} {p['ratio']:.2f}x" for p in c["peers"]))
+    print(f"pipeline {result['pipeline']['fps']} fps; glass-to-glass median {g['glass_to_glass_ms']['median']:.0f} ms, "
+          f"p95 {g['glass_to_glass_ms']['p95']:.0f} ms ({g['frames']} overlays); stale window "
+          f"{result['pacing']['stale_after_ms']} ms from {result['pacing']['frame_ms']:.0f} ms per frame")
+    print(f"wrote {Path(args.out) / 'suite.json'}, {Path(args.out) / 'suite.md'}"
+          + (f", {args.benchmarks_md}" if args.benchmarks_md else "")
+          + "".join(f", {f}" for f in result["plots"]["files"]))
     return 0
 
 
@@ -473,6 +546,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--trust-code", action="store_true",
                    help="allow running Python code stored in the model file (Keras Lambda layers and objects "
                         "from outside Keras run their code while the model loads and runs); refused by default")
+    p.add_argument("--svm-head", action="append", default=[], metavar="MEMBER=HEAD.joblib",
+                   help="MEMBER is a feature extractor (its output: global average pools of feature maps, "
+                        "concatenated) and HEAD.joblib its scikit-learn SVC(kernel='rbf', probability=True), alone "
+                        "or after a StandardScaler; put in the graph with Platt scaling and libsvm's pairwise "
+                        "coupling. A joblib file is a pickle: needs --trust-code. Repeat per member")
+    p.add_argument("--scaling", action="append", default=[], metavar="MEMBER=NAME",
+                   help="how MEMBER was trained to see RGB 0..255, put in its graph: x/255, x/127.5-1, caffe "
+                        "(keras.applications ResNet50's preprocess_input), torch, none (default: the model scales "
+                        "itself); recorded in members[i].preprocessing. Repeat per member")
+    p.add_argument("--input-size", type=_int_in(16, 8192), metavar="S",
+                   help="the bundle's one input S x S (default: the largest member's); a member of another size "
+                        "is resized in its own graph (bilinear)")
     p.add_argument("--name")
     p.add_argument("--description", default="")
     p.add_argument("--classes", help="comma-separated class names (default: from the training sidecars)")
@@ -641,6 +726,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=_int_in(0), default=3, help="overlays to discard first")
     p.add_argument("--json", dest="json", help="write the report here")
     p.add_argument("--plot", help="write a latency histogram PNG here")
+    p.add_argument("--suite", action="store_true",
+                   help="the whole benchmark suite: every stage, inference per backend x precision x layout x "
+                   "ensemble size (1, 3, 5) with peers and the CPU's limit, the pipeline, glass-to-glass latency, "
+                   "power where known (docs/latency.md)")
+    p.add_argument("--out", help="--suite: directory for suite.json, suite.md and plots")
+    p.add_argument("--quick", action="store_true", help="--suite: a reduced run (fewer paths and rounds; CI)")
+    p.add_argument("--rounds", type=_int_in(2), help="--suite: interleaved rounds per path (default 10, quick 3)")
+    p.add_argument("--extra-bundle", action="append", help="--suite: also time this bundle (e.g. its INT8 or FP16 form)")
+    p.add_argument("--keras", nargs="+", help="--suite: the Keras members, for the Keras predict peer (needs [tf])")
+    p.add_argument("--benchmarks-md", help="--suite: regenerate the suite's section of this BENCHMARKS.md")
     p.set_defaults(func=_cmd_bench)
 
     p = sub.add_parser("demo", help="daemon + eyepiece bridge on the bundled real H&E frames, on the CPU: "

@@ -135,10 +135,11 @@ def run_bundle(bundle: Bundle, images: np.ndarray, **kw) -> dict[str, np.ndarray
 
 
 def run_backend(bundle: Bundle, images: np.ndarray, backend: str, cpu_precision: str = "f32",
-                threads: int | None = None, batch: int = 4) -> dict[str, np.ndarray]:
+                threads: int | None = None, batch: int = 1) -> dict[str, np.ndarray]:
     """The bundle through a deployable backend (``edge.backends``), so what is
     measured is what will run: e.g. an INT8 bundle on OpenVINO, or the FP32
-    bundle with OpenVINO's BF16 inference precision."""
+    bundle with OpenVINO's BF16 inference precision; one frame a call, as the
+    daemon runs it (OpenVINO compiles a static one-frame graph for that)."""
     from edge.backends import open_backend
 
     # measured as it runs, even where INT8 is inexact on this CPU (the report shows the damage)
