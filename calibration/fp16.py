@@ -13,9 +13,11 @@ from armscope.errors import require_module
 
 # Kept in FP32: the softmaxes and the share normalisation of the Grad-CAM weights
 # (exp/sum in half precision underflows for confident patches).
+# ScatterElements (a max pool's gradient, in saliency graphs): ONNX Runtime's CPU provider
+# has no float16 kernel for reduction "add", and summing gradients is better in FP32 anyway.
 # Loop (an SVM head's pairwise coupling, export.svm_head): kept FP32 with its body, which the
 # converter otherwise half-converts into a body whose types ONNX Runtime rejects.
-DEFAULT_OP_BLOCK = ["Softmax", "ReduceSum", "Div", "Loop"]
+DEFAULT_OP_BLOCK = ["Softmax", "ReduceSum", "Div", "ScatterElements", "Loop"]
 
 
 def convert_member(src: Path, dst: Path, op_block_list: list[str] | None = None) -> None:
