@@ -115,10 +115,13 @@ def crops(image: np.ndarray, size: int, n: int, seed: int) -> np.ndarray:
     return np.stack(out).astype(np.float32)
 
 
-def features_of(model, images: np.ndarray, scaling: str = "caffe") -> np.ndarray:
+def features_of(model, images: np.ndarray, scaling: str = "caffe", batch: int = 8) -> np.ndarray:
+    """The model's features, a few images at a time (a full-size ResNet50 on a hundred crops at
+    once holds gigabytes of activations)."""
     from export import member_input
 
-    return np.asarray(model(np.asarray(member_input.scale(images, scaling)), training=False), np.float64)
+    return np.concatenate([np.asarray(model(np.asarray(member_input.scale(images[i:i + batch], scaling)),
+                                            training=False), np.float64) for i in range(0, len(images), batch)])
 
 
 def train_svm(model, root: Path, groups: dict[str, tuple], per_tile: int = 10, scaler: bool = False, seed: int = 0):
