@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import tempfile
 import time
 from pathlib import Path
 
@@ -43,8 +44,9 @@ def run_suite(bundle_dir: str, out: Path, *, quick: bool = False, rounds: int | 
               pipeline_frames: int | None = None, benchmarks_md: Path | None = None, command: str = "") -> dict:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    work = out / "work"
-    work.mkdir(exist_ok=True)
+    # sub-bundles and glass-to-glass PNGs (~16 MB): scratch, never left beside the report
+    scratch = tempfile.TemporaryDirectory(prefix="armscope-bench-")
+    work = Path(scratch.name)
     rounds = rounds or (3 if quick else 10)
     bundle = load_bundle(bundle_dir)
     bundles = [bundle] + [load_bundle(b) for b in extra_bundles]
@@ -97,6 +99,7 @@ def run_suite(bundle_dir: str, out: Path, *, quick: bool = False, rounds: int | 
         result["wall_s"] = round(time.monotonic() - t_start, 1)
     finally:
         sampler.stop()
+        scratch.cleanup()
     result["power"] = sampler.summary()
     result["frames_per_joule"] = frames_per_joule(result, sampler, calls)
     result["peaks"] = {p: limits.cpu_peak(p) for p in ("fp32", "bf16", "int8", "fp16")}
