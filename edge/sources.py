@@ -25,9 +25,7 @@ counted as corrupt, never classified and never fatal (``DirSource``).
 from __future__ import annotations
 
 import logging
-import threading
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
 
@@ -37,39 +35,13 @@ import numpy as np
 from armscope.errors import ArmscopeError
 from armscope.imagefile import decode_image, read_image_file
 from armscope.preprocess import IMAGE_SUFFIXES
+from edge.source_base import CorruptFrame, FrameSource, SourceLost, SourceSpec, check_frame  # noqa: F401 (re-exported)
 
 log = logging.getLogger(__name__)
 
 DEFAULT_SETTLE_MS = 500   # dir://: a file modified more recently than this is not read yet
 SCHEMES = ("v4l2", "csi", "rtsp", "rtsps", "file", "dir", "image", "watch")
 _PATH_SCHEMES = ("file", "dir", "image", "watch")
-
-
-class SourceLost(Exception):
-    """The source cannot deliver frames any more (unplugged, stream ended, gone)."""
-
-
-class CorruptFrame(Exception):
-    """One frame could not be decoded; the next one may be fine."""
-
-
-@dataclass(frozen=True)
-class SourceSpec:
-    scheme: str
-    target: str            # device path, sensor id, URL or filesystem path
-    params: dict = field(default_factory=dict)
-    uri: str = ""
-
-    @property
-    def finite(self) -> bool:
-        return self.scheme in ("file", "dir") and not self.params.get("loop")
-
-    def fps(self, default: float | None) -> float | None:
-        """Replay rate: None = as fast as possible (``fps=max``)."""
-        value = self.params.get("fps")
-        if value is None:
-            return default
-        return None if value == "max" else float(value)
 
 
 def _split_path_uri(uri: str) -> tuple[str, str, str]:
@@ -145,31 +117,6 @@ def gstreamer_csi_pipeline(sensor: int, width: int = 1920, height: int = 1080, f
     )
 
 
-class FrameSource:
-    """open() / read() -> BGR uint8 frame / close(). read raises SourceLost or CorruptFrame."""
-
-    def __init__(self, spec: SourceSpec):
-        self.spec = spec
-        self.pace = None          # seconds between frames for replayed sources, None = unpaced
-        self.stop: threading.Event | None = None   # set by Capture: waits inside read end early
-
-    def open(self) -> None:
-        raise NotImplementedError
-
-    def read(self) -> np.ndarray:
-        raise NotImplementedError
-
-    def close(self) -> None:
-        pass
-
-
-def _check_frame(frame, what: str) -> np.ndarray:
-    if frame is None or not isinstance(frame, np.ndarray) or frame.ndim != 3 or frame.shape[2] != 3 \
-            or frame.dtype != np.uint8 or frame.size == 0:
-        raise CorruptFrame(f"{what}: not a BGR uint8 image")
-    return frame
-
-
 class VideoCaptureSource(FrameSource):
     """v4l2, csi, rtsp and file sources through cv2.VideoCapture."""
 
@@ -227,7 +174,7 @@ class VideoCaptureSource(FrameSource):
                     raise SourceLost("camera stopped delivering frames")
                 raise CorruptFrame("camera returned no frame")
         self.failures = 0
-        return _check_frame(frame, self.spec.uri)
+        return check_frame(frame, self.spec.uri)
 
     def close(self) -> None:
         if self.cap is not None:
@@ -322,7 +269,7 @@ class DirSource(FrameSource):
             except ArmscopeError as exc:   # NotAnImage, CorruptImage
                 raise CorruptFrame(str(exc)) from None
             self.good_in_pass += 1
-            return _check_frame(image, str(path))
+            return check_frame(image, str(path))
 
 
 class ImageSource(FrameSource):

@@ -23,7 +23,7 @@ import numpy as np
 
 from armscope.errors import ArmscopeError
 from armscope.imagefile import decode_image
-from edge.sources import FrameSource, SourceLost, SourceSpec
+from edge.source_base import FrameSource, SourceLost, SourceSpec
 
 
 def _name_order(path: Path) -> tuple[int, str]:
