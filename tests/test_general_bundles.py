@@ -263,7 +263,7 @@ def test_manifests_that_contradict_themselves_are_refused_naming_the_field(built
 
 @pytest.mark.parametrize("kind", ["onnxruntime", "openvino"])
 def test_a_graph_without_a_declared_output_is_refused_by_the_backend(built, tmp_path, kind):
-    """patch_probs declared but not in the graph: refused at open, naming what is missing."""
+    """patch_probs declared but not in the graph: refused at activation, naming what is missing."""
     copy = tmp_path / "copy"
     shutil.copytree(built["sigmoid75"][0], copy)
 
@@ -272,4 +272,4 @@ def test_a_graph_without_a_declared_output_is_refused_by_the_backend(built, tmp_
         m["outputs"].insert(1, {"name": "patch_probs", "shape": ["N", 4, 2], "dtype": "float32"})
     _edit(copy, declare)
     with pytest.raises(ArmscopeError, match=r"expected input \['image'\] and outputs \['probs', 'patch_probs', 'cam'\]"):
-        open_backend(load_bundle(copy), kind, layout="merged")
+        open_backend(load_bundle(copy), kind, layout="merged").activate()
