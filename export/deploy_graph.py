@@ -44,24 +44,7 @@ bundle still takes RGB 0..255.
 from __future__ import annotations
 
 from export.graph import shape_of, sub_model
-from export.structure import GRADCAM_CLOSED, GRADCAM_GRADIENT, PATCH_WEIGHTED, ModelStructure
-
-
-def assemble_map(maps, layout: str, order: list[int], grid: int):
-    """Pooled maps -> one (B, H, W, K) map in image layout. ``order[j]`` is the
-    patch map for image block j (row-major); a "map" layout already is one."""
-    import tensorflow as tf
-
-    if layout == "map":
-        return tf.convert_to_tensor(maps[0])
-    if layout == "stacked":
-        patches = tf.gather(maps[0], order, axis=1)
-    else:
-        patches = tf.stack([maps[k] for k in order], axis=1)
-    _, _, h, w, k = patches.shape
-    x = tf.reshape(patches, (-1, grid, grid, h, w, k))
-    x = tf.transpose(x, (0, 1, 3, 2, 4, 5))
-    return tf.reshape(x, (-1, grid * h, grid * w, k))
+from export.structure import GRADCAM_CLOSED, GRADCAM_GRADIENT, PATCH_WEIGHTED, ModelStructure, assemble_map
 
 
 def _two_class(p):

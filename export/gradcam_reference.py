@@ -64,7 +64,7 @@ def reference_cam(model, image: np.ndarray, structure: ModelStructure | None = N
     """image (S, S, 3) float32 0..255 -> cam (C, H, W) via GradientTape."""
     import tensorflow as tf
 
-    from export.deploy_graph import assemble_map
+    from export.structure import assemble_map
 
     st = structure or find_structure(model, model.name)
     x = tf.convert_to_tensor(image[None].astype(np.float32))

@@ -229,7 +229,6 @@ class _Probe:
 
     def image_blocks(self, order: list[int]) -> np.ndarray:
         """The base image's final map cut into the grid's blocks, (G*G, h, w, K) row-major."""
-        from export.deploy_graph import assemble_map
 
         a = np.asarray(assemble_map([v[:1] for v in self.values[:self.n_final]], self.final.layout, order, self.grid))
         g = self.grid
@@ -312,3 +311,20 @@ def _backbone_name(graph: ModelGraph, final: Head, model) -> str:
 def _feature_layer(graph: ModelGraph, final: Head) -> str:
     call = graph.producer_of(final.maps[0])
     return call.name if call is not None else "input"
+
+
+def assemble_map(maps, layout: str, order: list[int], grid: int):
+    """Pooled maps -> one (B, H, W, K) map in image layout. ``order[j]`` is the
+    patch map for image block j (row-major); a "map" layout already is one."""
+    import tensorflow as tf
+
+    if layout == "map":
+        return tf.convert_to_tensor(maps[0])
+    if layout == "stacked":
+        patches = tf.gather(maps[0], order, axis=1)
+    else:
+        patches = tf.stack([maps[k] for k in order], axis=1)
+    _, _, h, w, k = patches.shape
+    x = tf.reshape(patches, (-1, grid, grid, h, w, k))
+    x = tf.transpose(x, (0, 1, 3, 2, 4, 5))
+    return tf.reshape(x, (-1, grid * h, grid * w, k))
