@@ -583,7 +583,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "edge.tissue.MRI_GATE) or e.g. min_tissue_fraction=0.1,min_brightness=45")
     p.add_argument("--interpolation", default="area", choices=["area", "linear", "cubic", "nearest"])
     p.add_argument("--opset", type=int, default=17)
-    p.add_argument("--jobs", type=int, default=1, help="convert members in this many worker processes")
+    p.add_argument("--jobs", type=int, default=1, help="members whose graphs cannot share one conversion "
+                   "(export.convert falls back to tf2onnx per member) are converted in this many worker processes")
     p.add_argument("--force", action="store_true", help="replace an existing bundle directory")
     p.set_defaults(func=_cmd_export)
 

@@ -45,4 +45,4 @@ def mini_bundle(mini_members, tmp_path_factory) -> Path:
 
     out = tmp_path_factory.mktemp("bundles") / "mini"
     task = TaskSpec("binary", ["other", "tumour"], positive_class="tumour", threshold=0.3)
-    return export_bundle(mini_members, out, task=task, name="mini-test", jobs=2)  # exercises --jobs
+    return export_bundle(mini_members, out, task=task, name="mini-test", jobs=2)  # --jobs: used only if the shared conversion falls back
