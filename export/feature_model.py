@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from armscope.errors import ArmscopeError
 from export.graph import ModelGraph, shape_of, sub_model
 from export.heads import PASS_THROUGH, activation_name
-from export.structure import MODEL_CLASSES
+from export.structure import MODEL_CLASSES, input_size_of
 
 FEATURE_CAM = "Grad-CAM of the SVM head (its gradient computed in graph)"
 
@@ -92,12 +92,7 @@ def _ancestors(graph: ModelGraph, tensor) -> set[int]:
 def find_feature_structure(model, source) -> FeatureStructure:
     """Analyse a feature extractor; raise ArmscopeError naming the layer when it is not one."""
     graph = ModelGraph.of(model, source)
-    if len(graph.inputs) != 1:
-        raise ArmscopeError(f"{source}: the model has {len(graph.inputs)} inputs; expected one image input")
-    shape = shape_of(graph.inputs[0])
-    if len(shape) != 4 or shape[3] != 3 or shape[1] is None or shape[1] != shape[2]:
-        raise ArmscopeError(f"{source}: input shape {shape}; expected (None, S, S, 3), a square RGB image of "
-                            "fixed size S")
+    size = input_size_of(graph, source)
     if len(graph.outputs) != 1 or len(shape_of(graph.outputs[0])) != 2:
         raise ArmscopeError(f"{source}: outputs {[shape_of(o) for o in graph.outputs]}; a feature extractor for "
                             "an SVM head has one output, the (None, D) feature vector")
@@ -128,7 +123,7 @@ def find_feature_structure(model, source) -> FeatureStructure:
     deepest = _deepest(graph, maps, source)
     h, w, k = (int(d) for d in shape_of(maps[deepest])[1:4])
     producer = graph.producer_of(maps[deepest])
-    return FeatureStructure(source=str(source), input_size=int(shape[1]), maps=maps, offsets=offsets,
+    return FeatureStructure(source=str(source), input_size=size, maps=maps, offsets=offsets,
                             deepest=deepest, map_size=(h, w), channels=k, n_features=start,
                             feature_layer=producer.name if producer else "input",
                             backbone=_backbone(graph, maps[deepest], model), pooled_layers=names)

@@ -93,7 +93,7 @@ class ModelStructure:
 def find_structure(model, source) -> ModelStructure:
     """Analyse ``model``; raise ArmscopeError naming the layer and the reason when it is not supported."""
     graph = ModelGraph.of(model, source)
-    size = _input_size(graph, source)
+    size = input_size_of(graph, source)
     heads, refused = [], []
     for i, out in enumerate(graph.outputs):
         head, why = find_head(graph, out)
@@ -133,7 +133,8 @@ def find_structure(model, source) -> ModelStructure:
     return structure
 
 
-def _input_size(graph: ModelGraph, source) -> int:
+def input_size_of(graph: ModelGraph, source) -> int:
+    """S of the one (None, S, S, 3) image input, or an ArmscopeError naming what the model has."""
     if len(graph.inputs) != 1:
         raise ArmscopeError(f"{source}: the model has {len(graph.inputs)} inputs; expected one image input")
     shape = shape_of(graph.inputs[0])

@@ -9,7 +9,9 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import cv2
@@ -122,3 +124,27 @@ def rss_kib(pid: int) -> int:
         if line.startswith("VmRSS:"):
             return int(line.split()[1])
     raise AssertionError("no VmRSS")
+
+
+@contextmanager
+def running(bundle_dir, source, tmp_path, **overrides):
+    """A daemon in a background thread of this process, with fresh ports; stopped and checked on exit."""
+    from edge.config import load_config
+    from edge.daemon import Daemon
+
+    options = dict(bundle=str(bundle_dir), source=source, publish=free_endpoint(), control=free_endpoint(),
+                   threads=2, heartbeat_hz=5.0, reconnect_min_s=0.2, reconnect_max_s=1.0,
+                   slides_dir=str(tmp_path / "slides"), snapshot_dir=str(tmp_path / "snapshots"))
+    options.update(overrides)
+    daemon = Daemon(load_config(None, options))
+    result = {}
+    thread = threading.Thread(target=lambda: result.setdefault("rc", daemon.run(install_signals=False)),
+                              name="daemon-under-test", daemon=True)
+    thread.start()
+    try:
+        yield daemon
+    finally:
+        daemon.request_stop("test over")
+        thread.join(60)
+        assert not thread.is_alive(), "daemon did not stop within 60 s"
+        assert result.get("rc") == 0

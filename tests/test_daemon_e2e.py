@@ -9,7 +9,6 @@ import json
 import shutil
 import threading
 import time
-from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -18,11 +17,9 @@ import zmq
 
 from armscope import protocol
 from armscope.preprocess import crop_box
-from edge.config import load_config
-from edge.daemon import Daemon
 from edge.decision import decide
 
-from daemon_support import free_endpoint, make_pan_video, pick_bundle, wait_for, camera_frames  # noqa: F401 (fixture)
+from daemon_support import free_endpoint, make_pan_video, pick_bundle, running, wait_for, camera_frames  # noqa: F401 (fixture)
 
 @pytest.fixture(scope="module")
 def bundle_dir(request) -> Path:
@@ -34,27 +31,6 @@ def pan_video(tmp_path_factory):
     path = tmp_path_factory.mktemp("video") / "pan.avi"
     sigmas = make_pan_video(path, n_frames=36, size=(1280, 1024), fps=5.0, blur=(14, 24, 9.0))
     return path, sigmas
-
-
-@contextmanager
-def running(bundle_dir, source, tmp_path, **overrides):
-    """A daemon in a background thread, with fresh ports; stopped and checked on exit."""
-    options = dict(bundle=str(bundle_dir), source=source, publish=free_endpoint(), control=free_endpoint(),
-                   threads=2, heartbeat_hz=5.0, reconnect_min_s=0.2, reconnect_max_s=1.0,
-                   slides_dir=str(tmp_path / "slides"), snapshot_dir=str(tmp_path / "snapshots"))
-    options.update(overrides)
-    daemon = Daemon(load_config(None, options))
-    result = {}
-    thread = threading.Thread(target=lambda: result.setdefault("rc", daemon.run(install_signals=False)),
-                              name="daemon-under-test", daemon=True)
-    thread.start()
-    try:
-        yield daemon
-    finally:
-        daemon.request_stop("test over")
-        thread.join(60)
-        assert not thread.is_alive(), "daemon did not stop within 60 s"
-        assert result.get("rc") == 0
 
 
 def ctl(daemon, command, timeout_ms=5000):

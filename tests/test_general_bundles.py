@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import threading
-from contextlib import contextmanager
 from pathlib import Path
 
 import cv2
@@ -25,7 +23,7 @@ from armscope.errors import ArmscopeError
 from armscope.preprocess import crop_box, load_image, preprocess_frame
 from edge.backends import open_backend
 
-from daemon_support import free_endpoint, wait_for
+from daemon_support import free_endpoint, running, wait_for
 from general_bundle_support import ModelSpec, binary_task, ensemble_reference, write_general_bundle
 
 REPO = Path(__file__).resolve().parents[1]
@@ -116,29 +114,6 @@ def test_classify_writes_overlays_and_decides(built, name, tmp_path, capsys):
     assert "slide (mean)" in printed
 
 
-@contextmanager
-def running_daemon(bundle_dir, source, tmp_path, **overrides):
-    from edge.config import load_config
-    from edge.daemon import Daemon
-
-    options = dict(bundle=str(bundle_dir), source=source, publish=free_endpoint(), control=free_endpoint(),
-                   threads=2, heartbeat_hz=5.0, slides_dir=str(tmp_path / "slides"),
-                   snapshot_dir=str(tmp_path / "snapshots"), backend="onnxruntime")
-    options.update(overrides)
-    daemon = Daemon(load_config(None, options))
-    result = {}
-    thread = threading.Thread(target=lambda: result.setdefault("rc", daemon.run(install_signals=False)),
-                              name="daemon-general-bundle", daemon=True)
-    thread.start()
-    try:
-        yield daemon
-    finally:
-        daemon.request_stop("test over")
-        thread.join(60)
-        assert not thread.is_alive(), "daemon did not stop within 60 s"
-        assert result.get("rc") == 0
-
-
 def test_daemon_publishes_overlays_of_a_whole_image_bundle(built, tmp_path):
     """The non-square 24 x 12 CAM of a 96 x 96 whole-image model, upsampled to the overlay."""
     path, spec, params = built["softmax96"]
@@ -146,7 +121,8 @@ def test_daemon_publishes_overlays_of_a_whole_image_bundle(built, tmp_path):
     expected = ensemble_reference(spec, params, frames_for(bundle))["probs"]
     publish = free_endpoint()
     with protocol.Subscriber(publish, topics=["overlay"]) as sub:
-        with running_daemon(path, f"image://{FRAMES[1]}?fps=6", tmp_path, publish=publish, overlay_size=200):
+        with running(path, f"image://{FRAMES[1]}?fps=6", tmp_path, publish=publish, overlay_size=200,
+                     backend="onnxruntime"):
             message, _ = wait_for(sub, lambda m: True, 60)
             second, _ = wait_for(sub, lambda m: m.header["frame_id"] > message.header["frame_id"], 30)
     for m in (message, second):
