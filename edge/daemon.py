@@ -10,7 +10,8 @@ other stages run while it computes.
 
 Shutdown (SIGTERM/SIGINT, ``max_frames``, a finite source ending with
 ``exit_on_source_end``): capture and preprocessing stop taking frames, the
-frame being inferred is finished and published, then a ``stopping`` status is
+frames already preprocessed or being inferred are finished and published
+(unless older than the stale window), then a ``stopping`` status is
 sent, sockets are closed and ``run`` returns 0.
 """
 from __future__ import annotations
@@ -429,7 +430,9 @@ class Daemon:
                 return
             finally:
                 self.backend_ready.set()
-            while not self.stop.is_set():
+            # Until preprocessing closes its slot (it stops taking frames at once on stop), so a
+            # field already preprocessed when the stop came is still inferred and published.
+            while True:
                 try:
                     work = self.inputs.get(POLL_S)
                 except SlotClosed:

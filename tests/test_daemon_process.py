@@ -31,7 +31,9 @@ def bundle_dir(request) -> Path:
 
 def test_sigterm_during_inference_finishes_the_frame_and_exits_0(bundle_dir, camera_frames, tmp_path):
     publish = None
-    proc, publish, control, log_path = start(bundle_dir, f"image://{camera_frames[1]}?fps=10", tmp_path)
+    # A camera faster than inference (warmed up, the demo ensemble takes ~60 ms here), so a frame is
+    # always waiting and one is in the pipeline whenever an overlay has just been published.
+    proc, publish, control, log_path = start(bundle_dir, f"image://{camera_frames[1]}?fps=50", tmp_path)
     try:
         with protocol.Subscriber(publish) as sub:
             wait_for(sub, lambda m: True, 90, topic="overlay")
