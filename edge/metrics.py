@@ -108,7 +108,8 @@ class Metrics:
         self.lock = threading.Lock()
         self.latency = {stage: LatencyWindow() for stage in STAGES}
         # Named up front so the status reply always has them, zero or not.
-        self.counters = collections.Counter({name: 0 for name in ("no_tissue", "paused_frames", "too_small")})
+        self.counters = collections.Counter({name: 0 for name in ("no_tissue", "paused_frames", "too_small",
+                                                                "stale_dropped")})
         self.published = RateMeter()
         self.captured = RateMeter()
 

@@ -32,7 +32,8 @@ def log_entries(path):
 
 
 def test_a_frozen_daemon_never_shows_an_overlay_from_before_the_freeze(bundle_dir, camera_frames, tmp_path):
-    proc, publish, control, log_path = start(bundle_dir, f"image://{camera_frames[1]}?fps=10", tmp_path)
+    # A camera faster than the warmed-up inference: a frame is always in the pipeline after an overlay.
+    proc, publish, control, log_path = start(bundle_dir, f"image://{camera_frames[1]}?fps=50", tmp_path)
     display = PngDisplay(tmp_path / "eyepiece", width=640, height=480)
     bridge = Bridge(display, connect=publish, stats_interval=0)   # loopback: clock "mono"
     assert bridge.clock_mode == "mono"

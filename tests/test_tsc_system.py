@@ -183,14 +183,14 @@ def test_files_that_are_not_images_are_refused(tsc, capsys):
 def test_daemon_runs_the_tsc_bundle_on_grey_slices(tsc, tmp_path):
     from armscope import protocol
     from daemon_support import free_endpoint, wait_for
-    from test_general_bundles import running_daemon
+    from daemon_support import running
 
     _, bundle, root = tsc
     frame = tmp_path / "slice.png"
     assert cv2.imwrite(str(frame), cv2.imread(str(slices(root)["mr8.jpg"])))
     publish = free_endpoint()
     with protocol.Subscriber(publish, topics=["overlay"]) as sub:
-        with running_daemon(bundle, f"image://{frame}?fps=4", tmp_path, publish=publish):
+        with running(bundle, f"image://{frame}?fps=4", tmp_path, publish=publish, backend="onnxruntime"):
             message, _ = wait_for(sub, lambda m: True, 60)
     rgba = protocol.overlay_image(message)
     assert rgba.shape == (224, 224, 4) and rgba[..., 3].max() > 0
