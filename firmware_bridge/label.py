@@ -65,6 +65,21 @@ def place(box: tuple[int, int], footprint: Region, display_size: tuple[int, int]
     return x, min(max(0, fy + fh - bh), max(0, dh - bh))
 
 
+def widen(image: np.ndarray, region: Region, box: Region, align=None) -> tuple[np.ndarray, Region]:
+    """``image`` (at ``region``) on a black canvas that also covers ``box`` (aligned
+    as the display wants): what is sent when something is drawn beside the overlay."""
+    send = union(tuple(region), tuple(box))
+    if align is not None:
+        send = align(send)
+    sx, sy, sw, sh = send
+    if tuple(send) == tuple(region):
+        return image, send
+    canvas = np.zeros((sh, sw) + image.shape[2:], np.uint8)
+    rx, ry = region[0] - sx, region[1] - sy
+    canvas[ry : ry + image.shape[0], rx : rx + image.shape[1]] = image
+    return canvas, send
+
+
 def add_label(image: np.ndarray, region: Region, text: str, display_size: tuple[int, int],
               align=None) -> tuple[np.ndarray, Region]:
     """``image`` (the rendered overlay at ``region``, RGB or grey) with
@@ -77,17 +92,8 @@ def add_label(image: np.ndarray, region: Region, text: str, display_size: tuple[
     box_w = min(tw + 2 * _GAP, display_size[0])
     box_h = min(th + base + 2 * _GAP, display_size[1])
     bx, by = place((box_w, box_h), region, display_size)
-    send = union(region, (bx, by, box_w, box_h))
-    if align is not None:
-        send = align(send)
-    sx, sy, sw, sh = send
-    if tuple(send) == tuple(region):
-        canvas = image
-    else:
-        canvas = np.zeros((sh, sw) + image.shape[2:], np.uint8)
-        rx, ry = region[0] - sx, region[1] - sy
-        canvas[ry : ry + image.shape[0], rx : rx + image.shape[1]] = image
-    lx, ly = bx - sx, by - sy
+    canvas, send = widen(image, region, (bx, by, box_w, box_h), align)
+    lx, ly = bx - send[0], by - send[1]
     canvas[ly : ly + box_h, lx : lx + box_w] = 0  # see-through behind the text where it overlaps the overlay
     white = 255 if canvas.ndim == 2 else (255, 255, 255)
     cv2.putText(canvas, text, (lx + _GAP, ly + _GAP + th), FONT, scale, white, thickness, cv2.LINE_AA)

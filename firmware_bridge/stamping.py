@@ -8,7 +8,8 @@ import numpy as np
 
 from armscope import stamp
 
-from .displays import Region, union
+from .displays import Region
+from .label import widen
 
 
 def add_stamp(image: np.ndarray, region: Region, frame_id: int, display_size: tuple[int, int],
@@ -17,15 +18,6 @@ def add_stamp(image: np.ndarray, region: Region, frame_id: int, display_size: tu
     stamp of ``frame_id`` drawn in its corner of the display: the new
     ``(image, region)`` covering both, black elsewhere (as ``label.add_label``)."""
     bx, by, bw, bh = stamp.box(display_size)
-    send = union(tuple(region), (bx, by, bw, bh))
-    if align is not None:
-        send = align(send)
-    sx, sy, sw, sh = send
-    if tuple(send) == tuple(region):
-        canvas = image
-    else:
-        canvas = np.zeros((sh, sw) + image.shape[2:], np.uint8)
-        rx, ry = region[0] - sx, region[1] - sy
-        canvas[ry:ry + image.shape[0], rx:rx + image.shape[1]] = image
-    stamp.draw(canvas, frame_id, (bx - sx, by - sy), stamp.cell_size(display_size))
+    canvas, send = widen(image, region, (bx, by, bw, bh), align)
+    stamp.draw(canvas, frame_id, (bx - send[0], by - send[1]), stamp.cell_size(display_size))
     return canvas, send
