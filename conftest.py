@@ -32,7 +32,7 @@ def _has_cuda() -> bool:
     try:
         if importlib.util.find_spec("cuda") is None and importlib.util.find_spec("pycuda") is None:
             return False
-        from edge.trt_build import gpu_info
+        from armscope.calibration.trt_build import gpu_info
 
         return gpu_info() is not None
     except Exception:
@@ -67,7 +67,7 @@ def tile_paths() -> list[Path]:
 def real_inputs(frame_paths, tile_paths) -> np.ndarray:
     """Model inputs from real H&E: the camera frames through the daemon's
     preprocessing, and the NCT tiles upsampled to 640x640."""
-    from armscope.preprocess import Preprocessing, load_image, preprocess_frame
+    from armscope.core.preprocess import Preprocessing, load_image, preprocess_frame
 
     spec = Preprocessing()
     frames = [preprocess_frame(load_image(p), spec) for p in frame_paths]

@@ -13,9 +13,9 @@ import tempfile
 from pathlib import Path
 
 from armscope import __version__
-from armscope.argtypes import number
-from armscope.errors import ArmscopeError, output_file_problem
-from edge.backends import BACKENDS, CPU_PRECISIONS
+from armscope.core.argtypes import number
+from armscope.core.errors import ArmscopeError, output_file_problem
+from armscope.edge.backends import BACKENDS, CPU_PRECISIONS
 
 
 def _int_in(lo: int, hi: float = float("inf")):
@@ -28,8 +28,8 @@ def _check_output_file(path, option: str) -> None:
 
 
 def check_out_apart(out, inputs, option: str = "--out") -> None:
-    """``armscope.bundle.check_out_apart``, imported when a command runs (it brings OpenCV and jsonschema)."""
-    from armscope.bundle import check_out_apart as check
+    """``armscope.core.bundle.check_out_apart``, imported when a command runs (it brings OpenCV and jsonschema)."""
+    from armscope.core.bundle import check_out_apart as check
 
     check(out, inputs, option)
 
@@ -44,7 +44,7 @@ _SEED = _int_in(0, 2**32 - 1)
 
 
 def _cmd_train(args) -> int:
-    from export.train import train
+    from armscope.export.train import train
 
     members = train(Path(args.data_dir), Path(args.out), backbone=args.backbone, folds=args.folds,
                     epochs=args.epochs, batch_size=args.batch_size, learning_rate=args.lr, seed=args.seed)
@@ -54,8 +54,8 @@ def _cmd_train(args) -> int:
 
 
 def _cmd_export(args) -> int:
-    from armscope.preprocess import Preprocessing
-    from export.onnx_export import TaskSpec, export_bundle
+    from armscope.core.preprocess import Preprocessing
+    from armscope.export.onnx_export import TaskSpec, export_bundle
 
     task = None
     if args.weights or args.architecture:
@@ -72,11 +72,11 @@ def _cmd_export(args) -> int:
         if args.weights:
             raise ArmscopeError("--explain describes model files; a --weights member has no graph to explain")
         if _differing_members(args):
-            from export.multi_export import explain as explain_multi
+            from armscope.export.multi_export import explain as explain_multi
 
             print(explain_multi(_member_sources(args), trust_code=args.trust_code))
             return 0
-        from export.onnx_export import explain
+        from armscope.export.onnx_export import explain
 
         print(explain([Path(p) for p in args.members], trust_code=args.trust_code))
         return 0
@@ -91,7 +91,7 @@ def _cmd_export(args) -> int:
         threshold = args.threshold if args.threshold is not None else (0.5 if kind == "binary" else None)
         task = TaskSpec(kind, classes, positive, threshold)
         if args.threshold is not None:  # before minutes of conversion, not at the manifest check after them
-            from edge.decision import check_threshold
+            from armscope.core.decision import check_threshold
 
             check_threshold(args.threshold, task.to_manifest(), "--threshold")
     elif args.task or args.positive_class or args.threshold is not None:
@@ -101,7 +101,7 @@ def _cmd_export(args) -> int:
                          input=_input_spec(args))
     gate = _tissue_gate(args.tissue_gate) if args.tissue_gate else None
     if _differing_members(args):
-        from export.multi_export import export_multi
+        from armscope.export.multi_export import export_multi
 
         if args.weights or args.saliency or args.jobs != 1:
             raise ArmscopeError("--svm-head/--scaling/--input-size export members that differ; they do not combine "
@@ -114,7 +114,7 @@ def _cmd_export(args) -> int:
     with tempfile.TemporaryDirectory(prefix="armscope-weights-") as scratch:
         members = [Path(p) for p in args.members]
         if args.weights:
-            from export.weights_map import save_weights_members
+            from armscope.export.weights_map import save_weights_members
 
             members = save_weights_members([Path(w) for w in args.weights], args.architecture, args.input_scaling,
                                            Path(scratch))
@@ -127,13 +127,13 @@ def _cmd_export(args) -> int:
 
 
 def _differing_members(args) -> bool:
-    """Members that differ in head, scaling or input size go through export.multi_export."""
+    """Members that differ in head, scaling or input size go through armscope.export.multi_export."""
     return bool(args.svm_head or args.scaling or args.input_size)
 
 
 def _member_sources(args):
     """--svm-head MEMBER=HEAD and --scaling MEMBER=NAME, matched to the positional members by path."""
-    from export.multi_export import MemberSource
+    from armscope.export.multi_export import MemberSource
 
     members = [Path(m) for m in args.members]
     by_path = {m.resolve(): i for i, m in enumerate(members)}
@@ -150,14 +150,14 @@ def _member_sources(args):
             if index in into:
                 raise ArmscopeError(f"{option}: {member} is given twice")
             into[index] = value
-    default = args.input_scaling or "none"  # export.member_input takes --input-scaling's names too
+    default = args.input_scaling or "none"  # armscope.export.member_input takes --input-scaling's names too
     return [MemberSource(m, Path(heads[i]) if i in heads else None, scalings.get(i, default))
             for i, m in enumerate(members)]
 
 
 def _input_spec(args):
     """--grey / --bit-depth / --window -> the manifest's preprocessing.input (None: camera frames as always)."""
-    from armscope.preprocess import InputSpec, parse_window
+    from armscope.core.preprocess import InputSpec, parse_window
 
     if not (args.grey or args.bit_depth or args.window):
         return None
@@ -167,7 +167,7 @@ def _input_spec(args):
 
 def _tissue_gate(text: str) -> dict:
     """--tissue-gate mri | KEY=VALUE,... -> the manifest's tissue_gate block."""
-    from edge.tissue import GATE_PRESETS, TissueGate
+    from armscope.core.tissue import GATE_PRESETS, TissueGate
 
     if text in GATE_PRESETS:
         return dict(GATE_PRESETS[text])
@@ -188,8 +188,8 @@ def _tissue_gate(text: str) -> dict:
 
 
 def _cmd_inspect(args) -> int:
-    from armscope.bundle import load_bundle
-    from edge.cascade import load_steps
+    from armscope.core.bundle import load_bundle
+    from armscope.edge.cascade import load_steps
 
     bundle = load_bundle(args.bundle)
     if args.json:
@@ -241,7 +241,7 @@ def _describe_model(manifest: dict) -> str:
 
 
 def _cmd_cascade(args) -> int:
-    from edge.cascade import assemble
+    from armscope.edge.cascade import assemble
 
     then = {}
     for item in args.then:
@@ -258,7 +258,7 @@ def _cmd_cascade(args) -> int:
 
 
 def _cmd_classify(args) -> int:
-    from edge.classify import classify_images
+    from armscope.edge.classify import classify_images
 
     inputs = [args.bundle, *args.images]
     if args.overlay_dir:
@@ -270,7 +270,7 @@ def _cmd_classify(args) -> int:
             raise ArmscopeError(f"--contact-sheet {args.contact_sheet}: expected a .png file name")
     window = None
     if args.window:
-        from armscope.preprocess import parse_window
+        from armscope.core.preprocess import parse_window
 
         window = parse_window(args.window)
     if args.json:
@@ -313,21 +313,21 @@ def _cmd_classify(args) -> int:
 
 
 def _cmd_bridge(args) -> int:
-    from firmware_bridge import cli as bridge_cli
+    from armscope.firmware_bridge import cli as bridge_cli
 
     return bridge_cli.main(args.rest)
 
 
 def _cmd_run(args) -> int:
-    from edge.config import from_args
-    from edge.daemon import run_daemon
+    from armscope.edge.config import from_args
+    from armscope.edge.daemon import run_daemon
 
     return run_daemon(from_args(args))
 
 
 def _cmd_bench(args) -> int:
-    from edge.bench import run_bench
-    from edge.config import from_args
+    from armscope.bench.daemon_latency import run_bench
+    from armscope.edge.config import from_args
 
     if args.suite:
         return _cmd_bench_suite(args)
@@ -350,12 +350,12 @@ def _cmd_bench(args) -> int:
 
 def _cmd_bench_suite(args) -> int:
     """``armscope bench --suite``: every stage, the inference matrix with peers and limits,
-    the pipeline, glass-to-glass, power; JSON + BENCHMARKS.md section + plots (edge.benchsuite)."""
+    the pipeline, glass-to-glass, power; JSON + BENCHMARKS.md section + plots (armscope.bench)."""
     import shlex
     import sys
 
-    from edge.benchsuite.suite import run_suite
-    from export.merge import merge_members  # onnx only: sub-ensembles of 1 and 3 members get merged graphs too
+    from armscope.bench.suite import run_suite
+    from armscope.export.merge import merge_members  # onnx only: sub-ensembles of 1 and 3 members get merged graphs too
 
     if not args.out:
         raise ArmscopeError("--suite needs --out DIR (the JSON, tables and plots go there)")
@@ -378,14 +378,14 @@ def _cmd_bench_suite(args) -> int:
 
 
 def _cmd_demo(args) -> int:
-    from edge.demo import run_demo
+    from armscope.demo import run_demo
 
     run_demo(args.bundle, args.source, args.overlays, Path(args.out), args.timeout, threads=args.threads)
     return 0
 
 
 def _cmd_keys(args) -> int:
-    from armscope.protocol import write_keypair
+    from armscope.core.protocol import write_keypair
 
     for name in args.names:  # all checked before any file is written
         if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", name) or args.names.count(name) > 1:
@@ -413,8 +413,8 @@ def _frame_size(text: str | None):
 
 
 def _cmd_calibration_set(args) -> int:
-    from armscope.bundle import load_bundle
-    from calibration.calibration_set import build_calibration_set
+    from armscope.core.bundle import load_bundle
+    from armscope.calibration.calibration_set import build_calibration_set
 
     check_out_apart(args.out, [*args.inputs, args.bundle])
     _check_output_file(args.out, "--out")
@@ -422,7 +422,7 @@ def _cmd_calibration_set(args) -> int:
     spec = bundle.preprocessing if bundle else None
     gate = None
     if bundle is not None and bundle.manifest.get("tissue_gate"):  # the bundle's modality (e.g. MRI: air)
-        from edge.tissue import TissueGate
+        from armscope.core.tissue import TissueGate
 
         gate = TissueGate.from_manifest(bundle.manifest)
     m = build_calibration_set([Path(p) for p in args.inputs], Path(args.out), args.size, spec=spec, gate=gate,
@@ -435,7 +435,7 @@ def _cmd_calibration_set(args) -> int:
 
 
 def _cmd_quantize(args) -> int:
-    from calibration.quantize import make_reduced_bundle
+    from armscope.calibration.quantize import make_reduced_bundle
 
     check_out_apart(args.out, [args.bundle, args.calib, args.labels, *(args.holdout or [])])
     block = make_reduced_bundle(
@@ -461,7 +461,7 @@ def _cmd_quantize(args) -> int:
 
 
 def _cmd_build(args) -> int:
-    from edge.trt_build import build_bundle
+    from armscope.calibration.trt_build import build_bundle
 
     result = build_bundle(Path(args.bundle), args.precision, calib=Path(args.calib) if args.calib else None,
                           workspace_mb=args.workspace, dla_core=args.dla, out=Path(args.out) if args.out else None,
@@ -472,7 +472,7 @@ def _cmd_build(args) -> int:
 
 
 def _cmd_accuracy(args) -> int:
-    from calibration.accuracy import accuracy_report
+    from armscope.calibration.accuracy import accuracy_report
 
     check_out_apart(args.out, [args.bundle, args.candidate, args.labels, *args.images])
     report = accuracy_report(Path(args.bundle), Path(args.candidate) if args.candidate else None,
@@ -486,7 +486,7 @@ def _cmd_accuracy(args) -> int:
           f"({s['positive_to_negative_flips']} positive->negative), CAM r {s['cam_pearson_mean']:.4f}, "
           f"focus IoU {s['cam_iou_mean']:.3f}")
     if report["candidate"]["precision"] == "int8" and not args.exact_qdq and args.backend != "tensorrt":
-        from edge.backends.cpu_features import int8_exact
+        from armscope.edge.backends.cpu_features import int8_exact
 
         exact, why = int8_exact()
         if not exact:
@@ -527,7 +527,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=_SEED, default=0)
     p.set_defaults(func=_cmd_train)
 
-    p = sub.add_parser("export", help="Keras members -> ONNX bundle with in-graph tiling and Grad-CAM (needs [tf])")
+    p = sub.add_parser("armscope.export", help="Keras members -> ONNX bundle with in-graph tiling and Grad-CAM (needs [tf])")
     p.add_argument("members", nargs="*", help=".keras, .h5 or SavedModel directories, one per ensemble member")
     p.add_argument("--weights", action="append", default=[], metavar="FILE.h5",
                    help="weights-only member (repeat per member): a Keras 2 .h5 whose graph cannot be rebuilt; its "
@@ -580,11 +580,11 @@ def build_parser() -> argparse.ArgumentParser:
                                                             "(default: each DICOM file's own)")
     p.add_argument("--tissue-gate", metavar="mri|KEY=VALUE,...",
                    help="the gate's thresholds for this modality, written to the manifest: 'mri' (air is background, "
-                        "edge.tissue.MRI_GATE) or e.g. min_tissue_fraction=0.1,min_brightness=45")
+                        "armscope.core.tissue.MRI_GATE) or e.g. min_tissue_fraction=0.1,min_brightness=45")
     p.add_argument("--interpolation", default="area", choices=["area", "linear", "cubic", "nearest"])
     p.add_argument("--opset", type=int, default=17)
     p.add_argument("--jobs", type=int, default=1, help="members whose graphs cannot share one conversion "
-                   "(export.convert falls back to tf2onnx per member) are converted in this many worker processes")
+                   "(armscope.export.convert falls back to tf2onnx per member) are converted in this many worker processes")
     p.add_argument("--force", action="store_true", help="replace an existing bundle directory")
     p.set_defaults(func=_cmd_export)
 
@@ -635,7 +635,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="replace an existing overlay directory")
     p.set_defaults(func=_cmd_classify)
 
-    # Everything after "bridge" goes to firmware_bridge.cli.main, which has its own
+    # Everything after "bridge" goes to armscope.firmware_bridge.cli.main, which has its own
     # parsers; prefix_chars="+" stops this one from claiming --options for itself.
     p = sub.add_parser("bridge", prefix_chars="+", add_help=False,
                        help="eyepiece side: 'bridge [run] --connect EP --display URI' (daemon -> display), "
@@ -715,7 +715,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="replace an existing report directory")
     p.set_defaults(func=_cmd_accuracy)
 
-    from edge.config import add_arguments
+    from armscope.edge.config import add_arguments
 
     p = sub.add_parser("run", help="the real-time edge daemon: camera -> ensemble -> Grad-CAM overlays on ZeroMQ")
     add_arguments(p)

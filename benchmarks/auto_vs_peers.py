@@ -44,9 +44,9 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from armscope.bundle import load_bundle  # noqa: E402
-from armscope.cpus import cpu_name, usable_cpus  # noqa: E402
-from armscope.preprocess import load_image, preprocess_frame  # noqa: E402
+from armscope.core.bundle import load_bundle  # noqa: E402
+from armscope.core.cpus import cpu_name, usable_cpus  # noqa: E402
+from armscope.core.preprocess import load_image, preprocess_frame  # noqa: E402
 
 CACHE = Path(__file__).resolve().parent / ".cache"
 MEMBER_BUNDLE = CACHE / "densenet121_x1_bundle"
@@ -59,8 +59,8 @@ def ensure_member_bundle() -> Path:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     import keras
 
-    from export.architecture import ArchitectureSpec, build_tiled_model
-    from export.onnx_export import TaskSpec, export_bundle
+    from armscope.export.architecture import ArchitectureSpec, build_tiled_model
+    from armscope.export.onnx_export import TaskSpec, export_bundle
 
     member = CACHE / "densenet121_members" / "member_0.keras"
     if not member.is_file():
@@ -74,9 +74,9 @@ def ensure_member_bundle() -> Path:
 
 def ensure_bf16_record(bundle, holdout: list[Path], out: Path) -> str:
     """Record BF16's fidelity on this machine unless a record for it exists; the verdict, as text."""
-    from calibration.accuracy import accuracy_report
-    from edge.backends import fidelity
-    from edge.backends.select import Machine
+    from armscope.calibration.accuracy import accuracy_report
+    from armscope.edge.backends import fidelity
+    from armscope.edge.backends.select import Machine
 
     machine = Machine.here()
     if machine.bf16_unit is None or machine.openvino is None:
@@ -93,7 +93,7 @@ def ensure_bf16_record(bundle, holdout: list[Path], out: Path) -> str:
 
 
 def armscope_path(bundle, kind: str, **options):
-    from edge.backends import open_backend
+    from armscope.edge.backends import open_backend
 
     backend = open_backend(bundle, kind, **options)
     if not getattr(backend, "active", True):  # constructed, not yet active (InferenceBackend's lifecycle)
@@ -145,7 +145,7 @@ def main(argv=None) -> int:
     bundle = load_bundle(args.bundle or ensure_member_bundle())
     verdict = ensure_bf16_record(bundle, [Path(p) for p in args.holdout], CACHE / "auto_vs_peers_accuracy")
     print(f"BF16 fidelity record: {verdict}", flush=True)
-    from calibration.accuracy import list_images
+    from armscope.calibration.accuracy import list_images
 
     paths = list_images([Path(p) for p in args.frames])
     frames = [np.ascontiguousarray(preprocess_frame(load_image(p), bundle.preprocessing)[None]) for p in paths]
@@ -156,7 +156,7 @@ def main(argv=None) -> int:
                "armscope onnxruntime FP32 (auto before)": armscope_path(bundle, "onnxruntime"),
                "peer: ONNX Runtime, default InferenceSession": onnxruntime_peer(bundle)}
     if importlib.util.find_spec("openvino"):
-        from edge.backends.openvino_backend import cpu_capabilities
+        from armscope.edge.backends.openvino_backend import cpu_capabilities
 
         runners["peer: OpenVINO API, defaults"] = openvino_peer(bundle, None)
         runners["peer: OpenVINO API, f32, LATENCY"] = openvino_peer(
@@ -213,7 +213,7 @@ def main(argv=None) -> int:
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
     }
     print("\n" + json.dumps(header, indent=1))
-    print(f"\n| path | median | min | best peer / path | max abs dp vs ORT FP32 |\n|---|---|---|---|---|")
+    print("\n| path | median | min | best peer / path | max abs dp vs ORT FP32 |\n|---|---|---|---|---|")
     for name in sorted(runners, key=median.get):
         print(f"| {name} | {median[name] * 1000:.1f} ms | {min(times[name]) * 1000:.1f} ms | "
               f"{median[best_peer] / median[name]:.2f}x | {delta[name]:.1e} |")

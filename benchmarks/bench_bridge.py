@@ -5,10 +5,10 @@ Run:  python -m pytest benchmarks/bench_bridge.py --benchmark-only
 median <= 5 ms per overlay so the bridge keeps up with the daemon at video
 rates on an edge CPU; link efficiency must be >= 95 % on full frames.
 
-The same function and overlays as ``armscope bridge bench`` (``firmware_bridge.bench``:
+The same function and overlays as ``armscope bridge bench`` (``armscope.firmware_bridge.bench``:
 ``render_for``, ``SerialDisplay.prepare`` on a simulated controller,
 ``encode_frame_chunks``), both from the daemon's heat overlay
-(``edge.overlay.heat_rgba``) of the demo ensemble's real CAM on CMU-1 frame 1:
+(``armscope.core.overlay.heat_rgba``) of the demo ensemble's real CAM on CMU-1 frame 1:
 
 * ``daemon``: the 1024x1024 overlay of the camera frame's centre crop,
   registered into the display (scale 0.6, a slight rotation and perspective):
@@ -22,10 +22,10 @@ The same function and overlays as ``armscope bridge bench`` (``firmware_bridge.b
 import numpy as np
 import pytest
 
-from firmware_bridge import link as L
-from firmware_bridge import pixel_formats as pf
-from firmware_bridge.bench import bridge_path, overlay_and_matrix
-from firmware_bridge.registration import Registration, warp
+from armscope.firmware_bridge import link as L
+from armscope.firmware_bridge import pixel_formats as pf
+from armscope.firmware_bridge.bench import bridge_path, overlay_and_matrix
+from armscope.firmware_bridge.registration import Registration, warp
 
 W, H = 1280, 720
 CAMERA, CROP = (1600, 1200), 1024
@@ -48,8 +48,8 @@ def display(request):
     """A SerialDisplay on the pty controller simulator, blanked (nothing lit).
     ``mono1-dither``: ordered dithering, what 1-bit displays use for heat maps."""
     pytest.importorskip("serial")
-    from firmware_bridge.displays import open_display
-    from firmware_bridge.simulator import ControllerCore, PtyController
+    from armscope.firmware_bridge.displays import open_display
+    from armscope.firmware_bridge.simulator import ControllerCore, PtyController
 
     fmt, _, dither = request.param.partition("-")
     with PtyController(ControllerCore(W, H, fmt, max_payload=4096)) as sim:

@@ -18,12 +18,12 @@ from pathlib import Path
 
 import pytest
 
-from armscope.preprocess import load_image
-from edge.bench import free_tcp_endpoint
-from edge.cascade import assemble
-from edge.config import load_config
-from edge.daemon import Daemon
-from edge.capture import Frame
+from armscope.core.preprocess import load_image
+from armscope.bench.daemon_latency import free_tcp_endpoint
+from armscope.edge.cascade import assemble
+from armscope.edge.config import load_config
+from armscope.edge.daemon import Daemon
+from armscope.edge.capture import Frame
 
 REPO = Path(__file__).resolve().parents[1]
 FRAME = REPO / "samples" / "frames" / "cmu1_frame_1.jpg"

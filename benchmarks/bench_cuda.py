@@ -26,7 +26,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from edge.backends.base import OUTPUTS
+from armscope.edge.backends.base import OUTPUTS
 
 pytestmark = pytest.mark.cuda
 
@@ -39,7 +39,7 @@ OUTPUT_SHAPES = [(1, CLASSES), (1, 16, CLASSES), (1, 20, 20, CLASSES)]
 
 @pytest.fixture(scope="module", params=["cuda-python", "pycuda"])
 def cuda(request):
-    from edge.backends.tensorrt_backend import CudaRuntime, cuda_flavours
+    from armscope.edge.backends.tensorrt_backend import CudaRuntime, cuda_flavours
 
     if request.param not in cuda_flavours():
         pytest.skip(f"{request.param} is not installed")
@@ -70,7 +70,7 @@ class NoEngine:
 @pytest.mark.parametrize("layout", ["merged", "members", "pageable"])
 def test_backend_transfers(benchmark, cuda, frame, layout):
     """``run_members``, the backend's own per-frame function, with no engines."""
-    from edge.backends.tensorrt_backend import run_members
+    from armscope.edge.backends.tensorrt_backend import run_members
 
     host_input = cuda.pinned(FRAME, np.float32) if layout != "pageable" else np.empty(FRAME, np.float32)
     input_ptr = cuda.device(host_input.nbytes)

@@ -6,7 +6,7 @@
   encoding, ZeroMQ publish): ``Daemon.process_frame``. The difference is the
   per-frame pipeline overhead.
 * ``threaded-throughput``: the real threaded daemon on a paced source, measured
-  by a subscriber (``edge.bench.run_bench``); its fps should approach
+  by a subscriber (``armscope.bench.daemon_latency.run_bench``); its fps should approach
   1 / inference time, because the other stages overlap with inference.
 
 Run:  python -m pytest benchmarks/bench_daemon.py --benchmark-only
@@ -20,11 +20,11 @@ from pathlib import Path
 
 import pytest
 
-from armscope.preprocess import load_image, preprocess_frame
-from edge.bench import free_tcp_endpoint, run_bench
-from edge.config import load_config
-from edge.daemon import Daemon
-from edge.capture import Frame
+from armscope.core.preprocess import load_image, preprocess_frame
+from armscope.bench.daemon_latency import free_tcp_endpoint, run_bench
+from armscope.edge.config import load_config
+from armscope.edge.daemon import Daemon
+from armscope.edge.capture import Frame
 
 REPO = Path(__file__).resolve().parents[1]
 FRAME = REPO / "samples" / "frames" / "cmu1_frame_1.jpg"

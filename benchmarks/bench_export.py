@@ -1,7 +1,7 @@
 """Exporting a full-size ensemble: five tiled DenseNet-121 members (random
 weights, ``benchmarks/conftest.py``) to a bundle with ``export_bundle``, as
 ``armscope export`` does: loading the .keras files, tracing, the shared-graph
-conversion (``export.convert``), per-member and ensemble parity against Keras,
+conversion (``armscope.export.convert``), per-member and ensemble parity against Keras,
 the merged graph. One round: it takes minutes.
 
 Recorded beside the time: the manifest's parity figures (max |delta probs| vs
@@ -18,7 +18,7 @@ import time
 import numpy as np
 import pytest
 
-GROUP = "export"
+GROUP = "armscope.export"
 
 
 @pytest.fixture(scope="module")
@@ -28,11 +28,11 @@ def exported() -> dict:
 
 
 def test_export_full_ensemble(benchmark, full_members, tmp_path_factory, real_inputs, exported):
-    from armscope.bundle import load_bundle
-    from export.onnx_export import TaskSpec, export_bundle
+    from armscope.core.bundle import load_bundle
+    from armscope.export.onnx_export import TaskSpec, export_bundle
 
     benchmark.group = GROUP
-    out = tmp_path_factory.mktemp("export") / "densenet121_x5"
+    out = tmp_path_factory.mktemp("armscope.export") / "densenet121_x5"
     task = TaskSpec("binary", ["other", "IIM"], "IIM", 0.3)
     started = time.perf_counter()
     benchmark.pedantic(export_bundle, args=(full_members, out, task), kwargs={"force": True},
@@ -54,7 +54,7 @@ def _cam_correlation(member_path, onnx_path, frame: np.ndarray) -> float:
     import keras
     import onnxruntime as ort
 
-    from export.gradcam_reference import reference_cam
+    from armscope.export.gradcam_reference import reference_cam
 
     ref = reference_cam(keras.models.load_model(member_path, compile=False), frame)
     session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
@@ -66,8 +66,8 @@ def _cam_correlation(member_path, onnx_path, frame: np.ndarray) -> float:
 
 def test_exported_member_frame_onnxruntime(benchmark, exported, real_inputs):
     """One frame of the exported member 0 in ONNX Runtime FP32 (all usable CPUs, as armscope runs it)."""
-    from armscope.cpus import usable_cpus
-    from edge.backends.onnxruntime_backend import open_session
+    from armscope.core.cpus import usable_cpus
+    from armscope.edge.backends.onnxruntime_backend import open_session
 
     if "bundle" not in exported:
         pytest.skip("the export benchmark did not produce a bundle")

@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from edge.backends.onnxruntime_backend import OnnxRuntimeBackend
+from armscope.edge.backends.onnxruntime_backend import OnnxRuntimeBackend
 
 pytest.importorskip("tensorflow")
 

@@ -4,7 +4,7 @@ Q/DQ form, through ONNX Runtime and OpenVINO as armscope runs them
 where the CPU has it (AVX512-BF16 or AMX): what each precision buys on this
 CPU, and how far each is from ONNX Runtime FP32 (``max_abs_delta_p_vs_fp32``).
 Whether the INT8 kernels are exact here is recorded too
-(``edge.backends.cpu_features``; the daemon refuses INT8 where not).
+(``armscope.edge.backends.cpu_features``; the daemon refuses INT8 where not).
 
 Why one member and not the ensemble (``bench_precision.py``): it is what can
 be carried to another machine to measure there (the host CPUs of the GPU
@@ -24,10 +24,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from armscope.cpus import usable_cpus
-from edge.backends.base import OUTPUTS
-from edge.backends.cpu_features import int8_exact
-from edge.backends.onnxruntime_backend import open_session
+from armscope.core.cpus import usable_cpus
+from armscope.edge.backends.base import OUTPUTS
+from armscope.edge.backends.cpu_features import int8_exact
+from armscope.edge.backends.onnxruntime_backend import open_session
 
 CACHE = Path(__file__).resolve().parent / ".cache"
 GROUP = "member-cpu"
@@ -73,7 +73,7 @@ def _runner(runtime: str, precision: str, path: Path):
         session = open_session(path, threads)
         return (lambda frame: _infer(session, frame)), {}
     ov = pytest.importorskip("openvino")
-    from edge.backends.openvino_backend import compile_graph, cpu_capabilities
+    from armscope.edge.backends.openvino_backend import compile_graph, cpu_capabilities
 
     core = ov.Core()
     capabilities = cpu_capabilities(core)

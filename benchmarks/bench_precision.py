@@ -21,7 +21,7 @@ Smoke run on the demo bundle (seconds):
 
 Every row also checks its probabilities against ONNX Runtime FP32 on the same
 frame (FP32 paths to 1e-4). INT8 rows are timed even on CPUs where the runtimes'
-INT8 kernels are inexact (x86 without VNNI/AMX, ``edge.backends.cpu_features``),
+INT8 kernels are inexact (x86 without VNNI/AMX, ``armscope.edge.backends.cpu_features``),
 where armscope refuses to deploy INT8; ``int8_exact_on_this_cpu`` records it. Accuracy of the reduced precisions on real frames
 is what ``armscope accuracy`` / the manifest's ``quantization`` block report.
 """
@@ -33,8 +33,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from armscope.bundle import load_bundle
-from edge.backends.onnxruntime_backend import OnnxRuntimeBackend
+from armscope.core.bundle import load_bundle
+from armscope.edge.backends.onnxruntime_backend import OnnxRuntimeBackend
 
 CACHE = Path(__file__).resolve().parent / ".cache"
 SAMPLES = Path(__file__).resolve().parents[1] / "samples"
@@ -51,8 +51,8 @@ def fp32_bundle(request):
 
 
 def _derived(fp32, precision: str):
-    from calibration.calibration_set import build_calibration_set
-    from calibration.quantize import make_reduced_bundle
+    from armscope.calibration.calibration_set import build_calibration_set
+    from armscope.calibration.quantize import make_reduced_bundle
 
     target = CACHE / f"{fp32.root.name}-{precision}"
     if not (target / "manifest.json").is_file():
@@ -80,7 +80,7 @@ def reference(fp32_bundle, frame):
 
 
 def _record(benchmark, bundle, runtime, precision, out, reference, tol=None):
-    from edge.backends.cpu_features import int8_exact
+    from armscope.edge.backends.cpu_features import int8_exact
 
     delta = float(np.abs(out["probs"] - reference).max())
     if precision == "int8":
@@ -109,7 +109,7 @@ def test_ours_onnxruntime(benchmark, fp32_bundle, frame, reference, precision):
                                               ("int8", "members"), ("int8", "merged")])
 def test_ours_openvino(benchmark, fp32_bundle, frame, reference, precision, layout):
     pytest.importorskip("openvino")
-    from edge.backends.openvino_backend import OpenVinoBackend, cpu_capabilities
+    from armscope.edge.backends.openvino_backend import OpenVinoBackend, cpu_capabilities
 
     if precision == "bf16" and "BF16" not in cpu_capabilities():
         pytest.skip(f"this CPU has no BF16 (OpenVINO reports {cpu_capabilities()})")

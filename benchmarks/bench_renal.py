@@ -22,7 +22,6 @@ import sys
 from pathlib import Path
 
 import joblib
-import numpy as np
 import pytest
 
 from benchmarks.conftest import CACHE
@@ -59,7 +58,7 @@ def renal_bundle() -> Path:
     plain.save(paths["plain"])
     joblib.dump(svm, paths["svm"])
     f, p = paths["features"], paths["plain"]
-    assert main(["export", str(f), str(p), "--svm-head", f"{f}={paths['svm']}", "--scaling", f"{f}=caffe",
+    assert main(["armscope.export", str(f), str(p), "--svm-head", f"{f}={paths['svm']}", "--scaling", f"{f}=caffe",
                  "--scaling", f"{p}=caffe", "--trust-code", "--classes", "epithelial,stromal,other",
                  "--crop", "224", "--tissue-gate", "min_focus=40", "--out", str(bundle), "--force"]) == 0
     return bundle
@@ -73,7 +72,7 @@ def tiles() -> list[Path]:
 @pytest.mark.benchmark(group="renal-per-image", min_rounds=3, warmup=True, warmup_iterations=1)
 @pytest.mark.parametrize("overlays", [False, True], ids=["decisions", "with-overlays"])
 def test_classify_tiles(benchmark, renal_bundle, tiles, tmp_path, overlays):
-    from edge.classify import classify_images
+    from armscope.edge.classify import classify_images
 
     runs = iter(range(10_000))
 
@@ -91,9 +90,9 @@ def test_classify_tiles(benchmark, renal_bundle, tiles, tmp_path, overlays):
 
 @pytest.mark.benchmark(group="renal-inference", min_rounds=10, warmup=True, warmup_iterations=2)
 def test_one_pass_both_members(benchmark, renal_bundle, tiles):
-    from armscope.bundle import load_bundle
-    from armscope.preprocess import load_image, preprocess_frame
-    from edge.backends import open_backend
+    from armscope.core.bundle import load_bundle
+    from armscope.core.preprocess import load_image, preprocess_frame
+    from armscope.edge.backends import open_backend
 
     bundle = load_bundle(renal_bundle)
     x = preprocess_frame(load_image(tiles[-1]), bundle.preprocessing)[None]

@@ -5,7 +5,7 @@ The model is full size: keras.applications.InceptionV3(weights=None) at 224 x 22
 with GAP + Dense(1, sigmoid), random weights (speed does not depend on them),
 exported once as the TSC bundle is (--input-scaling unit --no-crop --grey
 --saliency --tissue-gate mri) and cached in benchmarks/.cache/tsc_inceptionv3.
-Timed: ``armscope classify``'s own function (``edge.classify.classify_images``) on
+Timed: ``armscope classify``'s own function (``armscope.edge.classify.classify_images``) on
 real DICOM slices (pydicom's MR_small.dcm and CT_small.dcm, 4 of each): reading,
 windowing, the gate, preprocessing, backend start, one pass giving probs,
 Grad-CAM and saliency, with and without the overlay PNGs; per image = the call / 8.
@@ -42,7 +42,7 @@ def tsc_bundle() -> Path:
     source = CACHE / "tsc_inceptionv3" / "tsc_inceptionv3.keras"
     source.parent.mkdir(parents=True, exist_ok=True)
     model.save(source)
-    assert main(["export", str(source), "--out", str(bundle), "--classes", "no_tuber,tuber", "--input-scaling",
+    assert main(["armscope.export", str(source), "--out", str(bundle), "--classes", "no_tuber,tuber", "--input-scaling",
                  "unit", "--no-crop", "--grey", "--saliency", "--tissue-gate", "mri", "--force"]) == 0
     return bundle
 
@@ -63,7 +63,7 @@ def slices(tmp_path_factory) -> list[Path]:
 @pytest.mark.benchmark(group="tsc-per-image", min_rounds=3, warmup=True, warmup_iterations=1)
 @pytest.mark.parametrize("overlays", [False, True], ids=["decisions", "with-overlays"])
 def test_classify_slices(benchmark, tsc_bundle, slices, tmp_path, overlays):
-    from edge.classify import classify_images
+    from armscope.edge.classify import classify_images
 
     runs = iter(range(10_000))
 
@@ -79,9 +79,9 @@ def test_classify_slices(benchmark, tsc_bundle, slices, tmp_path, overlays):
 
 @pytest.mark.benchmark(group="tsc-inference", min_rounds=10, warmup=True, warmup_iterations=2)
 def test_one_pass_probs_cam_saliency(benchmark, tsc_bundle, slices):
-    from armscope.bundle import load_bundle
-    from armscope.preprocess import preprocess_frame, read_frame
-    from edge.backends import open_backend
+    from armscope.core.bundle import load_bundle
+    from armscope.core.preprocess import preprocess_frame, read_frame
+    from armscope.edge.backends import open_backend
 
     bundle = load_bundle(tsc_bundle)
     spec = bundle.preprocessing

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from armscope.cpus import cpu_name, usable_cpus
+from armscope.core.cpus import cpu_name, usable_cpus
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -27,7 +27,7 @@ def ensure_full_members() -> list[Path]:
     """5 DenseNet-121 tiled members saved as .keras (cached)."""
     import keras
 
-    from export.architecture import ArchitectureSpec, build_tiled_model
+    from armscope.export.architecture import ArchitectureSpec, build_tiled_model
 
     folder = CACHE / "densenet121_members"
     paths = [folder / f"member_{i}.keras" for i in range(FULL_MEMBERS)]
@@ -40,7 +40,7 @@ def ensure_full_members() -> list[Path]:
 
 
 def ensure_full_bundle() -> Path:
-    from export.onnx_export import TaskSpec, export_bundle
+    from armscope.export.onnx_export import TaskSpec, export_bundle
 
     target = CACHE / "densenet121_x5_bundle"
     if not (target / "manifest.json").is_file():
@@ -57,6 +57,6 @@ def full_members():
 
 @pytest.fixture(scope="session")
 def full_bundle(full_members):
-    from armscope.bundle import load_bundle
+    from armscope.core.bundle import load_bundle
 
     return load_bundle(ensure_full_bundle())

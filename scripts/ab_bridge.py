@@ -33,11 +33,11 @@ REPO = Path(__file__).resolve().parents[1]
 
 def load_base(rev: str, into: Path):
     """``firmware_bridge`` as of ``rev``, importable as package ``fb_base``."""
-    tar = subprocess.run(["git", "-C", str(REPO), "archive", rev, "firmware_bridge"], check=True,
+    tar = subprocess.run(["git", "-C", str(REPO), "archive", rev, "armscope.firmware_bridge"], check=True,
                          capture_output=True).stdout
     with tarfile.open(fileobj=BytesIO(tar)) as t:
         t.extractall(into, filter="data")
-    (into / "firmware_bridge").rename(into / "fb_base")
+    (into / "armscope.firmware_bridge").rename(into / "fb_base")
     sys.path.insert(0, str(into))
     return {m: importlib.import_module(f"fb_base.{m}") for m in ("bridge", "link", "displays", "simulator")}
 
@@ -66,8 +66,8 @@ def main(argv=None) -> int:
     import bench_bridge as bb
 
     cur = {m: importlib.import_module(f"firmware_bridge.{m}") for m in ("bridge", "link", "displays", "simulator")}
-    from firmware_bridge.bench import overlay_and_matrix
-    from firmware_bridge.registration import Registration
+    from armscope.firmware_bridge.bench import overlay_and_matrix
+    from armscope.firmware_bridge.registration import Registration
 
     size = (bb.W, bb.H)
     reg = Registration(bb.CAMERA_TO_DISPLAY, size, 0.0)

@@ -22,10 +22,10 @@ pack)
 import sys
 from pathlib import Path
 import onnx
-from armscope.bundle import load_bundle
-from calibration.calibration_set import load_calibration_set
-from calibration.graph import sensitive_nodes
-from calibration.quantize import DEFAULT_OP_TYPES, _quantize_ort, preprocess_member
+from armscope.core.bundle import load_bundle
+from armscope.calibration.calibration_set import load_calibration_set
+from armscope.calibration.graph import sensitive_nodes
+from armscope.calibration.quantize import DEFAULT_OP_TYPES, _quantize_ort, preprocess_member
 src, calib, work = Path(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3])
 bundle = load_bundle(src)
 images = load_calibration_set(calib, spec=bundle.preprocessing).images

@@ -49,12 +49,12 @@ ARMSCOPE="$PY -m armscope.cli"
   nvidia-smi --query-gpu=name,compute_cap,driver_version --format=csv 2>&1 | head -3
   grep -m1 'model name' /proc/cpuinfo
   $PY -c "import sys, numpy, onnxruntime; print('python', sys.version.split()[0], 'numpy', numpy.__version__, 'onnxruntime', onnxruntime.__version__)"
-  $PY -c "from edge.backends.cuda_runtime import cuda_flavours; print('CUDA Python APIs:', cuda_flavours() or 'none')"
+  $PY -c "from armscope.gpu.cuda_runtime import cuda_flavours; print('CUDA Python APIs:', cuda_flavours() or 'none')"
   $PY -c "import tensorrt; print('tensorrt', tensorrt.__version__)" 2>&1 | tail -1
   echo '```'
 } >> "$REPORT" 2>&1
-GPU=$($PY -c "from edge.trt_env import gpu_info; g = gpu_info(); print(g['name'] if g else '')" 2>/dev/null)
-TRT=$($PY -c "from edge.trt_env import tensorrt_available; print(int(tensorrt_available()))" 2>/dev/null)
+GPU=$($PY -c "from armscope.gpu.trt_env import gpu_info; g = gpu_info(); print(g['name'] if g else '')" 2>/dev/null)
+TRT=$($PY -c "from armscope.gpu.trt_env import tensorrt_available; print(int(tensorrt_available()))" 2>/dev/null)
 
 note "## results"
 if [ -z "$GPU" ]; then

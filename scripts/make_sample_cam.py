@@ -13,13 +13,13 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from armscope.bundle import load_bundle
-from armscope.preprocess import preprocess_frame
-from edge.backends.onnxruntime_backend import OnnxRuntimeBackend
+from armscope.core.bundle import load_bundle
+from armscope.core.preprocess import preprocess_frame
+from armscope.edge.backends.onnxruntime_backend import OnnxRuntimeBackend
 
 REPO = Path(__file__).resolve().parents[1]
 FRAME = REPO / "samples" / "frames" / "cmu1_frame_1.jpg"
-OUT = REPO / "firmware_bridge" / "data" / "sample_cam.npy"
+OUT = REPO / "armscope.firmware_bridge" / "data" / "sample_cam.npy"
 
 
 def main() -> None:

@@ -1,5 +1,5 @@
 """Helpers for tests/test_bridge_runtime_*.py: a stand-in daemon that speaks
-docs/protocol.md through ``armscope.protocol.encode`` on a real PUB socket,
+docs/protocol.md through ``armscope.core.protocol.encode`` on a real PUB socket,
 overlays made from the real H&E sample with a CAM-like heat map, the
 expected display output computed independently of the bridge (paste into the
 camera frame, then ``registration.warp``), and a bridge running in a thread.
@@ -17,10 +17,10 @@ import cv2
 import numpy as np
 import zmq
 
-from armscope import protocol
-from firmware_bridge import pixel_formats as pf
-from firmware_bridge.bridge import Bridge
-from firmware_bridge.registration import Registration, warp
+from armscope.core import protocol
+from armscope.firmware_bridge import pixel_formats as pf
+from armscope.firmware_bridge.bridge import Bridge
+from armscope.firmware_bridge.registration import Registration, warp
 
 REPO = Path(__file__).resolve().parents[1]
 HE_IMAGE = REPO / "samples" / "he" / "cmu-small-region" / "cmu_small_region_level0.jpg"

@@ -20,7 +20,7 @@ def mini_members(tmp_path_factory):
 
     import keras
 
-    from export.architecture import ArchitectureSpec, build_tiled_model
+    from armscope.export.architecture import ArchitectureSpec, build_tiled_model
 
     out = tmp_path_factory.mktemp("members")
     paths = []
@@ -41,8 +41,17 @@ def mini_members(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def mini_bundle(mini_members, tmp_path_factory) -> Path:
-    from export.onnx_export import TaskSpec, export_bundle
+    from armscope.export.onnx_export import TaskSpec, export_bundle
 
     out = tmp_path_factory.mktemp("bundles") / "mini"
     task = TaskSpec("binary", ["other", "tumour"], positive_class="tumour", threshold=0.3)
     return export_bundle(mini_members, out, task=task, name="mini-test", jobs=2)  # --jobs: used only if the shared conversion falls back
+
+
+@pytest.fixture(scope="session")
+def camera_frames() -> list[Path]:
+    """The real 1600x1200 H&E camera frames in samples/frames."""
+    root = Path(__file__).resolve().parents[1] / "samples" / "frames"
+    paths = sorted(root.glob("*.jpg"))
+    assert len(paths) >= 4, f"{root}: expected the 4 sample camera frames"
+    return paths

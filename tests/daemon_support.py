@@ -16,7 +16,6 @@ from pathlib import Path
 
 import cv2
 import numpy as np
-import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 LARGE_FIELD = REPO / "samples" / "he" / "cmu-small-region" / "cmu_small_region_level0.jpg"
@@ -86,14 +85,6 @@ def wait_for(sub, predicate, timeout: float, topic: str | None = None):
     raise AssertionError(f"condition not met within {timeout} s; {len(seen)} messages, last states {states}")
 
 
-@pytest.fixture(scope="session")
-def camera_frames() -> list[Path]:
-    """The real 1600x1200 H&E camera frames in samples/frames (imported by the daemon test modules)."""
-    paths = sorted((REPO / "samples" / "frames").glob("*.jpg"))
-    assert len(paths) >= 4, f"{REPO / 'samples' / 'frames'}: expected the 4 sample camera frames"
-    return paths
-
-
 def start(bundle_dir, source, tmp_path, *extra):
     """``armscope run`` as a subprocess with fresh ports and JSON logs in ``tmp_path/daemon.log``.
     Returns (process, publish endpoint, control endpoint, log path)."""
@@ -129,8 +120,8 @@ def rss_kib(pid: int) -> int:
 @contextmanager
 def running(bundle_dir, source, tmp_path, **overrides):
     """A daemon in a background thread of this process, with fresh ports; stopped and checked on exit."""
-    from edge.config import load_config
-    from edge.daemon import Daemon
+    from armscope.edge.config import load_config
+    from armscope.edge.daemon import Daemon
 
     options = dict(bundle=str(bundle_dir), source=source, publish=free_endpoint(), control=free_endpoint(),
                    threads=2, heartbeat_hz=5.0, reconnect_min_s=0.2, reconnect_max_s=1.0,

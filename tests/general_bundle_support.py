@@ -1,6 +1,6 @@
 """General bundles (issue 17's contract) built without TensorFlow: small real
 convolutional graphs written directly with ``onnx.helper``, a manifest per the
-contract (``armscope.bundle.write_manifest``, sha256 of every graph), and a
+contract (``armscope.core.bundle.write_manifest``, sha256 of every graph), and a
 numpy implementation of the same graph to check every runtime against.
 
 A member: image (N, S, S, 3) float32 0..255 -> /255 - 0.5 -> NCHW -> Conv 3x3/2
@@ -27,8 +27,8 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 import armscope
-from armscope.bundle import SCHEMA_VERSION, sha256_file, write_manifest
-from armscope.preprocess import Preprocessing
+from armscope.core.bundle import SCHEMA_VERSION, sha256_file, write_manifest
+from armscope.core.preprocess import Preprocessing
 
 OPSET = 17
 K1, K = 8, 12  # channels of the two convolutions
@@ -225,9 +225,9 @@ def binary_task(classes, positive=None, threshold=0.5) -> dict:
 
 def write_general_bundle(root: Path, spec: ModelSpec, seeds=(0, 1), task: dict | None = None,
                          name: str | None = None, center_crop: int = 1024) -> tuple[Path, list[dict]]:
-    """A complete bundle at ``root`` (members, ensemble merged by ``export.merge``
+    """A complete bundle at ``root`` (members, ensemble merged by ``armscope.export.merge``
     as the exporter does, manifest per the contract). Returns (root, member params)."""
-    from export.merge import merge_members
+    from armscope.export.merge import merge_members
 
     root = Path(root)
     (root / "members").mkdir(parents=True)

@@ -96,7 +96,7 @@ def tile_paths(root: Path) -> dict[str, Path]:
 
 
 def rgb(path: Path) -> np.ndarray:
-    from armscope.preprocess import load_image
+    from armscope.core.preprocess import load_image
 
     return cv2.cvtColor(load_image(path), cv2.COLOR_BGR2RGB)
 
@@ -118,7 +118,7 @@ def crops(image: np.ndarray, size: int, n: int, seed: int) -> np.ndarray:
 def features_of(model, images: np.ndarray, scaling: str = "caffe", batch: int = 8) -> np.ndarray:
     """The model's features, a few images at a time (a full-size ResNet50 on a hundred crops at
     once holds gigabytes of activations)."""
-    from export import member_input
+    from armscope.export import member_input
 
     return np.concatenate([np.asarray(model(np.asarray(member_input.scale(images[i:i + batch], scaling)),
                                             training=False), np.float64) for i in range(0, len(images), batch)])

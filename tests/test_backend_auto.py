@@ -4,14 +4,14 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from armscope.bundle import load_bundle
-from edge.backends import open_backend
+from armscope.core.bundle import load_bundle
+from armscope.edge.backends import open_backend
 
 DEMO = Path(__file__).resolve().parents[1] / "samples" / "demo_bundle"
 
 
 def test_auto_on_this_machine_logs_the_runtime_and_why(caplog):
-    with caplog.at_level(logging.INFO, logger="edge.backends"):
+    with caplog.at_level(logging.INFO, logger="armscope.edge.backends"):
         with open_backend(load_bundle(DEMO), "auto") as backend:
             assert backend.describe()["backend"] == "onnxruntime"
     # the demo bundle has no BF16 fidelity record, so FP32 whatever this CPU has

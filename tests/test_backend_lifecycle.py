@@ -17,12 +17,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from armscope import protocol
-from armscope.bundle import load_bundle
-from armscope.errors import ArmscopeError
-from armscope.preprocess import load_image, preprocess_frame
-from calibration.derive import subset_bundle
-from edge.backends import open_backend
+from armscope.core import protocol
+from armscope.core.bundle import load_bundle
+from armscope.core.errors import ArmscopeError
+from armscope.core.preprocess import load_image, preprocess_frame
+from armscope.calibration.derive import subset_bundle
+from armscope.edge.backends import open_backend
 from tests.daemon_support import free_endpoint
 
 SAMPLES = Path(__file__).resolve().parents[1] / "samples"
@@ -85,11 +85,11 @@ def test_activation_failing_halfway_frees_what_it_acquired(kind, two_members, fr
     _needs(kind)
     bundle, member_1, good = _damage_member_1_after_loading(two_members, tmp_path)
     if kind == "onnxruntime":
-        import edge.backends.onnxruntime_backend as module
+        import armscope.edge.backends.onnxruntime_backend as module
 
         name = "open_session"
     else:
-        import edge.backends.openvino_backend as module
+        import armscope.edge.backends.openvino_backend as module
 
         name = "compile_graph"
     real, created = getattr(module, name), []
@@ -161,7 +161,7 @@ def test_the_daemons_threading_contract_gives_single_thread_results(kind, layout
 
 
 def _config(bundle_dir: Path, tmp_path: Path, **overrides):
-    from edge.config import load_config
+    from armscope.edge.config import load_config
 
     options = dict(bundle=str(bundle_dir), source=f"image://{FRAMES[0]}?fps=4", publish=free_endpoint(),
                    control=free_endpoint(), threads=2, backend="onnxruntime", heartbeat_hz=5.0,
@@ -171,7 +171,7 @@ def _config(bundle_dir: Path, tmp_path: Path, **overrides):
 
 
 def test_the_daemon_activates_on_its_inference_thread_and_says_so(two_members, tmp_path):
-    from edge.daemon import Daemon
+    from armscope.edge.daemon import Daemon
 
     config = _config(two_members, tmp_path)
     daemon = Daemon(config)
@@ -199,7 +199,7 @@ def test_a_daemon_whose_backend_cannot_activate_does_not_start(two_members, tmp_
     """The bundle verifies when the daemon loads it; a member damaged afterwards makes
     activation on the inference thread fail: ``run`` raises that error (the CLI's exit
     status 2) and no pipeline or runtime thread is left running."""
-    from edge.daemon import Daemon
+    from armscope.edge.daemon import Daemon
 
     copy = tmp_path / "copy"
     shutil.copytree(two_members, copy)

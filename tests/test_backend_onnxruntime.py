@@ -12,10 +12,10 @@ import onnx
 import pytest
 from onnx import helper, numpy_helper
 
-from armscope.bundle import load_bundle, sha256_file
-from armscope.errors import ArmscopeError
-from calibration.derive import subset_bundle
-from edge.backends.onnxruntime_backend import OnnxRuntimeBackend
+from armscope.core.bundle import load_bundle, sha256_file
+from armscope.core.errors import ArmscopeError
+from armscope.calibration.derive import subset_bundle
+from armscope.edge.backends.onnxruntime_backend import OnnxRuntimeBackend
 
 SAMPLES = Path(__file__).resolve().parents[1] / "samples"
 

@@ -9,11 +9,11 @@ import pytest
 
 ov = pytest.importorskip("openvino")
 
-from armscope.bundle import load_bundle  # noqa: E402
-from armscope.errors import ArmscopeError  # noqa: E402
-from edge.backends import open_backend  # noqa: E402
-from edge.backends.onnxruntime_backend import OnnxRuntimeBackend  # noqa: E402
-from edge.backends.openvino_backend import OpenVinoBackend, cpu_capabilities  # noqa: E402
+from armscope.core.bundle import load_bundle  # noqa: E402
+from armscope.core.errors import ArmscopeError  # noqa: E402
+from armscope.edge.backends import open_backend  # noqa: E402
+from armscope.edge.backends.onnxruntime_backend import OnnxRuntimeBackend  # noqa: E402
+from armscope.edge.backends.openvino_backend import OpenVinoBackend, cpu_capabilities  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO = REPO / "samples" / "demo_bundle"
@@ -78,7 +78,7 @@ def test_classify_cli_with_openvino(tmp_path, frame_paths):
 def test_accuracy_report_runs_the_candidate_on_openvino(tmp_path, frame_paths):
     """``armscope accuracy --backend openvino`` measures what will run: the same FP32 bundle on
     OpenVINO agrees with ONNX Runtime FP32 on real frames, and the report says which runtime ran."""
-    from calibration.accuracy import accuracy_report
+    from armscope.calibration.accuracy import accuracy_report
 
     report = accuracy_report(DEMO, None, frame_paths, tmp_path / "rep", backend="openvino")
     s = report["summary"]

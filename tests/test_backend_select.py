@@ -17,11 +17,11 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from armscope.bundle import load_bundle
-from armscope.preprocess import load_image, preprocess_frame
-from edge.backends import fidelity, open_backend
-from edge.backends.cpu_features import int8_exact
-from edge.backends.select import Machine, choose, decide
+from armscope.core.bundle import load_bundle
+from armscope.core.preprocess import load_image, preprocess_frame
+from armscope.edge.backends import fidelity, open_backend
+from armscope.edge.backends.cpu_features import int8_exact
+from armscope.edge.backends.select import Machine, choose, decide
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO = REPO / "samples" / "demo_bundle"
@@ -153,7 +153,7 @@ def test_an_unreadable_record_file_is_named_and_fp32_runs(tmp_path, caplog):
 
 def _auto(root: Path, caplog):
     caplog.clear()
-    with caplog.at_level(logging.INFO, logger="edge.backends"):
+    with caplog.at_level(logging.INFO, logger="armscope.edge.backends"):
         backend = open_backend(load_bundle(root), "auto")
     lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("backend:")]
     assert len(lines) == 1, lines  # one line says what runs and why
@@ -175,7 +175,7 @@ def test_record_then_auto_on_this_machine(tmp_path, caplog):
 
     if here.openvino is None:
         pytest.skip("OpenVINO is not installed: BF16 cannot be measured or run here")
-    from edge.backends.openvino_backend import cpu_capabilities
+    from armscope.edge.backends.openvino_backend import cpu_capabilities
 
     if "BF16" not in cpu_capabilities():
         # no BF16 here: the measurement is refused and auto keeps saying why not

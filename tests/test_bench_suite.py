@@ -15,8 +15,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from armscope import stamp
-from edge.benchsuite import report, sampling
+from armscope.core import stamp
+from armscope.bench import report, sampling
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -10,10 +10,10 @@ import pytest
 
 pytest.importorskip("serial")
 
-from firmware_bridge import bench  # noqa: E402
-from firmware_bridge.cli import main  # noqa: E402
-from firmware_bridge.pixel_formats import PixelFormat  # noqa: E402
-from firmware_bridge.registration import Registration, save_registration, slow_warp_warning  # noqa: E402
+from armscope.firmware_bridge import bench  # noqa: E402
+from armscope.firmware_bridge.cli import main  # noqa: E402
+from armscope.firmware_bridge.pixel_formats import PixelFormat  # noqa: E402
+from armscope.firmware_bridge.registration import Registration, save_registration, slow_warp_warning  # noqa: E402
 
 
 def test_sample_overlay_is_the_real_cam():
@@ -71,7 +71,7 @@ def test_bench_rejects_bad_input(tmp_path, capsys):
 def test_bench_delivers_to_a_real_serial_controller(tmp_path, capsys):
     """--display: the overlays go over the link to the (simulated) controller
     and back; the bench reports the delivery and leaves the display blank."""
-    from firmware_bridge.simulator import ControllerCore, PtyController
+    from armscope.firmware_bridge.simulator import ControllerCore, PtyController
 
     core = ControllerCore(160, 120, "rgb565le")
     out = tmp_path / "deliver.json"
@@ -111,12 +111,12 @@ def test_output_into_a_closed_pipe_ends_quietly():
 
 
 def test_the_bridge_logs_a_slow_warp_at_start(tmp_path, monkeypatch, caplog):
-    from firmware_bridge.bridge import Bridge
-    from firmware_bridge.displays import PngDisplay
+    from armscope.firmware_bridge.bridge import Bridge
+    from armscope.firmware_bridge.displays import PngDisplay
 
     monkeypatch.setattr(cv2, "__version__", "4.8.0")
     bridge = Bridge(PngDisplay(tmp_path, width=64, height=48), stats_interval=0)
-    with caplog.at_level("WARNING", logger="firmware_bridge.bridge"):
+    with caplog.at_level("WARNING", logger="armscope.firmware_bridge.bridge"):
         bridge.start()
     bridge.close()
     assert any("OpenCV 4.8.0" in r.getMessage() for r in caplog.records if r.levelname == "WARNING")

@@ -6,8 +6,8 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from firmware_bridge import registration as R
-from firmware_bridge.cli import main, register_main, simulate_main
+from armscope.firmware_bridge import registration as R
+from armscope.firmware_bridge.cli import main, register_main, simulate_main
 
 H_TRUE = np.array([[0.9, 0.02, 15.0], [-0.015, 0.88, 7.0], [1.0e-5, 0.5e-5, 1.0]])
 
@@ -69,9 +69,9 @@ def test_blank_command_clears_a_controller_that_still_shows_a_frame(tmp_path):
     import numpy as np
     import serial
 
-    from firmware_bridge import link as L
-    from firmware_bridge import pixel_formats as pf
-    from firmware_bridge.simulator import ControllerCore, PtyController
+    from armscope.firmware_bridge import link as L
+    from armscope.firmware_bridge import pixel_formats as pf
+    from armscope.firmware_bridge.simulator import ControllerCore, PtyController
 
     core = ControllerCore(32, 16, "rgb565le")
     with PtyController(core) as sim:

@@ -4,8 +4,8 @@ import cv2
 import numpy as np
 import pytest
 
-from firmware_bridge import pixel_formats as pf
-from firmware_bridge.displays import DisplayURIError, FramebufferDisplay, PngDisplay, open_display
+from armscope.firmware_bridge import pixel_formats as pf
+from armscope.firmware_bridge.displays import DisplayURIError, FramebufferDisplay, PngDisplay, open_display
 
 
 def rgba(seed=0, w=40, h=30):
@@ -120,8 +120,8 @@ def test_bad_uris_name_the_uri_and_the_expectation(uri, needle):
 
 def test_serial_display_through_simulator():
     serial = pytest.importorskip("serial")
-    from firmware_bridge.link import LinkProtocolError
-    from firmware_bridge.simulator import ControllerCore, PtyController
+    from armscope.firmware_bridge.link import LinkProtocolError
+    from armscope.firmware_bridge.simulator import ControllerCore, PtyController
 
     core = ControllerCore(40, 30, "rgb565be")
     with PtyController(core) as sim:
@@ -156,7 +156,7 @@ def test_serial_partial_updates_show_exactly_the_full_frame(fmt, dither):
     would give (the old region cleared, MONO1 dither anchored to the display),
     and the link carried only the region plus what had to be cleared."""
     pytest.importorskip("serial")
-    from firmware_bridge.simulator import ControllerCore, PtyController
+    from armscope.firmware_bridge.simulator import ControllerCore, PtyController
 
     W, H = 64, 48
     core = ControllerCore(W, H, fmt)
@@ -188,7 +188,7 @@ def test_grey_outputs_take_luma(tmp_path):
     """Grey framebuffers and grey/mono PNG outputs accept the (H, W) luma the
     bridge renders for grey displays (one channel warped, not four), and show
     exactly what they show for the RGBA it came from."""
-    from firmware_bridge.bridge import render_for
+    from armscope.firmware_bridge.bridge import render_for
 
     img = rgba(30)
     luma = cv2.cvtColor(pf.premultiply(img), cv2.COLOR_RGBA2GRAY)
@@ -247,8 +247,8 @@ def test_first_frame_on_a_cold_numba_cache_meets_its_deadline(tmp_path):
     pytest.importorskip("serial")
     code = """
 import numpy as np
-from firmware_bridge.displays import open_display
-from firmware_bridge.simulator import ControllerCore, PtyController
+from armscope.firmware_bridge.displays import open_display
+from armscope.firmware_bridge.simulator import ControllerCore, PtyController
 core = ControllerCore(40, 30, "rgb565le")
 with PtyController(core) as sim:
     d = open_display(f"serial://{sim.slave_path}?baud=115200&deadline=0.5")

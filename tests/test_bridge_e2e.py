@@ -18,10 +18,10 @@ import pytest
 
 serial = pytest.importorskip("serial")
 
-from firmware_bridge import link as L  # noqa: E402
-from firmware_bridge import pixel_formats as pf  # noqa: E402
-from firmware_bridge.pixel_formats import PixelFormat  # noqa: E402
-from firmware_bridge.simulator import ControllerCore, FaultPlan, PtyController  # noqa: E402
+from armscope.firmware_bridge import link as L  # noqa: E402
+from armscope.firmware_bridge import pixel_formats as pf  # noqa: E402
+from armscope.firmware_bridge.pixel_formats import PixelFormat  # noqa: E402
+from armscope.firmware_bridge.simulator import ControllerCore, FaultPlan, PtyController  # noqa: E402
 
 W, H = 128, 96
 REPO = Path(__file__).resolve().parents[1]
@@ -212,7 +212,7 @@ def test_blank_brightness_ping(tmp_path):
 
 
 def test_simulate_cli_serves_a_pty(tmp_path):
-    code = "import sys; from firmware_bridge.cli import simulate_main; sys.exit(simulate_main(sys.argv[1:]))"
+    code = "import sys; from armscope.firmware_bridge.cli import simulate_main; sys.exit(simulate_main(sys.argv[1:]))"
     args = ["--pty", "--width", "64", "--height", "32", "--format", "rgb565le", "--png-dir", str(tmp_path),
             "--duration", "30"]
     proc = subprocess.Popen([sys.executable, "-c", code, *args], cwd=REPO, stdout=subprocess.PIPE,

@@ -8,9 +8,9 @@ import os
 import numpy as np
 import pytest
 
-from firmware_bridge import framebuffer as fb
-from firmware_bridge import pixel_formats as pf
-from firmware_bridge.displays import FramebufferDisplay
+from armscope.firmware_bridge import framebuffer as fb
+from armscope.firmware_bridge import pixel_formats as pf
+from armscope.firmware_bridge.displays import FramebufferDisplay
 
 RGB565 = ((11, 5, 0), (5, 6, 0), (0, 5, 0))
 BGR565 = ((0, 5, 0), (5, 6, 0), (11, 5, 0))

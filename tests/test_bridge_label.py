@@ -1,4 +1,4 @@
-"""The diagnosis written in the eyepiece beside the overlay (firmware_bridge.label):
+"""The diagnosis written in the eyepiece beside the overlay (armscope.firmware_bridge.label):
 its text, where it goes, that it leaves the overlay's pixels alone, that a
 serial display's partial update carries it, and that it goes dark with the
 overlay. Real overlays of the H&E sample, the pty controller simulator."""
@@ -10,10 +10,10 @@ import pytest
 pytest.importorskip("serial")
 
 from bridge_runtime_support import DISPLAY, FakeDaemon, cam_overlay, read_rgb, registration  # noqa: E402
-from firmware_bridge.bridge import Bridge  # noqa: E402
-from firmware_bridge.displays import PngDisplay, open_display  # noqa: E402
-from firmware_bridge.label import label_text, place  # noqa: E402
-from firmware_bridge.simulator import ControllerCore, PtyController  # noqa: E402
+from armscope.firmware_bridge.bridge import Bridge  # noqa: E402
+from armscope.firmware_bridge.displays import PngDisplay, open_display  # noqa: E402
+from armscope.firmware_bridge.label import label_text, place  # noqa: E402
+from armscope.firmware_bridge.simulator import ControllerCore, PtyController  # noqa: E402
 
 BIG = (320, 240)  # room below the overlay's footprint for the label
 
@@ -110,9 +110,9 @@ def test_a_serial_displays_partial_update_carries_the_label(tmp_path):
 
 
 def test_a_display_filling_overlay_gets_the_label_inside_on_a_see_through_box():
-    from firmware_bridge.bench import overlay_and_matrix
-    from firmware_bridge.bridge import render_for_display
-    from firmware_bridge.label import add_label
+    from armscope.firmware_bridge.bench import overlay_and_matrix
+    from armscope.firmware_bridge.bridge import render_for_display
+    from armscope.firmware_bridge.label import add_label
 
     rgba, matrix = overlay_and_matrix("fullscreen", BIG, None, (640, 480), 480)
     plain, region = render_for_display(rgba, matrix, BIG)
@@ -129,10 +129,10 @@ def test_a_display_filling_overlay_gets_the_label_inside_on_a_see_through_box():
 
 def test_grey_one_bit_displays_get_a_byte_aligned_region_with_the_text():
     """MONO1/GRAY8 displays take luma (2-D) and, for 1 bpp, regions in whole bytes."""
-    from firmware_bridge.bench import overlay_and_matrix
-    from firmware_bridge.bridge import render_for_display
-    from firmware_bridge.displays import align_to_bytes
-    from firmware_bridge.label import add_label
+    from armscope.firmware_bridge.bench import overlay_and_matrix
+    from armscope.firmware_bridge.bridge import render_for_display
+    from armscope.firmware_bridge.displays import align_to_bytes
+    from armscope.firmware_bridge.label import add_label
 
     size = (250, 130)
     align = lambda r: align_to_bytes(r, size[0])  # noqa: E731

@@ -7,8 +7,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from firmware_bridge import link as L
-from firmware_bridge.pixel_formats import PixelFormat
+from armscope.firmware_bridge import link as L
+from armscope.firmware_bridge.pixel_formats import PixelFormat
 
 try:
     from cobs import cobs as cobs_pkg
@@ -240,7 +240,7 @@ def test_cobs_kernel_compiles_without_a_writable_cache(monkeypatch):
 
     from numba.core import caching
 
-    import firmware_bridge.cobs_kernel as kernel
+    import armscope.firmware_bridge.cobs_kernel as kernel
 
     monkeypatch.setattr(caching.CacheImpl, "_locator_classes", [])  # as if no place were writable
     try:
@@ -289,7 +289,7 @@ def test_chunk_crcs_in_compiled_code_match_the_python_loop(monkeypatch):
     keeps a Python loop. Both must put the same bytes on the wire, and with the
     base install (``isal`` is a dependency) the compiled path must be the one
     in use, or the bridge silently loses its parallel CRCs."""
-    from firmware_bridge import cobs_kernel
+    from armscope.firmware_bridge import cobs_kernel
 
     assert cobs_kernel.HAVE_COMPILED_CRC
     rng = np.random.default_rng(8)

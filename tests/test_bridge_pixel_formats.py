@@ -6,8 +6,8 @@ import cv2
 import numpy as np
 import pytest
 
-from firmware_bridge import pixel_formats as pf
-from firmware_bridge.pixel_formats import PixelFormat
+from armscope.firmware_bridge import pixel_formats as pf
+from armscope.firmware_bridge.pixel_formats import PixelFormat
 
 HE_IMAGE = Path(__file__).resolve().parents[1] / "samples/he/cmu-small-region/cmu_small_region_level0.jpg"
 

@@ -6,7 +6,7 @@ import cv2
 import numpy as np
 import pytest
 
-from firmware_bridge import registration as R
+from armscope.firmware_bridge import registration as R
 
 DISPLAY = (640, 480)
 CAMERA = (800, 600)
@@ -169,7 +169,7 @@ def test_render_for_display_warps_only_the_footprint_and_loses_nothing(seed):
     level of fixed-point rounding), and outside it the full warp is black."""
     import cv2
 
-    from firmware_bridge.bridge import render_for_display
+    from armscope.firmware_bridge.bridge import render_for_display
 
     rng = np.random.default_rng(seed)
     size = (320, 200)
@@ -202,7 +202,7 @@ def test_render_for_grey_displays_warps_luma_into_the_aligned_region(seed):
     region is exactly the aligned footprint."""
     import cv2
 
-    from firmware_bridge.bridge import render_for_display
+    from armscope.firmware_bridge.bridge import render_for_display
 
     def align8(r):
         x, y, w, h = r

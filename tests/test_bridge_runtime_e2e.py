@@ -18,15 +18,15 @@ import pytest
 
 pytest.importorskip("serial")
 
-from armscope import protocol  # noqa: E402
+from armscope.core import protocol  # noqa: E402
 from bridge_runtime_support import (  # noqa: E402
     BOX, DISPLAY, REPO, FakeDaemon, assert_close_image, cam_overlay, expected_display, publish_until,
     read_rgb, registration, running_bridge, wait_for,
 )
-from firmware_bridge.bridge import Bridge  # noqa: E402
-from firmware_bridge.displays import PngDisplay, open_display  # noqa: E402
-from firmware_bridge.registration import save_registration  # noqa: E402
-from firmware_bridge.simulator import ControllerCore, PtyController  # noqa: E402
+from armscope.firmware_bridge.bridge import Bridge  # noqa: E402
+from armscope.firmware_bridge.displays import PngDisplay, open_display  # noqa: E402
+from armscope.firmware_bridge.registration import save_registration  # noqa: E402
+from armscope.firmware_bridge.simulator import ControllerCore, PtyController  # noqa: E402
 
 
 @pytest.fixture
@@ -49,7 +49,7 @@ def test_serial_end_to_end_shows_the_registered_converted_overlay(sim, tmp_path)
     core, pty_path = sim
     reg_file = tmp_path / "reg.json"
     save_registration(registration(), reg_file)
-    from firmware_bridge.registration import load_registration
+    from armscope.firmware_bridge.registration import load_registration
 
     display = open_display(f"serial://{pty_path}?baud=921600&deadline=1.0&brightness=0.8&gamma=1.2")
     daemon = FakeDaemon(stale_after_ms=1500)

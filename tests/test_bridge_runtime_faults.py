@@ -15,9 +15,9 @@ from bridge_runtime_support import (  # noqa: E402
     DISPLAY, FakeDaemon, assert_close_image, cam_overlay, expected_display, publish_until, registration,
     running_bridge, wait_for,
 )
-from firmware_bridge.bridge import Bridge  # noqa: E402
-from firmware_bridge.displays import PngDisplay, open_display  # noqa: E402
-from firmware_bridge.simulator import ControllerCore, FaultPlan, PtyController  # noqa: E402
+from armscope.firmware_bridge.bridge import Bridge  # noqa: E402
+from armscope.firmware_bridge.displays import PngDisplay, open_display  # noqa: E402
+from armscope.firmware_bridge.simulator import ControllerCore, FaultPlan, PtyController  # noqa: E402
 
 OVERLAY = cam_overlay(0)
 

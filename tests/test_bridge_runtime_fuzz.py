@@ -12,8 +12,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from bridge_runtime_support import FakeDaemon, cam_overlay, running_bridge, wait_for
-from firmware_bridge.bridge import Bridge
-from firmware_bridge.displays import PngDisplay
+from armscope.firmware_bridge.bridge import Bridge
+from armscope.firmware_bridge.displays import PngDisplay
 
 SMALL = cv2.resize(cam_overlay(0), (32, 32), interpolation=cv2.INTER_AREA)
 BOX = (200, 100, 64)

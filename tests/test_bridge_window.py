@@ -18,9 +18,9 @@ pytest.importorskip("serial")
 from bridge_runtime_support import (  # noqa: E402
     DISPLAY, FakeDaemon, assert_close_image, cam_overlay, expected_display, registration,
 )
-from firmware_bridge import pixel_formats as pf  # noqa: E402
-from firmware_bridge.bridge import Bridge  # noqa: E402
-from firmware_bridge.displays import DisplayURIError, WindowDisplay, open_display  # noqa: E402
+from armscope.firmware_bridge import pixel_formats as pf  # noqa: E402
+from armscope.firmware_bridge.bridge import Bridge  # noqa: E402
+from armscope.firmware_bridge.displays import DisplayURIError, WindowDisplay, open_display  # noqa: E402
 
 
 @pytest.fixture

@@ -6,9 +6,9 @@ import shutil
 
 import pytest
 
-from armscope.bundle import load_bundle
+from armscope.core.bundle import load_bundle
 from armscope.cli import main
-from armscope.errors import ArmscopeError
+from armscope.core.errors import ArmscopeError
 
 pytest.importorskip("tensorflow")
 
@@ -95,7 +95,7 @@ def test_not_json_and_not_a_bundle(bundle_copy, tmp_path):
 
 
 def test_graph_that_disagrees_with_manifest_is_refused(bundle_copy):
-    from edge.backends.onnxruntime_backend import OnnxRuntimeBackend
+    from armscope.edge.backends.onnxruntime_backend import OnnxRuntimeBackend
 
     path = bundle_copy / "manifest.json"
     manifest = json.loads(path.read_text())

@@ -12,14 +12,14 @@ import numpy as np
 import onnx
 import pytest
 
-from armscope.bundle import load_bundle
+from armscope.core.bundle import load_bundle
 from armscope.cli import main
-from armscope.errors import ArmscopeError
-from calibration import accuracy
-from calibration.calibration_set import build_calibration_set
-from calibration.derive import subset_bundle
-from calibration.graph import sensitive_nodes
-from calibration.quantize import make_reduced_bundle
+from armscope.core.errors import ArmscopeError
+from armscope.calibration import accuracy
+from armscope.calibration.calibration_set import build_calibration_set
+from armscope.calibration.derive import subset_bundle
+from armscope.calibration.graph import sensitive_nodes
+from armscope.calibration.quantize import make_reduced_bundle
 
 SAMPLES = Path(__file__).resolve().parents[1] / "samples"
 FIELD = SAMPLES / "he" / "cmu-small-region"
@@ -83,8 +83,8 @@ def test_auto_runs_an_int8_bundle_on_openvino_where_int8_is_exact(int8_auto, rea
     without VNNI/AMX it is refused, by ONNX Runtime; the wiring to OpenVINO is then checked with the
     exactness answer a VNNI/AMX CPU gives."""
     pytest.importorskip("openvino")
-    from edge.backends import cpu_features, open_backend
-    from edge.backends.onnxruntime_backend import OnnxRuntimeBackend
+    from armscope.edge.backends import cpu_features, open_backend
+    from armscope.edge.backends.onnxruntime_backend import OnnxRuntimeBackend
 
     bundle = load_bundle(int8_auto[0])
     exact_here = cpu_features.int8_exact()[0]
@@ -223,7 +223,7 @@ def test_classify_refuses_a_bundle_that_failed_its_gate(int8_auto, frame_paths, 
     assert "field quantization.deployable is false" in capsys.readouterr().err
     manifest["quantization"]["deployable"] = True
     (copy / "manifest.json").write_text(json.dumps(manifest))
-    from edge.backends.cpu_features import int8_exact
+    from armscope.edge.backends.cpu_features import int8_exact
 
     if int8_exact()[0]:
         assert main(["classify", "--bundle", str(copy), str(frame_paths[0])]) == 0
@@ -233,7 +233,7 @@ def test_classify_refuses_a_bundle_that_failed_its_gate(int8_auto, frame_paths, 
 
 
 def test_int8_exactness_by_cpu():
-    from edge.backends.cpu_features import cpu_flags, int8_exact
+    from armscope.edge.backends.cpu_features import cpu_flags, int8_exact
 
     assert int8_exact("x86_64", {"avx2", "fma"})[0] is False
     assert int8_exact("x86_64", {"avx2", "avx512f", "avx512_vnni"})[0] is True
@@ -270,7 +270,7 @@ def test_entropy_calibration_clips_outliers_unlike_minmax(tmp_path, work):
         pytest.skip("this onnxruntime has no calibration caches: --method entropy is refused (checked)")
     from onnxruntime.quantization.calibrate import create_calibrator, load_tensors_data
 
-    from calibration.quantize import _entropy_ranges, _Reader
+    from armscope.calibration.quantize import _entropy_ranges, _Reader
 
     rng = np.random.default_rng(0)
     w1 = numpy_helper.from_array(rng.normal(0, 0.3, (8, 3, 3, 3)).astype(np.float32), "w1")
@@ -304,7 +304,7 @@ def test_preprocessing_leaves_nothing_in_the_working_directory(tmp_path, monkeyp
     """ORT's symbolic shape inference fails on the tf2onnx members and then
     saves its partial model (sym_shape_infer_temp.onnx + a uuid-named .data)
     wherever quantize runs; those are removed, a user's own files are not."""
-    from calibration.quantize import preprocess_member
+    from armscope.calibration.quantize import preprocess_member
 
     cwd = tmp_path / "cwd"
     cwd.mkdir()

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 
 from armscope.cli import main
-from armscope.errors import ArmscopeError
-from armscope.preprocess import Preprocessing, load_image, preprocess_frame
-from calibration.calibration_set import build_calibration_set, load_calibration_set
+from armscope.core.errors import ArmscopeError
+from armscope.core.preprocess import Preprocessing, load_image, preprocess_frame
+from armscope.calibration.calibration_set import build_calibration_set, load_calibration_set
 
 SAMPLES = Path(__file__).resolve().parents[1] / "samples"
 FIELD = SAMPLES / "he" / "cmu-small-region"

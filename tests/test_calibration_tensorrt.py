@@ -8,21 +8,20 @@ without CUDA graphs."""
 from __future__ import annotations
 
 import json
-import logging
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from armscope.bundle import load_bundle, sha256_file
+from armscope.core.bundle import load_bundle, sha256_file
 from armscope.cli import main
-from armscope.errors import ArmscopeError
-from armscope.preprocess import Preprocessing, load_image, preprocess_frame
-from calibration.derive import subset_bundle
-from edge.backends import open_backend
-from edge.backends.tensorrt_backend import FLAVOURS, CudaRuntime, cuda_flavours
-from edge.trt_build import read_calibration_cache
+from armscope.core.errors import ArmscopeError
+from armscope.core.preprocess import Preprocessing, load_image, preprocess_frame
+from armscope.calibration.derive import subset_bundle
+from armscope.edge.backends import open_backend
+from armscope.edge.backends.tensorrt_backend import FLAVOURS, CudaRuntime, cuda_flavours
+from armscope.calibration.trt_build import read_calibration_cache
 
 SAMPLES = Path(__file__).resolve().parents[1] / "samples"
 BUILT_ON = {"gpu": "NVIDIA Jetson AGX Orin", "compute_capability": "8.7"}  # what a manifest engine entry records
@@ -61,7 +60,7 @@ def test_a_cuda_api_that_cannot_load_is_named(monkeypatch):
     """A CUDA Python API that is installed but cannot be imported (e.g. built
     for a CUDA the driver lacks): the next flavour is tried, and if none
     loads, each one's import error is reported by name, not as a traceback."""
-    import edge.backends.cuda_runtime as runtime
+    import armscope.gpu.cuda_runtime as runtime
 
     monkeypatch.setattr(runtime, "cuda_flavours", lambda: ["cuda-python", "pycuda"])
     for module in ("cuda", "cuda.bindings", "pycuda", "pycuda.driver"):
@@ -86,7 +85,7 @@ def test_asking_for_tensorrt_without_it_says_how_to_get_it(capsys):
     """Without TensorRT, ``--backend tensorrt`` is refused up front: exit status
     2, one message naming the module, the pip extra and JetPack's package (pip
     has no Jetson wheels for it), no traceback."""
-    from edge.trt_build import tensorrt_available
+    from armscope.calibration.trt_build import tensorrt_available
 
     if tensorrt_available():
         pytest.skip("TensorRT is installed here")
@@ -109,7 +108,7 @@ def test_calibration_cache_validation(tmp_path):
         read_calibration_cache(bad)
 
 
-@pytest.mark.skipif(__import__("edge.trt_build", fromlist=["x"]).gpu_info() is not None, reason="needs a machine without a GPU")
+@pytest.mark.skipif(__import__("armscope.calibration.trt_build", fromlist=["x"]).gpu_info() is not None, reason="needs a machine without a GPU")
 def test_build_without_gpu_prepares_fp16_and_says_where_engines_are_built(tmp_path, one_member, capsys):
     """Without a GPU ``build`` makes the FP16 bundle and prints the command for the
     device, naming the bundle ``run`` uses; on the device the same command reuses the
@@ -145,7 +144,7 @@ def frames():
 def _build(tmp_path, one_member, precision, layout="members", max_batch=2):
     import shutil
 
-    from edge.trt_build import build_bundle
+    from armscope.calibration.trt_build import build_bundle
 
     bundle_dir = tmp_path / "b"
     if not bundle_dir.exists():
@@ -170,10 +169,10 @@ def test_engines_match_onnxruntime(tmp_path, one_member, frames, precision, atol
     ``auto`` on the same bundle finds them; the merged engine only when asked for."""
     import tensorrt
 
-    from edge.backends.onnxruntime_backend import OnnxRuntimeBackend
-    from edge.backends.tensorrt_backend import TensorRTBackend
-    from edge.engines import find_engines, graphs_for
-    from edge.trt_env import gpu_info
+    from armscope.edge.backends.onnxruntime_backend import OnnxRuntimeBackend
+    from armscope.edge.backends.tensorrt_backend import TensorRTBackend
+    from armscope.gpu.engines import find_engines, graphs_for
+    from armscope.gpu.trt_env import gpu_info
 
     bundle, result = _build(tmp_path, one_member, precision)
     engines = Path(result["engines"])
@@ -215,7 +214,7 @@ def test_activated_on_the_inference_thread_with_each_cuda_flavour(tmp_path, one_
     is refused by name."""
     import threading
 
-    from edge.backends.tensorrt_backend import TensorRTBackend
+    from armscope.edge.backends.tensorrt_backend import TensorRTBackend
 
     if flavour not in cuda_flavours():
         pytest.skip(f"{flavour} is not installed")
@@ -256,10 +255,10 @@ def test_int8_explicit_engine_from_qdq_bundle(tmp_path, one_member, frames):
     the engines live in the FP32 bundle, and match the Q/DQ graph on ONNX Runtime."""
     import shutil
 
-    from calibration.accuracy import run_bundle
-    from calibration.calibration_set import build_calibration_set
-    from edge.backends.tensorrt_backend import TensorRTBackend
-    from edge.trt_build import build_bundle
+    from armscope.calibration.accuracy import run_bundle
+    from armscope.calibration.calibration_set import build_calibration_set
+    from armscope.edge.backends.tensorrt_backend import TensorRTBackend
+    from armscope.calibration.trt_build import build_bundle
 
     calib = tmp_path / "calib.npz"
     build_calibration_set([SAMPLES / "he" / "cmu-small-region"], calib, size=3, frame_size=(1600, 1200))

@@ -14,18 +14,18 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from armscope import protocol
-from armscope.bundle import MANIFEST, load_bundle
+from armscope.core import protocol
+from armscope.core.bundle import MANIFEST, load_bundle
 from armscope.cli import main as cli_main
-from armscope.errors import ArmscopeError
-from armscope.preprocess import load_image, preprocess_frame
-from edge.backends import open_backend
-from edge.cascade import assemble, load_steps
-from edge.classify import classify_images
-from edge.config import load_config
-from edge.daemon import Daemon
-from edge.overlay import heat_rgba
-from edge.capture import Frame
+from armscope.core.errors import ArmscopeError
+from armscope.core.preprocess import load_image, preprocess_frame
+from armscope.edge.backends import open_backend
+from armscope.edge.cascade import assemble, load_steps
+from armscope.edge.classify import classify_images
+from armscope.edge.config import load_config
+from armscope.edge.daemon import Daemon
+from armscope.core.overlay import heat_rgba
+from armscope.edge.capture import Frame
 
 from daemon_support import free_endpoint
 

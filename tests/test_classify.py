@@ -7,11 +7,11 @@ import cv2
 import numpy as np
 import pytest
 
-from armscope.bundle import load_bundle
+from armscope.core.bundle import load_bundle
 from armscope.cli import main
-from edge.backends.onnxruntime_backend import OnnxRuntimeBackend
-from edge.decision import decide
-from edge.overlay import focus_mask, heat_rgba
+from armscope.edge.backends.onnxruntime_backend import OnnxRuntimeBackend
+from armscope.core.decision import decide
+from armscope.core.overlay import focus_mask, heat_rgba
 
 pytest.importorskip("tensorflow")
 
@@ -101,7 +101,7 @@ def test_classify_refuses_a_threshold_it_cannot_use(frame_paths, capsys, bundle,
 
 def test_export_refuses_a_bad_threshold_before_converting(tmp_path, capsys):
     # the members need not exist: the flag is checked before anything is read or converted
-    assert main(["export", str(tmp_path / "m.keras"), "--out", str(tmp_path / "b"), "--classes", "a,b",
+    assert main(["armscope.export", str(tmp_path / "m.keras"), "--out", str(tmp_path / "b"), "--classes", "a,b",
                  "--threshold", "2"]) == 2
     assert "--threshold: 2.0 is not a threshold" in capsys.readouterr().err
     assert not (tmp_path / "b").exists()

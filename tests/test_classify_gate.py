@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 
 from armscope.cli import main
-from armscope.errors import ArmscopeError
-from edge.classify import classify_images
+from armscope.core.errors import ArmscopeError
+from armscope.edge.classify import classify_images
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO = REPO / "samples" / "demo_bundle"
@@ -118,8 +118,8 @@ def test_the_manifest_carries_the_gate_for_its_modality(inputs, tmp_path):
 
 
 def test_the_daemon_uses_the_same_gate_and_its_keys_win(tmp_path):
-    from edge.config import load_config
-    from edge.daemon import Daemon
+    from armscope.edge.config import load_config
+    from armscope.edge.daemon import Daemon
 
     bundle = tmp_path / "bundle"
     shutil.copytree(DEMO, bundle)

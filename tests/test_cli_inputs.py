@@ -10,9 +10,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from armscope.bundle import check_out_apart, sha256_file
+from armscope.core.bundle import check_out_apart, sha256_file
 from armscope.cli import main
-from armscope.errors import ArmscopeError
+from armscope.core.errors import ArmscopeError
 
 REPO = Path(__file__).resolve().parents[1]
 BUNDLE = REPO / "samples" / "demo_bundle"
@@ -76,7 +76,7 @@ def test_unwritable_outputs_and_bad_numbers_exit_2_without_a_traceback(tmp_path,
 
 
 def test_labels_csv_that_is_not_utf8_or_contradicts_itself(tmp_path):
-    from calibration.accuracy import read_labels
+    from armscope.calibration.accuracy import read_labels
 
     latin = tmp_path / "latin1.csv"
     latin.write_bytes("image,label\nfrançais.png,tumour\n".encode("latin-1"))
@@ -101,7 +101,7 @@ def test_daemon_with_a_bad_curve_key_exits_instead_of_hanging(tmp_path):
 
 
 def test_source_fps_must_be_a_finite_positive_number():
-    from edge.sources import parse_source
+    from armscope.edge.sources import parse_source
 
     for fps in ("nan", "inf", "0", "-1"):
         with pytest.raises(ArmscopeError, match=r"fps=.*expected a number in \(0, 1000\]"):
@@ -109,7 +109,7 @@ def test_source_fps_must_be_a_finite_positive_number():
 
 
 def test_errors_inside_a_staged_output_name_the_output_not_its_temporary_directory(tmp_path):
-    from armscope.bundle import staged_directory
+    from armscope.core.bundle import staged_directory
 
     out = tmp_path / "bundle"
     with pytest.raises(ArmscopeError) as exc:

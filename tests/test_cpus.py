@@ -11,16 +11,16 @@ from pathlib import Path
 
 import pytest
 
-from armscope import cpus
+from armscope.core import cpus
 
 REPO = Path(__file__).resolve().parents[1]
 
 PINNED = """
 import json, os
 os.sched_setaffinity(0, {next(iter(os.sched_getaffinity(0)))})
-from armscope.bundle import load_bundle
-from armscope.cpus import usable_cpus
-from edge.backends.onnxruntime_backend import OnnxRuntimeBackend
+from armscope.core.bundle import load_bundle
+from armscope.core.cpus import usable_cpus
+from armscope.edge.backends.onnxruntime_backend import OnnxRuntimeBackend
 from firmware_bridge import link
 backend = OnnxRuntimeBackend(load_bundle("samples/demo_bundle"), layout="merged")
 print(json.dumps({"usable": usable_cpus(), "machine": os.cpu_count(), "encoder_threads": link._ENCODER_THREADS,
@@ -81,7 +81,7 @@ def test_v1_quota_of_a_container_that_sees_the_hosts_path(tmp_path):
 QUOTA_CHILD = """
 import json, sys
 sys.stdin.readline()  # moved into the cgroup by now
-from armscope.cpus import cgroup_cpu_quota, usable_cpus
+from armscope.core.cpus import cgroup_cpu_quota, usable_cpus
 from firmware_bridge import link
 print(json.dumps({"quota": cgroup_cpu_quota(), "usable": usable_cpus(), "encoder_threads": link._ENCODER_THREADS}))
 """

@@ -15,9 +15,9 @@ import subprocess
 import numpy as np
 import pytest
 
-from armscope.errors import ArmscopeError
-from edge.backends.tensorrt_backend import FLAVOURS, CudaRuntime, cuda_flavours
-from edge.trt_build import gpu_info
+from armscope.core.errors import ArmscopeError
+from armscope.edge.backends.tensorrt_backend import FLAVOURS, CudaRuntime, cuda_flavours
+from armscope.calibration.trt_build import gpu_info
 
 pytestmark = pytest.mark.cuda
 
@@ -114,7 +114,7 @@ def test_run_members_sequence_on_the_gpu(cuda, real_inputs, members):
     the batch just uploaded, batches over ``max_batch`` run in chunks, and the
     outputs are the members' mean. Different images on every call, so a member
     stream that did not wait for the upload would read the previous batch."""
-    from edge.backends.tensorrt_backend import run_members
+    from armscope.edge.backends.tensorrt_backend import run_members
 
     max_batch, shape = 2, real_inputs.shape[1:]
     host_input = cuda.pinned((max_batch, *shape), np.float32)

@@ -15,11 +15,11 @@ import numpy as np
 import pytest
 import zmq
 
-from armscope import protocol
-from armscope.preprocess import crop_box
-from edge.decision import decide
+from armscope.core import protocol
+from armscope.core.preprocess import crop_box
+from armscope.core.decision import decide
 
-from daemon_support import free_endpoint, make_pan_video, pick_bundle, running, wait_for, camera_frames  # noqa: F401 (fixture)
+from daemon_support import free_endpoint, make_pan_video, pick_bundle, running, wait_for
 
 @pytest.fixture(scope="module")
 def bundle_dir(request) -> Path:

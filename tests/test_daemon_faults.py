@@ -13,11 +13,11 @@ import time
 import pytest
 import zmq
 
-from armscope import protocol
+from armscope.core import protocol
 from bridge_runtime_support import running_bridge
-from daemon_support import camera_frames, pick_bundle, rss_kib, start, stop, wait_for  # noqa: F401 (fixture)
-from firmware_bridge.bridge import Bridge
-from firmware_bridge.displays import PngDisplay
+from daemon_support import pick_bundle, rss_kib, start, stop, wait_for
+from armscope.firmware_bridge.bridge import Bridge
+from armscope.firmware_bridge.displays import PngDisplay
 
 STALE_MS = 1500   # the daemon's default stale_after_ms
 

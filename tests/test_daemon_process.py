@@ -15,10 +15,10 @@ from pathlib import Path
 import cv2
 import pytest
 
-from armscope import protocol
+from armscope.core import protocol
 
-from daemon_support import (  # noqa: F401 (camera_frames: a fixture)
-    LARGE_FIELD, camera_frames, free_endpoint, pick_bundle, rss_kib, start, stop, wait_for,
+from daemon_support import (
+    LARGE_FIELD, pick_bundle, rss_kib, start, stop, wait_for,
 )
 
 REPO = Path(__file__).resolve().parents[1]

@@ -11,18 +11,17 @@ import time
 import cv2
 import numpy as np
 import pytest
-import zmq
 
-from armscope import protocol
-from armscope.errors import ArmscopeError
-from edge.config import load_config
-from edge.metrics import LatencyWindow, Metrics, OverlayGapWatch, prometheus_text
-from edge.pipeline import LatestSlot, SlotClosed
-from edge.slides import SlideRecorder
-from edge.sources import gstreamer_csi_pipeline, open_source, parse_source, resolve_relative
-from edge.tissue import TissueGate
+from armscope.core import protocol
+from armscope.core.errors import ArmscopeError
+from armscope.edge.config import load_config
+from armscope.edge.metrics import LatencyWindow, Metrics, OverlayGapWatch, prometheus_text
+from armscope.edge.pipeline import LatestSlot, SlotClosed
+from armscope.edge.slides import SlideRecorder
+from armscope.edge.sources import gstreamer_csi_pipeline, open_source, parse_source, resolve_relative
+from armscope.core.tissue import TissueGate
 
-from daemon_support import free_endpoint, camera_frames  # noqa: F401 (fixture)
+from daemon_support import free_endpoint
 
 
 def _overlay_header(w=4, h=3, encoding="raw"):
@@ -86,7 +85,7 @@ def test_keys_are_zpl_certificates_and_curve_works(tmp_path):
     with pytest.raises(ArmscopeError, match="already exists"):
         protocol.write_keypair(tmp_path, "server")
     # A CURVE PUB/SUB pair over real TCP with those files.
-    from edge.publisher import setup_curve_server
+    from armscope.edge.publisher import setup_curve_server
 
     ctx = zmq.Context()
     pub = ctx.socket(zmq.PUB)
@@ -173,7 +172,7 @@ def test_source_uris():
 def test_dir_source_skips_corrupt_and_ends(tmp_path, camera_frames):
     import shutil
 
-    from edge.sources import CorruptFrame, SourceLost
+    from armscope.edge.sources import CorruptFrame, SourceLost
 
     shutil.copy(camera_frames[0], tmp_path / "a.jpg")
     (tmp_path / "b.jpg").write_bytes(b"\xff\xd8 this is not a jpeg")
@@ -248,7 +247,7 @@ def test_deploy_edge_toml_names_every_option_and_loads():
     """deploy/edge.toml is documented as holding every daemon option, commented."""
     from pathlib import Path
 
-    from edge.config import OPTIONS, load_config, tomllib  # tomli on Python 3.10
+    from armscope.edge.config import OPTIONS, load_config, tomllib  # tomli on Python 3.10
 
     path = Path(__file__).resolve().parents[1] / "deploy" / "edge.toml"
     keys = set(tomllib.loads(path.read_text()))
@@ -285,7 +284,7 @@ def test_overlay_gap_watch_warns_when_overlays_outlive_nothing():
 
 
 def test_stale_window_from_the_measured_frame_time():
-    from edge import pacing
+    from armscope.edge import pacing
 
     assert pacing.stale_window_ms(0.0) == 1500            # the floor where inference is fast
     assert pacing.stale_window_ms(50.0) == 1500

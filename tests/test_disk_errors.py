@@ -12,12 +12,12 @@ from pathlib import Path
 
 import pytest
 
-from armscope import protocol
-from armscope.errors import ArmscopeError
-from edge.slides import SlideRecorder
-from edge.storage import check_output_dir
+from armscope.core import protocol
+from armscope.core.errors import ArmscopeError
+from armscope.edge.slides import SlideRecorder
+from armscope.edge.storage import check_output_dir
 
-from daemon_support import camera_frames, free_endpoint, pick_bundle, wait_for  # noqa: F401 (fixture)
+from daemon_support import free_endpoint, pick_bundle, wait_for
 
 
 @contextmanager
@@ -104,8 +104,8 @@ def test_daemon_refuses_to_start_with_an_unwritable_slides_dir(bundle_dir, tmp_p
 
 
 def test_daemon_slide_end_and_snapshot_on_a_full_disk(bundle_dir, tmp_path, camera_frames):
-    from edge.config import load_config
-    from edge.daemon import Daemon
+    from armscope.edge.config import load_config
+    from armscope.edge.daemon import Daemon
 
     with small_fs(tmp_path / "fs", "20m") as fs:
         publish, control = free_endpoint(), free_endpoint()

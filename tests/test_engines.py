@@ -1,4 +1,4 @@
-"""Engines that belong to the bundle (``edge.engines``), and ``--backend auto``
+"""Engines that belong to the bundle (``armscope.gpu.engines``), and ``--backend auto``
 on a machine without a GPU: the key, the lookup (which set runs here, which
 cannot and why, with the command that builds what is missing), integrity
 checks, and the CPU fallback that is loud wherever a GPU run was to be
@@ -14,11 +14,11 @@ from pathlib import Path
 
 import pytest
 
-from armscope.bundle import load_bundle, sha256_file
-from armscope.errors import ArmscopeError
-from edge.backends import gpu_choice, open_backend
-from edge.engines import ENGINE_DIR, INDEX, bundle_hash, engine_key, engine_sets, find_engines
-from edge.trt_env import gpu_info, is_jetson, tensorrt_available
+from armscope.core.bundle import load_bundle, sha256_file
+from armscope.core.errors import ArmscopeError
+from armscope.edge.backends import gpu_choice, open_backend
+from armscope.gpu.engines import ENGINE_DIR, INDEX, bundle_hash, engine_key, engine_sets, find_engines
+from armscope.gpu.trt_env import gpu_info, is_jetson, tensorrt_available
 
 SAMPLES = Path(__file__).resolve().parents[1] / "samples"
 ORIN = {"name": "NVIDIA Jetson AGX Orin", "compute_capability": "8.7"}  # as gpu_info() reports it

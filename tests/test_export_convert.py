@@ -1,4 +1,4 @@
-"""The shared-graph conversion (export.convert): one tf2onnx conversion, each
+"""The shared-graph conversion (armscope.export.convert): one tf2onnx conversion, each
 member's weights bound afterwards, must give the graphs that converting each
 member on its own gives, on real H&E frames; and a weight-swap bug (a member
 getting another's weights) must not pass."""
@@ -23,7 +23,7 @@ def _member(seed: int, n_classes: int = 2):
     """A narrow tiled member with its own weights and non-trivial batch-norm statistics."""
     import keras
 
-    from export.architecture import ArchitectureSpec, build_tiled_model
+    from armscope.export.architecture import ArchitectureSpec, build_tiled_model
 
     keras.utils.set_random_seed(seed)
     model = build_tiled_model(ArchitectureSpec("densenet-mini", n_classes))
@@ -37,7 +37,7 @@ def _member(seed: int, n_classes: int = 2):
 
 @pytest.fixture(scope="module")
 def frames(frame_paths):
-    from armscope.preprocess import Preprocessing, load_image, preprocess_frame
+    from armscope.core.preprocess import Preprocessing, load_image, preprocess_frame
 
     return np.stack([preprocess_frame(load_image(p), Preprocessing()) for p in frame_paths[:2]])
 
@@ -45,8 +45,8 @@ def frames(frame_paths):
 @pytest.fixture(scope="module")
 def converted(tmp_path_factory):
     """Three members converted both ways: shared graph (fast) and one tf2onnx run each."""
-    from export.convert import convert_members
-    from export.onnx_export import convert_to_onnx
+    from armscope.export.convert import convert_members
+    from armscope.export.onnx_export import convert_to_onnx
 
     out = tmp_path_factory.mktemp("convert")
     models = [_member(200 + i) for i in range(3)]
@@ -83,7 +83,7 @@ def test_shared_conversion_equals_per_member_conversion(converted, frames):
 
 
 def test_shared_conversion_cam_matches_gradient_tape(converted, frames):
-    from export.gradcam_reference import reference_cam
+    from armscope.export.gradcam_reference import reference_cam
 
     models, fast, _, _, _ = converted
     got = _run(fast[1], frames[:1])["cam"][0]
@@ -106,13 +106,13 @@ def test_shared_conversion_is_plain_onnx_and_runs_in_openvino(converted, frames)
     onnx.checker.check_model(model, full_check=True)
     assert {o.domain for o in model.opset_import} <= {"", "ai.onnx"}
     assert all(node.domain in ("", "ai.onnx") for node in model.graph.node)
-    # DenseNet's batch norms after a concatenation are BatchNormalization nodes again (export.onnx_passes)
+    # DenseNet's batch norms after a concatenation are BatchNormalization nodes again (armscope.export.onnx_passes)
     assert any(node.op_type == "BatchNormalization" for node in model.graph.node)
     # the backbone runs once on a batch of 16 patches, not 16 times
     assert sum(node.op_type == "Conv" for node in model.graph.node) * 16 == sum(
         node.op_type == "Conv" for node in onnx.load(str(slow[0])).graph.node)
     ov = pytest.importorskip("openvino")
-    from edge.backends.openvino_backend import compile_graph
+    from armscope.edge.backends.openvino_backend import compile_graph
 
     compiled = compile_graph(ov.Core(), fast[0], threads=1, precision="f32")
     result = compiled(frames[:1])
@@ -121,7 +121,7 @@ def test_shared_conversion_is_plain_onnx_and_runs_in_openvino(converted, frames)
 
 
 def test_members_with_different_graphs_are_converted_separately(tmp_path, frames):
-    from export.convert import convert_members
+    from armscope.export.convert import convert_members
 
     models = [_member(300, n_classes=2), _member(301, n_classes=3)]
     targets = [tmp_path / "two.onnx", tmp_path / "three.onnx"]

@@ -23,7 +23,7 @@ import keras_zoo_support as zoo  # noqa: E402  (tests/ is on sys.path: rootdir c
 
 def real_inputs(frame_paths, size: int, n: int = 2) -> np.ndarray:
     """Camera frames through the daemon's preprocessing, resized to the model's input."""
-    from armscope.preprocess import Preprocessing, load_image, preprocess_frame
+    from armscope.core.preprocess import Preprocessing, load_image, preprocess_frame
 
     spec = Preprocessing(resize=size)
     return np.stack([preprocess_frame(load_image(p), spec) for p in frame_paths[:n]])
@@ -37,9 +37,9 @@ def run_bundle(bundle, x):
 
 def check_parity(models, bundle, x):
     """probs <= 1e-4 against Keras; each member's CAM correlation >= 0.999 against GradientTape."""
-    from export.gradcam_reference import reference_cam
-    from export.onnx_export import keras_probs
-    from export.structure import find_structure
+    from armscope.export.gradcam_reference import reference_cam
+    from armscope.export.onnx_export import keras_probs
+    from armscope.export.structure import find_structure
 
     structures = [find_structure(m, m.name) for m in models]
     got = run_bundle(bundle, x)
@@ -63,7 +63,7 @@ def check_parity(models, bundle, x):
 
 
 def export(args, capsys=None) -> int:
-    code = main(["export", *map(str, args)])
+    code = main(["armscope.export", *map(str, args)])
     return code
 
 
@@ -161,8 +161,8 @@ def test_whole_image_single_sigmoid_ensemble(tmp_path, frame_paths, capsys):
 
 def test_whole_image_bundle_runs_in_classify(tmp_path, frame_paths, capsys):
     """A 75x75 single-sigmoid bundle through ``armscope classify``: the same [1 - p, p] as Keras."""
-    from export.onnx_export import keras_probs
-    from export.structure import find_structure
+    from armscope.export.onnx_export import keras_probs
+    from armscope.export.structure import find_structure
 
     model = zoo.inception_like(zoo.keras3(), size=75, seed=3)
     model.save(tmp_path / "m.keras")

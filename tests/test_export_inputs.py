@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from armscope.cli import main
-from armscope.errors import ArmscopeError
+from armscope.core.errors import ArmscopeError
 
 pytest.importorskip("tensorflow")
 
@@ -13,7 +13,7 @@ pytest.importorskip("tensorflow")
 def test_h5_and_savedmodel_load_to_the_same_model(mini_members, real_inputs, tmp_path):
     import keras
 
-    from export.keras_io import load_member
+    from armscope.export.keras_io import load_member
 
     model = keras.models.load_model(mini_members[0])
     model.save(tmp_path / "m.h5")
@@ -27,8 +27,8 @@ def test_h5_and_savedmodel_load_to_the_same_model(mini_members, real_inputs, tmp
 def test_unsupported_models_are_refused(tmp_path):
     import keras
 
-    from export.keras_io import load_member
-    from export.structure import find_structure
+    from armscope.export.keras_io import load_member
+    from armscope.export.structure import find_structure
 
     inp = keras.Input((224, 224, 3))
     keras.Model(inp, keras.layers.Dense(2, name="logits")(keras.layers.GlobalAveragePooling2D()(inp))).save(
@@ -52,11 +52,11 @@ def test_unsupported_models_are_refused(tmp_path):
 
 def test_failed_export_leaves_no_output(mini_members, tmp_path, capsys):
     out = tmp_path / "bundle"
-    code = main(["export", "--out", str(out), str(mini_members[0]), str(tmp_path / "missing.keras")])
+    code = main(["armscope.export", "--out", str(out), str(mini_members[0]), str(tmp_path / "missing.keras")])
     assert code == 2
     assert "missing.keras: no such model file" in capsys.readouterr().err
     assert not out.exists() and not list(tmp_path.glob(".bundle*"))
-    code = main(["export", "--out", str(out), "--classes", "a,b,c", str(mini_members[0])])
+    code = main(["armscope.export", "--out", str(out), "--classes", "a,b,c", str(mini_members[0])])
     assert code == 2 and "do not match the models' 2 outputs" in capsys.readouterr().err
     assert not out.exists() and not list(tmp_path.glob(".bundle*"))
 
@@ -64,8 +64,8 @@ def test_failed_export_leaves_no_output(mini_members, tmp_path, capsys):
 def test_train_command_writes_loadable_members(tmp_path, frame_paths):
     import shutil
 
-    from export.keras_io import load_member
-    from export.train import stratified_folds
+    from armscope.export.keras_io import load_member
+    from armscope.export.train import stratified_folds
 
     data = tmp_path / "data"
     for cls, frames in (("a", frame_paths[:2]), ("b", frame_paths[2:4])):

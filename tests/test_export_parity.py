@@ -41,7 +41,7 @@ def test_merged_graph_is_the_member_average(keras_outputs, mini_bundle, real_inp
 def test_in_graph_cam_matches_gradient_tape(mini_members, mini_bundle, real_inputs):
     import keras
 
-    from export.gradcam_reference import reference_cam
+    from armscope.export.gradcam_reference import reference_cam
 
     model = keras.models.load_model(mini_members[0])
     got = _run(mini_bundle / "members" / "member_0.onnx", real_inputs)["cam"]

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from armscope.cli import main
-from armscope.errors import ArmscopeError
+from armscope.core.errors import ArmscopeError
 
 pytest.importorskip("tensorflow")
 tf_keras = pytest.importorskip("tf_keras")
@@ -28,7 +28,7 @@ def _seed_batchnorm(model, seed: int) -> None:
 
 
 def _mini_backbone_keras2():
-    """export.architecture.densenet_mini written the way a lab writes it in tf.keras (Keras 2):
+    """armscope.export.architecture.densenet_mini written the way a lab writes it in tf.keras (Keras 2):
     the same layer names, built with tf_keras."""
     L = tf_keras.layers
     inp = L.Input((160, 160, 3))
@@ -97,7 +97,7 @@ def _lab_outputs(model, x):
 @pytest.mark.slow
 def test_a_keras2_densenet121_file_maps_by_name_onto_the_tiled_architecture(tmp_path, real_inputs):
     """Full DenseNet-121 with tf.keras's own layer names ('conv1/conv', ...), as a lab's file has them."""
-    from export.weights_map import load_weights_member
+    from armscope.export.weights_map import load_weights_member
 
     base = tf_keras.applications.DenseNet121(include_top=False, weights=None, input_shape=(160, 160, 3))
     lab = lab_model(base, n_classes=3, seed=3)
@@ -118,14 +118,14 @@ def test_export_weights_cli_end_to_end_and_classify(tmp_path, real_inputs, frame
     """A tf.keras file with Lambda layers -> --weights -> bundle -> ONNX probs equal the lab model's."""
     import onnxruntime as ort
 
-    from armscope.bundle import load_bundle
+    from armscope.core.bundle import load_bundle
 
     labs = [lab_model(_mini_backbone_keras2(), seed=s) for s in (1, 2)]
     for i, lab in enumerate(labs):
         lab.save(tmp_path / f"fold{i}.h5")
     want = np.mean([_lab_outputs(lab, real_inputs[:2])[0] for lab in labs], axis=0)
     out = tmp_path / "bundle"
-    code = main(["export", "--weights", str(tmp_path / "fold0.h5"), "--weights", str(tmp_path / "fold1.h5"),
+    code = main(["armscope.export", "--weights", str(tmp_path / "fold0.h5"), "--weights", str(tmp_path / "fold1.h5"),
                  "--architecture", "tiled-densenet-mini", "--input-scaling", "symmetric",
                  "--classes", "other,tumour", "--out", str(out)])
     printed = capsys.readouterr()
@@ -160,7 +160,7 @@ def test_partial_ambiguous_and_wrong_mappings_are_refused_and_write_nothing(tmp_
         del group["conv3_1_conv2/kernel:0"]
         group.attrs["weight_names"] = [n for n in group.attrs["weight_names"]
                                        if (n.decode() if isinstance(n, bytes) else n) != "conv3_1_conv2/kernel:0"]
-    assert main(["export", "--weights", str(missing), *args]) == 2
+    assert main(["armscope.export", "--weights", str(missing), *args]) == 2
     err = capsys.readouterr().err
     assert "missing.h5: its weights do not map onto the architecture" in err
     assert "conv3_1_conv2/kernel (3, 3, 48, 12): no tensor in the file" in err
@@ -176,32 +176,32 @@ def test_partial_ambiguous_and_wrong_mappings_are_refused_and_write_nothing(tmp_
     heads = [L.Dense(2, name=f"dense_{p}")(L.Lambda(lambda t, p=p: t[:, p])(pooled)) for p in range(16)]
     heads.append(L.Dense(2, name="dense_16")(L.GlobalAveragePooling1D()(pooled)))
     tf_keras.Model(inp, heads).save(tmp_path / "ambiguous.h5")
-    assert main(["export", "--weights", str(tmp_path / "ambiguous.h5"), *args]) == 2
+    assert main(["armscope.export", "--weights", str(tmp_path / "ambiguous.h5"), *args]) == 2
     err = capsys.readouterr().err
     assert "final_head: expected exactly one Dense kernel" in err and "dense_16/kernel:0" in err
     assert _no_output(tmp_path)
 
     # the wrong architecture for the file
-    assert main(["export", "--weights", str(tmp_path / "lab.h5"), *args[:1], "tiled-densenet121", *args[2:]]) == 2
+    assert main(["armscope.export", "--weights", str(tmp_path / "lab.h5"), *args[:1], "tiled-densenet121", *args[2:]]) == 2
     assert "cannot tell the number of classes" in capsys.readouterr().err
     assert _no_output(tmp_path)
 
     # flags that belong together, and files that are not Keras 2 weights
-    assert main(["export", "--weights", str(tmp_path / "lab.h5"), "--architecture", "tiled-densenet-mini",
+    assert main(["armscope.export", "--weights", str(tmp_path / "lab.h5"), "--architecture", "tiled-densenet-mini",
                  "--out", str(tmp_path / "out")]) == 2
     assert "--weights needs --architecture and --input-scaling" in capsys.readouterr().err
     (tmp_path / "text.h5").write_text("not hdf5")
-    assert main(["export", "--weights", str(tmp_path / "text.h5"), *args]) == 2
+    assert main(["armscope.export", "--weights", str(tmp_path / "text.h5"), *args]) == 2
     assert "text.h5: not an HDF5 file" in capsys.readouterr().err
     with h5py.File(tmp_path / "plain.h5", "w") as f:
         f["x"] = np.zeros(3)
-    assert main(["export", "--weights", str(tmp_path / "plain.h5"), *args]) == 2
+    assert main(["armscope.export", "--weights", str(tmp_path / "plain.h5"), *args]) == 2
     assert "plain.h5: no Keras 2 weights in it" in capsys.readouterr().err
     assert _no_output(tmp_path)
 
 
 def test_a_file_without_patch_heads_keeps_the_final_output_only(tmp_path, real_inputs):
-    from export.weights_map import load_weights_member
+    from armscope.export.weights_map import load_weights_member
 
     lab = lab_model(_mini_backbone_keras2(), patch_heads="none", seed=5)
     lab.save(tmp_path / "nopatch.h5")

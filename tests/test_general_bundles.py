@@ -16,15 +16,15 @@ import numpy as np
 import onnx
 import pytest
 
-from armscope import protocol
-from armscope.bundle import load_bundle
+from armscope.core import protocol
+from armscope.core.bundle import load_bundle
 from armscope.cli import main
-from armscope.errors import ArmscopeError
-from armscope.preprocess import crop_box, load_image, preprocess_frame
-from edge.backends import open_backend
+from armscope.core.errors import ArmscopeError
+from armscope.core.preprocess import crop_box, load_image, preprocess_frame
+from armscope.edge.backends import open_backend
 
 from daemon_support import free_endpoint, running, wait_for
-from general_bundle_support import ModelSpec, binary_task, ensemble_reference, write_general_bundle
+from general_bundle_support import ModelSpec, ensemble_reference, write_general_bundle
 
 REPO = Path(__file__).resolve().parents[1]
 FRAMES = sorted((REPO / "samples" / "frames").glob("*.jpg"))
@@ -168,7 +168,7 @@ def test_calibration_quantization_and_accuracy_gate(built, tmp_path, capsys):
 def test_sensitive_nodes_of_a_whole_image_graph(built):
     """The Dense after the pool is a head; the closed-form CAM that multiplies the
     unpooled map by the same kernel is in the cam group (kept FP32 with it)."""
-    from calibration.graph import name_nodes, sensitive_nodes
+    from armscope.calibration.graph import name_nodes, sensitive_nodes
 
     model = name_nodes(onnx.load(str(load_bundle(built["softmax96"][0]).member_paths[0])))
     ops = {n.name: n.op_type for n in model.graph.node}
@@ -179,8 +179,8 @@ def test_sensitive_nodes_of_a_whole_image_graph(built):
 
 
 def test_cascade_of_whole_image_bundles(built, tmp_path):
-    from edge.cascade import assemble
-    from edge.classify import classify_images
+    from armscope.edge.cascade import assemble
+    from armscope.edge.classify import classify_images
 
     step_one, _, params_one = built["sigmoid75"]
     step_two, spec_two, params_two = built["subtypes75"]

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-PACKAGES = ["armscope", "edge", "firmware_bridge", "calibration", "export"]
+PACKAGES = ["armscope", "armscope.edge", "armscope.firmware_bridge", "armscope.calibration", "armscope.export"]
 
 pytest.importorskip("vermin")
 

@@ -22,9 +22,9 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-from armscope.bundle import load_bundle
+from armscope.core.bundle import load_bundle
 from armscope.cli import main
-from armscope.errors import ArmscopeError
+from armscope.core.errors import ArmscopeError
 
 pytest.importorskip("tensorflow")
 pytest.importorskip("sklearn")
@@ -38,7 +38,7 @@ HOST = 96  # the bundle's input: the plain member's size; the SVM member (64) re
 
 
 def export_renal(tmp: Path, features, plain, head, classes, out: Path, *extra) -> int:
-    return main(["export", str(features), str(plain), "--svm-head", f"{features}={head}",
+    return main(["armscope.export", str(features), str(plain), "--svm-head", f"{features}={head}",
                  "--scaling", f"{features}=caffe", "--scaling", f"{plain}=caffe", "--trust-code",
                  "--classes", ",".join(classes), "--crop", "224", "--out", str(out),
                  # 224 px tiles at 0.5 um/px are softer than the 640 px camera fields the default gate is tuned on
@@ -70,7 +70,7 @@ def run(path, x) -> dict:
 
 
 def member_input(x: np.ndarray, size: int) -> np.ndarray:
-    from export import member_input as mi
+    from armscope.export import member_input as mi
 
     return np.asarray(mi.to_member(x, HOST, size, "caffe"))
 
@@ -101,8 +101,8 @@ def reference_svm_cam(model, estimator, x: np.ndarray, order: list[int]) -> np.n
     crash on this narrow stem, and the gradient w.r.t. the map does not pass through it.)"""
     import tensorflow as tf
 
-    from export.feature_model import find_feature_structure
-    from export.graph import sub_model
+    from armscope.export.feature_model import find_feature_structure
+    from armscope.export.graph import sub_model
 
     st = find_feature_structure(model, "m")
     pools = [model.get_layer(name) for name in st.pooled_layers]
@@ -137,8 +137,8 @@ def reference_svm_cam(model, estimator, x: np.ndarray, order: list[int]) -> np.n
 def check_bundle(bundle: Path, fm, pm, svm, classes) -> None:
     import tensorflow as tf
 
-    from export.onnx_export import keras_probs
-    from export.structure import find_structure
+    from armscope.export.onnx_export import keras_probs
+    from armscope.export.structure import find_structure
 
     x = rz.host_images(REPO, HOST)
     svc = svm[-1] if hasattr(svm, "steps") else svm
@@ -201,7 +201,7 @@ def test_three_classes_with_a_scaler(renal, tmp_path):
 def test_a_pickle_is_refused_without_trust_code(renal, tmp_path, capsys):
     t = renal["tmp"]
     out = tmp_path / "refused"
-    base = ["export", str(t / "features.keras"), str(t / "plain.keras"),
+    base = ["armscope.export", str(t / "features.keras"), str(t / "plain.keras"),
             "--svm-head", f"{t / 'features.keras'}={t / 'svm.joblib'}"]
     for args in (base + ["--out", str(out)], base + ["--explain"]):
         capsys.readouterr()
@@ -215,17 +215,17 @@ def test_a_pickle_is_refused_without_trust_code(renal, tmp_path, capsys):
     text = capsys.readouterr().out
     assert "SVC(kernel='rbf'" in text and "feature map conv4_block1_out: 4x4x16" in text
     # a member named in --svm-head must be one of the members
-    assert main(["export", str(t / "plain.keras"), "--svm-head", f"{t / 'features.keras'}={t / 'svm.joblib'}",
+    assert main(["armscope.export", str(t / "plain.keras"), "--svm-head", f"{t / 'features.keras'}={t / 'svm.joblib'}",
                  "--trust-code", "--out", str(out)]) == 2
     assert "is not one of the members given" in capsys.readouterr().err
 
 
 def test_classify_and_the_daemon_run_it(renal, tmp_path, capsys):
-    from armscope import protocol
-    from armscope.preprocess import load_image, preprocess_frame
+    from armscope.core import protocol
+    from armscope.core.preprocess import load_image, preprocess_frame
     from daemon_support import free_endpoint, wait_for
-    from edge.config import load_config
-    from edge.daemon import Daemon
+    from armscope.edge.config import load_config
+    from armscope.edge.daemon import Daemon
 
     bundle = load_bundle(renal["bundle"])
     tiles = [rz.tile_paths(REPO)[t] for t in ("TUM", "NORM", "STR", "MUS")]

@@ -1,4 +1,4 @@
-"""The runtime (edge/, firmware_bridge/, the CLI) must run without TensorFlow,
+"""The runtime (armscope/core, gpu, edge, firmware_bridge, the CLI) must run without TensorFlow,
 TensorRT or CUDA: importing every runtime module must not import them (nor
 pygame, which only window:// needs)."""
 from __future__ import annotations
@@ -13,13 +13,14 @@ REPO = Path(__file__).resolve().parents[1]
 def test_runtime_modules_do_not_import_heavy_frameworks():
     modules = sorted(
         ".".join(p.relative_to(REPO).with_suffix("").parts)
-        for package in ("edge", "firmware_bridge", "armscope")
-        for p in (REPO / package).rglob("*.py")
+        for package in ("core", "gpu", "edge", "firmware_bridge")
+        for p in (REPO / "armscope" / package).rglob("*.py")
         if p.name != "__main__.py"
     )
     code = (
         "import importlib, sys\n"
         f"for m in {modules!r}: importlib.import_module(m)\n"
+        "import armscope.cli, armscope.demo, armscope.bench.suite\n"
         "from armscope.cli import build_parser; build_parser()\n"
         "heavy = [m for m in ('tensorflow', 'keras', 'tf2onnx', 'tensorrt', 'pycuda', 'cuda', 'pygame') if m in sys.modules]\n"
         "print(len(sys.modules)); assert not heavy, heavy\n"

@@ -42,7 +42,7 @@ def tsc(tmp_path_factory):
     model = tsc_support.tsc_inception(seed=3)
     model.save(root / "tsc.keras")
     bundle = root / "bundle"
-    assert main(["export", str(root / "tsc.keras"), "--out", str(bundle), "--classes", "no_tuber,tuber",
+    assert main(["armscope.export", str(root / "tsc.keras"), "--out", str(bundle), "--classes", "no_tuber,tuber",
                  "--input-scaling", "unit", "--no-crop", "--grey", "--saliency", "--tissue-gate", "mri",
                  "--interpolation", "linear"]) == 0
     return model, bundle, root
@@ -74,7 +74,7 @@ def slices(root: Path) -> dict[str, Path]:
 
 
 def model_inputs(paths, spec) -> np.ndarray:
-    from armscope.preprocess import preprocess_frame, read_frame
+    from armscope.core.preprocess import preprocess_frame, read_frame
 
     return np.stack([preprocess_frame(read_frame(p, spec)[0], spec) for p in paths])
 
@@ -86,11 +86,11 @@ def corr(a, b) -> float:
 def test_export_parity_probs_cam_saliency_on_real_slices(tsc):
     """probs <= 1e-4 vs Keras; CAM and saliency corr >= 0.999 vs tf.GradientTape on the
     original model, on real MR/CT DICOM and grey H&E; OpenVINO returns the same outputs."""
-    from armscope.bundle import load_bundle
-    from edge.backends import open_backend
-    from export.gradcam_reference import reference_cam, reference_saliency
-    from export.onnx_export import apply_scaling, keras_probs, scaling_of
-    from export.structure import find_structure
+    from armscope.core.bundle import load_bundle
+    from armscope.edge.backends import open_backend
+    from armscope.export.gradcam_reference import reference_cam, reference_saliency
+    from armscope.export.onnx_export import apply_scaling, keras_probs, scaling_of
+    from armscope.export.structure import find_structure
 
     model, bundle_dir, _ = tsc
     bundle = load_bundle(bundle_dir)
@@ -181,7 +181,7 @@ def test_files_that_are_not_images_are_refused(tsc, capsys):
 
 
 def test_daemon_runs_the_tsc_bundle_on_grey_slices(tsc, tmp_path):
-    from armscope import protocol
+    from armscope.core import protocol
     from daemon_support import free_endpoint, wait_for
     from daemon_support import running
 
@@ -200,8 +200,8 @@ def test_daemon_runs_the_tsc_bundle_on_grey_slices(tsc, tmp_path):
 def test_fp16_and_int8_through_the_precision_gate(tsc, capsys):
     """Calibration with the bundle's MRI gate and preprocessing, FP16 and INT8 bundles
     measured on a disjoint hold-out; the saliency survives reduced precision."""
-    from armscope.bundle import load_bundle
-    from edge.backends import open_backend
+    from armscope.core.bundle import load_bundle
+    from armscope.edge.backends import open_backend
 
     _, bundle, root = tsc
     files = slices(root)
@@ -240,7 +240,7 @@ def test_fp16_and_int8_through_the_precision_gate(tsc, capsys):
 
 def _infer(open_backend, bundle, x, exact=False):
     if exact:  # the INT8 graph computed exactly (what TensorRT and VNNI/AMX CPUs compute)
-        from calibration.accuracy import run_bundle
+        from armscope.calibration.accuracy import run_bundle
 
         return run_bundle(bundle, x, exact_qdq=True)
     backend = open_backend(bundle, "onnxruntime")

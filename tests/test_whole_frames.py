@@ -14,14 +14,13 @@ import cv2
 import numpy as np
 import pytest
 
-from armscope.errors import ArmscopeError
-from armscope.imagefile import CorruptImage, NotAnImage, decode_image, read_image_file
-from armscope.preprocess import load_image
-from edge.pipeline import LatestSlot
-from edge.capture import Capture
-from edge.sources import CorruptFrame, SourceLost, open_source, parse_source
+from armscope.core.errors import ArmscopeError
+from armscope.core.imagefile import CorruptImage, NotAnImage, decode_image, read_image_file
+from armscope.core.preprocess import load_image
+from armscope.edge.pipeline import LatestSlot
+from armscope.edge.capture import Capture
+from armscope.edge.sources import CorruptFrame, SourceLost, open_source, parse_source
 
-from daemon_support import camera_frames  # noqa: F401 (fixture)
 
 
 def _bytes(path: Path) -> bytes:
@@ -72,17 +71,17 @@ def test_other_output_during_a_decode_still_reaches_stderr(camera_frames, capfd,
     """Descriptor 2 is redirected only while a frame decodes; what another thread
     writes in that window (a log line, even one quoting a decoder warning) is
     passed on and does not make the frame corrupt."""
-    import armscope.imagefile as imagefile
+    import armscope.core.imagefile as imagefile
 
     real = cv2.imdecode
 
     def decode_while_another_thread_logs(data, flags):
-        os.write(2, b"2024-01-01 WARNING edge.sources: skipped (x.jpg: Corrupt JPEG data: 3 bytes)\n")
+        os.write(2, b"2024-01-01 WARNING armscope.edge.sources: skipped (x.jpg: Corrupt JPEG data: 3 bytes)\n")
         return real(data, flags)
 
     monkeypatch.setattr(imagefile.cv2, "imdecode", decode_while_another_thread_logs)
     assert decode_image(_bytes(camera_frames[0]), "a.jpg").shape == (1200, 1600, 3)
-    assert "WARNING edge.sources: skipped (x.jpg: Corrupt JPEG data: 3 bytes)" in capfd.readouterr().err
+    assert "WARNING armscope.edge.sources: skipped (x.jpg: Corrupt JPEG data: 3 bytes)" in capfd.readouterr().err
 
 
 def test_restart_markers_out_of_order_are_a_splice(camera_frames):
@@ -256,13 +255,13 @@ def _rewrite_in_place(path: Path, data: bytes, chunk: int = 65536, pause: float 
 
 
 def test_daemon_never_classifies_a_frame_rewritten_in_place(bundle_dir, camera_frames, tmp_path):
-    from armscope import protocol
-    from armscope.preprocess import crop_box
-    from edge.config import load_config
-    from edge.daemon import Daemon
-    from edge.tissue import TissueGate
+    from armscope.core import protocol
+    from armscope.core.preprocess import crop_box
+    from armscope.edge.config import load_config
+    from armscope.edge.daemon import Daemon
+    from armscope.core.tissue import TissueGate
 
-    from daemon_support import free_endpoint, wait_for
+    from daemon_support import free_endpoint
 
     frames = tmp_path / "cam"
     frames.mkdir()

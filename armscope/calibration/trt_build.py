@@ -1,0 +1,336 @@
+"""``armscope build``: TensorRT engines for a bundle, built on the target device,
+stored with the bundle where ``run``/``classify --backend auto`` find them
+(``BUNDLE/engines/<key>/``, see ``armscope.gpu.engines`` for the key and layout).
+
+Only the layout that will run is built: one engine per member (the default,
+what the backend runs: the members concurrently on their own streams), or,
+with ``--layout merged``, one engine for the merged ensemble graph. A timing
+cache shared by every build on the device (``BUNDLE/engines/timing.cache``)
+makes a rebuild after a bundle update take seconds instead of minutes.
+Precision, by installed TensorRT version (``armscope.gpu.trt_env``):
+
+* TensorRT 10.x: FP32 as is; FP16 with ``BuilderFlag.FP16`` (TensorRT picks FP16
+  kernels where faster); INT8 *explicit*: the Q/DQ ONNX made by ``armscope
+  quantize`` (TensorRT honours its scales; ``BuilderFlag.INT8`` plus FP16 for
+  the layers kept in float); INT8 *implicit* (``--int8-mode implicit``,
+  TensorRT 10.x only, deprecated by NVIDIA): the FP32 graph with
+  ``IInt8EntropyCalibrator2`` fed from ``--calib CALIB.npz`` and a
+  calibration cache per graph (``<key>/<graph>.calib``).
+* TensorRT >= 11 (weak typing removed): a strongly typed network; the
+  precision comes from the ONNX (FP16 graph from ``armscope quantize
+  --precision fp16``, Q/DQ graph for INT8), no precision flags.
+
+FP16 and explicit INT8 compile a derived bundle (``BUNDLE-fp16``,
+``BUNDLE-int8``, or ``--out``): made here if missing, reused if it was made
+from this bundle (so it can be prepared on a workstation and copied to the
+device with the bundle), and refused if it failed its accuracy gate. The
+engines still go into ``BUNDLE``, keyed by ``BUNDLE``'s hash.
+
+Without a GPU (or without TensorRT) the command prepares what can be prepared
+here (the FP16 or Q/DQ bundle) and prints the command that builds the engines
+on the target.
+"""
+from __future__ import annotations
+
+import logging
+import shutil
+from pathlib import Path
+
+import numpy as np
+
+from armscope.core.bundle import Bundle, load_bundle, refuse_cascade, require_deployable, sha256_file, staged_directory
+from armscope.core.errors import ArmscopeError
+
+log = logging.getLogger(__name__)
+
+from armscope.gpu.engines import ENGINE_DIR, LAYOUTS, TIMING_CACHE, engine_key, graphs_for, new_index, write_index
+from armscope.gpu.trt_env import (  # noqa: F401  (re-exported: callers import them from here)
+    JETSON_TENSORRT, gpu_info, import_cudart, require_tensorrt, strongly_typed_only, tensorrt_available, trt_logger,
+    trt_major,
+)
+
+PRECISIONS = ("fp32", "fp16", "int8")
+CALIB_CACHE_HEADER = "TRT-"  # TensorRT calibration caches start "TRT-<version>-EntropyCalibration2"
+
+
+# ----------------------------------------------------------------------------- caches
+
+def read_timing_cache(path: Path) -> bytes:
+    if not path.is_file():
+        return b""
+    data = path.read_bytes()
+    if not data:
+        raise ArmscopeError(f"{path}: empty TensorRT timing cache; delete it to start a fresh one")
+    return data
+
+
+def read_calibration_cache(path: Path) -> bytes | None:
+    """A TensorRT INT8 calibration cache, checked before TensorRT sees it: a
+    header line, then 'tensor: hexscale' lines."""
+    if not path.is_file():
+        return None
+    data = path.read_bytes()
+    try:
+        lines = data.decode("ascii").splitlines()
+    except UnicodeDecodeError:
+        lines = []
+    ok = bool(lines) and lines[0].startswith(CALIB_CACHE_HEADER) and all(
+        ":" in line and _is_hex(line.rsplit(":", 1)[1].strip()) for line in lines[1:] if line.strip())
+    if not ok or len(lines) < 2:
+        raise ArmscopeError(f"{path}: corrupt TensorRT calibration cache (expected a '{CALIB_CACHE_HEADER}...' "
+                            f"header and 'tensor: hexscale' lines); delete it and rebuild with --calib")
+    return data
+
+
+def _is_hex(s: str) -> bool:
+    try:
+        int(s, 16)
+        return True
+    except ValueError:
+        return False
+
+
+# ----------------------------------------------------------------------------- calibrator (implicit INT8)
+
+def make_entropy_calibrator(trt, images: np.ndarray, cache_path: Path, batch: int = 1):
+    """IInt8EntropyCalibrator2 over the calibration frames (TensorRT 10.x implicit INT8)."""
+    from armscope.edge.backends.tensorrt_backend import CudaRuntime
+
+    class EntropyCalibrator(trt.IInt8EntropyCalibrator2):
+        def __init__(self):
+            super().__init__()
+            self.cuda = CudaRuntime()
+            self.images = np.ascontiguousarray(images, dtype=np.float32)
+            self.batch = batch
+            self.index = 0
+            self.host = self.cuda.pinned((batch, *self.images.shape[1:]), np.float32)
+            self.device = self.cuda.device(self.host.nbytes)
+            self.stream = self.cuda.stream()
+
+        def get_batch_size(self):
+            return self.batch
+
+        def get_batch(self, names):
+            if self.index + self.batch > len(self.images):
+                return None
+            self.host[:] = self.images[self.index : self.index + self.batch]
+            self.cuda.htod(self.device, self.host, self.host.nbytes, self.stream)
+            self.cuda.synchronize(self.stream)
+            self.index += self.batch
+            return [self.device]
+
+        def read_calibration_cache(self):
+            return read_calibration_cache(cache_path)
+
+        def write_calibration_cache(self, cache):
+            cache_path.write_bytes(bytes(cache))
+
+    return EntropyCalibrator()
+
+
+# ----------------------------------------------------------------------------- building
+
+def build_engine(trt, onnx_path: Path, engine_path: Path, precision: str, *, workspace_mb: int,
+                 timing_cache: Path, input_shape: tuple[int, int, int], dla_core: int | None = None,
+                 max_batch: int = 1, calibrator=None, explicit_int8: bool = True) -> None:
+    """Parse one ONNX graph and serialise an engine (see the module docstring for the flags).
+    ``input_shape``: (S, S, 3) from the bundle's manifest (``inputs[0].shape``), so the
+    optimisation profile fits any input size the bundle was exported for."""
+    logger = trt_logger()  # the process's one logger (armscope.gpu.trt_env)
+    builder = trt.Builder(logger)
+    # TensorRT 11 removed weak typing: every network is strongly typed, precision comes from the ONNX
+    # (its STRONGLY_TYPED creation flag is kept only as a deprecated no-op, so it is not passed);
+    # TensorRT 10 builds weakly typed networks with the FP16/INT8 flags below.
+    strongly_typed = strongly_typed_only(trt.__version__)
+    network = builder.create_network(0)
+    parser = trt.OnnxParser(network, logger)
+    if not parser.parse_from_file(str(onnx_path)):
+        errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
+        raise ArmscopeError(f"{onnx_path}: TensorRT's ONNX parser failed: {errors[:500]}")
+    config = builder.create_builder_config()
+    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_mb) << 20)
+    if not strongly_typed:
+        if precision in ("fp16", "int8"):
+            config.set_flag(trt.BuilderFlag.FP16)
+        if precision == "int8":
+            config.set_flag(trt.BuilderFlag.INT8)
+            if not explicit_int8:
+                config.int8_calibrator = calibrator  # deprecated since 10.1, removed in 11
+    if dla_core is not None:
+        if precision == "fp32":
+            raise ArmscopeError("--dla needs --precision fp16 or int8 (DLA has no FP32)")
+        if int(dla_core) >= builder.num_DLA_cores:
+            raise ArmscopeError(f"--dla {dla_core}: this device has {builder.num_DLA_cores} DLA core(s)")
+        # IBuilderConfig: layers go to DLA core N; those DLA cannot run fall back to the GPU
+        # (GPU_FALLBACK, recorded as engine.json "gpu_fallback"); the runtime must then set
+        # IRuntime.DLA_core to the same core before deserializing (tensorrt_backend).
+        config.default_device_type = trt.DeviceType.DLA
+        config.DLA_core = int(dla_core)
+        config.set_flag(trt.BuilderFlag.GPU_FALLBACK)
+    profile = builder.create_optimization_profile()
+    profile.set_shape(network.get_input(0).name, (1, *input_shape), (1, *input_shape), (max_batch, *input_shape))
+    config.add_optimization_profile(profile)
+    if not explicit_int8 and precision == "int8":
+        config.set_calibration_profile(profile)
+    cache = config.create_timing_cache(read_timing_cache(timing_cache))
+    if cache is None:
+        raise ArmscopeError(f"{timing_cache}: TensorRT rejected this timing cache; delete it and rebuild")
+    config.set_timing_cache(cache, ignore_mismatch=False)
+    serialized = builder.build_serialized_network(network, config)
+    if serialized is None:
+        raise ArmscopeError(f"{onnx_path}: TensorRT could not build an engine (precision {precision}); "
+                            "see the TensorRT log above")
+    engine_path.write_bytes(bytes(serialized))
+    timing_cache.write_bytes(bytes(config.get_timing_cache().serialize()))
+
+
+def derived_from(candidate: Path, source: Bundle, precision: str) -> Bundle | None:
+    """The bundle at ``candidate`` if it is a ``precision`` bundle made from ``source``
+    (its manifest's quantization.source.ensemble_sha256), else None."""
+    if not (candidate / "manifest.json").is_file():
+        return None
+    derived = load_bundle(candidate)
+    made_from = derived.manifest.get("quantization", {}).get("source", {}).get("ensemble_sha256")
+    if derived.manifest["precision"] == precision and made_from == source.manifest["ensemble"]["sha256"]:
+        return derived
+    return None
+
+
+def prepare_onnx(bundle: Bundle, precision: str, calib: Path | None, out: Path | None, int8_mode: str,
+                 force: bool, holdout: list[Path] | None = None) -> Bundle:
+    """The bundle whose graphs TensorRT compiles: this one if it already has the
+    precision (or the precision comes from builder flags), else a derived FP16
+    or Q/DQ bundle next to it (``<bundle>-<precision>`` or ``out``): reused when
+    it was made from this bundle (unless ``force``), else made here."""
+    have = bundle.manifest["precision"]
+    if precision == have or precision == "fp32":
+        if precision != have:
+            raise ArmscopeError(f"{bundle.root}: field precision: bundle is {have}; --precision fp32 needs the "
+                                "FP32 bundle")
+        return bundle
+    if have != "fp32":
+        raise ArmscopeError(f"{bundle.root}: field precision: bundle is {have}, cannot make {precision} from it; "
+                            f"use the FP32 bundle")
+    if precision == "int8" and int8_mode == "implicit":
+        if calib is None:
+            raise ArmscopeError("--int8-mode implicit needs --calib CALIB.npz")
+        return bundle  # TensorRT calibrates the FP32 graph itself
+    target = Path(out) if out else bundle.root.with_name(f"{bundle.root.name}-{precision}")
+    existing = None if force else derived_from(target, bundle, precision)
+    if existing is not None:
+        print(f"using the {precision} bundle {target} made from {bundle.root} earlier (--force remakes it)")
+        return existing
+    from armscope.calibration.quantize import make_reduced_bundle
+
+    if precision == "int8" and calib is None:
+        raise ArmscopeError("--precision int8 needs --calib CALIB.npz to make the Q/DQ graphs "
+                            "(or pass a bundle made by 'armscope quantize')")
+    block = make_reduced_bundle(bundle.root, target, precision, calib=calib, holdout=holdout, force=force)
+    print(f"wrote {precision} bundle {target} (deployable: {block['deployable']})")
+    return load_bundle(target)
+
+
+def build_bundle(bundle_dir: Path, precision: str, calib: Path | None = None, workspace_mb: int = 2048,
+                 dla_core: int | None = None, out: Path | None = None, int8_mode: str = "explicit",
+                 max_batch: int = 1, force: bool = False, holdout: list[Path] | None = None,
+                 layout: str = "members") -> dict:
+    """Returns {'bundle': path, 'compiled': path, 'engines': engines/<key> path or None, 'message': str}."""
+    if precision not in PRECISIONS:
+        raise ArmscopeError(f"--precision {precision!r}: expected one of {', '.join(PRECISIONS)}")
+    if int8_mode not in ("explicit", "implicit"):
+        raise ArmscopeError(f"--int8-mode {int8_mode!r}: expected explicit or implicit")
+    if layout not in LAYOUTS:
+        raise ArmscopeError(f"--layout {layout!r}: expected one of {', '.join(LAYOUTS)}")
+    bundle = load_bundle(bundle_dir)
+    refuse_cascade(bundle, "armscope build")
+    calib_set = None
+    if calib is not None:
+        from armscope.calibration.calibration_set import load_calibration_set
+
+        calib_set = load_calibration_set(calib, spec=bundle.preprocessing)  # fail early on a bad set
+    gpu = gpu_info() if tensorrt_available() else None
+    if gpu is None and dla_core is not None:
+        raise ArmscopeError("--dla: no NVIDIA GPU/DLA here; DLA engines are built on the Jetson itself")
+    target = prepare_onnx(bundle, precision, calib, out, int8_mode, force, holdout)
+    implicit = precision == "int8" and int8_mode == "implicit"
+    if gpu is None:
+        why = "TensorRT is not installed" if not tensorrt_available() else "no NVIDIA GPU was found"
+        cmd = f"armscope build {bundle.root} --precision {precision}"
+        if target is not bundle and out:
+            cmd += f" --out {target.root}"
+        if implicit:
+            cmd += f" --int8-mode implicit --calib {calib}"
+        if layout == "merged":
+            cmd += " --layout merged"
+        return {"bundle": str(bundle.root), "compiled": str(target.root), "engines": None,
+                "message": f"{why}: engines are built on the target device (with {bundle.root}"
+                           + (f" and {target.root}" if target is not bundle else "") + f") with: {cmd}"}
+    if target is not bundle:
+        try:
+            require_deployable(target)   # engines of a model that failed its gate must never be found by run
+        except ArmscopeError as exc:
+            raise ArmscopeError(f"{exc}; no engines were built into {bundle.root}") from None
+
+    trt = require_tensorrt("armscope build")
+    if implicit and strongly_typed_only(trt.__version__):
+        raise ArmscopeError(f"--int8-mode implicit: TensorRT {trt.__version__} has no implicit INT8; make a Q/DQ "
+                            "bundle with 'armscope quantize' and build with --int8-mode explicit")
+    if strongly_typed_only(trt.__version__) and precision == "fp16" and target.manifest["precision"] != "fp16":
+        raise ArmscopeError(f"{target.root}: TensorRT {trt.__version__} builds strongly typed networks; "
+                            "FP16 needs the FP16 ONNX bundle (armscope quantize --precision fp16)")
+    onnx_of = {"ensemble": target.ensemble_path, **{f"member_{i}": p for i, p in enumerate(target.member_paths)}}
+    graphs = graphs_for(target, layout)  # only the layout that will run
+    shape = tuple(target.manifest["inputs"][0]["shape"][1:])
+    engines_root = bundle.root / ENGINE_DIR
+    key = engine_key(bundle.manifest["ensemble"]["sha256"], precision, trt.__version__, gpu, dla_core)
+    final = engines_root / key
+    index = new_index(bundle, target, precision, trt.__version__, gpu, dla_core=dla_core,
+                      int8_mode=int8_mode if precision == "int8" else None, max_batch=max_batch,
+                      workspace_mb=workspace_mb)
+    engines_root.mkdir(exist_ok=True)
+    with staged_directory(final, overwrite=True) as stage:
+        old = read_index_or_none(final)
+        for graph in graphs:
+            calibrator = None
+            if implicit:
+                calib_cache = stage / f"{graph}.calib"
+                if (final / calib_cache.name).is_file():
+                    read_calibration_cache(final / calib_cache.name)
+                    shutil.copy2(final / calib_cache.name, calib_cache)
+                calibrator = make_entropy_calibrator(trt, calib_set.images, calib_cache)
+            file = f"{graph}.engine"
+            log.info("building %s/%s (%s, %d of %d) ...", key, file, precision, graphs.index(graph) + 1, len(graphs))
+            print(f"building {graph} ({precision}) ...", flush=True)
+            try:
+                build_engine(trt, onnx_of[graph], stage / file, precision, workspace_mb=workspace_mb,
+                             timing_cache=engines_root / TIMING_CACHE, dla_core=dla_core, max_batch=max_batch,
+                             calibrator=calibrator, explicit_int8=not implicit, input_shape=shape)
+            finally:
+                if calibrator is not None:
+                    calibrator.cuda.close()
+            index["engines"][graph] = {"file": file, "sha256": sha256_file(stage / file),
+                                       "onnx_sha256": sha256_file(onnx_of[graph])}
+        same_settings = old is not None and all(old.get(k) == index[k] for k in ("max_batch", "int8_mode", "format"))
+        if same_settings:
+            # engines of the other layout built earlier under this key and with these settings stay usable
+            for graph, entry in old["engines"].items():
+                if graph not in index["engines"] and (final / entry["file"]).is_file():
+                    shutil.copy2(final / entry["file"], stage / entry["file"])
+                    index["engines"][graph] = entry
+        write_index(stage, index)
+    built = sorted(index["engines"])
+    return {"bundle": str(bundle.root), "compiled": str(target.root), "engines": str(final),
+            "message": f"built {len(graphs)} engine(s) into {final} for {gpu['name']} (sm "
+                       f"{gpu['compute_capability']}), TensorRT {trt.__version__}, {precision}; "
+                       f"'armscope run' / 'classify --backend auto' with {bundle.root} use them"
+                       + (f" (this set also holds {', '.join(g for g in built if g not in graphs)})"
+                          if len(built) > len(graphs) else "")}
+
+
+def read_index_or_none(directory: Path) -> dict | None:
+    from armscope.gpu.engines import read_index
+
+    try:
+        return read_index(directory)
+    except ArmscopeError:
+        return None   # a damaged index is replaced by the new build

@@ -1,0 +1,225 @@
+"""Which CPU path ``--backend auto`` runs: the fastest one that stays faithful here.
+
+Why a table and not one default: the fastest faithful path depends on three
+things that differ between machines of one fleet. What the CPU computes
+natively (BF16: AVX512-BF16 or AMX; exact INT8: VNNI or AMX, see
+``cpu_features``), what the bundle holds (FP32, INT8 Q/DQ, FP16 graphs) and
+what is installed (OpenVINO is optional). Measured (BENCHMARKS.md section 4):
+on BF16 CPUs OpenVINO BF16 runs a DenseNet-121 member about twice as fast as
+ONNX Runtime FP32 (AMD EPYC with AVX512-BF16, Xeon with AMX, 2 cores each),
+and OpenVINO INT8 1.8-2.4x on VNNI/AMX CPUs, where ONNX Runtime runs INT8
+slower than its FP32.
+
+Faithful and fast are measured on the bundle, not assumed: BF16 runs only
+after it passed the agreement gate on the bundle's hold-out images *and* ran
+faster than ONNX Runtime FP32 in the same measurement (tiny models can run
+slower in BF16), recorded once for this ensemble, this OpenVINO and this kind
+of BF16 unit (``armscope.edge.backends.fidelity``); INT8 only where the CPU computes it
+exactly.
+
+The table, first row that applies:
+
++--------+------------------------------------------+--------------------------------------+
+| bundle | this machine                             | auto runs                            |
++========+==========================================+======================================+
+| INT8   | exact INT8, OpenVINO installed           | OpenVINO, INT8                       |
+| INT8   | exact INT8, no OpenVINO                  | ONNX Runtime, INT8 (and says why)    |
+| INT8   | INT8 inexact                             | ONNX Runtime, which refuses it       |
+| FP16   | any                                      | ONNX Runtime (FP32 is faster on CPU) |
+| FP32   | BF16 unit, OpenVINO, and a record here:  | OpenVINO, BF16, merged graph         |
+|        | gate passed, BF16 measured faster        |                                      |
+| FP32   | otherwise                                | ONNX Runtime FP32 (says why not BF16)|
++--------+------------------------------------------+--------------------------------------+
+
+The choice is logged in one line and kept in the backend's ``selection``,
+which its ``describe()`` and so the daemon's status reply carry.
+"""
+from __future__ import annotations
+
+import logging
+import platform
+from dataclasses import dataclass
+
+from armscope.core.errors import ArmscopeError
+from armscope.edge.backends import fidelity
+from armscope.edge.backends.cpu_features import cpu_flags, int8_exact
+
+log = logging.getLogger("armscope.edge.backends")
+
+X86 = ("x86_64", "amd64", "i386", "i686")
+# One DenseNet-121 member, real frames, OpenVINO BF16 against ONNX Runtime FP32 (BENCHMARKS.md section 4)
+BF16_SPEEDUP = ("2.1-2.3x ONNX Runtime FP32 on a full-size DenseNet-121 member (AVX512-BF16, 2 cores), "
+                "2.2x (AMX, 2 cores)")
+
+
+@dataclass(frozen=True)
+class Machine:
+    """What the choice depends on, read once: the CPU's architecture and
+    /proc/cpuinfo flags, and the OpenVINO version installed (None: none)."""
+
+    arch: str
+    flags: frozenset
+    openvino: str | None
+
+    @classmethod
+    def here(cls) -> "Machine":
+        return cls(platform.machine().lower(), frozenset(cpu_flags()), fidelity.openvino_version())
+
+    @classmethod
+    def from_cpuinfo(cls, text: str, openvino: str | None, arch: str = "x86_64") -> "Machine":
+        return cls(arch, frozenset(cpu_flags(text)), openvino)
+
+    @property
+    def bf16_unit(self) -> str | None:
+        return fidelity.bf16_unit(self.flags) if self.arch in X86 else None
+
+
+@dataclass(frozen=True)
+class CpuChoice:
+    backend: str  # onnxruntime | openvino
+    precision: str  # what computes: fp32, bf16, int8, fp16
+    cpu_precision: str  # OpenVINO's inference precision hint for it (f32 | bf16)
+    why: str
+    fidelity_record: str | None = None  # the record that allowed BF16
+    warn: bool = False  # logged as a WARNING: something the operator should fix
+
+
+def record_command(bundle_root) -> str:
+    return (f"armscope accuracy --bundle {bundle_root} --backend openvino --cpu-precision bf16 "
+            "--images HOLDOUT_IMAGES --out REPORT_DIR")
+
+
+def int8_choice(openvino_installed: bool, exact_here: bool) -> tuple[str, str]:
+    """(runtime, why) for an INT8 bundle (the table's INT8 rows). On VNNI/AMX
+    CPUs ONNX Runtime ran a full-size INT8 Q/DQ member *slower* than its FP32
+    (230 vs 122 ms on 16 Xeon cores, 257 vs 242 ms on 2) while OpenVINO ran it
+    1.8x / 2.4x faster than FP32 and as exactly (BENCHMARKS.md section 4).
+    Where INT8 is inexact both runtimes refuse the bundle; ONNX Runtime says so."""
+    if not exact_here:
+        return "onnxruntime", "INT8 bundle; this CPU's INT8 is inexact, see below"
+    if openvino_installed:
+        return "openvino", ("INT8 bundle on a VNNI/AMX CPU: OpenVINO runs it 1.8-2.4x faster than FP32, "
+                            "ONNX Runtime slower")
+    return "onnxruntime", ("INT8 bundle: ONNX Runtime runs INT8 Q/DQ no faster than FP32 on the CPUs measured; "
+                           "pip install 'armscope[openvino]' for OpenVINO, 1.8-2.4x faster than FP32 on a VNNI/AMX CPU")
+
+
+def decide(bundle, machine: Machine, records: "list[dict] | ArmscopeError") -> CpuChoice:
+    """The table above for ``bundle`` (``.manifest``, ``.root``) on ``machine``,
+    given the bundle's BF16 fidelity records (or the error reading them)."""
+    precision = bundle.manifest.get("precision", "fp32")
+    if precision == "int8":
+        kind, why = int8_choice(machine.openvino is not None, int8_exact(machine.arch, machine.flags)[0])
+        return CpuChoice(kind, "int8", "f32", why)
+    if precision == "fp16":
+        return CpuChoice("onnxruntime", "fp16", "f32",
+                         "FP16 bundle: made for GPUs; ONNX Runtime runs it on the CPU through casts, 0.96x its "
+                         "FP32 (BENCHMARKS.md section 4): the FP32 bundle is the faster CPU path")
+    unit = machine.bf16_unit
+    if unit is None:
+        return CpuChoice("onnxruntime", "fp32", "f32",
+                         "FP32: this CPU has no native BF16 (AVX512-BF16 or AMX), the default CPU runtime")
+    if machine.openvino is None:
+        return CpuChoice("onnxruntime", "fp32", "f32",
+                         f"FP32: this CPU has {unit}, but BF16 runs on OpenVINO, which is not installed "
+                         f"(pip install 'armscope[openvino]'; BF16 measured {BF16_SPEEDUP})")
+    if isinstance(records, ArmscopeError):
+        return CpuChoice("onnxruntime", "fp32", "f32", f"FP32: {records}", warn=True)
+    key = fidelity.make_key(bundle.manifest["ensemble"]["sha256"], machine.openvino, unit)
+    record, why_not = fidelity.match(records, key)
+    path = fidelity.record_path(bundle.root, "openvino", "bf16")
+    if record is None:
+        return CpuChoice("onnxruntime", "fp32", "f32",
+                         f"FP32: this CPU has {unit} and OpenVINO, but BF16's fidelity on this bundle is {why_not}; "
+                         f"'{record_command(bundle.root)}' measures and records it")
+    s = record.get("summary", {})
+    measured = (f"{s.get('n_images')} images from {record.get('images_from')}, top-1 agreement "
+                f"{s.get('top1_agreement', 0):.2%}, max |dp| {s.get('max_abs_delta_p', 0):.2g}")
+    if not record["passed"]:
+        return CpuChoice("onnxruntime", "fp32", "f32",
+                         f"FP32: OpenVINO BF16 failed the agreement gate on this bundle "
+                         f"({'; '.join(record.get('failed', []))}; {measured}; {path})")
+    speed = record.get("speed") or {}
+    if not speed.get("speedup"):
+        return CpuChoice("onnxruntime", "fp32", "f32", f"FP32: {path} has no speed measurement; record it again "
+                         f"('{record_command(bundle.root)}')", warn=True)
+    timed = (f"{speed['openvino_bf16_s'] * 1000:.0f} ms vs ONNX Runtime FP32 {speed['onnxruntime_fp32_s'] * 1000:.0f} "
+             f"ms a frame when recorded, {speed['speedup']:.2f}x")
+    if speed["speedup"] <= 1.0:
+        # small models: OpenVINO's merged graph gains less from BF16 than ONNX Runtime's concurrent members
+        return CpuChoice("onnxruntime", "fp32", "f32", f"FP32: BF16 passed the agreement gate on this bundle but "
+                         f"was not faster here ({timed}; {path})")
+    return CpuChoice("openvino", "bf16", "bf16",
+                     f"FP32 bundle in BF16 on {unit}: passed the agreement gate on this bundle ({measured}) and "
+                     f"ran {timed} ({path})", fidelity_record=str(path))
+
+
+def measure_speed(bundle, frame, rounds: int = 5, threads: int | None = None) -> dict:
+    """Median seconds a frame of the two paths ``auto`` chooses between for an
+    FP32 bundle on a BF16 CPU, each as ``auto`` would run it (ONNX Runtime FP32
+    per-member sessions, OpenVINO BF16 merged graph), timed in alternating
+    order after one warm-up each, so the load of a shared machine hits both
+    alike. Recorded with the gate: BF16 is chosen only where it was faster,
+    which it is for full-size DenseNet-121 members but need not be for tiny
+    models, where ONNX Runtime's concurrent members win."""
+    import contextlib
+    import time
+
+    import numpy as np
+
+    from armscope.edge.backends import open_backend
+
+    opts = {"threads": threads} if threads else {}
+    times: dict[str, list[float]] = {"onnxruntime_fp32_s": [], "openvino_bf16_s": []}
+    with contextlib.ExitStack() as stack:
+        paths = {"onnxruntime_fp32_s": stack.enter_context(open_backend(bundle, "onnxruntime", **opts)),
+                 "openvino_bf16_s": stack.enter_context(open_backend(bundle, "openvino", cpu_precision="bf16",
+                                                                     **opts))}
+        for backend in paths.values():
+            backend.infer(frame)
+        for i in range(rounds):
+            for name in (list(paths) if i % 2 == 0 else list(paths)[::-1]):
+                start = time.perf_counter()
+                paths[name].infer(frame)
+                times[name].append(time.perf_counter() - start)
+    result = {name: float(np.median(t)) for name, t in times.items()}
+    result["speedup"] = result["onnxruntime_fp32_s"] / result["openvino_bf16_s"]
+    result["rounds"] = rounds
+    return result
+
+
+def choose(bundle, machine: Machine | None = None) -> CpuChoice:
+    """``decide`` on this machine with the bundle's records; a BF16 choice is
+    confirmed against OpenVINO's own capability list (a hypervisor can hide a
+    unit the flags show), else FP32 with a WARNING."""
+    machine = machine or Machine.here()
+    try:
+        records = fidelity.read_records(bundle.root, "openvino", "bf16")
+    except ArmscopeError as exc:
+        records = exc
+    choice = decide(bundle, machine, records)
+    if choice.precision == "bf16":
+        from armscope.edge.backends.openvino_backend import cpu_capabilities
+
+        capabilities = cpu_capabilities()
+        if "BF16" not in capabilities:
+            return CpuChoice("onnxruntime", "fp32", "f32",
+                             f"FP32: the CPU flags show {machine.bf16_unit} but OpenVINO reports no BF16 "
+                             f"({', '.join(capabilities)})", warn=True)
+    return choice
+
+
+def open_auto_cpu(bundle, gpu_reason: str, options: dict, level: int = logging.INFO):
+    """Construct the CPU backend ``auto`` picks for ``bundle`` (``gpu_reason``:
+    why not TensorRT), log the choice in one line and keep it in the backend's
+    ``selection``, which its ``describe()`` (and so the daemon's status) shows."""
+    from armscope.edge.backends import open_backend
+
+    choice = choose(bundle)
+    log.log(logging.WARNING if choice.warn else level, "backend: %s %s on the CPU (%s; %s)",
+            choice.backend, choice.precision.upper(), gpu_reason, choice.why)
+    backend = open_backend(bundle, choice.backend, **dict(options, cpu_precision=choice.cpu_precision))
+    backend.selection = {"requested": "auto", "why": f"{gpu_reason}; {choice.why}",
+                         "selected": {"backend": choice.backend, "precision": choice.precision,
+                                      "fidelity_record": choice.fidelity_record}}
+    return backend

@@ -1,0 +1,283 @@
+"""The weights-only path: a Keras 2 ``.h5`` whose graph cannot be rebuilt (a
+``Lambda`` written by Python 3.6, a custom layer, Keras 2.2.4's serialisation)
+still holds every trained tensor. This maps those tensors onto an architecture
+armscope builds itself (``armscope.export.architecture``), so the lab's training survives
+even when its code does not.
+
+Why by name *and* shape, and why it refuses rather than guesses: a weight put
+in the wrong place does not fail, it gives a confident wrong diagnosis. So
+every tensor of the target must be matched exactly once, every match is
+printed, and a partial or ambiguous match is an error that names what is
+missing. No code from the file runs: only HDF5 datasets are read.
+
+Matching, in order:
+1. **By layer name**: a file weight ``conv1/conv/kernel:0`` (Keras 2 writes
+   nested names with ``/``) is the target weight ``conv1_conv/kernel`` when
+   the layer parts agree with ``/`` read as ``_`` and the shapes agree. A
+   leading component naming the nested model (``densenet121/conv1/conv/...``)
+   is ignored.
+2. **Heads by shape**, for what names cannot say (labs name their heads
+   freely): the final head is the one Dense kernel (K, C) + bias (C,) left;
+   per-patch heads are one (16, K, C) kernel or 16 Dense (K, C) kernels that
+   share a name with a number in it, stacked in that number's order.
+
+The input scaling cannot be read from weights, so the caller states it
+(``--input-scaling``); nothing in the file can check it, which the report says.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from armscope.core.errors import ArmscopeError, require_module
+from armscope.export import architecture as arch
+
+# name -> (backbone of armscope.export.architecture, per-patch heads)
+ARCHITECTURES = {
+    "tiled-densenet121": "densenet121",
+    "tiled-densenet-mini": "densenet-mini",
+}
+# how the lab scaled RGB 0..255 before the network: name -> (scale, offset) per channel
+INPUT_SCALINGS = {
+    "symmetric": ([1 / 127.5] * 3, [-1.0] * 3),                       # -1..1 (armscope train; Keras 'tf' mode)
+    "unit": ([1 / 255.0] * 3, [0.0] * 3),                              # 0..1
+    "imagenet": ([1 / (255.0 * s) for s in (0.229, 0.224, 0.225)],      # Keras 'torch' mode (DenseNet's own
+                 [-m / s for m, s in zip((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))]),  # preprocess_input)
+}
+_NUMBER = re.compile(r"(\d+)(?!.*\d)")
+
+
+@dataclass
+class FileTensor:
+    name: str          # as stored, e.g. "densenet121/conv1/conv/kernel:0"
+    layer_key: str     # layer part, "/" read as "_", nested-model prefix dropped: "conv1_conv"
+    var: str           # "kernel", "bias", "gamma", ...
+    value: np.ndarray
+    used: bool = False
+
+
+@dataclass
+class WeightMap:
+    """What was matched: (target weight path, file tensor name, how) in target order."""
+
+    matched: list[tuple[str, str, str]] = field(default_factory=list)
+    unused: list[str] = field(default_factory=list)
+    has_patch_heads: bool = True
+
+
+def read_h5_tensors(path: Path) -> list[FileTensor]:
+    """Every weight tensor of a Keras 2 / tf.keras ``.h5`` (a whole model or
+    ``save_weights``), in the file's layer order."""
+    h5py = require_module("h5py", "tf", "Reading .h5 weights")
+    try:
+        handle = h5py.File(path, "r")
+    except OSError as exc:
+        raise ArmscopeError(f"{path}: not an HDF5 file ({exc})") from None
+    with handle:
+        root = handle["model_weights"] if "model_weights" in handle else handle
+        if "layer_names" not in root.attrs:
+            raise ArmscopeError(f"{path}: no Keras 2 weights in it (no 'layer_names' attribute); expected a .h5 "
+                                "written by Keras 2 / tf.keras model.save() or save_weights()")
+        tensors = []
+        for raw_layer in root.attrs["layer_names"]:
+            layer = raw_layer.decode() if isinstance(raw_layer, bytes) else str(raw_layer)
+            group = root[layer]
+            names = [n.decode() if isinstance(n, bytes) else str(n) for n in group.attrs.get("weight_names", [])]
+            prefix = layer + "/"
+            nested = len(names) > 1 and all(n.startswith(prefix) for n in names)
+            for name in names:
+                local = name[len(prefix):] if nested else name
+                parts = local.split(":")[0].split("/")
+                if len(parts) < 2:
+                    parts = [layer] + parts
+                tensors.append(FileTensor(f"{layer}/{name}" if not name.startswith(prefix) else name,
+                                          "_".join(parts[:-1]), parts[-1], np.asarray(group[name])))
+    if not tensors:
+        raise ArmscopeError(f"{path}: the file holds no weight tensors")
+    return tensors
+
+
+def build_target(architecture: str, n_classes: int, input_scaling: str):
+    """The armscope model the weights go into, with the lab's input scaling."""
+    import keras
+
+    if architecture not in ARCHITECTURES:
+        raise ArmscopeError(f"--architecture {architecture!r}: expected one of {', '.join(ARCHITECTURES)}")
+    if input_scaling not in INPUT_SCALINGS:
+        raise ArmscopeError(f"--input-scaling {input_scaling!r}: expected one of {', '.join(INPUT_SCALINGS)}")
+    model = arch.build_tiled_model(arch.ArchitectureSpec(ARCHITECTURES[architecture], n_classes))
+    scale, offset = INPUT_SCALINGS[input_scaling]
+
+    def clone(layer):
+        if layer.name == "scale":
+            return keras.layers.Rescaling(scale=scale, offset=offset, name="scale")
+        return layer.__class__.from_config(layer.get_config())
+
+    return keras.models.clone_model(model, clone_function=clone)
+
+
+def _classes_in(tensors: list[FileTensor], channels: int) -> int:
+    """C from the final head: the Dense kernels (K, C) whose bias (C,) follows them."""
+    sizes = {t.value.shape[1] for t in tensors if t.var == "kernel" and t.value.ndim == 2
+             and t.value.shape[0] == channels}
+    if len(sizes) != 1:
+        raise ArmscopeError(f"cannot tell the number of classes: Dense kernels ({channels}, C) in the file have "
+                            f"C in {sorted(sizes) or 'none'}; expected one value")
+    return sizes.pop()
+
+
+def map_weights(model, tensors: list[FileTensor], source: Path) -> WeightMap:
+    """Assign ``tensors`` to ``model``'s weights (see the module docstring) or raise
+    naming every target weight left without a match and every ambiguity."""
+    result = WeightMap()
+    targets = list(model.weights)
+    assigned: dict[str, np.ndarray] = {}
+    by_key: dict[tuple[str, str], list[FileTensor]] = {}
+    for t in tensors:
+        by_key.setdefault((t.layer_key, t.var), []).append(t)
+    problems = []
+    heads = []
+    for w in targets:
+        layer, _, var = w.path.rpartition("/")
+        layer = layer.rpartition("/")[2]
+        if layer in (arch.FINAL_HEAD, arch.PATCH_HEADS):
+            heads.append(w)
+            continue
+        found = [t for t in by_key.get((layer, var), []) if t.value.shape == tuple(w.shape)]
+        if len(found) == 1:
+            found[0].used = True
+            assigned[w.path] = found[0].value
+            result.matched.append((w.path, found[0].name, "name+shape"))
+        elif not found:
+            shapes = [t.value.shape for t in by_key.get((layer, var), [])]
+            problems.append(f"{w.path} {tuple(w.shape)}: no tensor in the file" +
+                            (f" (same name, shapes {shapes})" if shapes else ""))
+        else:
+            problems.append(f"{w.path}: ambiguous, {len(found)} tensors match: {', '.join(t.name for t in found)}")
+    if not problems:
+        problems += _map_heads(heads, tensors, assigned, result)
+    result.unused = [t.name for t in tensors if not t.used]
+    if result.unused and not problems:
+        problems.append(f"{len(result.unused)} tensors of the file were not used (the architecture differs): "
+                        + ", ".join(result.unused[:12]) + (" ..." if len(result.unused) > 12 else ""))
+    if problems:
+        raise ArmscopeError(f"{source}: its weights do not map onto the architecture "
+                            f"({len(problems)} problem(s)); nothing was written:\n  " + "\n  ".join(problems[:40]))
+    for w in targets:
+        if w.path in assigned:
+            w.assign(assigned[w.path].astype(np.float32))
+    return result
+
+
+def _map_heads(heads, tensors, assigned, result) -> list[str]:
+    free = [t for t in tensors if not t.used]
+    final_k = next(w for w in heads if w.path.endswith(f"{arch.FINAL_HEAD}/kernel"))
+    channels, n_classes = tuple(final_k.shape)
+    kernels = [t for t in free if t.var == "kernel" and t.value.shape == (channels, n_classes)]
+    stacked = [t for t in free if t.var == "kernel" and t.value.shape == (arch.N_PATCHES, channels, n_classes)]
+    bias_of = {t.layer_key: t for t in free if t.var == "bias"}
+    problems: list[str] = []
+
+    def take(target_path: str, t: FileTensor, value: np.ndarray, how: str):
+        t.used = True
+        assigned[target_path] = value
+        result.matched.append((target_path, t.name, how))
+
+    # per-patch heads: 16 numbered (K, C) Dense layers sharing a stem, or one (16, K, C) kernel
+    groups: dict[str, list[FileTensor]] = {}
+    for t in kernels:
+        stem = _NUMBER.sub("#", t.layer_key)
+        groups.setdefault(stem, []).append(t)
+    patch = [g for g in groups.values() if len(g) == arch.N_PATCHES and "#" in _NUMBER.sub("#", g[0].layer_key)]
+    if len(patch) + len(stacked) > 1:
+        return [f"per-patch heads: ambiguous, several candidates ({len(patch)} groups of 16 Dense layers, "
+                f"{len(stacked)} (16, {channels}, {n_classes}) kernels)"]
+    pk = f"{arch.PATCH_HEADS}/kernel"
+    pb = f"{arch.PATCH_HEADS}/bias"
+    if patch:
+        group = sorted(patch[0], key=lambda t: int(_NUMBER.search(t.layer_key).group(1)))
+        biases = [bias_of.get(t.layer_key) for t in group]
+        if any(b is None or b.value.shape != (n_classes,) for b in biases):
+            return [f"per-patch heads {group[0].layer_key}..{group[-1].layer_key}: a bias ({n_classes},) is missing"]
+        for t, b in zip(group, biases):
+            t.used = b.used = True
+        assigned[pk] = np.stack([t.value for t in group])
+        assigned[pb] = np.stack([b.value for b in biases])
+        result.matched.append((pk, f"{group[0].name} .. {group[-1].name}", "16 Dense kernels stacked by their number"))
+        result.matched.append((pb, f"{biases[0].name} .. {biases[-1].name}", "16 biases stacked by their number"))
+        kernels = [t for t in kernels if not t.used]
+    elif stacked:
+        bias = bias_of.get(stacked[0].layer_key)
+        if bias is None or bias.value.shape not in ((arch.N_PATCHES, n_classes),):
+            return [f"per-patch heads {stacked[0].name}: no ({arch.N_PATCHES}, {n_classes}) bias beside it"]
+        take(pk, stacked[0], stacked[0].value, "shape (16, K, C)")
+        take(pb, bias, bias.value, "shape (16, C)")
+    else:
+        result.has_patch_heads = False
+    # the final head: the one (K, C) Dense kernel left, with its (C,) bias
+    if len(kernels) != 1:
+        return [f"{arch.FINAL_HEAD}: expected exactly one Dense kernel {(channels, n_classes)} for the final head "
+                f"besides the per-patch heads, found {len(kernels)}: " + ", ".join(t.name for t in kernels)]
+    bias = bias_of.get(kernels[0].layer_key)
+    if bias is None or bias.used or bias.value.shape != (n_classes,):
+        return [f"{arch.FINAL_HEAD}: Dense kernel {kernels[0].name} has no ({n_classes},) bias"]
+    take(f"{arch.FINAL_HEAD}/kernel", kernels[0], kernels[0].value, "the one Dense (K, C) left")
+    take(f"{arch.FINAL_HEAD}/bias", bias, bias.value, "its bias")
+    if not result.has_patch_heads:
+        for path in (pk, pb):   # zero heads: the model is cut to its final output below
+            assigned[path] = np.zeros(tuple(next(w for w in heads if w.path == path).shape), np.float32)
+    return problems
+
+
+def load_weights_member(weights: Path, architecture: str, input_scaling: str, report=print):
+    """A Keras 3 model of ``architecture`` carrying the weights of ``weights``.
+    Without per-patch heads in the file the model has the final output only
+    (Grad-CAM then uses the final head)."""
+    import keras
+
+    weights = Path(weights)
+    if not weights.is_file():
+        raise ArmscopeError(f"--weights {weights}: no such file")
+    if weights.suffix not in (".h5", ".hdf5"):
+        raise ArmscopeError(f"--weights {weights}: expected a Keras 2 .h5 file")
+    tensors = read_h5_tensors(weights)
+    backbone = arch.make_backbone(ARCHITECTURES.get(architecture, "densenet-mini")) \
+        if architecture in ARCHITECTURES else None
+    if backbone is None:
+        raise ArmscopeError(f"--architecture {architecture!r}: expected one of {', '.join(ARCHITECTURES)}")
+    n_classes = _classes_in(tensors, int(backbone.output.shape[-1]))
+    model = build_target(architecture, n_classes, input_scaling)
+    result = map_weights(model, tensors, weights)
+    report(f"{weights}: {len(result.matched)} weights of {architecture} matched "
+           f"({sum(int(np.prod(w.shape)) for w in model.weights):,} values); input scaling {input_scaling!r} "
+           "as given (weights cannot confirm it)")
+    for target, source, how in result.matched:
+        report(f"  {target:<48} <- {source}  [{how}]")
+    if not result.has_patch_heads:
+        report("  no per-patch heads in the file: the model keeps its final output only")
+        model = keras.Model(model.input, {"probs": model.output["probs"]}, name=model.name)
+    return model
+
+
+def save_weights_members(paths: list[Path], architecture: str, input_scaling: str, directory: Path,
+                         report=print) -> list[Path]:
+    """Each weights file as a ``.keras`` member in ``directory`` (for ``export_bundle``),
+    with a sidecar that records where its weights came from. All are mapped before
+    any is written, so one bad file stops the export before any work."""
+    import json
+
+    models = [load_weights_member(p, architecture, input_scaling, report) for p in paths]
+    out = []
+    for i, (path, model) in enumerate(zip(paths, models)):
+        target = Path(directory) / f"{Path(path).stem}.keras"
+        if target in out:
+            target = target.with_name(f"{Path(path).stem}_{i}.keras")
+        model.save(target)
+        target.with_suffix(".json").write_text(json.dumps({
+            "fold": i, "weights_source": str(path), "architecture": architecture, "input_scaling": input_scaling,
+        }, indent=2) + "\n")
+        out.append(target)
+    return out
