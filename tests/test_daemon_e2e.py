@@ -144,15 +144,23 @@ def test_control_commands(bundle_dir, camera_frames, tmp_path):
 
             # The daemon records a frame's latencies just after it sends it, so the subscriber can see the
             # overlay a moment before /metrics counts it: poll briefly rather than race.
-            quantile = 'armscope_latency_ms{stage="capture_to_publish",quantile="0.95"}'
+            from prometheus_client.parser import text_string_to_metric_families
+
             deadline = time.monotonic() + 5
             while True:
                 text = urllib.request.urlopen(f"http://{http}/metrics", timeout=5).read().decode()
-                if quantile in text or time.monotonic() > deadline:
+                samples = {(s.name, s.labels.get("stage"), s.labels.get("quantile", s.labels.get("le"))): s.value
+                           for f in text_string_to_metric_families(text) for s in f.samples}
+                e2e_count = samples[("armscope_stage_latency_seconds_count", "capture_to_publish", None)]
+                if e2e_count >= 1 or time.monotonic() > deadline:
                     break
                 time.sleep(0.05)
-            assert "armscope_frames_published_total" in text
-            assert quantile in text
+            assert e2e_count >= 1  # the counters are read a moment before the histogram: one frame may fall between
+            assert abs(samples[("armscope_frames_published_total", None, None)] - e2e_count) <= 1
+            e2e_sum = samples[("armscope_stage_latency_seconds_sum", "capture_to_publish", None)]
+            assert 0 < e2e_sum / e2e_count < 60  # seconds, not milliseconds
+            assert samples[("armscope_stage_latency_seconds_bucket", "capture_to_publish", "+Inf")] == e2e_count
+            assert 0 < samples[("armscope_latency_window_seconds", "capture_to_publish", "0.95")] < 60
             assert ctl(daemon, {"cmd": "threshold", "args": ["0"]})["threshold"] == 0.0
             message, _ = wait_for(sub, lambda m: m.header["decision"]["threshold"] == 0.0, 30, topic="overlay")
             assert message.header["decision"]["positive"] is True

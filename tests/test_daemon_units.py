@@ -16,6 +16,7 @@ from armscope.core import protocol
 from armscope.core.errors import ArmscopeError
 from armscope.edge.config import load_config
 from armscope.edge.metrics import LatencyWindow, Metrics, OverlayGapWatch, prometheus_text
+from prometheus_client.parser import text_string_to_metric_families
 from armscope.edge.pipeline import LatestSlot, SlotClosed
 from armscope.edge.slides import SlideRecorder
 from armscope.edge.sources import gstreamer_csi_pipeline, open_source, parse_source, resolve_relative
@@ -236,11 +237,22 @@ def test_metrics_percentiles_and_prometheus():
     summary = window.summary()
     assert summary["n"] == 100 and summary["p50"] == pytest.approx(150.5) and summary["p99"] > 199
     metrics = Metrics()
-    metrics.observe("inference", 12.0)
+    for ms in (12.0, 30.0, 3000.0):
+        metrics.observe("inference", ms)
     metrics.count("no_tissue", 3)
-    text = prometheus_text(metrics.snapshot({"dropped": 4}))
-    assert "armscope_dropped_total{} 4" in text and "armscope_no_tissue_total{} 3" in text
-    assert 'armscope_latency_ms{stage="inference",quantile="0.50"} 12.0' in text
+    text = prometheus_text(metrics, {"dropped": 4, "control": "ok"})
+    families = {f.name: f for f in text_string_to_metric_families(text)}
+    value = {(s.name, tuple(sorted(s.labels.items()))): s.value for f in families.values() for s in f.samples}
+    assert value[("armscope_dropped_total", ())] == 4 and value[("armscope_no_tissue_total", ())] == 3
+    assert families["armscope_fps"].type == "gauge" and "armscope_control" not in families  # a word, not a number
+    inference = (("stage", "inference"),)
+    # seconds, and _count/_sum over every observation (not the window's length)
+    assert value[("armscope_stage_latency_seconds_count", inference)] == 3
+    assert value[("armscope_stage_latency_seconds_sum", inference)] == pytest.approx(3.042)
+    assert value[("armscope_stage_latency_seconds_bucket", (("le", "0.025"), *inference))] == 1
+    assert value[("armscope_stage_latency_seconds_bucket", (("le", "+Inf"), *inference))] == 3
+    assert value[("armscope_stage_latency_seconds_count", (("stage", "publish"),))] == 0  # every stage, from the start
+    assert value[("armscope_latency_window_seconds", (("quantile", "0.5"), *inference))] == pytest.approx(0.030)
 
 
 def test_deploy_edge_toml_names_every_option_and_loads():

@@ -241,7 +241,7 @@ class Daemon:
             thread.start()
         if cfg.metrics_http:
             try:
-                self.http = serve_prometheus(cfg.metrics_http, lambda: prometheus_text(self.metrics_snapshot()))
+                self.http = serve_prometheus(cfg.metrics_http, lambda: prometheus_text(self.metrics, self._counters()))
             except OSError as exc:
                 self.request_stop("metrics_http failed")
                 raise ArmscopeError(f"key 'metrics_http': cannot serve on {cfg.metrics_http} ({exc})") from None

@@ -1,7 +1,9 @@
 """Daemon metrics: counters, per-stage latency windows with p50/p95/p99, fps,
 for the control socket's ``status`` reply, the benchmark, and an optional
-Prometheus text endpoint. Windows are bounded (last N samples) so a daemon
-that runs for weeks uses constant memory."""
+Prometheus endpoint. Windows are bounded (last N samples) so a daemon
+that runs for weeks uses constant memory; the Prometheus side adds per-stage
+histograms in seconds (real ``_count``/``_sum`` since start, fixed buckets), written
+by ``prometheus_client`` so the exposition format is the library's, not ours."""
 from __future__ import annotations
 
 import collections
@@ -11,11 +13,17 @@ import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import numpy as np
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 log = logging.getLogger(__name__)
 
 STAGES = ("queue", "preprocess", "inference", "render", "publish", "capture_to_publish")
 WINDOW = 1000
+# Histogram bounds, seconds: a stage takes from well under a millisecond (publish) to
+# seconds (a five-member ensemble on a small CPU), so the buckets span 0.5 ms .. 10 s.
+LATENCY_BUCKETS_S = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+GAUGES = ("fps", "capture_fps")  # snapshot values that go up and down; every other number is a total since start
 
 
 class LatencyWindow:
@@ -112,10 +120,16 @@ class Metrics:
                                                                 "stale_dropped")})
         self.published = RateMeter()
         self.captured = RateMeter()
+        # Not in prometheus_client's global registry: a process (the tests, the bench) may run several daemons
+        self.stage_seconds = Histogram("armscope_stage_latency_seconds", "time per pipeline stage since start",
+                                       ["stage"], buckets=LATENCY_BUCKETS_S, registry=None)
+        for stage in STAGES:
+            self.stage_seconds.labels(stage=stage)  # every stage exposed from the start, zero or not
 
     def observe(self, stage: str, ms: float) -> None:
         with self.lock:
             self.latency[stage].add(ms)
+        self.stage_seconds.labels(stage=stage).observe(ms / 1000.0)
 
     def count(self, name: str, n: int = 1) -> None:
         with self.lock:
@@ -130,22 +144,40 @@ class Metrics:
         return {**counters, "fps": fps, "capture_fps": capture_fps, "latency_ms": latency}
 
 
-def prometheus_text(snapshot: dict, labels: str = "") -> str:
-    """The snapshot in the Prometheus text exposition format (version 0.0.4)."""
-    lines = []
-    for key, value in sorted(snapshot.items()):
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            kind = "gauge" if key in ("fps", "capture_fps") else "counter"
-            name = f"armscope_{key}" + ("_total" if kind == "counter" else "")
-            lines += [f"# TYPE {name} {kind}", f"{name}{{{labels}}} {value}"]
-    lines.append("# TYPE armscope_latency_ms summary")
-    for stage, summary in snapshot.get("latency_ms", {}).items():
-        for q in ("p50", "p95", "p99"):
-            if summary[q] is not None:
-                sep = "," if labels else ""
-                lines.append(f'armscope_latency_ms{{{labels}{sep}stage="{stage}",quantile="0.{q[1:]}"}} {summary[q]}')
-        lines.append(f'armscope_latency_ms_count{{{labels}{"," if labels else ""}stage="{stage}"}} {summary["n"]}')
-    return "\n".join(lines) + "\n"
+class _SnapshotCollector:
+    """The snapshot's counters and gauges, and the windows' percentiles as gauges, for one scrape.
+    The daemon owns these values (capture, slots, control thread), so they are read when
+    scraped (prometheus_client's custom-collector pattern) rather than mirrored in its types."""
+
+    def __init__(self, snapshot: dict):
+        self.snapshot = snapshot
+
+    def collect(self):
+        for key, value in sorted(self.snapshot.items()):
+            if not isinstance(value, (int, float)) or isinstance(value, bool):
+                continue  # e.g. "control": the control thread's state, a word
+            if key in GAUGES:
+                yield GaugeMetricFamily(f"armscope_{key}", f"{key} over the last 5 s", value=value)
+            else:  # prometheus_client appends _total
+                yield CounterMetricFamily(f"armscope_{key}", f"{key.replace('_', ' ')} since start", value=value)
+        window = GaugeMetricFamily("armscope_latency_window_seconds",
+                                   f"per-stage percentiles over the last {WINDOW} frames",
+                                   labels=["stage", "quantile"])
+        for stage, summary in self.snapshot.get("latency_ms", {}).items():
+            for key, quantile in (("p50", "0.5"), ("p95", "0.95"), ("p99", "0.99")):
+                if summary[key] is not None:
+                    window.add_metric([stage, quantile], summary[key] / 1000.0)
+        yield window
+
+
+def prometheus_text(metrics: Metrics, extra_counters: dict | None = None) -> str:
+    """``metrics`` (with the daemon's own counters) in the Prometheus text exposition format:
+    ``armscope_<counter>_total``, ``armscope_fps``, ``armscope_capture_fps``, the histogram
+    ``armscope_stage_latency_seconds{stage=...}`` and ``armscope_latency_window_seconds{stage=...,quantile=...}``."""
+    registry = CollectorRegistry(auto_describe=True)
+    registry.register(metrics.stage_seconds)
+    registry.register(_SnapshotCollector(metrics.snapshot(extra_counters)))
+    return generate_latest(registry).decode()
 
 
 def serve_prometheus(address: str, provider) -> ThreadingHTTPServer:
@@ -159,7 +191,7 @@ def serve_prometheus(address: str, provider) -> ThreadingHTTPServer:
                 return
             body = provider().encode()
             self.send_response(200)
-            self.send_header("Content-Type", "text/plain; version=0.0.4")
+            self.send_header("Content-Type", CONTENT_TYPE_LATEST)
             self.send_header("Content-Length", str(len(body)))
             self.end_headers()
             self.wfile.write(body)
