@@ -1,0 +1,295 @@
+"""The daemon's per-frame stages, as a base class of ``armscope.edge.daemon.Daemon``:
+gate and preprocess a frame, infer it (and a cascade's second step), render
+and publish its overlay, and the three loops that run them on their own
+threads joined by newest-wins slots (``armscope.edge.pipeline``).
+
+Why apart from the daemon: these are what one frame goes through, while the
+daemon module holds what the process goes through (sockets, threads, backends,
+state, shutdown). ``Daemon.process_frame`` runs the same stages serially for the
+benchmarks. The attributes used here (``spec``, ``gate``, ``backend``,
+``publisher``, the slots...) are set by ``Daemon.__init__``/``open``.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+
+import cv2
+import numpy as np
+
+from armscope.core import protocol
+from armscope.core.decision import decide
+from armscope.core.overlay import focus_mask, heat_rgba
+from armscope.core.preprocess import crop_box, gate_region, preprocess_frame
+from armscope.edge import pacing
+from armscope.edge.capture import Frame
+from armscope.edge.pipeline import SlotClosed
+
+log = logging.getLogger(__name__)
+
+POLL_S = 0.1
+
+
+@dataclass
+class Work:
+    """One frame on its way through the pipeline, with its stage timings (ms)."""
+
+    frame: Frame
+    box: tuple[int, int, int]
+    measures: dict
+    times: dict
+    batch: np.ndarray | None = None
+    outputs: dict | None = None
+    decision: dict | None = None     # step one's
+    subtype: dict | None = None      # the second step's result (cascade bundles), else None
+    cam: np.ndarray | None = None    # the CAM the overlay shows: of the most specific decision
+
+
+def inner_square_cam(cam: np.ndarray, frame_shape) -> np.ndarray:
+    """A whole-image bundle's CAM covers the frame padded to a square; the eyepiece
+    region (the bridge takes squares inside the frame) is the largest centred square
+    inside the frame: the CAM resampled to the padded square and cut there."""
+    h, w = frame_shape[:2]
+    if h == w:
+        return cam
+    side, inner = max(h, w), min(h, w)
+    full = cv2.resize(cam.astype(np.float32), (side, side), interpolation=cv2.INTER_LINEAR)
+    start = (side - inner) // 2
+    return full[start:start + inner, start:start + inner]  # the frame sits centred in the square on both axes
+
+
+def focus_bbox(cam: np.ndarray, size: int) -> list[int] | None:
+    """[x, y, w, h] in overlay pixels of the AI-focused region (armscope.core.overlay.focus_mask)."""
+    ys, xs = np.nonzero(focus_mask(cam))
+    if len(xs) == 0:
+        return None
+    sy, sx = size / cam.shape[0], size / cam.shape[1]
+    x0, y0 = int(xs.min() * sx), int(ys.min() * sy)
+    return [x0, y0, int((xs.max() + 1) * sx) - x0, int((ys.max() + 1) * sy) - y0]
+
+
+class FrameStages:
+    """The stages of ``Daemon`` (see the module docstring)."""
+
+    def _preprocess_loop(self) -> None:
+        try:
+            while not self.stop.is_set():
+                # Just in time: take the newest frame only once inference is waiting for
+                # work. Preprocessing every captured frame (30 fps) only for the slot to
+                # replace it would take a core away from inference on a 2-core CPU
+                # (measured: 0.21 fps instead of ~0.5 with the full ensemble).
+                if not self.inputs.wait_for_consumer(POLL_S):
+                    continue
+                try:
+                    frame = self.frames.get(POLL_S)
+                except SlotClosed:
+                    break
+                if frame is None:
+                    continue
+                if self.paused:
+                    self.metrics.count("paused_frames")
+                    continue
+                work = self._preprocess(frame)
+                if work is not None:
+                    self.inputs.put(work)
+        except Exception:
+            log.exception("preprocess stage failed")
+            self.request_stop("preprocess stage failed")
+        finally:
+            self.inputs.close()
+
+    def _preprocess(self, frame: Frame) -> Work | None:
+        """Gate and preprocess one frame; None when it is not to be classified."""
+        t0 = time.monotonic()
+        h, w = frame.image.shape[:2]
+        c = self.spec.center_crop
+        if c and (h < c or w < c):
+            self.metrics.count("too_small")
+            log.warning("frame %d is %dx%d, smaller than the bundle's %d px crop; skipped", frame.id, w, h, c)
+            return None
+        top, left, size = crop_box(frame.image.shape, self.spec)
+        if c == 0:  # whole images: the published region is the largest centred square inside the frame
+            size = min(h, w)
+            top, left = (h - size) // 2, (w - size) // 2
+        measures = self.gate.measure(gate_region(frame.image, self.spec))
+        reason = self.gate.verdict(measures)
+        if reason is not None:
+            self.metrics.count("no_tissue")
+            self.last_reject_id = frame.id
+            self._set_state(protocol.STATE_NO_TISSUE, reason, measures)
+            return None
+        batch = preprocess_frame(frame.image, self.spec, source=f"frame {frame.id}")[None]
+        t1 = time.monotonic()
+        times = {"queue": (t0 - frame.capture_mono) * 1000, "preprocess": (t1 - t0) * 1000, "_t": t1}
+        self.metrics.observe("queue", times["queue"])
+        self.metrics.observe("preprocess", times["preprocess"])
+        return Work(frame, (top, left, size), measures, times, batch=batch)
+
+    def _inference_loop(self) -> None:
+        """Activates the backends here, infers, and frees them here on the way out."""
+        try:
+            try:
+                self.activate_backends()
+                if not self.config.stale_after_ms:
+                    self._derive_stale_window()
+            except BaseException as exc:  # start() raises it on the main thread
+                self.backend_error = exc
+                return
+            finally:
+                self.backend_ready.set()
+            # Until preprocessing closes its slot (it stops taking frames at once on stop), so a
+            # field already preprocessed when the stop came is still inferred and published.
+            while True:
+                try:
+                    work = self.inputs.get(POLL_S)
+                except SlotClosed:
+                    break
+                if work is None:
+                    continue
+                self.results.put(self._infer(work))
+        except Exception:
+            log.exception("inference stage failed")
+            self.request_stop("inference stage failed")
+        finally:
+            self.deactivate_backends()
+            self.results.close()
+
+    def _derive_stale_window(self) -> None:
+        """stale_after_ms = 0 (auto): time this machine's inference, here on the thread
+        that infers and before any frame, and set the window by armscope.edge.pacing's rule. A
+        cascade frame runs step one and at most one second step: the slowest is counted."""
+        size = self.bundle.input_size
+        frame_ms = pacing.time_inference_ms(self.backend.infer, size)
+        frame_ms += max((pacing.time_inference_ms(b.infer, size) for b in self.step_backends.values()), default=0.0)
+        window = pacing.stale_window_ms(frame_ms)
+        self.stale_after_ms = window
+        self.publisher.stale_after_ms = window
+        self.gap_watch.stale_after_ms = float(window)
+        log.info("stale_after_ms auto: %d ms from %.0f ms per frame measured here (3 x frame + %d ms, at least %d)",
+                 window, frame_ms, pacing.MARGIN_MS, pacing.FLOOR_MS)
+        if window > 5000:
+            log.warning("stale_after_ms auto = %d ms: overlays may be up to that old on this machine; a bridge with "
+                        "the default --max-stale-ms 5000 blanks them sooner", window)
+
+    def _infer(self, work: Work) -> Work:
+        """Step one, and for a cascade bundle the second step its decision
+        selects, on the same preprocessed field (timed together as inference)."""
+        t0 = time.monotonic()
+        work.outputs = self.backend.infer(work.batch)
+        work.decision = decide(work.outputs["probs"][0], self.bundle.task, self.threshold)
+        work.cam = work.outputs["cam"][0, work.decision["index"]]
+        step = self.steps.get(work.decision["label"])
+        if step is not None:
+            sub = self.step_backends[step.when].infer(work.batch)
+            work.subtype = step.result(sub["probs"][0])
+            work.cam = sub["cam"][0, work.subtype["decision"]["index"]]
+        if self.spec.center_crop == 0:
+            work.cam = inner_square_cam(work.cam, work.frame.image.shape)
+        work.batch = None
+        t1 = time.monotonic()
+        work.times["inference"] = (t1 - t0) * 1000
+        work.times["_t"] = t1
+        self.metrics.observe("inference", work.times["inference"])
+        return work
+
+    def process_frame(self, frame: Frame) -> dict | None:
+        """All stages for one frame, serially, in the calling thread (after ``open``):
+        what the benchmark compares with pure inference. Returns the header sent,
+        or None if the gate rejected the frame or it was too old to publish. The
+        backends are activated on the calling thread at the first call."""
+        if not self.backend.active:
+            self.activate_backends()
+        work = self._preprocess(frame)
+        if work is None:
+            return None
+        if not self._render_and_publish(self._infer(work)):
+            return None
+        with self.last_lock:
+            return self.last[2]
+
+    def _render_loop(self) -> None:
+        """Runs until the inference stage has closed its slot, so the frame in
+        flight at shutdown is still published."""
+        try:
+            while True:
+                try:
+                    work = self.results.get(POLL_S)
+                except SlotClosed:
+                    break
+                if work is None:
+                    continue
+                if self.paused:
+                    self.metrics.count("paused_frames")
+                    continue
+                self._render_and_publish(work)
+                if self.config.max_frames and self.published >= self.config.max_frames:
+                    self.request_stop(f"published max_frames={self.config.max_frames}")
+        except Exception:
+            log.exception("render stage failed")
+            self.request_stop("render stage failed")
+
+    def _render_and_publish(self, work: Work) -> bool:
+        """Render and publish one classified frame; False if it was too old to publish."""
+        t0 = time.monotonic()
+        probs = work.outputs["probs"][0]
+        decision, cam = work.decision, work.cam
+        size = self.overlay_size
+        rgba = heat_rgba(cam, size, max_alpha=self.config.max_alpha)
+        if self.config.encoding == protocol.ENCODING_PNG:
+            ok, png = cv2.imencode(".png", cv2.cvtColor(rgba, cv2.COLOR_RGBA2BGRA), [cv2.IMWRITE_PNG_COMPRESSION, 1])
+            payload = png.tobytes()
+        else:
+            payload = rgba.tobytes()
+        frame = work.frame
+        top, left, crop = work.box
+        t1 = time.monotonic()
+        times = work.times
+        times["render"] = (t1 - t0) * 1000
+        times["total"] = (t1 - frame.capture_mono) * 1000
+        header = {
+            "frame_id": frame.id, "capture_mono": frame.capture_mono, "capture_wall": frame.capture_wall,
+            "classes": self.classes, "probs": [protocol.finite(p) for p in probs],
+            "decision": {k: (protocol.finite(v) if k in ("score", "threshold") else v) for k, v in decision.items()},
+            "width": size, "height": size, "format": protocol.FORMAT_RGBA8, "encoding": self.config.encoding,
+            "region": {"frame_width": frame.image.shape[1], "frame_height": frame.image.shape[0],
+                       "x": left, "y": top, "size": crop},
+            "subtype": work.subtype,
+            "focus_bbox": focus_bbox(cam, size), "measures": work.measures,
+            "latency_ms": {k: round(v, 2) for k, v in times.items() if not k.startswith("_")},
+        }
+        slide_id = self.slides.slide_id
+        sent = self.publisher.send(protocol.TOPIC_OVERLAY, header, payload, slide_id)
+        t2 = time.monotonic()
+        # The field was classified: it counts for the slide even when too old to show.
+        self.slides.add(probs, slide_id, work.subtype)
+        if sent is None:
+            self._stale_overlay(frame)
+            return False
+        self.stale_run = 0
+        self.published += 1
+        self.metrics.observe("render", times["render"])
+        self.metrics.observe("publish", (t2 - t1) * 1000)
+        self.metrics.observe("capture_to_publish", (sent.get("publish_mono", t2) - frame.capture_mono) * 1000)
+        self.metrics.published.tick(t2)
+        gap_warning = self.gap_watch.observe(t2, (sent.get("publish_mono", t2) - frame.capture_mono) * 1000)
+        if gap_warning:
+            self.metrics.count("overlay_gap_warnings")
+            log.warning("%s", gap_warning)
+        with self.last_lock:
+            self.last = (frame, rgba, sent)
+        if self.signal_ok and not self.paused and frame.id > self.last_reject_id:
+            self._set_state(protocol.STATE_RUNNING, None, work.measures)
+        return True
+
+    def _stale_overlay(self, frame: Frame) -> None:
+        """An overlay too old to publish (Publisher.send refused it): count it, and
+        log the first of each run of them, with the likely cause."""
+        self.metrics.count("stale_dropped")
+        self.stale_run += 1
+        if self.stale_run == 1:
+            age = self.publisher.last_stale_age_ms
+            log.warning("frame %d not published: captured %.0f ms ago, over stale_after_ms=%d (the process was "
+                        "paused, or the pipeline is slower than the stale window: raise stale_after_ms or use a "
+                        "faster backend)", frame.id, age if age is not None else float("nan"),
+                        self.stale_after_ms)
