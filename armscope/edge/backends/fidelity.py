@@ -4,7 +4,7 @@ on a bundle's hold-out images, kept beside the bundle for ``--backend auto``.
 Why a record and not an assumption: BF16 keeps 8 bits of mantissa, so whether
 it changes a decision or a heat map depends on the model and the images, not
 on the CPU alone. ``auto`` therefore runs a bundle in BF16 only after BF16 has
-passed the same agreement gate as an INT8 bundle (``armscope.calibration.accuracy.gate``:
+passed the same agreement gate as an INT8 bundle (``armscope.calibration.agreement.gate``:
 top-1 agreement, no positive->negative flip, Grad-CAM correlation) on that
 bundle, which ``armscope accuracy --bundle B --backend openvino --cpu-precision
 bf16 --images HOLDOUT --out REPORT`` measures and records here.
