@@ -18,8 +18,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-import jsonschema
-
+from armscope.core import schema_files
 from armscope.core.errors import ArmscopeError
 from armscope.core.preprocess import Preprocessing
 
@@ -29,199 +28,9 @@ SCHEMA_VERSION = 2
 SUPPORTED_SCHEMA_VERSIONS = (1, 2)
 MANIFEST = "manifest.json"
 
-_tensor = {
-    "type": "object",
-    "required": ["name", "shape", "dtype"],
-    "properties": {
-        "name": {"type": "string"},
-        "shape": {"type": "array", "items": {"type": ["integer", "string"]}},
-        "dtype": {"enum": ["float32", "float16", "uint8"]},
-    },
-}
-_file = {
-    "type": "object",
-    "required": ["file", "sha256"],
-    "properties": {
-        "file": {"type": "string", "pattern": r"^[^/\\].*\.(onnx|engine|plan)$"},
-        "sha256": {"type": "string", "pattern": "^[0-9a-f]{64}$"},
-    },
-}
-
-# What the graph is, for people and for checks. Two architectures: the paper's tiled
-# model (the backbone runs on a grid of patches whose feature maps are reassembled;
-# optional per-patch heads) and a whole-image classifier (one backbone pass over the
-# S x S input). Only the tiled one needs its tiling described; everything the runtime
-# needs (input size S, CAM size H x W, which outputs exist) is in inputs/outputs.
-_model = {
-    "type": "object",
-    "required": ["architecture", "cam"],
-    "properties": {
-        "architecture": {"enum": ["tiled-patch-classifier", "whole-image-classifier"]},
-        "backbone": {"type": "string"},
-        "patch_size": {"type": "integer", "minimum": 1},
-        "grid": {"type": "integer", "minimum": 1},
-        "map_size": {"type": "integer", "minimum": 1},
-        "input_size": {"type": "integer", "minimum": 1},
-        "feature_layer": {"type": "string"},
-        "head": {"enum": ["softmax", "sigmoid"]},
-        "per_patch_heads": {"enum": ["shared", "separate", "none"]},
-        "cam": {
-            "type": "object",
-            "required": ["method", "definition"],
-            "properties": {"method": {"type": "string"}, "definition": {"type": "string"},
-                           "score": {"type": "string"}},
-        },
-    },
-    "allOf": [
-        {
-            "if": {"properties": {"architecture": {"const": "tiled-patch-classifier"}}},
-            "then": {"required": ["backbone", "patch_size", "grid", "map_size"]},
-        },
-        {
-            # new exports say which score the Grad-CAM differentiates (e.g. the logit
-            # of a single sigmoid unit, for both classes of [1 - p, p])
-            "if": {"properties": {"architecture": {"const": "whole-image-classifier"}}},
-            "then": {"properties": {"cam": {"required": ["method", "definition", "score"]}}},
-        },
-    ],
-}
-
-# Schema 2: what one member's graph does to the bundle's host input (N, S, S, 3) RGB 0..255 before
-# its own layers: resize to the member's input size (inside the graph; "none" when it is S already)
-# and scale (e.g. "x/127.5-1", "caffe: RGB->BGR, minus ImageNet mean"; "none": the model scales
-# itself). Documentation for people and checks: the runtime never applies it, the graph does.
-_member_preprocessing = {
-    "type": "object",
-    "required": ["input_size", "resize", "scaling"],
-    "properties": {
-        "input_size": {"type": "integer", "minimum": 1},
-        "resize": {"enum": ["none", "bilinear"]},
-        "scaling": {"type": "string", "minLength": 1},
-    },
-}
-
-MANIFEST_SCHEMA = {
-    "$schema": "https://json-schema.org/draft/2020-12/schema",
-    "type": "object",
-    "required": [
-        "schema_version", "name", "task", "preprocessing", "model", "inputs", "outputs",
-        "members", "ensemble", "precision", "opset", "producer",
-    ],
-    "properties": {
-        "schema_version": {"enum": list(SUPPORTED_SCHEMA_VERSIONS)},
-        "name": {"type": "string", "minLength": 1},
-        "description": {"type": "string"},
-        "task": {
-            "type": "object",
-            "required": ["type", "classes"],
-            "properties": {
-                "type": {"enum": ["binary", "multiclass", "cascade"]},
-                "classes": {"type": "array", "items": {"type": "string"}, "minItems": 2, "uniqueItems": True},
-                "positive_class": {"type": "string"},
-                "threshold": {"type": "number", "minimum": 0, "maximum": 1},
-                "steps": {
-                    "type": "array",
-                    "items": {
-                        "type": "object",
-                        "required": ["when", "bundle"],
-                        "properties": {"when": {"type": "string"}, "bundle": {"type": "string"}},
-                    },
-                },
-            },
-            "allOf": [
-                {
-                    "if": {"properties": {"type": {"const": "binary"}}},
-                    "then": {"required": ["positive_class", "threshold"],
-                             "properties": {"classes": {"maxItems": 2}}},
-                },
-                {
-                    "if": {"properties": {"type": {"const": "cascade"}}},
-                    "then": {"required": ["positive_class", "threshold", "steps"]},
-                },
-            ],
-        },
-        "preprocessing": {
-            "type": "object",
-            "required": ["center_crop", "resize", "interpolation", "channel_order"],
-            "properties": {
-                # 0: no crop, the whole image padded with black to a square (whole-image models)
-                "center_crop": {"type": "integer", "minimum": 0},
-                "resize": {"type": "integer", "minimum": 1},
-                "interpolation": {"enum": ["area", "linear", "cubic", "nearest"]},
-                "channel_order": {"enum": ["RGB", "BGR"]},
-                # optional: how a grey / 16-bit / DICOM file becomes the RGB 0..255 input
-                # (armscope.core.preprocess.InputSpec); absent: camera frames and 8-bit colour files
-                "input": {
-                    "type": "object",
-                    "required": ["kind"],
-                    "properties": {
-                        "kind": {"enum": ["rgb", "grey"]},
-                        "bit_depth_handling": {"enum": ["window", "minmax", "scale"]},
-                        "window": {"oneOf": [{"type": "null"},
-                                             {"type": "array", "items": {"type": "number"}, "minItems": 2,
-                                              "maxItems": 2}]},
-                        "replicate_channels": {"const": 3},
-                    },
-                },
-            },
-        },
-        # optional: the tissue/focus gate's thresholds for this modality (armscope.core.tissue.TissueGate)
-        "tissue_gate": {
-            "type": "object",
-            "additionalProperties": False,
-            "properties": {
-                "min_tissue_fraction": {"type": "number", "minimum": 0, "maximum": 1},
-                "min_focus": {"type": "number", "minimum": 0},
-                "min_saturation": {"type": "integer", "minimum": 0, "maximum": 255},
-                "max_brightness": {"type": "integer", "minimum": 0, "maximum": 255},
-                # a pixel darker than this is background (air around an MRI slice); 0: off
-                "min_brightness": {"type": "integer", "minimum": 0, "maximum": 255},
-            },
-        },
-        "model": _model,
-        "inputs": {"type": "array", "items": _tensor, "minItems": 1},
-        "outputs": {"type": "array", "items": _tensor, "minItems": 1},
-        "members": {
-            "type": "array",
-            "minItems": 1,
-            "items": {**_file, "required": ["file", "sha256", "fold"],
-                      "properties": {**_file["properties"], "fold": {"type": "integer", "minimum": 0},
-                                     "preprocessing": _member_preprocessing}},
-        },
-        "ensemble": _file,
-        "precision": {"enum": ["fp32", "fp16", "int8"]},
-        "opset": {"type": "integer", "minimum": 17},
-        "producer": {"type": "object"},
-        # reduced-precision bundles (armscope quantize): how they were made, how they
-        # measured against their FP32 source, and whether they may be deployed
-        "quantization": {
-            "type": "object",
-            "required": ["source", "deployable"],
-            "properties": {
-                "source": {"type": "object", "required": ["name", "ensemble_sha256"]},
-                "deployable": {"type": "boolean"},
-                "forced": {"type": "boolean"},
-            },
-        },
-        # TensorRT engines built on a target (armscope build): one per member and one
-        # for the merged ensemble, each valid only for its TensorRT version and GPU
-        "engines": {
-            "type": "array",
-            "items": {
-                **_file,
-                "required": ["file", "sha256", "graph", "precision", "tensorrt", "gpu", "compute_capability"],
-                "properties": {
-                    **_file["properties"],
-                    "graph": {"type": "string", "pattern": r"^(ensemble|member_[0-9]+)$"},
-                    "precision": {"enum": ["fp32", "fp16", "int8"]},
-                    "tensorrt": {"type": "string"},
-                    "gpu": {"type": "string"},
-                    "compute_capability": {"type": "string", "pattern": r"^[0-9]+\.[0-9]+$"},
-                },
-            },
-        },
-    },
-}
+# The schema lives in armscope/core/schemas/manifest.json (armscope.core.schema_files): one file
+# that the exporter, the runtime and any other tool validate with. Validators are built once.
+MANIFEST_SCHEMA = schema_files.schema("manifest")
 
 # The graph outputs the runtime reads, in the order backends return them, with the
 # rank of each: probs (N, C), patch_probs (N, P, C), cam (N, C, H, W). patch_probs
@@ -286,17 +95,11 @@ class Bundle:
         raise KeyError(name)
 
 
-def _format_validation_error(path: Path, err: jsonschema.ValidationError) -> str:
-    field = ".".join(str(p) for p in err.absolute_path) or "(top level)"
-    return f"{path}: field {field}: {err.message}"
-
-
 def validate_manifest(manifest: dict, path: Path) -> None:
     """Raise ArmscopeError naming the first invalid field (by schema, then cross-field rules)."""
-    validator = jsonschema.Draft202012Validator(MANIFEST_SCHEMA)
-    errors = sorted(validator.iter_errors(manifest), key=lambda e: list(e.absolute_path))
-    if errors:
-        raise ArmscopeError(_format_validation_error(path, errors[0]))
+    error = schema_files.first_error("manifest", manifest)
+    if error is not None:
+        raise ArmscopeError(f"{path}: field {schema_files.dotted(list(error.absolute_path))}: {error.message}")
     task = manifest["task"]
     if "positive_class" in task and task["positive_class"] not in task["classes"]:
         raise ArmscopeError(
