@@ -99,7 +99,9 @@ def test_stage(benchmark, overlay, registration, stage, monkeypatch):
     gamma LUT (0.8, 2.2), as a display matched to its optics would run;
     ``frame565_one_thread``: the frame encode without splitting over threads."""
     if stage == "frame565_one_thread":
-        monkeypatch.setattr(L, "_ENCODER_THREADS", 1)
+        from armscope.firmware_bridge.link import chunks
+
+        monkeypatch.setattr(chunks, "_ENCODER_THREADS", 1)
     shown = warp(overlay, registration, premultiplied_out=True)
     d565 = pf.encode(shown, "rgb565le", premultiplied=True)
     dmono = pf.encode(shown, "mono1", premultiplied=True)

@@ -212,7 +212,7 @@ def test_blank_brightness_ping(tmp_path):
 
 
 def test_simulate_cli_serves_a_pty(tmp_path):
-    code = "import sys; from armscope.firmware_bridge.cli import simulate_main; sys.exit(simulate_main(sys.argv[1:]))"
+    code = "import sys; from armscope.cli.bridge import simulate_main; sys.exit(simulate_main(sys.argv[1:]))"
     args = ["--pty", "--width", "64", "--height", "32", "--format", "rgb565le", "--png-dir", str(tmp_path),
             "--duration", "30"]
     proc = subprocess.Popen([sys.executable, "-c", code, *args], cwd=REPO, stdout=subprocess.PIPE,
@@ -245,7 +245,7 @@ class _Clock:
 
 
 def _hello(core, watchdog_ms=None, seq=0):
-    body = L._HELLO.pack(7) if watchdog_ms is None else L._HELLO_WATCHDOG.pack(7, watchdog_ms, 0)
+    body = L.wire._HELLO.pack(7) if watchdog_ms is None else L.wire._HELLO_WATCHDOG.pack(7, watchdog_ms, 0)
     replies = L.FrameDecoder().feed(core.receive(L.frame_message(L.Message(L.MsgType.HELLO, seq, 0, body))))
     assert replies[0].type == L.MsgType.HELLO_REPLY
     return replies[0]

@@ -240,7 +240,7 @@ def test_cobs_kernel_compiles_without_a_writable_cache(monkeypatch):
 
     from numba.core import caching
 
-    import armscope.firmware_bridge.cobs_kernel as kernel
+    import armscope.firmware_bridge.link.cobs_kernel as kernel
 
     monkeypatch.setattr(caching.CacheImpl, "_locator_classes", [])  # as if no place were writable
     try:
@@ -255,13 +255,17 @@ def test_cobs_kernel_compiles_without_a_writable_cache(monkeypatch):
 
 
 def test_link_crc_is_zlibs_crc32():
-    """The link's CRC function (ISA-L's when installed) is zlib's CRC-32 on
+    """The link's CRC functions (ISA-L's when installed: the single messages'
+    in ``wire``, the frame chunks' fallback in ``chunks``) are zlib's CRC-32 on
     any span and starting value: the protocol document names zlib's."""
     import zlib
 
+    from armscope.firmware_bridge.link import chunks
+
     buf = np.random.default_rng(5).integers(0, 256, 5000, dtype=np.uint8)
     for start, stop, init in [(0, 0, 0), (0, 1, 0), (3, 10, 0), (1, 17, 0xDEADBEEF), (7, 4103, 12345), (0, 5000, 0)]:
-        assert L._crc32(buf[start:stop], init) == zlib.crc32(buf[start:stop], init)
+        assert L.wire._crc32(buf[start:stop], init) == zlib.crc32(buf[start:stop], init)
+        assert chunks._crc32(buf[start:stop], init) == zlib.crc32(buf[start:stop], init)
 
 
 @pytest.mark.parametrize("threads", [2, 3, 4])
@@ -269,14 +273,16 @@ def test_encoding_split_over_threads_is_byte_identical(monkeypatch, threads):
     """Large frames are encoded by several threads into separate slots that
     are closed up afterwards: the wire and chunk offsets must be exactly the
     single-threaded ones (real RGB565 overlay bytes, uneven last chunk)."""
+    from armscope.firmware_bridge.link import chunks
+
     rng = np.random.default_rng(6)
     w, h = 640, 241
     payload = (rng.random(w * h * 2) < 0.6).astype(np.uint8) * rng.integers(0, 256, w * h * 2, dtype=np.uint8)
     kw = dict(seq0=L.MAX_SEQ - 5, frame_id=3, region=(0, 0, w, h), fmt="rgb565le", max_payload=1000)
-    monkeypatch.setattr(L, "_ENCODER_THREADS", 1)
+    monkeypatch.setattr(chunks, "_ENCODER_THREADS", 1)
     one = L.encode_frame_chunks(payload, **kw)
-    monkeypatch.setattr(L, "_ENCODER_THREADS", threads)
-    assert len(L._chunk_ranges(one.n_chunks)) == threads + 1  # really split
+    monkeypatch.setattr(chunks, "_ENCODER_THREADS", threads)
+    assert len(chunks._chunk_ranges(one.n_chunks)) == threads + 1  # really split
     many = L.encode_frame_chunks(payload, **kw)
     assert np.array_equal(one.offsets, many.offsets) and np.array_equal(one.wire, many.wire)
     msgs = L.FrameDecoder(max_frame=4096).feed(many.wire.tobytes())
@@ -285,11 +291,11 @@ def test_encoding_split_over_threads_is_byte_identical(monkeypatch, threads):
 
 def test_chunk_crcs_in_compiled_code_match_the_python_loop(monkeypatch):
     """The chunk CRCs are computed in the encoder threads by ISA-L called from
-    compiled code (``cobs_kernel.chunk_crcs``); without that symbol ``link``
+    compiled code (``cobs_kernel.chunk_crcs``); without that symbol ``chunks``
     keeps a Python loop. Both must put the same bytes on the wire, and with the
-    base install (``isal`` is a dependency) the compiled path must be the one
+    ``[serial]`` extra (which installs ``isal``) the compiled path must be the one
     in use, or the bridge silently loses its parallel CRCs."""
-    from armscope.firmware_bridge import cobs_kernel
+    from armscope.firmware_bridge.link import chunks, cobs_kernel
 
     assert cobs_kernel.HAVE_COMPILED_CRC
     rng = np.random.default_rng(8)
@@ -297,7 +303,7 @@ def test_chunk_crcs_in_compiled_code_match_the_python_loop(monkeypatch):
     payload = (rng.random(w * h * 2) < 0.5).astype(np.uint8) * rng.integers(0, 256, w * h * 2, dtype=np.uint8)
     kw = dict(seq0=17, frame_id=4, region=(0, 0, w, h), fmt="rgb565be", max_payload=777)
     compiled = L.encode_frame_chunks(payload, **kw)
-    monkeypatch.setattr(L, "HAVE_COMPILED_CRC", False)
+    monkeypatch.setattr(chunks, "HAVE_COMPILED_CRC", False)
     loop = L.encode_frame_chunks(payload, **kw)
     assert np.array_equal(compiled.wire, loop.wire) and np.array_equal(compiled.offsets, loop.offsets)
     msgs = L.FrameDecoder().feed(compiled.wire.tobytes())  # the decoder checks each CRC with zlib's function

@@ -21,7 +21,7 @@ os.sched_setaffinity(0, {next(iter(os.sched_getaffinity(0)))})
 from armscope.core.bundle import load_bundle
 from armscope.core.cpus import usable_cpus
 from armscope.edge.backends.onnxruntime_backend import OnnxRuntimeBackend
-from firmware_bridge import link
+from armscope.firmware_bridge.link import chunks as link
 backend = OnnxRuntimeBackend(load_bundle("samples/demo_bundle"), layout="merged")
 print(json.dumps({"usable": usable_cpus(), "machine": os.cpu_count(), "encoder_threads": link._ENCODER_THREADS,
                   "ort_threads": backend.threads}))
@@ -82,7 +82,7 @@ QUOTA_CHILD = """
 import json, sys
 sys.stdin.readline()  # moved into the cgroup by now
 from armscope.core.cpus import cgroup_cpu_quota, usable_cpus
-from firmware_bridge import link
+from armscope.firmware_bridge.link import chunks as link
 print(json.dumps({"quota": cgroup_cpu_quota(), "usable": usable_cpus(), "encoder_threads": link._ENCODER_THREADS}))
 """
 

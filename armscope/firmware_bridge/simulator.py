@@ -136,10 +136,10 @@ class ControllerCore:
             self.front[:] = 0
             self.history.append(("reset", None, None))
             self._lock.notify_all()
-            return L.frame_message(L.Message(L.MsgType.RESET, 0, 0, L._RESET.pack(L.ResetCause.WATCHDOG, 0, 0)))
+            return L.frame_message(L.Message(L.MsgType.RESET, 0, 0, L.wire._RESET.pack(L.ResetCause.WATCHDOG, 0, 0)))
 
     def boot_message(self) -> bytes:
-        return L.frame_message(L.Message(L.MsgType.RESET, 0, 0, L._RESET.pack(L.ResetCause.POWER_ON, 0, 0)))
+        return L.frame_message(L.Message(L.MsgType.RESET, 0, 0, L.wire._RESET.pack(L.ResetCause.POWER_ON, 0, 0)))
 
     def tick(self, now: float | None = None) -> None:
         """Link watchdog: blank when armed, something is shown, and no valid
@@ -238,8 +238,8 @@ class ControllerCore:
         if m.type == T.HELLO:
             if len(m.body) < 4:
                 return self._nak(m.type, m.seq, L.NakReason.BAD_LENGTH)
-            (nonce,) = L._HELLO.unpack_from(m.body, 0)
-            watchdog_ms = L._HELLO_WATCHDOG.unpack_from(m.body, 0)[1] if len(m.body) >= L._HELLO_WATCHDOG.size else 0
+            (nonce,) = L.wire._HELLO.unpack_from(m.body, 0)
+            watchdog_ms = L.wire._HELLO_WATCHDOG.unpack_from(m.body, 0)[1] if len(m.body) >= L.wire._HELLO_WATCHDOG.size else 0
             self.watchdog_s = watchdog_ms / 1000.0
             self.session = True
             self.expected = m.seq

@@ -1,12 +1,12 @@
-"""COBS encoding of link messages, compiled with numba.
+"""COBS encoding of link messages, compiled with numba (the ``[serial]`` extra).
 
 Why a compiled loop: COBS is byte-sequential (each code byte is the distance
 to the next zero), which whole-array NumPy can only emulate with several
 passes over index arrays; on a Grad-CAM overlay in RGB565 (hundreds of
 thousands of zero/non-zero transitions in 1.8 MB) that took ~7 ms a frame,
 more than the bridge's whole budget. The loop below takes whole 8-byte words
-where it can (``_cobs_feed``): 0.6-1.2 ms for such a frame on the 2-vCPU EPYC
-dev VM, one thread, depending on how many of its bytes are zero; the
+where it can (``_cobs_feed``): 0.6-1.2 ms for such a frame on a 2-vCPU AMD EPYC,
+one thread, depending on how many of its bytes are zero; the
 byte-at-a-time loop took 2-3x as long. The compiled code is
 cached on disk (next to this file, or numba's user cache dir when that is
 read-only), so only the first start pays the compile (about a second); where
@@ -20,9 +20,16 @@ from __future__ import annotations
 
 import ctypes
 
-import numba
 import numpy as np
-from numba import types, uint8, uint32, uint64, uintp
+
+try:
+    import numba
+    from numba import types, uint8, uint32, uint64, uintp
+except ImportError as exc:  # the [serial] extra is not installed
+    raise ImportError(
+        f"the serial link's COBS framing is compiled with numba, which is not installed ({exc}): "
+        "pip install 'armscope[serial]'. There is no pure-Python fallback: whole-array NumPy took ~7 ms "
+        "a 1280x720 RGB565 frame, more than the bridge's 5 ms budget", name="numba") from None
 
 __all__ = ["cobs_into", "encode_chunks", "chunk_crcs", "HAVE_COMPILED_CRC", "max_encoded_size"]
 
@@ -45,7 +52,7 @@ def _register_isal_crc32() -> bool:
     (``ExternalFunction``), so the kernel stays cacheable on disk: the address
     is bound when this module is imported, not baked into the cache.
     False where the symbol is not there (no ``isal``, or a build that hides
-    it): ``link`` then keeps its Python loop."""
+    it): ``chunks`` then keeps its Python loop."""
     try:
         import isal.isal_zlib as iz
         import llvmlite.binding as llvm
