@@ -11,7 +11,7 @@ import pytest
 pytest.importorskip("serial")
 
 from armscope.firmware_bridge import bench  # noqa: E402
-from armscope.firmware_bridge.cli import main  # noqa: E402
+from armscope.cli.bridge import main  # noqa: E402
 from armscope.firmware_bridge.pixel_formats import PixelFormat  # noqa: E402
 from armscope.firmware_bridge.registration import Registration, save_registration, slow_warp_warning  # noqa: E402
 

@@ -7,7 +7,7 @@ import cv2
 import numpy as np
 
 from armscope.firmware_bridge import registration as R
-from armscope.firmware_bridge.cli import main, register_main, simulate_main
+from armscope.cli.bridge import main, register_main, simulate_main
 
 H_TRUE = np.array([[0.9, 0.02, 15.0], [-0.015, 0.88, 7.0], [1.0e-5, 0.5e-5, 1.0]])
 
