@@ -1,4 +1,4 @@
-"""Display-controller simulator: the far end of the link, in Python.
+"""The simulated display controller: the far end of the link, in Python, without I/O.
 
 Why this module exists
 ----------------------
@@ -6,9 +6,8 @@ The host side (``LinkSender``) must be tested against something that behaves
 like the microcontroller behind the eyepiece display, including its failure
 modes, without hardware.  ``ControllerCore`` is a transport-free state
 machine implementing ``docs/link-protocol.md`` (it doubles as a reference
-for firmware authors); ``PtyController`` serves it on a pseudo-terminal so
-the host talks to it through real pyserial, exactly as to a USB-serial
-adapter.  Faults are injected on the controller's input (dropped and
+for firmware authors); ``pty_transport.PtyController`` serves it on a
+pseudo-terminal.  Faults are injected on the controller's input (dropped and
 corrupted bytes, at given byte indices or with given probabilities), on its
 output (lost replies) and as resets that lose all state mid-frame.
 
@@ -21,19 +20,17 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import select
 import threading
 import time
-import tty
 from pathlib import Path
 
 import cv2
 import numpy as np
 
-from . import link as L
-from .pixel_formats import PixelFormat, decode
+from .. import link as L
+from ..pixel_formats import PixelFormat, decode
 
-__all__ = ["FaultPlan", "ControllerCore", "PtyController"]
+__all__ = ["FaultPlan", "ControllerStats", "ControllerCore"]
 
 
 @dataclasses.dataclass
@@ -350,90 +347,3 @@ class ControllerCore:
             cv2.imwrite(path, cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))
         self.history.append((kind, frame_id, path))
         self._lock.notify_all()
-
-
-class PtyController:
-    """Serve a ``ControllerCore`` on a pseudo-terminal from a background thread.
-
-    ``start()`` returns the slave path (e.g. ``/dev/pts/5``) to open with
-    ``serial.Serial``.  The master side is non-blocking and replies are
-    queued, so a host that stops reading can never deadlock the simulator.
-    """
-
-    def __init__(self, core: ControllerCore, *, announce_boot: bool = False):
-        self.core = core
-        self.announce_boot = announce_boot
-        self._master = self._slave = None
-        self._thread: threading.Thread | None = None
-        self._stop = threading.Event()
-        self._out = bytearray()
-        self._reset_requests = 0
-        self.slave_path: str | None = None
-        self.error: BaseException | None = None
-
-    def start(self) -> str:
-        master, slave = os.openpty()
-        tty.setraw(slave)
-        os.set_blocking(master, False)
-        self._master, self._slave = master, slave
-        self.slave_path = os.ttyname(slave)
-        if self.announce_boot:
-            self._out += self.core.boot_message()
-        self._thread = threading.Thread(target=self._run, name="pty-controller", daemon=True)
-        self._thread.start()
-        return self.slave_path
-
-    def request_reset(self) -> None:
-        """Reset the controller from outside (as a watchdog would), thread-safely."""
-        self._reset_requests += 1
-
-    def _run(self) -> None:
-        done_resets = 0
-        try:
-            while not self._stop.is_set():
-                self.core.tick()
-                if self._reset_requests > done_resets:
-                    done_resets += 1
-                    self._out += self.core.reset()
-                wlist = [self._master] if self._out else []
-                r, w, _ = select.select([self._master], wlist, [], 0.02)
-                if r:
-                    try:
-                        data = os.read(self._master, 1 << 16)
-                    except (BlockingIOError, InterruptedError):
-                        data = b""
-                    except OSError:  # EIO: no process has the slave open right now
-                        data = b""
-                        time.sleep(0.01)
-                    if data:
-                        self._out += self.core.receive(data)
-                if self._out and (w or not wlist):
-                    try:
-                        n = os.write(self._master, self._out)
-                        del self._out[:n]
-                    except (BlockingIOError, InterruptedError):
-                        pass
-        except BaseException as exc:  # surfaced by stop()
-            self.error = exc
-
-    def stop(self, timeout: float = 2.0) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout)
-        for fd in (self._master, self._slave):
-            if fd is not None:
-                try:
-                    os.close(fd)
-                except OSError:
-                    pass
-        self._master = self._slave = None
-        if self.error is not None:
-            raise RuntimeError(f"simulator thread failed: {self.error!r}") from self.error
-
-    def __enter__(self) -> "PtyController":
-        if self.slave_path is None:
-            self.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.stop()
