@@ -9,7 +9,7 @@ import pytest
 
 pytest.importorskip("serial")
 
-from bridge_runtime_support import DISPLAY, FakeDaemon, cam_overlay, read_rgb, registration  # noqa: E402
+from bridge_runtime_support import DISPLAY, FakeDaemon, cam_of, read_rgb, registration  # noqa: E402
 from armscope.firmware_bridge.bridge import Bridge  # noqa: E402
 from armscope.firmware_bridge.displays import PngDisplay, open_display  # noqa: E402
 from armscope.firmware_bridge.label import label_text, place  # noqa: E402
@@ -42,7 +42,7 @@ def _show(display, header_override=None, label=True, rgba=None):
     bridge = Bridge(display, registration=None, stats_interval=0, label=label)
     daemon = FakeDaemon(stale_after_ms=2000)
     bridge.start()
-    assert bridge.feed(daemon.overlay_frames(rgba if rgba is not None else cam_overlay(0), **(header_override or {})))
+    assert bridge.feed(daemon.overlay_frames(rgba if rgba is not None else cam_of(0), **(header_override or {})))
     assert bridge.feed(daemon.status_frames("running"))
     daemon.close()
     assert bridge.stats()["shown"] == 1, bridge.stats()
@@ -89,7 +89,7 @@ def _on_controller(tmp_path, label):
         daemon = FakeDaemon(stale_after_ms=2000)
         try:
             bridge.start()
-            assert bridge.feed(daemon.overlay_frames(cam_overlay(0)))
+            assert bridge.feed(daemon.overlay_frames(cam_of(0)))
             assert bridge.feed(daemon.status_frames("running"))
             assert bridge.stats()["shown"] == 1
             shown = core.shown_rgb().copy()

@@ -12,14 +12,14 @@ import pytest
 pytest.importorskip("serial")
 
 from bridge_runtime_support import (  # noqa: E402
-    DISPLAY, FakeDaemon, assert_close_image, cam_overlay, expected_display, publish_until, registration,
+    DISPLAY, FakeDaemon, assert_close_image, cam_of, expected_display, publish_until, registration,
     running_bridge, wait_for,
 )
 from armscope.firmware_bridge.bridge import Bridge  # noqa: E402
 from armscope.firmware_bridge.displays import PngDisplay, open_display  # noqa: E402
 from armscope.firmware_bridge.simulator import ControllerCore, FaultPlan, PtyController  # noqa: E402
 
-OVERLAY = cam_overlay(0)
+OVERLAY = cam_of(0)
 
 
 @contextlib.contextmanager
@@ -280,7 +280,7 @@ def test_link_that_cannot_deliver_blanks_with_reason_link(tmp_path):
     with serial_setup(tmp_path, deadline=1.0) as (core, bridge, daemon):
         assert publish_until(daemon, lambda: bridge.stats()["shown"] >= 1, OVERLAY)
         core.faults = FaultPlan(reset_prob=1.0)  # every FRAME chunk now reboots the controller
-        other = cam_overlay(30)
+        other = cam_of(30)
         assert publish_until(daemon, lambda: bridge.stats()["blanks"].get("link", 0) >= 1, other, timeout=6)
         assert wait_for(lambda: core.history[-1][0] == "blank", 2.0)
         s = bridge.stats()
@@ -299,7 +299,7 @@ def test_dead_link_blank_is_retried_until_it_lands(tmp_path):
     with serial_setup(tmp_path, deadline=0.5, stale_ms=1500, watchdog=0) as (core, bridge, daemon):
         assert publish_until(daemon, lambda: bridge.stats()["shown"] >= 1, OVERLAY)
         core.faults = FaultPlan(drop_prob=1.0)  # the controller hears nothing any more
-        assert publish_until(daemon, lambda: bridge.stats().get("blank_failures", 0) >= 1, cam_overlay(30),
+        assert publish_until(daemon, lambda: bridge.stats().get("blank_failures", 0) >= 1, cam_of(30),
                              timeout=8)
         s = bridge.stats()
         assert s["displayed"] == "unknown" and s["blanks"].get("link", 0) + s["blanks"].get("stale", 0) >= 1

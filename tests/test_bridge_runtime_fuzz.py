@@ -6,16 +6,16 @@ from __future__ import annotations
 import json
 import secrets
 
-import cv2
+import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from bridge_runtime_support import FakeDaemon, cam_overlay, running_bridge, wait_for
+from bridge_runtime_support import FakeDaemon, cam_of, running_bridge, wait_for
 from armscope.firmware_bridge.bridge import Bridge
 from armscope.firmware_bridge.displays import PngDisplay
 
-SMALL = cv2.resize(cam_overlay(0), (32, 32), interpolation=cv2.INTER_AREA)
+SMALL = cam_of(0)   # a 16 x 16 CAM
 BOX = (200, 100, 64)
 FUZZ = settings(max_examples=150, deadline=None, derandomize=True,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
@@ -101,36 +101,34 @@ def test_random_frames_are_rejected(fed, frames, topic):
 
 
 @FUZZ
-@given(kind=st.sampled_from(["random", "truncated", "flipped", "wrong_size", "grey", "claims_huge"]),
-       data=st.data())
-def test_png_payloads_are_checked(fed, kind, data):
+@given(kind=st.sampled_from(["random", "truncated", "flipped", "nan", "inf", "claims_huge"]), data=st.data())
+def test_cam_payloads_are_checked(fed, kind, data):
+    """The v2 overlay's payload is the CAM: a wrong size, a header claiming a huge
+    CAM, or non-finite values are refused (and blank); a flipped byte that still
+    makes finite numbers is a CAM like any other."""
     bridge, daemon = fed
     showing_fresh_overlay(bridge, daemon)
-    ok, buf = cv2.imencode(".png", cv2.cvtColor(SMALL, cv2.COLOR_RGBA2BGRA))
-    png = bytearray(buf.tobytes())
-    if kind == "random":
-        png = bytearray(data.draw(st.binary(min_size=0, max_size=200)))
-    elif kind == "truncated":
-        png = png[: data.draw(st.integers(0, len(png) - 1))]
-    elif kind == "flipped":
-        i = data.draw(st.integers(0, len(png) - 1))
-        png[i] ^= data.draw(st.integers(1, 255))
-    elif kind == "wrong_size":
-        ok, buf = cv2.imencode(".png", cv2.cvtColor(cv2.resize(SMALL, (31, 32)), cv2.COLOR_RGBA2BGRA))
-        png = bytearray(buf.tobytes())
-    elif kind == "grey":
-        ok, buf = cv2.imencode(".png", SMALL[..., 0])
-        png = bytearray(buf.tobytes())
-    else:  # a PNG whose IHDR claims 60000 x 60000: must be refused before decoding
-        png[16:24] = (60000).to_bytes(4, "big") * 2
-    frames = daemon.overlay_frames(SMALL, box=BOX, encoding="png")
+    frames = daemon.overlay_frames(SMALL, box=BOX)
     header = json.loads(frames[1])
-    header["payload_bytes"] = len(png)
+    payload = bytearray(frames[2])
+    values = np.frombuffer(bytes(payload), "<f2").copy()
+    if kind == "random":
+        payload = bytearray(data.draw(st.binary(min_size=0, max_size=200)))
+    elif kind == "truncated":
+        payload = payload[: data.draw(st.integers(0, len(payload) - 1))]
+    elif kind == "flipped":
+        i = data.draw(st.integers(0, len(payload) - 1))
+        payload[i] ^= data.draw(st.integers(1, 255))
+    elif kind in ("nan", "inf"):
+        values[data.draw(st.integers(0, len(values) - 1))] = np.nan if kind == "nan" else np.inf
+        payload = bytearray(values.tobytes())
+    else:  # a header claiming a 256 x 256 x 1024 CAM over a small payload: refused on its size
+        header["cam"].update(classes=1024, height=256, width=256)
+    header["payload_bytes"] = len(payload)
     before = bridge.stats()
-    accepted = bridge.feed([b"overlay", json.dumps(header).encode(), bytes(png)])
-    if kind in ("random", "truncated", "wrong_size", "grey", "claims_huge"):
+    accepted = bridge.feed([b"overlay", json.dumps(header).encode(), bytes(payload)])
+    if kind in ("random", "truncated", "nan", "inf", "claims_huge"):
         assert not accepted
-    # a flipped byte may survive (e.g. in an ancillary chunk): then it decoded to a 32x32 RGBA image
     check_outcome(bridge, before, accepted)
 
 
@@ -144,7 +142,7 @@ def test_malformed_messages_over_zmq_are_counted_and_the_bridge_keeps_going(tmp_
         [b"overlay", b"[" * 100_000, b""],                 # nesting deep enough for RecursionError
         [b"overlay", b'{"schema": 1, "width": ' + b"9" * 5000 + b"}", b""],  # int too long to parse
         [b"status"],                                       # wrong frame count
-        [b"status", json.dumps(dict(json.loads(daemon.status_frames()[1]), schema=2)).encode(), b""],
+        [b"status", json.dumps(dict(json.loads(daemon.status_frames()[1]), schema=1)).encode(), b""],  # v1
         [b"overlay", good[1], good[2][:-4]],               # payload shorter than its header says
     ]
     try:

@@ -16,7 +16,7 @@ pytest.importorskip("pygame")
 pytest.importorskip("serial")
 
 from bridge_runtime_support import (  # noqa: E402
-    DISPLAY, FakeDaemon, assert_close_image, cam_overlay, expected_display, registration,
+    DISPLAY, FakeDaemon, assert_close_image, cam_of, expected_display, registration,
 )
 from armscope.firmware_bridge import pixel_formats as pf  # noqa: E402
 from armscope.firmware_bridge.bridge import Bridge  # noqa: E402
@@ -89,7 +89,7 @@ def test_bridge_draws_into_the_window_and_stops_when_it_is_closed(headless_sdl):
     daemon = FakeDaemon(stale_after_ms=1500)
     try:
         bridge.start()
-        overlay = cam_overlay(10)
+        overlay = cam_of(10)
         assert bridge.feed(daemon.overlay_frames(overlay))
         assert bridge.feed(daemon.status_frames("running"))
         assert bridge.stats()["shown"] == 1

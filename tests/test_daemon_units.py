@@ -35,14 +35,14 @@ def _overlay_header(w=4, h=3, encoding="raw"):
 
 def test_overlay_roundtrip_raw_and_png():
     rgba = np.random.default_rng(0).integers(0, 256, (3, 4, 4), dtype=np.uint8)
-    frames = protocol.encode(protocol.TOPIC_OVERLAY, _overlay_header(), rgba.tobytes())
-    assert frames[0] == b"overlay" and len(frames) == 3
+    frames = protocol.encode(protocol.TOPIC_RENDERED, _overlay_header(), rgba.tobytes())
+    assert frames[0] == b"rendered" and len(frames) == 3
     message = protocol.decode(frames)
     assert message.header["schema"] == protocol.SCHEMA_VERSION and message.header["payload_bytes"] == 48
     assert np.array_equal(protocol.overlay_image(message), rgba)
     assert message.latency_ms() == pytest.approx(500.0)
     ok, png = cv2.imencode(".png", cv2.cvtColor(rgba, cv2.COLOR_RGBA2BGRA))
-    message = protocol.decode(protocol.encode("overlay", _overlay_header(encoding="png"), png.tobytes()))
+    message = protocol.decode(protocol.encode("rendered", _overlay_header(encoding="png"), png.tobytes()))
     assert np.array_equal(protocol.overlay_image(message), rgba)
 
 
@@ -51,18 +51,18 @@ def test_overlay_roundtrip_raw_and_png():
     (lambda f: [b"video", *f[1:]], "topic"),
     (lambda f: [f[0], b"{not json", f[2]], "not UTF-8 JSON"),
     (lambda f: [f[0], f[1], f[2][:-1]], "payload_bytes"),
-    (lambda f: [f[0], f[1].replace(b'"schema":1', b'"schema":2'), f[2]], "schema"),
+    (lambda f: [f[0], f[1].replace(b'"schema":2', b'"schema":1'), f[2]], "schema"),
     (lambda f: [f[0], f[1].replace(b'"width":4', b'"width":5'), f[2]], "width/height"),
     (lambda f: [f[0], f[1].replace(b'"frame_id":7,', b""), f[2]], "frame_id"),
 ])
 def test_decode_rejects_malformed_messages(mutate, needle):
-    frames = protocol.encode("overlay", _overlay_header(), bytes(48))
+    frames = protocol.encode("rendered", _overlay_header(), bytes(48))
     with pytest.raises(protocol.ProtocolError, match=needle):
         protocol.decode(mutate(frames))
 
 
 def test_staleness_is_measured_from_receipt():
-    message = protocol.decode(protocol.encode("overlay", dict(_overlay_header(), stale_after_ms=200), bytes(48)))
+    message = protocol.decode(protocol.encode("rendered", dict(_overlay_header(), stale_after_ms=200), bytes(48)))
     assert not message.is_stale(received_mono=10.0, now_mono=10.1)
     assert message.is_stale(received_mono=10.0, now_mono=10.3)
 
@@ -94,12 +94,12 @@ def test_keys_are_zpl_certificates_and_curve_works(tmp_path):
     endpoint = free_endpoint()
     pub.bind(endpoint)
     try:
-        with protocol.Subscriber(endpoint, context=ctx,
+        with protocol.Subscriber(endpoint, context=ctx, topics=protocol.TOPICS,
                                  curve={"server_public": server_pub, "client_secret": client_sec}) as sub:
             deadline = time.monotonic() + 5
             got = None
             while got is None and time.monotonic() < deadline:
-                pub.send_multipart(protocol.encode("overlay", _overlay_header(), bytes(48)))
+                pub.send_multipart(protocol.encode("rendered", _overlay_header(), bytes(48)))
                 got = sub.recv(100)
             assert got is not None and got.header["frame_id"] == 7
     finally:

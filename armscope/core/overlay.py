@@ -42,6 +42,26 @@ def heat_rgba(cam: np.ndarray, size: int, max_alpha: float = 0.6, outline: bool 
     return rgba
 
 
+def focus_levels(cam: np.ndarray) -> tuple[float, float]:
+    """``(peak, threshold)`` of one CAM, as ``heat_rgba`` uses them: the heat
+    is ``max(cam, 0) / peak`` and the outline is where the (interpolated) CAM
+    is above ``threshold``, the median of its cells. The daemon sends them with
+    the CAM (protocol v2), so a subscriber renders exactly what it decided."""
+    cam = np.asarray(cam, np.float32)
+    return max(float(cam.max()), 0.0), float(np.median(cam))
+
+
+def premultiplied_jet(max_alpha: float = 0.6) -> np.ndarray:
+    """(256, 1, 3) uint8 RGB lookup table: heat level k (0..255) -> the JET colour
+    of ``heat_rgba`` times its alpha (``k * max_alpha``), i.e. the overlay
+    premultiplied, which over black is what an additive display emits. One
+    ``cv2.applyColorMap`` with it colours a whole heat image in display space."""
+    levels = np.arange(256, dtype=np.uint8)[:, None]
+    rgb = cv2.cvtColor(cv2.applyColorMap(levels, cv2.COLORMAP_JET), cv2.COLOR_BGR2RGB).astype(np.float32)
+    alpha = np.floor(levels.astype(np.float32) * float(max_alpha)) / 255.0
+    return np.clip(np.rint(rgb * alpha[..., None]), 0, 255).astype(np.uint8).reshape(256, 1, 3)
+
+
 def blend_on_frame(frame_bgr: np.ndarray, cam: np.ndarray, box: tuple[int, int, int], label: str) -> np.ndarray:
     """A copy of the camera frame with the overlay blended into the crop box and a label."""
     top, left, size = box

@@ -1,25 +1,38 @@
 """The ZeroMQ protocol between the edge daemon and its subscribers (the eyepiece
-bridge, recorders, dashboards): one module imported by both sides, so the
+bridge, recorders, dashboards): one module imported by both sides, and the
+headers' JSON Schemas (``armscope/core/schemas/message-*.json``, loaded by
+``armscope.core.message_schema``) that both sides validate with, so the
 message schema has exactly one definition. ``docs/protocol.md`` is the prose
-version, precise enough to write a subscriber in another language.
+version, precise enough to write a subscriber in another language; a test
+keeps its tables and the schemas in agreement.
 
 Wire format (PUB/SUB, default ``tcp://127.0.0.1:5556``): every message is three
 frames ``[topic, header, payload]``:
 
-* ``topic``   ASCII ``overlay`` or ``status`` (subscribe by prefix as usual);
+* ``topic``   ASCII ``overlay``, ``status`` or ``rendered`` (subscribe by prefix as usual);
 * ``header``  UTF-8 JSON object, ``schema`` = :data:`SCHEMA_VERSION`;
-* ``payload`` the overlay image (``overlay``) or empty (``status``).
+* ``payload`` ``overlay``: the Grad-CAM as data (``cam.classes x cam.height x
+  cam.width`` values of ``cam.dtype``, a few KB), rendered by the subscriber
+  where it displays it; ``rendered`` (opt-in, daemon option ``rendered_topic``):
+  the same overlay drawn as an RGBA bitmap for simple subscribers; ``status``: empty.
+
+Version 2 moved the overlay from a bitmap to data: a version-1 subscriber
+refuses every version-2 message on its ``schema`` check (a clear "schema 2,
+this subscriber supports 1"), and one that only wants a bitmap subscribes to
+``rendered``.
 
 ``ZMQ_CONFLATE`` cannot be used (it breaks multipart messages), so "newest
-wins" is done by small high-water marks on both ends plus :meth:`Subscriber.recv_latest`,
-which drains whatever is queued and returns only the newest message per topic.
+wins" is done by small high-water marks and kernel buffers on both ends plus
+:meth:`Subscriber.recv_latest`, which drains whatever is queued and returns
+only the newest message per topic.
 
 Control (REQ/REP, default ``tcp://127.0.0.1:5557``): a request is one frame,
 either text (``slide start S-0042``) or JSON (``{"cmd": "slide", "args":
 ["start", "S-0042"]}``); the reply is one JSON object with ``ok`` true/false.
 
-Only ``zmq`` and the standard library are imported at module level; numpy and
-OpenCV are imported by :func:`overlay_image` only.
+Only ``zmq``, jsonschema and the standard library are imported at module
+level; numpy and OpenCV are imported by :func:`cam_array` and
+:func:`overlay_image` only.
 """
 from __future__ import annotations
 
@@ -27,16 +40,19 @@ import json
 import math
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
+from armscope.core import message_schema
+from armscope.core.curve import apply_curve_client, load_keypair, write_keypair  # noqa: F401  (re-exported)
 from armscope.core.errors import ArmscopeError
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
-TOPIC_OVERLAY = b"overlay"
+TOPIC_OVERLAY = b"overlay"      # the overlay as data: decision, probabilities, CAM, geometry, timestamps
 TOPIC_STATUS = b"status"
-TOPICS = (TOPIC_OVERLAY, TOPIC_STATUS)
+TOPIC_RENDERED = b"rendered"    # opt-in: the overlay as an RGBA bitmap (not a prefix of "overlay", on purpose)
+TOPICS = (TOPIC_OVERLAY, TOPIC_STATUS, TOPIC_RENDERED)
+SUBSCRIBE_DEFAULT = (TOPIC_OVERLAY, TOPIC_STATUS)
 
 DEFAULT_PUBLISH = "tcp://127.0.0.1:5556"
 DEFAULT_CONTROL = "tcp://127.0.0.1:5557"
@@ -55,17 +71,11 @@ REASON_NO_TISSUE = "no_tissue"        # too little stained tissue in the crop (m
 REASON_OUT_OF_FOCUS = "out_of_focus"  # tissue present but the image is blurred
 
 FORMAT_RGBA8 = "RGBA8"         # straight (non-premultiplied) alpha, row-major, 4 bytes/pixel
-ENCODING_RAW = "raw"           # payload = height * width * 4 bytes
-ENCODING_PNG = "png"           # payload = one PNG file (RGBA, 8 bit)
+ENCODING_RAW = "raw"           # overlay: the CAM array; rendered: height * width * 4 bytes
+ENCODING_PNG = "png"           # rendered: one PNG file (RGBA, 8 bit)
 ENCODING_NONE = "none"         # empty payload (status messages)
 ENCODINGS = (ENCODING_RAW, ENCODING_PNG)
-
-# Header keys every message has, then the extra keys per topic.
-COMMON_KEYS = ("schema", "topic", "run_id", "seq", "publish_mono", "publish_wall", "model_id", "slide_id",
-               "stale_after_ms", "encoding", "payload_bytes")
-OVERLAY_KEYS = COMMON_KEYS + ("frame_id", "capture_mono", "capture_wall", "classes", "probs", "decision",
-                              "width", "height", "format", "region")
-STATUS_KEYS = COMMON_KEYS + ("state", "heartbeat", "frame_id")
+CAM_DTYPES = {"float16": 2, "uint8": 1}   # cam.dtype -> bytes per value
 
 
 class ProtocolError(ArmscopeError):
@@ -91,7 +101,7 @@ class Message:
 
     def latency_ms(self) -> float | None:
         """Capture -> publish latency the daemon measured, for overlays."""
-        if not self.is_overlay:
+        if "capture_mono" not in self.header:
             return None
         return (float(self.header["publish_mono"]) - float(self.header["capture_mono"])) * 1000.0
 
@@ -110,13 +120,27 @@ def _json_default(value):
 
 
 def encode(topic: bytes | str, header: dict, payload: bytes = b"") -> list[bytes]:
-    """The three frames for ``send_multipart``. ``header`` must already be complete."""
+    """The three frames for ``send_multipart``. ``header`` must already be
+    complete; it is validated against its topic's schema and the payload
+    (the daemon never sends what a subscriber would refuse)."""
     topic = topic.encode() if isinstance(topic, str) else topic
     if topic not in TOPICS:
         raise ProtocolError(f"topic {topic!r}: expected one of {[t.decode() for t in TOPICS]}")
     header = dict(header, schema=SCHEMA_VERSION, topic=topic.decode(), payload_bytes=len(payload))
     text = json.dumps(header, separators=(",", ":"), allow_nan=False, default=_json_default)
+    _check(topic, json.loads(text), len(payload))   # the header as a subscriber will read it
     return [topic, text.encode("utf-8"), bytes(payload)]
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"number {text[:20]} is out of range")
+    return value
+
+
+def _no_constant(name: str):
+    raise ValueError(f"{name} is not JSON")
 
 
 def decode(frames: list[bytes]) -> Message:
@@ -127,61 +151,107 @@ def decode(frames: list[bytes]) -> Message:
     if topic not in TOPICS:
         raise ProtocolError(f"frame 0 (topic): {topic[:32]!r} is not one of {[t.decode() for t in TOPICS]}")
     try:
-        header = json.loads(bytes(frames[1]).decode("utf-8"))
+        # NaN, Infinity and 1e999 are refused here, so every number in a header is finite.
+        header = json.loads(bytes(frames[1]).decode("utf-8"), parse_float=_finite_float, parse_constant=_no_constant)
     except (ValueError, RecursionError) as exc:
         # ValueError covers UnicodeDecodeError, JSONDecodeError and integers
         # too long to convert; RecursionError comes from absurdly nested JSON.
         raise ProtocolError(f"frame 1 (header): not UTF-8 JSON ({type(exc).__name__}: {str(exc)[:200]})") from None
     if not isinstance(header, dict):
         raise ProtocolError("frame 1 (header): expected a JSON object")
-    if header.get("schema") != SCHEMA_VERSION:
-        raise ProtocolError(f"header key schema: {header.get('schema')!r}, this subscriber supports {SCHEMA_VERSION}")
-    required = OVERLAY_KEYS if topic == TOPIC_OVERLAY else STATUS_KEYS
-    missing = [k for k in required if k not in header]
-    if missing:
-        raise ProtocolError(f"header of a {topic.decode()} message: missing keys {missing}")
     payload = bytes(frames[2])
-    # Type-check the keys used in arithmetic below, so a malformed header is a
-    # ProtocolError, never a TypeError (or "x" * 10**9 from width * height).
-    int_keys = ("payload_bytes", "width", "height") if topic == TOPIC_OVERLAY else ("payload_bytes",)
-    for key in int_keys:
-        if not _is_int(header[key]) or header[key] < 0:
-            raise ProtocolError(f"header key {key}: {str(header[key])[:40]!r} is not a non-negative integer")
-    if header["payload_bytes"] != len(payload):
-        raise ProtocolError(f"header key payload_bytes: {header['payload_bytes']}, but frame 2 has {len(payload)} bytes")
-    if topic == TOPIC_OVERLAY:
-        if header["encoding"] not in ENCODINGS:
-            raise ProtocolError(f"header key encoding: {header['encoding']!r}, expected one of {list(ENCODINGS)}")
-        if header["format"] != FORMAT_RGBA8:
-            raise ProtocolError(f"header key format: {header['format']!r}, expected {FORMAT_RGBA8!r}")
-        if header["encoding"] == ENCODING_RAW and len(payload) != header["width"] * header["height"] * 4:
-            raise ProtocolError(f"header keys width/height: {header['width']}x{header['height']} RGBA8 is "
-                                f"{header['width'] * header['height'] * 4} bytes, payload has {len(payload)}")
-        if not isinstance(header["probs"], list) or not isinstance(header["classes"], list):
-            raise ProtocolError("header keys probs/classes: expected lists")
-        if len(header["probs"]) != len(header["classes"]):
-            raise ProtocolError("header keys probs/classes: lengths differ")
-        subtype = header.get("subtype")
-        if subtype is not None:  # optional (cascade bundles); docs/protocol.md
-            if not isinstance(subtype, dict) or not isinstance(subtype.get("classes"), list) \
-                    or not isinstance(subtype.get("probs"), list) or not isinstance(subtype.get("decision"), dict):
-                raise ProtocolError("header key subtype: expected null or an object with lists classes/probs "
-                                    "and an object decision")
-            if len(subtype["probs"]) != len(subtype["classes"]):
-                raise ProtocolError("header key subtype: probs/classes lengths differ")
-    elif header["state"] not in STATES:
-        raise ProtocolError(f"header key state: {header['state']!r}, expected one of {list(STATES)}")
+    _check(topic, header, len(payload))
     return Message(topic.decode(), header, payload)
 
 
-def _is_int(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
+def _check(topic: bytes, header: dict, payload_bytes: int) -> None:
+    """The version, the topic's schema, then what a schema cannot say."""
+    if header.get("schema") != SCHEMA_VERSION:
+        raise ProtocolError(f"header key schema: {str(header.get('schema'))[:20]}, this subscriber supports "
+                            f"{SCHEMA_VERSION}" + (" (version 1 sent the overlay as a bitmap: see docs/protocol.md)"
+                                                  if header.get("schema") == 1 else ""))
+    name = topic.decode()
+    if (problem := message_schema.header_problem(name, header)) is not None:
+        raise ProtocolError(problem)
+    if header["topic"] != name:
+        raise ProtocolError(f"header key topic: {header['topic']!r}, but frame 0 is {name!r}")
+    if header["payload_bytes"] != payload_bytes:
+        raise ProtocolError(f"header key payload_bytes: {header['payload_bytes']}, but frame 2 has {payload_bytes} bytes")
+    if topic == TOPIC_STATUS:
+        return
+    _check_decision(header["probs"], header["classes"], header["decision"], "")
+    if header.get("subtype") is not None:  # optional (cascade bundles); docs/protocol.md
+        s = header["subtype"]
+        _check_decision(s["probs"], s["classes"], s["decision"], "subtype.")
+    r = header["region"]
+    if r["x"] + r["size"] > r["frame_width"] or r["y"] + r["size"] > r["frame_height"]:
+        raise ProtocolError(f"header key region: crop x={r['x']} y={r['y']} size={r['size']} is not inside the "
+                            f"{r['frame_width']}x{r['frame_height']} frame")
+    if topic == TOPIC_RENDERED:
+        if header["encoding"] == ENCODING_RAW and payload_bytes != header["width"] * header["height"] * 4:
+            raise ProtocolError(f"header keys width/height: {header['width']}x{header['height']} RGBA8 is "
+                                f"{header['width'] * header['height'] * 4} bytes, payload has {payload_bytes}")
+        return
+    c = header["cam"]
+    if c["index"] >= c["classes"]:
+        raise ProtocolError(f"header key cam.index: {c['index']} is not an index into its {c['classes']} maps")
+    want = c["classes"] * c["height"] * c["width"] * CAM_DTYPES[c["dtype"]]
+    if payload_bytes != want:
+        raise ProtocolError(f"header key cam: {c['classes']}x{c['height']}x{c['width']} {c['dtype']} is {want} "
+                            f"bytes, payload has {payload_bytes}")
+    b = c["box"]
+    if b["x"] > r["x"] or b["y"] > r["y"] or b["x"] + b["size"] < r["x"] + r["size"] \
+            or b["y"] + b["size"] < r["y"] + r["size"]:
+        raise ProtocolError(f"header key cam.box: {b} does not cover the region x={r['x']} y={r['y']} "
+                            f"size={r['size']}")
+
+
+def _check_decision(probs: list, classes: list, decision: dict, prefix: str) -> None:
+    if len(probs) != len(classes):
+        raise ProtocolError(f"header keys {prefix}probs/{prefix}classes: lengths differ")
+    if decision["index"] >= len(classes):
+        raise ProtocolError(f"header key {prefix}decision.index: {decision['index']} is not an index into its "
+                            f"{len(classes)} classes")
+
+
+def cam_array(message: Message):
+    """The CAM maps of an ``overlay`` as float32 (classes, height, width), in
+    the model's units (``cam.scale`` applied). Raises ProtocolError on a
+    non-finite value (a float16 payload can carry NaN/inf bit patterns)."""
+    import numpy as np
+
+    c = message.header["cam"]
+    dtype = np.dtype("<f2") if c["dtype"] == "float16" else np.dtype(np.uint8)
+    maps = np.frombuffer(message.payload, dtype=dtype).reshape(c["classes"], c["height"], c["width"])
+    maps = maps.astype(np.float32) * np.float32(c["scale"])
+    if not np.isfinite(maps).all():
+        raise ProtocolError("overlay payload: the CAM holds non-finite values")
+    return maps
+
+
+def cam_payload(maps, dtype: str = "float16") -> tuple[bytes, float]:
+    """``(payload, scale)`` for (classes, height, width) CAM maps: float16 as
+    is (scale 1), or uint8 of ``maps / scale`` with ``scale = max / 255``
+    (negative values clamp to 0: Grad-CAM is rectified)."""
+    import numpy as np
+
+    maps = np.ascontiguousarray(maps, dtype=np.float32)
+    if dtype == "float16":
+        return maps.astype("<f2").tobytes(), 1.0
+    if dtype != "uint8":
+        raise ValueError(f"cam dtype {dtype!r}: expected one of {list(CAM_DTYPES)}")
+    peak = float(maps.max()) if maps.size else 0.0
+    scale = peak / 255.0 if peak > 0 and math.isfinite(peak) else 1.0
+    return np.clip(np.rint(maps / scale), 0, 255).astype(np.uint8).tobytes(), scale
 
 
 def overlay_image(message: Message):
-    """The overlay as a numpy (height, width, 4) uint8 RGBA array (straight alpha)."""
+    """A ``rendered`` message's overlay as a numpy (height, width, 4) uint8 RGBA array (straight alpha)."""
     import numpy as np
 
+    if "width" not in message.header:
+        raise ProtocolError(f"a {message.topic} message carries no bitmap: subscribe to 'rendered' "
+                            "(daemon option rendered_topic) or render the CAM (armscope.core.overlay)")
     h, w = int(message.header["height"]), int(message.header["width"])
     if message.header["encoding"] == ENCODING_RAW:
         return np.frombuffer(message.payload, dtype=np.uint8).reshape(h, w, 4)
@@ -224,18 +294,32 @@ def endpoint_problem(endpoint: str, *, bind: bool) -> str | None:
     return None
 
 
-class Subscriber:
-    """A SUB socket set up the way this protocol expects (small RCVHWM, no
-    linger). ``recv_latest`` is what a display wants: everything queued is
-    drained and only the newest message per topic is returned, so a slow
-    reader never works through a backlog."""
+RCVHWM = 4
+RCVBUF_BYTES = 16 * 1024   # the kernel doubles it: ~32 KiB, a few v2 overlays and heartbeats, never seconds of them
 
-    def __init__(self, endpoint: str = DEFAULT_PUBLISH, topics=TOPICS, context=None, curve: dict | None = None):
+
+class Subscriber:
+    """A SUB socket set up the way this protocol expects (small RCVHWM, a
+    small kernel receive buffer, no linger), options set before it connects
+    (libzmq ignores them afterwards). ``recv_latest`` is what a display wants:
+    everything queued is drained and only the newest message per topic is
+    returned, so a slow reader never works through a backlog.
+
+    Why a fixed ``SO_RCVBUF``: left alone, Linux grows a TCP receive buffer
+    up to megabytes, which holds minutes of few-KB overlays for a reader that
+    stalled; set, it stays small (and TCP flow control then holds the daemon's
+    sends back, where its own small buffers drop them). A ``rendered``
+    subscriber can pass a larger ``rcvbuf`` for throughput.
+    ``topics``: ``overlay`` and ``status`` by default; ``rendered`` is opt-in."""
+
+    def __init__(self, endpoint: str = DEFAULT_PUBLISH, topics=SUBSCRIBE_DEFAULT, context=None,
+                 curve: dict | None = None, rcvbuf: int = RCVBUF_BYTES):
         zmq = _zmq()
         self._own_context = context is None
         self.context = context or zmq.Context()
         self.socket = self.context.socket(zmq.SUB)
-        self.socket.setsockopt(zmq.RCVHWM, 4)
+        self.socket.setsockopt(zmq.RCVHWM, RCVHWM)
+        self.socket.setsockopt(zmq.RCVBUF, int(rcvbuf))
         self.socket.setsockopt(zmq.LINGER, 0)
         if curve:
             apply_curve_client(self.socket, **curve)
@@ -337,67 +421,6 @@ def control_request(command: str | dict, endpoint: str = DEFAULT_CONTROL, timeou
         return json.loads(sock.recv().decode("utf-8"))
     finally:
         sock.close(0)
-
-
-# ---------------------------------------------------------------- CurveZMQ keys
-
-
-def _read_z85(path: Path, field: str) -> bytes | None:
-    """Read ``public-key``/``secret-key`` from a ZPL certificate (the format
-    ``zmq.auth`` uses, so its tools read our files and vice versa)."""
-    if not path.is_file():
-        raise ArmscopeError(f"{path}: no such CurveZMQ key file")
-    for line in path.read_text().splitlines():
-        line = line.strip()
-        if line.startswith(field):
-            _, _, value = line.partition("=")
-            value = value.strip().strip('"')
-            if len(value) != 40:
-                raise ArmscopeError(f"{path}: {field} is not a 40-character Z85 key")
-            return value.encode()
-    return None
-
-
-def load_keypair(path: str | Path) -> tuple[bytes, bytes | None]:
-    """(public, secret or None) from ``NAME.key`` or ``NAME.key_secret``."""
-    path = Path(path)
-    public = _read_z85(path, "public-key")
-    if public is None:
-        raise ArmscopeError(f"{path}: no public-key line (expected a ZPL certificate written by 'armscope keys')")
-    return public, _read_z85(path, "secret-key")
-
-
-def apply_curve_client(socket, server_public: str | Path, client_secret: str | Path) -> None:
-    """Configure a client socket (SUB, REQ) for CurveZMQ: the server's public
-    key file and this client's secret key file."""
-    server_key, _ = load_keypair(server_public)
-    public, secret = load_keypair(client_secret)
-    if secret is None:
-        raise ArmscopeError(f"{client_secret}: has no secret-key (pass the .key_secret file)")
-    socket.curve_serverkey = server_key
-    socket.curve_publickey = public
-    socket.curve_secretkey = secret
-
-
-def write_keypair(directory: str | Path, name: str, force: bool = False) -> tuple[Path, Path]:
-    """Make a CurveZMQ keypair with ``zmq.curve_keypair`` and write
-    ``NAME.key`` (public, give it to peers) and ``NAME.key_secret`` (mode 0600)."""
-    zmq = _zmq()
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    public_path, secret_path = directory / f"{name}.key", directory / f"{name}.key_secret"
-    for path in (public_path, secret_path):
-        if path.exists() and not force:
-            raise ArmscopeError(f"{path}: already exists (use --force to replace it)")
-    public, secret = zmq.curve_keypair()
-    banner = "#   ZeroMQ CURVE certificate written by 'armscope keys'\n"
-    public_text = f"{banner}metadata\ncurve\n    public-key = \"{public.decode()}\"\n"
-    secret_text = public_text + f"    secret-key = \"{secret.decode()}\"\n"
-    public_path.write_text(public_text)
-    secret_path.touch(mode=0o600)
-    secret_path.chmod(0o600)
-    secret_path.write_text(secret_text)
-    return public_path, secret_path
 
 
 def now_pair() -> tuple[float, float]:

@@ -96,6 +96,7 @@ def snapshot(daemon) -> list:
         last = daemon.last
     if last is not None:
         frame, rgba, header = last
+        rgba = rgba() if callable(rgba) else rgba   # the bitmap is drawn only when asked for (protocol v2)
     else:
         frame = getattr(daemon, "capture", None) and daemon.capture.latest
         if frame is None:

@@ -72,7 +72,10 @@ OPTIONS: tuple[Option, ...] = (
            choices=CPU_PRECISIONS),
     Option("layout", str, "auto", "ensemble layout: concurrent per-member sessions/streams (ONNX Runtime: 1.66x faster than one merged session on a 2-core CPU, BENCHMARKS.md) or one merged graph (faster for OpenVINO); auto = the faster for the backend", choices=("auto", "merged", "members")),
     Option("threads", int, 0, "inference threads (0 = all cores)", minimum=0, maximum=256),
-    Option("encoding", str, "raw", "overlay payload encoding", choices=("raw", "png")),
+    Option("encoding", str, "raw", "payload encoding of the opt-in 'rendered' topic", choices=("raw", "png")),
+    Option("rendered_topic", bool, False, "also publish each overlay as an RGBA bitmap on the 'rendered' topic, "
+           "for subscribers that only paste a picture (docs/protocol.md 1.3)"),
+    Option("cam_dtype", str, "float16", "how the 'overlay' topic carries the CAM", choices=("float16", "uint8")),
     Option("overlay_size", int, 0, "overlay side in pixels (0 = the model's crop size)", minimum=0, maximum=8192),
     Option("max_alpha", float, 0.6, "overlay opacity at the hottest CAM value", minimum=0.0, maximum=1.0),
     Option("threshold", float, -1.0, "decision threshold on the positive class (-1 = the manifest's)",

@@ -122,7 +122,7 @@ class Daemon(FrameStages):
             self.step_backends[when] = open_backend(step.bundle, cfg.backend, **options)
             log.info("cascade: when %r, then %s, classes %s, backend %s", when, model_id(step.bundle),
                      step.bundle.classes, self.step_backends[when].describe())
-        pub = pub_socket(self.context, self.overlay_size)
+        pub = pub_socket(self.context, self.overlay_size if cfg.rendered_topic else None)
         rep = rep_socket(self.context)
         try:  # on any failure close both: an open socket would make shutdown's context.term() wait forever
             if cfg.curve_server_secret:

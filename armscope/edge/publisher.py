@@ -4,8 +4,10 @@ subscribers can never slow the daemon down, and the common header fields
 
 Why these options: ``SNDHWM=2`` (one overlay and one status per subscriber
 at most) makes libzmq drop instead of queue for a subscriber that does not
-read; ``SNDBUF`` (the kernel's send buffer per connection) is sized to one
-overlay, so the kernel cannot hold a backlog of old overlays either;
+read; ``SNDBUF`` (the kernel's send buffer per connection) is sized to the
+largest message sent (a v2 overlay is a few KB: 16 KiB; with the opt-in
+``rendered`` topic one raw bitmap), so the kernel cannot hold a backlog of
+old overlays either (a 4 MiB buffer held ~1000 few-KB overlays);
 ``send(NOBLOCK)`` makes sure the sending thread never waits (PUB drops
 anyway, NOBLOCK is belt and braces); ``LINGER=0`` lets the daemon exit at once
 even with unsent messages. ``CONFLATE`` is not used: it does not support
@@ -18,6 +20,7 @@ made here, with their options, before anything binds them.
 """
 from __future__ import annotations
 
+import json
 import logging
 import secrets
 import threading
@@ -59,16 +62,23 @@ def make_curve_server(sock: zmq.Socket, public: bytes, secret: bytes) -> None:
 
 SNDHWM = 2
 HEADER_ALLOWANCE = 64 * 1024   # a header frame is a few KB; slack for the topic and framing
+MESSAGE_BUFFER = 16 * 1024     # v2: a header and a CAM (2 x 20 x 20 float16 is 1.6 KB); the kernel doubles it
 
 
-def send_buffer_bytes(overlay_size: int) -> int:
-    """SO_SNDBUF for the PUB socket: one raw RGBA overlay of ``overlay_size``
-    squared pixels plus its header (docs/protocol.md 1.5)."""
+def send_buffer_bytes(overlay_size: int | None) -> int:
+    """SO_SNDBUF for the PUB socket (docs/protocol.md 1.6): with the opt-in
+    ``rendered`` topic one raw RGBA bitmap of ``overlay_size`` squared pixels
+    plus its header; without (``None``) a few v2 messages. A message larger
+    than the buffer is still sent (TCP streams it); the buffer only bounds
+    what can wait in the kernel."""
+    if overlay_size is None:
+        return MESSAGE_BUFFER
     return overlay_size * overlay_size * 4 + HEADER_ALLOWANCE
 
 
-def pub_socket(context: zmq.Context, overlay_size: int) -> zmq.Socket:
-    """A PUB socket with the options that must be in force before it binds."""
+def pub_socket(context: zmq.Context, overlay_size: int | None = None) -> zmq.Socket:
+    """A PUB socket with the options that must be in force before it binds
+    (``overlay_size``: the ``rendered`` topic's bitmap side, or None without it)."""
     sock = context.socket(zmq.PUB)
     sock.setsockopt(zmq.SNDHWM, SNDHWM)
     sock.setsockopt(zmq.SNDBUF, send_buffer_bytes(overlay_size))
@@ -140,7 +150,9 @@ class Publisher:
                 self.sent += 1
             except zmq.Again:
                 self.send_failures += 1
-            return header
+            # the header as it went out (schema, topic, payload_bytes, finite numbers): what a
+            # subscriber decodes, and what a snapshot saves (docs/protocol.md 2)
+            return json.loads(frames[1])
 
     def close(self) -> None:
         with self.lock:

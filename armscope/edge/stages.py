@@ -14,16 +14,18 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
+from functools import partial
 
 import cv2
 import numpy as np
 
 from armscope.core import protocol
 from armscope.core.decision import decide
-from armscope.core.overlay import focus_mask, heat_rgba
+from armscope.core.overlay import heat_rgba
 from armscope.core.preprocess import crop_box, gate_region, preprocess_frame
 from armscope.edge import pacing
 from armscope.edge.capture import Frame
+from armscope.edge.overlay_message import focus_bbox, overlay_message, rendered_message  # noqa: F401  (focus_bbox re-exported)
 from armscope.edge.pipeline import SlotClosed
 
 log = logging.getLogger(__name__)
@@ -43,7 +45,9 @@ class Work:
     outputs: dict | None = None
     decision: dict | None = None     # step one's
     subtype: dict | None = None      # the second step's result (cascade bundles), else None
-    cam: np.ndarray | None = None    # the CAM the overlay shows: of the most specific decision
+    cam: np.ndarray | None = None    # the CAM the overlay shows: of the most specific decision, as the region sees it
+    cams: np.ndarray | None = None   # all maps of the step that made ``cam`` (C, h, w), as the model made them
+    cam_index: int = 0               # ``cam``'s map in ``cams``
 
 
 def inner_square_cam(cam: np.ndarray, frame_shape) -> np.ndarray:
@@ -57,16 +61,6 @@ def inner_square_cam(cam: np.ndarray, frame_shape) -> np.ndarray:
     full = cv2.resize(cam.astype(np.float32), (side, side), interpolation=cv2.INTER_LINEAR)
     start = (side - inner) // 2
     return full[start:start + inner, start:start + inner]  # the frame sits centred in the square on both axes
-
-
-def focus_bbox(cam: np.ndarray, size: int) -> list[int] | None:
-    """[x, y, w, h] in overlay pixels of the AI-focused region (armscope.core.overlay.focus_mask)."""
-    ys, xs = np.nonzero(focus_mask(cam))
-    if len(xs) == 0:
-        return None
-    sy, sx = size / cam.shape[0], size / cam.shape[1]
-    x0, y0 = int(xs.min() * sx), int(ys.min() * sy)
-    return [x0, y0, int((xs.max() + 1) * sx) - x0, int((ys.max() + 1) * sy) - y0]
 
 
 class FrameStages:
@@ -178,12 +172,13 @@ class FrameStages:
         t0 = time.monotonic()
         work.outputs = self.backend.infer(work.batch)
         work.decision = decide(work.outputs["probs"][0], self.bundle.task, self.threshold)
-        work.cam = work.outputs["cam"][0, work.decision["index"]]
+        work.cams, work.cam_index = work.outputs["cam"][0], work.decision["index"]
         step = self.steps.get(work.decision["label"])
         if step is not None:
             sub = self.step_backends[step.when].infer(work.batch)
             work.subtype = step.result(sub["probs"][0])
-            work.cam = sub["cam"][0, work.subtype["decision"]["index"]]
+            work.cams, work.cam_index = sub["cam"][0], work.subtype["decision"]["index"]
+        work.cam = work.cams[work.cam_index]
         if self.spec.center_crop == 0:
             work.cam = inner_square_cam(work.cam, work.frame.image.shape)
         work.batch = None
@@ -233,33 +228,24 @@ class FrameStages:
         """Render and publish one classified frame; False if it was too old to publish."""
         t0 = time.monotonic()
         probs = work.outputs["probs"][0]
-        decision, cam = work.decision, work.cam
-        size = self.overlay_size
-        rgba = heat_rgba(cam, size, max_alpha=self.config.max_alpha)
-        if self.config.encoding == protocol.ENCODING_PNG:
-            ok, png = cv2.imencode(".png", cv2.cvtColor(rgba, cv2.COLOR_RGBA2BGRA), [cv2.IMWRITE_PNG_COMPRESSION, 1])
-            payload = png.tobytes()
-        else:
-            payload = rgba.tobytes()
+        cfg = self.config
+        header, payload = overlay_message(work, self.classes, max_alpha=cfg.max_alpha, dtype=cfg.cam_dtype,
+                                          whole_image=self.spec.center_crop == 0)
+        rgba = partial(heat_rgba, work.cam, self.overlay_size, max_alpha=cfg.max_alpha)  # for a snapshot
+        if cfg.rendered_topic:
+            rendered, rendered_payload, rgba = rendered_message(work, self.classes, size=self.overlay_size,
+                                                                max_alpha=cfg.max_alpha, encoding=cfg.encoding)
         frame = work.frame
-        top, left, crop = work.box
         t1 = time.monotonic()
         times = work.times
         times["render"] = (t1 - t0) * 1000
         times["total"] = (t1 - frame.capture_mono) * 1000
-        header = {
-            "frame_id": frame.id, "capture_mono": frame.capture_mono, "capture_wall": frame.capture_wall,
-            "classes": self.classes, "probs": [protocol.finite(p) for p in probs],
-            "decision": {k: (protocol.finite(v) if k in ("score", "threshold") else v) for k, v in decision.items()},
-            "width": size, "height": size, "format": protocol.FORMAT_RGBA8, "encoding": self.config.encoding,
-            "region": {"frame_width": frame.image.shape[1], "frame_height": frame.image.shape[0],
-                       "x": left, "y": top, "size": crop},
-            "subtype": work.subtype,
-            "focus_bbox": focus_bbox(cam, size), "measures": work.measures,
-            "latency_ms": {k: round(v, 2) for k, v in times.items() if not k.startswith("_")},
-        }
+        header["latency_ms"] = {k: round(v, 2) for k, v in times.items() if not k.startswith("_")}
         slide_id = self.slides.slide_id
         sent = self.publisher.send(protocol.TOPIC_OVERLAY, header, payload, slide_id)
+        if sent is not None and cfg.rendered_topic:
+            rendered["latency_ms"] = header["latency_ms"]
+            self.publisher.send(protocol.TOPIC_RENDERED, rendered, rendered_payload, slide_id)
         t2 = time.monotonic()
         # The field was classified: it counts for the slide even when too old to show.
         self.slides.add(probs, slide_id, work.subtype)

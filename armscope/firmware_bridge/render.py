@@ -1,0 +1,233 @@
+"""Geometry and rendering in display pixels: where the daemon's overlay lies on
+the eyepiece display, and the pixels the display should emit there.
+
+Why one module: every map from the camera to the display passes through
+here, for both overlay forms of the protocol (docs/protocol.md 1.2, 1.3):
+
+* **v2, the CAM as data** (:func:`render_cam_for_display`, what the bridge
+  runs): for each display pixel of the overlay's footprint, its position is
+  mapped back through the registration to CAM coordinates and the CAM is
+  sampled (bilinear) and coloured there, the outline of the focused region
+  is traced in display pixels and the crop's edge is antialiased. The CAM is
+  a few hundred values, so nothing large is resampled twice, and edges and
+  outline stay sharp at any registration.
+* **v1, a rendered bitmap** (:func:`render_for_display`): the RGBA bitmap
+  warped into the display, for ``armscope bridge bench``'s comparison and for
+  subscribers of the opt-in ``rendered`` topic.
+
+Both return ``(image, region)``: the (h, w, 3) RGB (or (h, w) luma for grey
+displays) that the additive display should emit inside ``region`` = (x, y,
+w, h), black (see-through) everywhere else.
+"""
+from __future__ import annotations
+
+import functools
+
+import cv2
+import numpy as np
+
+from armscope.core.overlay import premultiplied_jet
+
+from .displays import Display
+from .registration import Registration
+
+_LUMA = np.array([0.299, 0.587, 0.114], np.float32)   # Rec.601, as cv2.COLOR_RGB2GRAY
+
+
+def camera_to_display_matrix(region: dict, registration: Registration | None,
+                             display_size: tuple[int, int]) -> np.ndarray:
+    """3x3 homography from camera pixels to display pixels: the registration's,
+    or without one the uncalibrated default (the whole camera frame scaled
+    uniformly to fit the display and centred; the CLI warns about it)."""
+    if registration is not None:
+        return registration.matrix
+    fw, fh = region["frame_width"], region["frame_height"]
+    dw, dh = display_size
+    s = min(dw / fw, dh / fh)
+    return np.array([[s, 0.0, (dw - s * fw) / 2 + 0.5 * s - 0.5],
+                     [0.0, s, (dh - s * fh) / 2 + 0.5 * s - 0.5],
+                     [0.0, 0.0, 1.0]])
+
+
+def grid_to_camera(x: float, y: float, size: float, grid: tuple[int, int]) -> np.ndarray:
+    """3x3 map from a (w, h) grid laid over the camera square at ``x, y`` of side
+    ``size`` (an overlay bitmap, a CAM) to camera pixels; pixel centres map to
+    pixel centres (the convention of ``cv2.resize``)."""
+    w, h = grid
+    sx, sy = size / w, size / h
+    return np.array([[sx, 0.0, x + 0.5 * sx - 0.5], [0.0, sy, y + 0.5 * sy - 0.5], [0.0, 0.0, 1.0]])
+
+
+def overlay_to_display_matrix(region: dict, overlay_size: tuple[int, int],
+                              registration: Registration | None, display_size: tuple[int, int]) -> np.ndarray:
+    """3x3 homography from overlay pixels to display pixels.
+
+    The overlay covers the square crop ``region`` of the camera frame
+    (docs/protocol.md 1.2), scaled by ``size / width``; pixel centres map to
+    pixel centres (the convention of ``cv2.resize``).  That is composed with
+    the camera -> display registration.  Without a registration the display
+    is assumed to show the whole camera frame, scaled uniformly to fit and
+    centred (an uncalibrated default; the CLI warns about it).
+    """
+    to_camera = grid_to_camera(region["x"], region["y"], region["size"], overlay_size)
+    return camera_to_display_matrix(region, registration, display_size) @ to_camera
+
+
+def overlay_footprint(matrix: np.ndarray, overlay_size: tuple[int, int],
+                      display_size: tuple[int, int]) -> tuple[int, int, int, int] | None:
+    """Display pixels (x, y, w, h) the warped overlay can touch, or None if it
+    misses the display: the bounding box of the overlay's corners (pixel edges,
+    -0.5 .. size-0.5) mapped through ``matrix``, grown by one pixel for the
+    bilinear footprint and clipped. Outside it the warp is the transparent
+    border by construction, so nothing outside needs computing or sending."""
+    w, h = overlay_size
+    corners = np.array([[-0.5, -0.5], [w - 0.5, -0.5], [w - 0.5, h - 0.5], [-0.5, h - 0.5]], np.float64)
+    pts = cv2.perspectiveTransform(corners[None], matrix)[0]
+    if not np.isfinite(pts).all():
+        return (0, 0, int(display_size[0]), int(display_size[1]))  # through the horizon: be safe, whole display
+    dw, dh = (int(v) for v in display_size)
+    x0 = max(0, int(np.floor(pts[:, 0].min())) - 1)
+    y0 = max(0, int(np.floor(pts[:, 1].min())) - 1)
+    x1 = min(dw, int(np.ceil(pts[:, 0].max())) + 2)
+    y1 = min(dh, int(np.ceil(pts[:, 1].max())) + 2)
+    if x1 <= x0 or y1 <= y0:
+        return None
+    return (x0, y0, x1 - x0, y1 - y0)
+
+
+def render_for_display(rgba: np.ndarray, matrix: np.ndarray, display_size: tuple[int, int], *,
+                       luma: bool = False, align=None) -> tuple[np.ndarray, tuple[int, int, int, int]]:
+    """Warp a straight-alpha RGBA overlay to the display and composite it over
+    black: ``(image, region)``, the (h, w, 3) RGB the additive display should
+    emit inside ``region`` = (x, y, w, h) before its brightness/gamma and pixel
+    packing (done by the ``Display``); everything outside ``region`` is black.
+
+    Only the overlay's footprint is warped (a display shows the crop square,
+    about half its pixels) and the display sends only that region plus what
+    it must clear (partial update): at 1280x720 RGB565 a full frame is 1.8 MB,
+    20 s on a 921600-baud UART. Warped in premultiplied form, as
+    ``registration.warp`` does, so colour hidden under alpha 0 never bleeds
+    into visible pixels.
+
+    ``align``: the display's ``Display.align``, so the region is already one
+    the display can address (MONO1: whole bytes) and needs no padding copy.
+    ``luma``: for grey displays (``Display.luma_input``), return the (h, w)
+    Rec.601 luma instead of RGB; it is computed before the warp, which is
+    linear, so one channel is warped instead of four (within 1 grey level of
+    warping RGB first)."""
+    rgba = np.ascontiguousarray(rgba)
+    region = overlay_footprint(matrix, (rgba.shape[1], rgba.shape[0]), display_size)
+    if region is None:  # the overlay misses the display entirely: show black
+        region = (0, 0, 1, 1) if align is None else align((0, 0, 1, 1))
+        return np.zeros((region[3], region[2]) if luma else (region[3], region[2], 3), np.uint8), region
+    if align is not None:
+        region = align(region)
+    x, y, w, h = region
+    shift = np.array([[1.0, 0.0, -x], [0.0, 1.0, -y], [0.0, 0.0, 1.0]])
+    premult = cv2.cvtColor(rgba, cv2.COLOR_RGBA2mRGBA)
+    src = cv2.cvtColor(premult, cv2.COLOR_RGBA2GRAY) if luma else premult
+    out = cv2.warpPerspective(src, shift @ matrix, (w, h), flags=cv2.INTER_LINEAR,
+                              borderMode=cv2.BORDER_CONSTANT, borderValue=(0, 0, 0, 0))
+    return (out if luma else cv2.cvtColor(out, cv2.COLOR_RGBA2RGB)), region
+
+
+def render_for(display: Display, rgba: np.ndarray, matrix: np.ndarray,
+               display_size: tuple[int, int]) -> tuple[np.ndarray, tuple[int, int, int, int]]:
+    """``render_for_display`` as ``display`` wants it (its alignment, luma for
+    grey displays): what the bridge does for every overlay."""
+    return render_for_display(rgba, matrix, display_size, luma=display.luma_input, align=display.align)
+
+
+def _edges_to_display(x: float, y: float, size: float, camera_to_display: np.ndarray) -> np.ndarray:
+    """The camera square's pixel edges (x - 0.5 .. x + size - 0.5) in display pixels: (4, 2)."""
+    lo, hi = -0.5, size - 0.5
+    corners = np.array([[x + lo, y + lo], [x + hi, y + lo], [x + hi, y + hi], [x + lo, y + hi]], np.float64)
+    return cv2.perspectiveTransform(corners[None], camera_to_display)[0]
+
+
+@functools.lru_cache(maxsize=4)
+def _lit(size: int) -> np.ndarray:
+    return np.full((size, size), 255, np.uint8)
+
+
+def outline_thickness(size: float, quad: np.ndarray) -> int:
+    """Display pixels of the focus outline: the daemon's bitmap draws it
+    ``max(2, side // 256)`` pixels wide at the crop's size (``heat_rgba``),
+    scaled here by how large the crop appears on the display."""
+    diagonal = (np.linalg.norm(quad[2] - quad[0]) + np.linalg.norm(quad[3] - quad[1])) / 2
+    scale = diagonal / (size * np.sqrt(2.0)) if np.isfinite(diagonal) else 1.0
+    return max(1, int(round(max(2, int(size) // 256) * scale)))
+
+
+def render_cam_for_display(cam: np.ndarray, levels: tuple[float, float], cam_box: tuple[float, float, float],
+                           region: dict, camera_to_display: np.ndarray, display_size: tuple[int, int], *,
+                           max_alpha: float = 0.6, outline: bool = True, luma: bool = False,
+                           align=None) -> tuple[np.ndarray, tuple[int, int, int, int]]:
+    """Render one (h, w) CAM straight into display pixels (protocol v2).
+
+    ``levels``: the daemon's ``(peak, threshold)`` (``armscope.core.overlay.focus_levels``):
+    heat = ``max(cam, 0) / peak``, outline where the CAM is above
+    ``threshold``. ``cam_box``: camera pixels (x, y, side) the CAM grid
+    covers; ``region``: the square shown (``x``, ``y``, ``size``), inside it.
+    Each footprint pixel is mapped through the inverse of ``camera_to_display``
+    to CAM coordinates and the CAM sampled there (``warpPerspective`` does
+    exactly that, bilinear, the CAM's edge values held outwards as
+    ``cv2.resize`` holds them); its level is coloured by one lookup of the
+    premultiplied JET table; the shown square's projected edge is drawn
+    antialiased as coverage; the outline is traced on the display-space
+    mask. ``luma``/``align`` as for :func:`render_for_display`."""
+    x, y, size = region["x"], region["y"], region["size"]
+    quad = _edges_to_display(x, y, size, camera_to_display)
+    matrix = camera_to_display @ grid_to_camera(x, y, size, (size, size))
+    out_region = overlay_footprint(matrix, (size, size), display_size)
+    if out_region is None:  # the overlay misses the display entirely: show black
+        out_region = (0, 0, 1, 1) if align is None else align((0, 0, 1, 1))
+        return np.zeros((out_region[3], out_region[2]) if luma else (out_region[3], out_region[2], 3),
+                        np.uint8), out_region
+    if align is not None:
+        out_region = align(out_region)
+    fx, fy, fw, fh = out_region
+    shift = np.array([[1.0, 0.0, -fx], [0.0, 1.0, -fy], [0.0, 0.0, 1.0]])
+    cam = np.ascontiguousarray(cam, np.float32)
+    bx, by, bsize = cam_box
+    to_footprint = shift @ camera_to_display @ grid_to_camera(bx, by, bsize, (cam.shape[1], cam.shape[0]))
+    rectified = cam.min() >= 0  # Grad-CAM is: then the heat and the outline sample one warped map
+    source = cam if rectified else cv2.merge([np.maximum(cam, 0), cam])
+    warped = cv2.warpPerspective(source, to_footprint, (fw, fh), flags=cv2.INTER_LINEAR,
+                                 borderMode=cv2.BORDER_REPLICATE)
+    heat_raw, outline_raw = (warped, warped) if rectified else cv2.split(warped)
+    peak, threshold = levels
+    if peak > 0:  # (heat * 255) truncated, as heat_rgba quantises it
+        level = cv2.convertScaleAbs(heat_raw, alpha=255.0 / peak, beta=-0.5)
+    else:
+        level = np.zeros((fh, fw), np.uint8)
+    table = premultiplied_jet(max_alpha)
+    if luma:
+        image = cv2.LUT(level, np.rint(table.reshape(256, 3).astype(np.float32) @ _LUMA).astype(np.uint8))
+    else:
+        image = cv2.applyColorMap(level, table)
+    # The shown square's edge, antialiased as the warped bitmap's is: a lit grid over it, warped; the
+    # grid no finer than the footprint (its edge ramp is one cell: at most ~1 display pixel).
+    n = int(min(size, max(fw, fh)))
+    coverage = cv2.warpPerspective(_lit(n), shift @ camera_to_display @ grid_to_camera(x, y, size, (n, n)),
+                                   (fw, fh), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT, borderValue=0)
+    image = cv2.multiply(image, coverage if luma else cv2.merge([coverage] * 3), scale=1 / 255.0)
+    if outline and peak > 0:
+        focused = cv2.compare(outline_raw, float(threshold), cv2.CMP_GT)
+        focused = cv2.bitwise_and(focused, cv2.compare(coverage, 127, cv2.CMP_GT))
+        contours, _ = cv2.findContours(focused, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
+        white = 255 if luma else (255, 255, 255)
+        cv2.drawContours(image, contours, -1, white, outline_thickness(size, quad), cv2.LINE_8)
+    return image, out_region
+
+
+def render_cam_for(display: Display, header: dict, maps: np.ndarray, registration: Registration | None,
+                   display_size: tuple[int, int]) -> tuple[np.ndarray, tuple[int, int, int, int]]:
+    """A v2 ``overlay`` message (``header``, its ``protocol.cam_array`` maps) as
+    ``display`` wants it: what the bridge does for every overlay."""
+    c, region = header["cam"], header["region"]
+    box = c["box"]
+    return render_cam_for_display(maps[c["index"]], (c["peak"], c["threshold"]), (box["x"], box["y"], box["size"]),
+                                  region, camera_to_display_matrix(region, registration, display_size),
+                                  display_size, max_alpha=c["max_alpha"], luma=display.luma_input,
+                                  align=display.align)
