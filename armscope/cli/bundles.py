@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from armscope.cli.common import THREADS, check_out_apart, check_output_file
+from armscope.cli.common import THREADS
 from armscope.core.errors import ArmscopeError
 from armscope.edge.backends import BACKENDS, CPU_PRECISIONS
 
@@ -81,22 +81,11 @@ def _cmd_cascade(args) -> int:
 def _cmd_classify(args) -> int:
     from armscope.edge.classify import classify_images
 
-    inputs = [args.bundle, *args.images]
-    if args.overlay_dir:
-        check_out_apart(args.overlay_dir, inputs, "--overlay-dir")
-    if args.contact_sheet:
-        check_out_apart(args.contact_sheet, inputs, "--contact-sheet")
-        check_output_file(args.contact_sheet, "--contact-sheet")
-        if Path(args.contact_sheet).suffix.lower() != ".png":
-            raise ArmscopeError(f"--contact-sheet {args.contact_sheet}: expected a .png file name")
     window = None
     if args.window:
         from armscope.core.preprocess import parse_window
 
         window = parse_window(args.window)
-    if args.json:
-        check_out_apart(args.json, inputs, "--json")
-        check_output_file(args.json, "--json")
     options = {"layout": args.layout, "cpu_precision": args.cpu_precision}
     if args.threads:
         options["threads"] = args.threads

@@ -90,6 +90,25 @@ def _gate(path: Path, spec, gate: TissueGate, window=None) -> tuple[np.ndarray |
     return frame, batch, {"reason": reason, "detail": detail, "measures": measures, "input": info}
 
 
+def check_outputs(bundle_dir, images, json_out=None, overlay_dir=None, contact_sheet=None) -> None:
+    """Refuse, before any work, outputs that would overwrite or sit inside an input, or that
+    cannot be written (the option named as the CLI spells it)."""
+    from armscope.core.bundle import check_out_apart
+    from armscope.core.errors import output_file_problem
+
+    inputs = [bundle_dir, *images]
+    if overlay_dir:
+        check_out_apart(overlay_dir, inputs, "--overlay-dir")
+    for path, option in ((contact_sheet, "--contact-sheet"), (json_out, "--json")):
+        if not path:
+            continue
+        check_out_apart(path, inputs, option)
+        if (problem := output_file_problem(path)) is not None:
+            raise ArmscopeError(f"{option} {path}: {problem}")
+        if option == "--contact-sheet" and Path(path).suffix.lower() != ".png":
+            raise ArmscopeError(f"--contact-sheet {path}: expected a .png file name")
+
+
 def classify_images(
     bundle_dir: Path,
     images: list[Path],
@@ -108,6 +127,7 @@ def classify_images(
     (as in the daemon) and are left out of the slide mean."""
     if not images:
         raise ArmscopeError("no images given")
+    check_outputs(bundle_dir, images, json_out, overlay_dir, contact_sheet)
     bundle = require_deployable(load_bundle(bundle_dir))
     if threshold is not None:
         threshold = check_threshold(threshold, bundle.task, "--threshold")
