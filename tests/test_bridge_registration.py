@@ -90,7 +90,7 @@ def test_save_load_round_trip(tmp_path):
         (lambda d: d.pop("matrix"), "matrix"),
         (lambda d: d.__setitem__("matrix", [[1, 0], [0, 1]]), "matrix"),
         (lambda d: d["matrix"][1].__setitem__(2, "x"), "matrix[1][2]"),
-        (lambda d: d.__setitem__("display_size", [640, -1]), "display_size"),
+        (lambda d: d.__setitem__("display_size", [640, -1]), "display_size[1]"),
         (lambda d: d.__setitem__("version", 99), "version"),
         (lambda d: d.__setitem__("rms_error", None), "rms_error"),
     ],

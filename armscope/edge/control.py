@@ -25,7 +25,7 @@ import threading
 
 import zmq
 
-from armscope.core import protocol
+from armscope.core import protocol, schema_files
 from armscope.core.errors import ArmscopeError
 
 log = logging.getLogger(__name__)
@@ -46,6 +46,47 @@ def clip(text, limit: int = ECHO_CHARS):
     return text if len(text) <= limit else text[:limit] + f"...({len(text)} chars)"
 
 
+def parse_request(raw: bytes) -> tuple[str, list[str]]:
+    """(command, args) of one request frame. A JSON request is checked against
+    ``control-request.json`` first (ProtocolError naming the key); the text form
+    and the conversion are :func:`armscope.core.protocol.parse_command`'s."""
+    text = raw.decode("utf-8", "replace").lstrip()
+    if text.startswith("{"):
+        try:
+            obj = json.loads(text)
+        except ValueError:
+            obj = None            # not JSON: parse_command says why
+        except RecursionError:
+            raise protocol.ProtocolError("request: JSON nested too deeply") from None
+        if isinstance(obj, dict):
+            error = schema_files.first_error("control-request", obj)
+            if error is not None:
+                key = schema_files.missing_key(error) or schema_files.dotted(list(error.absolute_path))
+                raise protocol.ProtocolError(f"request key {key}: {clip(error.message, 120)} "
+                                             "(expected {\"cmd\": string, \"args\": [strings or numbers]})")
+    return protocol.parse_command(raw)
+
+
+def echo(cmd: str | None, frames: list[bytes]) -> str:
+    """The reply's ``cmd`` (docs/protocol.md 2: always a string): the command
+    if it was understood, else what was sent in its place, clipped: a JSON
+    request's ``cmd`` value as JSON text (``5``, ``null``), or the request's
+    first word (empty for an empty request)."""
+    if cmd is not None:
+        return clip(cmd)
+    text = frames[0].decode("utf-8", "replace").strip() if frames else ""
+    if text.startswith("{"):
+        try:
+            obj = json.loads(text)
+        except (ValueError, RecursionError):
+            return clip(text)
+        if isinstance(obj, dict) and "cmd" in obj:
+            value = obj["cmd"]
+            return clip(value if isinstance(value, str) else json.dumps(value))
+        return clip(text)
+    return clip(text.split()[0] if text.split() else "")
+
+
 class ControlServer(threading.Thread):
     """``make_socket()`` returns a bound REP socket (options set before bind:
     ``armscope.edge.publisher.rep_socket``); it is called once at start and again after
@@ -60,6 +101,7 @@ class ControlServer(threading.Thread):
         self.restarts = 0
         self.state = "ok"
         self._traced: set[str] = set()   # exception types already logged with a traceback
+        self._off_schema: set = set()    # commands whose reply was logged as not following the schema
 
     def answer(self, frames: list[bytes]) -> dict:
         cmd = None
@@ -69,14 +111,14 @@ class ControlServer(threading.Thread):
             raw = frames[0]
             if len(raw) > MAX_REQUEST_BYTES:
                 raise ArmscopeError(f"request: {len(raw)} bytes, at most {MAX_REQUEST_BYTES}")
-            cmd, args = protocol.parse_command(raw)
+            cmd, args = parse_request(raw)
             if len(cmd) > ECHO_CHARS:
                 raise ArmscopeError(f"unknown command {clip(cmd)!r}")
             reply = self.handler(cmd, args)
             return {"ok": True, "cmd": cmd, **reply}
         except ArmscopeError as exc:   # ProtocolError is one
             self.bad_requests += 1
-            return {"ok": False, "cmd": clip(cmd), "error": str(exc)}
+            return {"ok": False, "cmd": echo(cmd, frames), "error": str(exc)}
         except Exception as exc:  # a bug in one command must not kill the control thread
             name = type(exc).__name__
             if name not in self._traced:     # the first of each kind with its traceback, then one line
@@ -84,12 +126,22 @@ class ControlServer(threading.Thread):
                 log.exception("control command %r failed", clip(cmd))
             else:
                 log.error("control command %r failed: %s: %s", clip(cmd), name, clip(str(exc), 200))
-            return {"ok": False, "cmd": clip(cmd), "error": f"internal error: {name}: {clip(str(exc), 200)}"}
+            return {"ok": False, "cmd": echo(cmd, frames), "error": f"internal error: {name}: {clip(str(exc), 200)}"}
+
+    def checked(self, reply: dict) -> dict:
+        """``reply`` as it goes out, checked against control-reply.json: a reply
+        that does not follow it is a daemon bug, logged (once per command) with
+        the field; the reply is still sent, so the command keeps working."""
+        problem = schema_files.problem("control-reply", reply)
+        if problem is not None and reply.get("cmd") not in self._off_schema:
+            self._off_schema.add(reply.get("cmd"))
+            log.error("control reply to %r does not follow control-reply.json: %s", clip(reply.get("cmd")), problem)
+        return reply
 
     def _serve_one(self) -> None:
         frames = self.sock.recv_multipart()
         self.requests += 1
-        reply = self.answer(frames)
+        reply = self.checked(self.answer(frames))
         if reply["ok"]:
             log.info("control %r -> ok", clip(frames[0]))
         else:

@@ -30,6 +30,8 @@ from typing import Sequence
 import cv2
 import numpy as np
 
+from armscope.core import schema_files
+
 from .pixel_formats import premultiply
 
 __all__ = [
@@ -383,6 +385,7 @@ def save_registration(reg: Registration, path: "str | os.PathLike") -> None:
         "n_inliers": reg.n_inliers,
         "method": reg.method,
     }
+    _check_schema(path, doc)   # what the reader will check: refused here rather than written unreadable
     tmp = path.with_name(path.name + ".tmp")
     try:
         tmp.write_text(json.dumps(doc, indent=2) + "\n", encoding="utf-8")
@@ -390,6 +393,23 @@ def save_registration(reg: Registration, path: "str | os.PathLike") -> None:
     except OSError:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def _check_schema(path, doc) -> None:
+    """``doc`` against armscope/core/schemas/registration.json, the one definition of
+    the file that ``bridge register`` writes and the bridge reads; the error names
+    the field (``matrix[1][2]``, a missing key by its name)."""
+    error = schema_files.first_error("registration", doc)
+    if error is None:
+        return
+    missing = schema_files.missing_key(error)
+    if missing is not None:
+        raise RegistrationFileError(path, missing, "missing")
+    field = schema_files.indexed(list(error.absolute_path))
+    if field == "version":
+        raise RegistrationFileError(path, "version", f"unsupported version {doc['version']!r}; "
+                                                     f"expected {REGISTRATION_VERSION}")
+    raise RegistrationFileError(path, field, error.message[:160])
 
 
 def load_registration(path: "str | os.PathLike") -> Registration:
@@ -401,23 +421,9 @@ def load_registration(path: "str | os.PathLike") -> Registration:
         raise RegistrationFileError(path, "<file>", f"cannot read: {exc.strerror or exc}") from None
     except json.JSONDecodeError as exc:
         raise RegistrationFileError(path, "<json>", f"invalid JSON: {exc}") from None
-    if not isinstance(doc, dict):
-        raise RegistrationFileError(path, "<root>", "expected a JSON object")
-    for key in ("version", "display_size", "matrix", "rms_error"):
-        if key not in doc:
-            raise RegistrationFileError(path, key, "missing")
-    if doc["version"] != REGISTRATION_VERSION:
-        raise RegistrationFileError(path, "version", f"unsupported version {doc['version']!r}; expected {REGISTRATION_VERSION}")
+    _check_schema(path, doc)
     size = doc["display_size"]
-    if (
-        not isinstance(size, list)
-        or len(size) != 2
-        or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in size)
-    ):
-        raise RegistrationFileError(path, "display_size", f"expected [width, height] positive integers, got {size!r}")
     m = doc["matrix"]
-    if not isinstance(m, list) or len(m) != 3 or not all(isinstance(r, list) and len(r) == 3 for r in m):
-        raise RegistrationFileError(path, "matrix", f"expected a 3x3 list of numbers, got {m!r}")
     matrix = np.array([[_num(path, f"matrix[{i}][{j}]", v) for j, v in enumerate(r)] for i, r in enumerate(m)])
     if abs(np.linalg.det(matrix)) < 1e-12:
         raise RegistrationFileError(path, "matrix", "is singular")
