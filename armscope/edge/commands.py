@@ -90,8 +90,9 @@ def status_reply(daemon) -> dict:
 
 
 def snapshot(daemon) -> list:
-    """Save the last classified frame, its overlay and header (or, before any
-    overlay, the newest captured frame and the daemon status)."""
+    """Save the last classified frame, its overlay and its header as published (or,
+    before any overlay, the newest captured frame and the status header published
+    last, which says why there is none)."""
     with daemon.last_lock:
         last = daemon.last
     if last is not None:
@@ -101,5 +102,5 @@ def snapshot(daemon) -> list:
         frame = getattr(daemon, "capture", None) and daemon.capture.latest
         if frame is None:
             raise ArmscopeError("snapshot: no frame captured yet")
-        rgba, header = None, {"topic": "status", "state": daemon.state, "reason": daemon.reason}
+        rgba, header = None, daemon.last_status   # why there is no overlay (starting, no_tissue, ...)
     return write_snapshot(daemon.config.snapshot_dir, frame, rgba, header)

@@ -84,6 +84,7 @@ class Daemon(FrameStages):
         self.last_reject_id = 0
         self.last_lock = threading.Lock()
         self.last = None   # (Frame, overlay RGBA, header sent) of the newest overlay published
+        self.last_status: dict | None = None   # the newest status header sent (a snapshot before any overlay)
         self.published = 0
         self.stale_run = 0                   # overlays refused as stale in a row
         # 0 = auto: derived from the inference time measured at start-up (armscope.edge.pacing); until then the floor
@@ -168,12 +169,23 @@ class Daemon(FrameStages):
                     log.exception("freeing the %s backend failed", backend.name)
 
     def start(self) -> None:
-        """Open sockets, start the inference thread and wait until it has activated the
-        backends (their errors are raised here, before any frame is taken), then start
-        every other thread. Returns once running."""
+        """Open sockets, start the heartbeat and control threads, then the inference
+        thread, and wait until it has activated the backends (their errors are raised
+        here, before any frame is taken); then start capture and the other stages.
+        Returns once running.
+
+        Why heartbeats and control come first: loading the model (sessions, engines,
+        the stale window's timed inferences) takes seconds to a minute, and a
+        subscriber that hears nothing for ``stale_after_ms`` must presume the daemon
+        dead (docs/protocol.md 1.4); so it hears ``starting`` all along, and the
+        control socket answers ``status`` meanwhile."""
         self.open()
         cfg = self.config
-        rep = self._rep
+        self.aux = [threading.Thread(target=self._heartbeat_loop, name="heartbeat", daemon=True),
+                    ControlServer(self._make_rep, self.handle_command, self.halt, sock=self._rep)]
+        self.control = self.aux[1]
+        for thread in self.aux:
+            thread.start()
         inference = threading.Thread(target=self._inference_loop, name="inference", daemon=True)
         self.threads = [inference]
         inference.start()
@@ -192,10 +204,7 @@ class Daemon(FrameStages):
             threading.Thread(target=self._render_loop, name="render", daemon=True),
         ]
         self.threads = [*others[:2], inference, others[2]]  # shutdown joins them in pipeline order
-        self.aux = [threading.Thread(target=self._heartbeat_loop, name="heartbeat", daemon=True),
-                    ControlServer(self._make_rep, self.handle_command, self.halt, sock=rep)]
-        self.control = self.aux[1]
-        for thread in others + self.aux:
+        for thread in others:
             thread.start()
         if cfg.metrics_http:
             try:
@@ -290,7 +299,7 @@ class Daemon(FrameStages):
                   "detail": {"fps": self.metrics.published.rate(), "measures": self.measures,
                              "threshold": self.effective_threshold(), "source": self.config.source,
                              **self._counters()}}
-        self.publisher.send(protocol.TOPIC_STATUS, header, b"", self.slides.slide_id)
+        self.last_status = self.publisher.send(protocol.TOPIC_STATUS, header, b"", self.slides.slide_id)
 
     def _on_signal(self, ok: bool, reason: str | None) -> None:
         self.signal_ok = ok
