@@ -18,7 +18,7 @@ import time
 import numpy as np
 import pytest
 
-GROUP = "armscope.export"
+GROUP = "export"
 
 
 @pytest.fixture(scope="module")
@@ -32,7 +32,7 @@ def test_export_full_ensemble(benchmark, full_members, tmp_path_factory, real_in
     from armscope.export.onnx_export import TaskSpec, export_bundle
 
     benchmark.group = GROUP
-    out = tmp_path_factory.mktemp("armscope.export") / "densenet121_x5"
+    out = tmp_path_factory.mktemp("export") / "densenet121_x5"
     task = TaskSpec("binary", ["other", "IIM"], "IIM", 0.3)
     started = time.perf_counter()
     benchmark.pedantic(export_bundle, args=(full_members, out, task), kwargs={"force": True},

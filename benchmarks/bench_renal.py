@@ -58,7 +58,7 @@ def renal_bundle() -> Path:
     plain.save(paths["plain"])
     joblib.dump(svm, paths["svm"])
     f, p = paths["features"], paths["plain"]
-    assert main(["armscope.export", str(f), str(p), "--svm-head", f"{f}={paths['svm']}", "--scaling", f"{f}=caffe",
+    assert main(["export", str(f), str(p), "--svm-head", f"{f}={paths['svm']}", "--scaling", f"{f}=caffe",
                  "--scaling", f"{p}=caffe", "--trust-code", "--classes", "epithelial,stromal,other",
                  "--crop", "224", "--tissue-gate", "min_focus=40", "--out", str(bundle), "--force"]) == 0
     return bundle

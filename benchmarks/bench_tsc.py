@@ -42,7 +42,7 @@ def tsc_bundle() -> Path:
     source = CACHE / "tsc_inceptionv3" / "tsc_inceptionv3.keras"
     source.parent.mkdir(parents=True, exist_ok=True)
     model.save(source)
-    assert main(["armscope.export", str(source), "--out", str(bundle), "--classes", "no_tuber,tuber", "--input-scaling",
+    assert main(["export", str(source), "--out", str(bundle), "--classes", "no_tuber,tuber", "--input-scaling",
                  "unit", "--no-crop", "--grey", "--saliency", "--tissue-gate", "mri", "--force"]) == 0
     return bundle
 

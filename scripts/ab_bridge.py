@@ -33,11 +33,11 @@ REPO = Path(__file__).resolve().parents[1]
 
 def load_base(rev: str, into: Path):
     """``firmware_bridge`` as of ``rev``, importable as package ``fb_base``."""
-    tar = subprocess.run(["git", "-C", str(REPO), "archive", rev, "armscope.firmware_bridge"], check=True,
+    tar = subprocess.run(["git", "-C", str(REPO), "archive", rev, "armscope/firmware_bridge"], check=True,
                          capture_output=True).stdout
     with tarfile.open(fileobj=BytesIO(tar)) as t:
         t.extractall(into, filter="data")
-    (into / "armscope.firmware_bridge").rename(into / "fb_base")
+    (into / "armscope/firmware_bridge").rename(into / "fb_base")
     sys.path.insert(0, str(into))
     return {m: importlib.import_module(f"fb_base.{m}") for m in ("bridge", "link", "displays", "simulator")}
 

@@ -19,7 +19,7 @@ from armscope.edge.backends.onnxruntime_backend import OnnxRuntimeBackend
 
 REPO = Path(__file__).resolve().parents[1]
 FRAME = REPO / "samples" / "frames" / "cmu1_frame_1.jpg"
-OUT = REPO / "armscope.firmware_bridge" / "data" / "sample_cam.npy"
+OUT = REPO / "armscope/firmware_bridge" / "data" / "sample_cam.npy"
 
 
 def main() -> None:

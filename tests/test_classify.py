@@ -101,7 +101,7 @@ def test_classify_refuses_a_threshold_it_cannot_use(frame_paths, capsys, bundle,
 
 def test_export_refuses_a_bad_threshold_before_converting(tmp_path, capsys):
     # the members need not exist: the flag is checked before anything is read or converted
-    assert main(["armscope.export", str(tmp_path / "m.keras"), "--out", str(tmp_path / "b"), "--classes", "a,b",
+    assert main(["export", str(tmp_path / "m.keras"), "--out", str(tmp_path / "b"), "--classes", "a,b",
                  "--threshold", "2"]) == 2
     assert "--threshold: 2.0 is not a threshold" in capsys.readouterr().err
     assert not (tmp_path / "b").exists()

@@ -63,7 +63,7 @@ def check_parity(models, bundle, x):
 
 
 def export(args, capsys=None) -> int:
-    code = main(["armscope.export", *map(str, args)])
+    code = main(["export", *map(str, args)])
     return code
 
 

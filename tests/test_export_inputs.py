@@ -52,11 +52,11 @@ def test_unsupported_models_are_refused(tmp_path):
 
 def test_failed_export_leaves_no_output(mini_members, tmp_path, capsys):
     out = tmp_path / "bundle"
-    code = main(["armscope.export", "--out", str(out), str(mini_members[0]), str(tmp_path / "missing.keras")])
+    code = main(["export", "--out", str(out), str(mini_members[0]), str(tmp_path / "missing.keras")])
     assert code == 2
     assert "missing.keras: no such model file" in capsys.readouterr().err
     assert not out.exists() and not list(tmp_path.glob(".bundle*"))
-    code = main(["armscope.export", "--out", str(out), "--classes", "a,b,c", str(mini_members[0])])
+    code = main(["export", "--out", str(out), "--classes", "a,b,c", str(mini_members[0])])
     assert code == 2 and "do not match the models' 2 outputs" in capsys.readouterr().err
     assert not out.exists() and not list(tmp_path.glob(".bundle*"))
 

@@ -125,7 +125,7 @@ def test_export_weights_cli_end_to_end_and_classify(tmp_path, real_inputs, frame
         lab.save(tmp_path / f"fold{i}.h5")
     want = np.mean([_lab_outputs(lab, real_inputs[:2])[0] for lab in labs], axis=0)
     out = tmp_path / "bundle"
-    code = main(["armscope.export", "--weights", str(tmp_path / "fold0.h5"), "--weights", str(tmp_path / "fold1.h5"),
+    code = main(["export", "--weights", str(tmp_path / "fold0.h5"), "--weights", str(tmp_path / "fold1.h5"),
                  "--architecture", "tiled-densenet-mini", "--input-scaling", "symmetric",
                  "--classes", "other,tumour", "--out", str(out)])
     printed = capsys.readouterr()
@@ -160,7 +160,7 @@ def test_partial_ambiguous_and_wrong_mappings_are_refused_and_write_nothing(tmp_
         del group["conv3_1_conv2/kernel:0"]
         group.attrs["weight_names"] = [n for n in group.attrs["weight_names"]
                                        if (n.decode() if isinstance(n, bytes) else n) != "conv3_1_conv2/kernel:0"]
-    assert main(["armscope.export", "--weights", str(missing), *args]) == 2
+    assert main(["export", "--weights", str(missing), *args]) == 2
     err = capsys.readouterr().err
     assert "missing.h5: its weights do not map onto the architecture" in err
     assert "conv3_1_conv2/kernel (3, 3, 48, 12): no tensor in the file" in err
@@ -176,26 +176,26 @@ def test_partial_ambiguous_and_wrong_mappings_are_refused_and_write_nothing(tmp_
     heads = [L.Dense(2, name=f"dense_{p}")(L.Lambda(lambda t, p=p: t[:, p])(pooled)) for p in range(16)]
     heads.append(L.Dense(2, name="dense_16")(L.GlobalAveragePooling1D()(pooled)))
     tf_keras.Model(inp, heads).save(tmp_path / "ambiguous.h5")
-    assert main(["armscope.export", "--weights", str(tmp_path / "ambiguous.h5"), *args]) == 2
+    assert main(["export", "--weights", str(tmp_path / "ambiguous.h5"), *args]) == 2
     err = capsys.readouterr().err
     assert "final_head: expected exactly one Dense kernel" in err and "dense_16/kernel:0" in err
     assert _no_output(tmp_path)
 
     # the wrong architecture for the file
-    assert main(["armscope.export", "--weights", str(tmp_path / "lab.h5"), *args[:1], "tiled-densenet121", *args[2:]]) == 2
+    assert main(["export", "--weights", str(tmp_path / "lab.h5"), *args[:1], "tiled-densenet121", *args[2:]]) == 2
     assert "cannot tell the number of classes" in capsys.readouterr().err
     assert _no_output(tmp_path)
 
     # flags that belong together, and files that are not Keras 2 weights
-    assert main(["armscope.export", "--weights", str(tmp_path / "lab.h5"), "--architecture", "tiled-densenet-mini",
+    assert main(["export", "--weights", str(tmp_path / "lab.h5"), "--architecture", "tiled-densenet-mini",
                  "--out", str(tmp_path / "out")]) == 2
     assert "--weights needs --architecture and --input-scaling" in capsys.readouterr().err
     (tmp_path / "text.h5").write_text("not hdf5")
-    assert main(["armscope.export", "--weights", str(tmp_path / "text.h5"), *args]) == 2
+    assert main(["export", "--weights", str(tmp_path / "text.h5"), *args]) == 2
     assert "text.h5: not an HDF5 file" in capsys.readouterr().err
     with h5py.File(tmp_path / "plain.h5", "w") as f:
         f["x"] = np.zeros(3)
-    assert main(["armscope.export", "--weights", str(tmp_path / "plain.h5"), *args]) == 2
+    assert main(["export", "--weights", str(tmp_path / "plain.h5"), *args]) == 2
     assert "plain.h5: no Keras 2 weights in it" in capsys.readouterr().err
     assert _no_output(tmp_path)
 

@@ -38,7 +38,7 @@ HOST = 96  # the bundle's input: the plain member's size; the SVM member (64) re
 
 
 def export_renal(tmp: Path, features, plain, head, classes, out: Path, *extra) -> int:
-    return main(["armscope.export", str(features), str(plain), "--svm-head", f"{features}={head}",
+    return main(["export", str(features), str(plain), "--svm-head", f"{features}={head}",
                  "--scaling", f"{features}=caffe", "--scaling", f"{plain}=caffe", "--trust-code",
                  "--classes", ",".join(classes), "--crop", "224", "--out", str(out),
                  # 224 px tiles at 0.5 um/px are softer than the 640 px camera fields the default gate is tuned on
@@ -201,7 +201,7 @@ def test_three_classes_with_a_scaler(renal, tmp_path):
 def test_a_pickle_is_refused_without_trust_code(renal, tmp_path, capsys):
     t = renal["tmp"]
     out = tmp_path / "refused"
-    base = ["armscope.export", str(t / "features.keras"), str(t / "plain.keras"),
+    base = ["export", str(t / "features.keras"), str(t / "plain.keras"),
             "--svm-head", f"{t / 'features.keras'}={t / 'svm.joblib'}"]
     for args in (base + ["--out", str(out)], base + ["--explain"]):
         capsys.readouterr()
@@ -215,7 +215,7 @@ def test_a_pickle_is_refused_without_trust_code(renal, tmp_path, capsys):
     text = capsys.readouterr().out
     assert "SVC(kernel='rbf'" in text and "feature map conv4_block1_out: 4x4x16" in text
     # a member named in --svm-head must be one of the members
-    assert main(["armscope.export", str(t / "plain.keras"), "--svm-head", f"{t / 'features.keras'}={t / 'svm.joblib'}",
+    assert main(["export", str(t / "plain.keras"), "--svm-head", f"{t / 'features.keras'}={t / 'svm.joblib'}",
                  "--trust-code", "--out", str(out)]) == 2
     assert "is not one of the members given" in capsys.readouterr().err
 

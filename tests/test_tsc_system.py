@@ -42,7 +42,7 @@ def tsc(tmp_path_factory):
     model = tsc_support.tsc_inception(seed=3)
     model.save(root / "tsc.keras")
     bundle = root / "bundle"
-    assert main(["armscope.export", str(root / "tsc.keras"), "--out", str(bundle), "--classes", "no_tuber,tuber",
+    assert main(["export", str(root / "tsc.keras"), "--out", str(bundle), "--classes", "no_tuber,tuber",
                  "--input-scaling", "unit", "--no-crop", "--grey", "--saliency", "--tissue-gate", "mri",
                  "--interpolation", "linear"]) == 0
     return model, bundle, root

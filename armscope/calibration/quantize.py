@@ -334,7 +334,7 @@ def make_reduced_bundle(
                 "calibrate_method": method,
                 "op_types_to_quantize": op_types,
                 "pre_process": pre_info[0],
-                "armscope.calibration": {"file": str(Path(calib).resolve()), "frames": len(calib_set),
+                "calibration": {"file": str(Path(calib).resolve()), "frames": len(calib_set),
                                 "per_class": calib_set.manifest.get("per_class"),
                                 "skipped": calib_set.manifest.get("skipped")},
             }

@@ -184,13 +184,13 @@ def read_toml(path: Path) -> dict:
         data = tomllib.loads(path.read_text())
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise ArmscopeError(f"{path}: not valid TOML ({exc})") from None
-    if "armscope.edge" in data:
-        if not isinstance(data["armscope.edge"], dict):
+    if "edge" in data:
+        if not isinstance(data["edge"], dict):
             raise ArmscopeError(f"{path}: key 'edge': expected a table")
-        other = [k for k in data if k != "armscope.edge"]
+        other = [k for k in data if k != "edge"]
         if other:
             raise ArmscopeError(f"{path}: unknown key {other[0]!r} next to the [edge] table")
-        data = data["armscope.edge"]
+        data = data["edge"]
     return data
 
 

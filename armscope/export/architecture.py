@@ -121,3 +121,30 @@ def build_tiled_model(spec: ArchitectureSpec) -> keras.Model:
     )(patch_pooled)
     patch_probs = layers.Softmax(axis=-1, name=PATCH_PROBS)(patch_logits)
     return keras.Model(image, {"probs": probs, "patch_probs": patch_probs}, name=f"tiled_{spec.backbone}")
+
+
+def make_whole_backbone(name: str, size: int) -> keras.Model:
+    """A whole-image backbone at ``size`` x ``size``: keras.applications' DenseNet121
+    or InceptionV3 (ImageNet layout, no top), or the test-sized DenseNet."""
+    shape = (size, size, 3)
+    if name == "densenet121":
+        base = keras.applications.DenseNet121(include_top=False, weights=None, input_shape=shape)
+    elif name == "inceptionv3":
+        base = keras.applications.InceptionV3(include_top=False, weights=None, input_shape=shape)
+    elif name == "densenet-mini":
+        return densenet_mini(shape)
+    else:
+        raise ValueError(f"unknown backbone {name!r}: expected densenet121, inceptionv3 or densenet-mini")
+    return keras.Model(base.input, base.output, name=BACKBONE)
+
+
+def build_whole_image_model(backbone_name: str, n_classes: int, size: int) -> keras.Model:
+    """The common lab classifier without tiling: image (S, S, 3) RGB 0..255 -> ``scale``
+    -> backbone -> GAP -> ``final_head`` Dense (softmax over C >= 2, or one sigmoid unit
+    when C = 1). Output ``{"probs": ...}``; the exporter finds the rest from the graph."""
+    backbone = make_whole_backbone(backbone_name, size)
+    image = keras.Input((size, size, 3), name="image")
+    x = layers.Rescaling(1.0 / 127.5, offset=-1.0, name="scale")(image)
+    x = layers.GlobalAveragePooling2D(name="gap")(backbone(x))
+    probs = layers.Dense(n_classes, activation="sigmoid" if n_classes == 1 else "softmax", name=FINAL_HEAD)(x)
+    return keras.Model(image, {"probs": probs}, name=f"whole_{backbone_name}")

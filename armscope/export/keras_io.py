@@ -13,44 +13,24 @@ Order of attempts, and why:
    with ``tf_keras``. One without it was written by Keras 3 ``export()``: it
    keeps variables and traced graphs but no layer structure, so it is rebuilt
    as an armscope architecture when its variables match one by name and shape,
-   and refused otherwise (export the ``.keras`` file instead).
+   and refused otherwise, naming the ``--weights ... --architecture`` command
+   that maps its variables onto a named architecture (``armscope.export.weights_map``).
 
 What the loaded model *is* (tiling, feature map, heads) is decided by
 ``armscope.export.structure`` from its graph, not here.
 """
 from __future__ import annotations
 
-import contextlib
-import logging
-import os
-import warnings
 from pathlib import Path
 
 from armscope.core.errors import ArmscopeError, require_module
 from armscope.export import model_config
+from armscope.export.quiet import quiet_libraries  # noqa: F401  (re-exported: the export modules import it from here)
 
 
 def _keras():
     require_module("tensorflow", "tf", "Loading Keras models")
     return require_module("keras", "tf", "Loading Keras models")
-
-
-@contextlib.contextmanager
-def quiet_libraries():
-    """Keep TensorFlow/Keras/absl warnings (no training config, compiled metrics,
-    deprecated arguments) out of the user's terminal while models load and trace."""
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    loggers = [logging.getLogger(n) for n in ("tensorflow", "absl", "keras", "tf_keras", "h5py")]
-    levels = [lg.level for lg in loggers]
-    for lg in loggers:
-        lg.setLevel(logging.ERROR)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            yield
-    finally:
-        for lg, level in zip(loggers, levels):
-            lg.setLevel(level)
 
 
 def is_tf_keras(model) -> bool:
@@ -144,9 +124,13 @@ def _rebuild_exported(path: Path):
         raise ArmscopeError(f"{path}: could not be loaded as a SavedModel ({type(exc).__name__}: "
                             f"{_first_line(exc)})") from None
     variables = list(getattr(loaded, "variables", []))
+    from armscope.export.weights_map import ARCHITECTURES, INPUT_SCALINGS
+
     unsupported = (f"{path}: a SavedModel without Keras layer structure (written by Keras 3 model.export() "
-                   "or tf.saved_model.save): only armscope's own architectures can be rebuilt from one; "
-                   "export the model's .keras or .h5 file instead")
+                   "or tf.saved_model.save), so its model cannot be rebuilt from it; export its weights onto "
+                   f"the architecture they belong to: armscope export --weights {path} --architecture "
+                   f"{'|'.join(ARCHITECTURES)} --input-scaling {'|'.join(INPUT_SCALINGS)} --out BUNDLE "
+                   "(or export the model's .keras or .h5 file)")
     if not variables:
         raise ArmscopeError(unsupported + " (it has no variables)")
     by_name = {v.name.split(":")[0]: v for v in variables}

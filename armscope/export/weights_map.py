@@ -1,6 +1,8 @@
 """The weights-only path: a Keras 2 ``.h5`` whose graph cannot be rebuilt (a
-``Lambda`` written by Python 3.6, a custom layer, Keras 2.2.4's serialisation)
-still holds every trained tensor. This maps those tensors onto an architecture
+``Lambda`` written by Python 3.6, a custom layer, Keras 2.2.4's serialisation),
+or a SavedModel that holds no Keras layers (Keras 3 ``model.export()``,
+``tf.saved_model.save``), still holds every trained tensor
+(``armscope.export.weight_files`` reads them). This maps those tensors onto an architecture
 armscope builds itself (``armscope.export.architecture``), so the lab's training survives
 even when its code does not.
 
@@ -8,7 +10,8 @@ Why by name *and* shape, and why it refuses rather than guesses: a weight put
 in the wrong place does not fail, it gives a confident wrong diagnosis. So
 every tensor of the target must be matched exactly once, every match is
 printed, and a partial or ambiguous match is an error that names what is
-missing. No code from the file runs: only HDF5 datasets are read.
+missing. No code from the file runs: only HDF5 datasets or SavedModel variables
+are read.
 
 Matching, in order:
 1. **By layer name**: a file weight ``conv1/conv/kernel:0`` (Keras 2 writes
@@ -16,6 +19,11 @@ Matching, in order:
    the layer parts agree with ``/`` read as ``_`` and the shapes agree. A
    leading component naming the nested model (``densenet121/conv1/conv/...``)
    is ignored.
+   **By order**, when names do not decide (Keras 3 names a variable after its
+   layer only, so names repeat across nested models; InceptionV3's layers are
+   auto-numbered): the backbone's layers, in order, must occur exactly once in
+   the file as consecutive layers with the same variables and shapes; twice
+   is ambiguous and refused.
 2. **Heads by shape**, for what names cannot say (labs name their heads
    freely): the final head is the one Dense kernel (K, C) + bias (C,) left;
    per-patch heads are one (16, K, C) kernel or 16 Dense (K, C) kernels that
@@ -32,14 +40,20 @@ from pathlib import Path
 
 import numpy as np
 
-from armscope.core.errors import ArmscopeError, require_module
+from armscope.core.errors import ArmscopeError
 from armscope.export import architecture as arch
+from armscope.export.weight_files import FileTensor, input_size_of, is_saved_model, read_h5_tensors, read_tensors  # noqa: F401
 
-# name -> (backbone of armscope.export.architecture, per-patch heads)
+# name -> backbone of armscope.export.architecture; TILED: the muscle-biopsy tiling (640 in, 16 patches),
+# the others whole-image (GAP + one Dense: softmax, or one sigmoid unit), at the file's input size
 ARCHITECTURES = {
     "tiled-densenet121": "densenet121",
     "tiled-densenet-mini": "densenet-mini",
+    "densenet121": "densenet121",
+    "inceptionv3": "inceptionv3",
+    "densenet-mini": "densenet-mini",
 }
+TILED = ("tiled-densenet121", "tiled-densenet-mini")
 # how the lab scaled RGB 0..255 before the network: name -> (scale, offset) per channel
 INPUT_SCALINGS = {
     "symmetric": ([1 / 127.5] * 3, [-1.0] * 3),                       # -1..1 (armscope train; Keras 'tf' mode)
@@ -51,15 +65,6 @@ _NUMBER = re.compile(r"(\d+)(?!.*\d)")
 
 
 @dataclass
-class FileTensor:
-    name: str          # as stored, e.g. "densenet121/conv1/conv/kernel:0"
-    layer_key: str     # layer part, "/" read as "_", nested-model prefix dropped: "conv1_conv"
-    var: str           # "kernel", "bias", "gamma", ...
-    value: np.ndarray
-    used: bool = False
-
-
-@dataclass
 class WeightMap:
     """What was matched: (target weight path, file tensor name, how) in target order."""
 
@@ -68,47 +73,22 @@ class WeightMap:
     has_patch_heads: bool = True
 
 
-def read_h5_tensors(path: Path) -> list[FileTensor]:
-    """Every weight tensor of a Keras 2 / tf.keras ``.h5`` (a whole model or
-    ``save_weights``), in the file's layer order."""
-    h5py = require_module("h5py", "tf", "Reading .h5 weights")
-    try:
-        handle = h5py.File(path, "r")
-    except OSError as exc:
-        raise ArmscopeError(f"{path}: not an HDF5 file ({exc})") from None
-    with handle:
-        root = handle["model_weights"] if "model_weights" in handle else handle
-        if "layer_names" not in root.attrs:
-            raise ArmscopeError(f"{path}: no Keras 2 weights in it (no 'layer_names' attribute); expected a .h5 "
-                                "written by Keras 2 / tf.keras model.save() or save_weights()")
-        tensors = []
-        for raw_layer in root.attrs["layer_names"]:
-            layer = raw_layer.decode() if isinstance(raw_layer, bytes) else str(raw_layer)
-            group = root[layer]
-            names = [n.decode() if isinstance(n, bytes) else str(n) for n in group.attrs.get("weight_names", [])]
-            prefix = layer + "/"
-            nested = len(names) > 1 and all(n.startswith(prefix) for n in names)
-            for name in names:
-                local = name[len(prefix):] if nested else name
-                parts = local.split(":")[0].split("/")
-                if len(parts) < 2:
-                    parts = [layer] + parts
-                tensors.append(FileTensor(f"{layer}/{name}" if not name.startswith(prefix) else name,
-                                          "_".join(parts[:-1]), parts[-1], np.asarray(group[name])))
-    if not tensors:
-        raise ArmscopeError(f"{path}: the file holds no weight tensors")
-    return tensors
-
-
-def build_target(architecture: str, n_classes: int, input_scaling: str):
-    """The armscope model the weights go into, with the lab's input scaling."""
+def build_target(architecture: str, n_classes: int, input_scaling: str, size: int | None = None):
+    """The armscope model the weights go into, with the lab's input scaling
+    (``size``: the input of a whole-image architecture)."""
     import keras
 
     if architecture not in ARCHITECTURES:
         raise ArmscopeError(f"--architecture {architecture!r}: expected one of {', '.join(ARCHITECTURES)}")
     if input_scaling not in INPUT_SCALINGS:
         raise ArmscopeError(f"--input-scaling {input_scaling!r}: expected one of {', '.join(INPUT_SCALINGS)}")
-    model = arch.build_tiled_model(arch.ArchitectureSpec(ARCHITECTURES[architecture], n_classes))
+    if architecture in TILED:
+        if n_classes < 2:
+            raise ArmscopeError(f"--architecture {architecture}: its final head is a softmax over C >= 2 classes; "
+                                f"the file's head has {n_classes} unit(s)")
+        model = arch.build_tiled_model(arch.ArchitectureSpec(ARCHITECTURES[architecture], n_classes))
+    else:
+        model = arch.build_whole_image_model(ARCHITECTURES[architecture], n_classes, size)
     scale, offset = INPUT_SCALINGS[input_scaling]
 
     def clone(layer):
@@ -135,29 +115,24 @@ def map_weights(model, tensors: list[FileTensor], source: Path) -> WeightMap:
     result = WeightMap()
     targets = list(model.weights)
     assigned: dict[str, np.ndarray] = {}
-    by_key: dict[tuple[str, str], list[FileTensor]] = {}
-    for t in tensors:
-        by_key.setdefault((t.layer_key, t.var), []).append(t)
-    problems = []
-    heads = []
-    for w in targets:
-        layer, _, var = w.path.rpartition("/")
-        layer = layer.rpartition("/")[2]
-        if layer in (arch.FINAL_HEAD, arch.PATCH_HEADS):
-            heads.append(w)
-            continue
-        found = [t for t in by_key.get((layer, var), []) if t.value.shape == tuple(w.shape)]
-        if len(found) == 1:
-            found[0].used = True
-            assigned[w.path] = found[0].value
-            result.matched.append((w.path, found[0].name, "name+shape"))
-        elif not found:
-            shapes = [t.value.shape for t in by_key.get((layer, var), [])]
-            problems.append(f"{w.path} {tuple(w.shape)}: no tensor in the file" +
-                            (f" (same name, shapes {shapes})" if shapes else ""))
+    heads = [w for w in targets if _layer_of(w) in (arch.FINAL_HEAD, arch.PATCH_HEADS)]
+    backbone = [w for w in targets if _layer_of(w) not in (arch.FINAL_HEAD, arch.PATCH_HEADS)]
+    pairs, problems = _backbone_by_name(backbone, tensors)
+    if problems:
+        by_name = len(pairs)
+        pairs, order_problem = _backbone_by_order(backbone, tensors)
+        if pairs is None:
+            if not by_name:   # names say nothing: listing every weight as missing would hide the reason
+                problems = [(f"by name: no backbone weight's layer name is in the file "
+                             f"({len(backbone)} tensors, e.g. {backbone[0].path})")]
+            problems.append(order_problem)
         else:
-            problems.append(f"{w.path}: ambiguous, {len(found)} tensors match: {', '.join(t.name for t in found)}")
+            problems = []
     if not problems:
+        for w, t, how in pairs:
+            t.used = True
+            assigned[w.path] = t.value
+            result.matched.append((w.path, t.name, how))
         problems += _map_heads(heads, tensors, assigned, result)
     result.unused = [t.name for t in tensors if not t.used]
     if result.unused and not problems:
@@ -170,6 +145,62 @@ def map_weights(model, tensors: list[FileTensor], source: Path) -> WeightMap:
         if w.path in assigned:
             w.assign(assigned[w.path].astype(np.float32))
     return result
+
+
+def _layer_of(weight) -> str:
+    return weight.path.rpartition("/")[0].rpartition("/")[2]
+
+
+def _backbone_by_name(targets, tensors):
+    """(target, tensor, how) for every backbone weight matched by layer name and shape, and the problems."""
+    by_key: dict[tuple[str, str], list[FileTensor]] = {}
+    for t in tensors:
+        by_key.setdefault((t.layer_key, t.var), []).append(t)
+    pairs, problems = [], []
+    for w in targets:
+        layer, var = _layer_of(w), w.path.rpartition("/")[2]
+        found = [t for t in by_key.get((layer, var), []) if t.value.shape == tuple(w.shape)]
+        if len(found) == 1:
+            pairs.append((w, found[0], "name+shape"))
+        elif not found:
+            shapes = [t.value.shape for t in by_key.get((layer, var), [])]
+            problems.append(f"{w.path} {tuple(w.shape)}: no tensor in the file" +
+                            (f" (same name, shapes {shapes})" if shapes else ""))
+        else:
+            problems.append(f"{w.path}: ambiguous, {len(found)} tensors match: {', '.join(t.name for t in found)}")
+    return pairs, problems
+
+
+def _runs(items, key, var):
+    """Consecutive items of one layer as [(key, {var: item})], a repeated variable starting a new layer."""
+    runs: list[tuple[str, dict]] = []
+    for item in items:
+        k, v = key(item), var(item)
+        if not runs or runs[-1][0] != k or v in runs[-1][1]:
+            runs.append((k, {}))
+        runs[-1][1][v] = item
+    return runs
+
+
+def _backbone_by_order(targets, tensors):
+    """When names do not decide (layers auto-named ``conv2d_57``, names repeated across
+    nested models): the backbone's layers, in the model's order, must appear exactly
+    once as consecutive layers of the file with the same variables and shapes.
+    Returns (pairs, None) or (None, the reason)."""
+    want = _runs(targets, _layer_of, lambda w: w.path.rpartition("/")[2])
+    have = _runs(tensors, lambda t: t.layer_key, lambda t: t.var)
+    shape_w = [{v: tuple(w.shape) for v, w in layer.items()} for _, layer in want]
+    shape_h = [{v: t.value.shape for v, t in layer.items()} for _, layer in have]
+    starts = [i for i in range(len(have) - len(want) + 1)
+              if all(shape_h[i + j] == shape_w[j] for j in range(len(want)))]
+    if len(starts) != 1:
+        return None, (f"by order: the backbone's {len(want)} layers ({sum(map(len, shape_w))} tensors) "
+                      + ("appear nowhere in the file as consecutive layers with the same variables and shapes"
+                         if not starts else f"appear {len(starts)} times in the file: ambiguous"))
+    pairs = []
+    for (_, layer), (_, found) in zip(want, have[starts[0]:]):
+        pairs += [(w, found[v], "order+shape") for v, w in layer.items()]
+    return pairs, None
 
 
 def _map_heads(heads, tensors, assigned, result) -> list[str]:
@@ -197,7 +228,10 @@ def _map_heads(heads, tensors, assigned, result) -> list[str]:
                 f"{len(stacked)} (16, {channels}, {n_classes}) kernels)"]
     pk = f"{arch.PATCH_HEADS}/kernel"
     pb = f"{arch.PATCH_HEADS}/bias"
-    if patch:
+    tiled = any(w.path == pk for w in heads)
+    if not tiled:   # a whole-image architecture: per-patch heads in the file are left over, and refused
+        result.has_patch_heads = False
+    elif patch:
         group = sorted(patch[0], key=lambda t: int(_NUMBER.search(t.layer_key).group(1)))
         biases = [bias_of.get(t.layer_key) for t in group]
         if any(b is None or b.value.shape != (n_classes,) for b in biases):
@@ -226,37 +260,47 @@ def _map_heads(heads, tensors, assigned, result) -> list[str]:
         return [f"{arch.FINAL_HEAD}: Dense kernel {kernels[0].name} has no ({n_classes},) bias"]
     take(f"{arch.FINAL_HEAD}/kernel", kernels[0], kernels[0].value, "the one Dense (K, C) left")
     take(f"{arch.FINAL_HEAD}/bias", bias, bias.value, "its bias")
-    if not result.has_patch_heads:
+    if tiled and not result.has_patch_heads:
         for path in (pk, pb):   # zero heads: the model is cut to its final output below
             assigned[path] = np.zeros(tuple(next(w for w in heads if w.path == path).shape), np.float32)
     return problems
 
 
 def load_weights_member(weights: Path, architecture: str, input_scaling: str, report=print):
-    """A Keras 3 model of ``architecture`` carrying the weights of ``weights``.
-    Without per-patch heads in the file the model has the final output only
-    (Grad-CAM then uses the final head)."""
+    """A Keras 3 model of ``architecture`` carrying the weights of ``weights`` (a
+    Keras 2 ``.h5`` or a SavedModel directory). Without per-patch heads in the
+    file a tiled model has the final output only (Grad-CAM then uses the final head)."""
     import keras
 
     weights = Path(weights)
-    if not weights.is_file():
-        raise ArmscopeError(f"--weights {weights}: no such file")
-    if weights.suffix not in (".h5", ".hdf5"):
-        raise ArmscopeError(f"--weights {weights}: expected a Keras 2 .h5 file")
-    tensors = read_h5_tensors(weights)
-    backbone = arch.make_backbone(ARCHITECTURES.get(architecture, "densenet-mini")) \
-        if architecture in ARCHITECTURES else None
-    if backbone is None:
+    if architecture not in ARCHITECTURES:
         raise ArmscopeError(f"--architecture {architecture!r}: expected one of {', '.join(ARCHITECTURES)}")
+    tensors = read_tensors(weights)
+    size = input_size_of(weights)
+    if architecture in TILED:
+        if size not in (None, arch.IMAGE_SIZE):
+            raise ArmscopeError(f"--weights {weights}: the model takes {size}x{size} images, but {architecture} "
+                                f"takes {arch.IMAGE_SIZE}x{arch.IMAGE_SIZE} (4x4 patches of {arch.PATCH_SIZE}); "
+                                f"a whole-image model needs a whole-image --architecture "
+                                f"({', '.join(a for a in ARCHITECTURES if a not in TILED)})")
+        backbone = arch.make_backbone(ARCHITECTURES[architecture])
+        size = None
+    else:
+        if size is None:
+            raise ArmscopeError(f"--weights {weights}: the file does not say its input size (no fixed square "
+                                f"input in its {'serving signature' if weights.is_dir() else 'model configuration'}), "
+                                f"which the whole-image architecture {architecture} needs")
+        backbone = arch.make_whole_backbone(ARCHITECTURES[architecture], size)
     n_classes = _classes_in(tensors, int(backbone.output.shape[-1]))
-    model = build_target(architecture, n_classes, input_scaling)
+    model = build_target(architecture, n_classes, input_scaling, size)
     result = map_weights(model, tensors, weights)
     report(f"{weights}: {len(result.matched)} weights of {architecture} matched "
-           f"({sum(int(np.prod(w.shape)) for w in model.weights):,} values); input scaling {input_scaling!r} "
-           "as given (weights cannot confirm it)")
+           f"({sum(int(np.prod(w.shape)) for w in model.weights):,} values)"
+           + (f", input {size}x{size} from the file" if size else "")
+           + f"; input scaling {input_scaling!r} as given (weights cannot confirm it)")
     for target, source, how in result.matched:
         report(f"  {target:<48} <- {source}  [{how}]")
-    if not result.has_patch_heads:
+    if architecture in TILED and not result.has_patch_heads:
         report("  no per-patch heads in the file: the model keeps its final output only")
         model = keras.Model(model.input, {"probs": model.output["probs"]}, name=model.name)
     return model
