@@ -65,6 +65,26 @@ def test_quick_suite_end_to_end(tmp_path):
     assert g["glass_to_glass_ms"]["min"] > g["capture_to_publish_ms"]["min"] > 0
     assert result["power"]["source"] or result["power"]["absent"]
     assert any(s["name"] == "peer: Keras predict" for s in result["skipped"])
+    # warm-up by the settle rule, its rounds recorded per row
+    rule = result["warmup_rule"]
+    assert all(2 * rule["window"] <= r["warmup"]["rounds"] <= rule["cap"] and isinstance(r["warmup"]["settled"], bool)
+               for r in rows)
+    # the memory limit: a measured bandwidth on arrays past the caches, bytes per frame from the graphs
+    cpu_bw = result["bandwidth"]["cpu"]
+    assert cpu_bw["gbs"] > 0 and cpu_bw["gbs_median"] <= cpu_bw["gbs"]
+    llc = cpu_bw["last_level_cache"].get("total_bytes")
+    assert cpu_bw["notes"] or (llc and cpu_bw["array_bytes"] >= 4 * llc)
+    assert result["bandwidth"]["gpu"].get("gbs") or result["bandwidth"]["gpu"]["absent"]
+    for r in rows:
+        roof = r["roofline"]
+        assert r["bytes_per_frame"] > r["weight_bytes"] > 0 and roof["gbs_achieved"] > 0
+        assert roof["binds"] in ("memory", "compute") or roof["why"]
+        assert 0 < roof["fraction_of_bandwidth"]
+        # frames per joule beside fps, or why not
+        assert (r["energy"]["fps_per_joule"] or 0) > 0 or r["energy"]["absent"]
+    cpu = result["power"]["cpu"]
+    assert all(cpu[k].get("absent") or cpu[k].get(v) for k, v in
+               (("frequency", "mean_mhz"), ("temperature", "max_c"), ("energy", "joules")))
 
     text = md.read_text()
     assert text.count(report.BEGIN) == 1 and text.count(report.END) == 1
@@ -72,6 +92,8 @@ def test_quick_suite_end_to_end(tmp_path):
     section = text.split(report.BEGIN)[1].split(report.END)[0]
     assert section.strip() == (out / "suite.md").read_text().strip()
     assert f"{g['glass_to_glass_ms']['median']:.1f}" in section and m["cpu"] in section
+    assert f"**{cpu_bw['gbs']} GB/s**" in section and "| fps/J | warm-up |" in section and "% of BW | binds |" in section
+    assert "CPU sensors during the run" in section
 
 
 def test_stamp_round_trip_through_a_camera_view():

@@ -29,9 +29,11 @@ import numpy as np
 from armscope.core.bundle import MANIFEST, Bundle, load_bundle, sha256_file
 from armscope.bench import limits
 from armscope.bench.peers import Runner, peers
-from armscope.bench.timing import interleaved, summarize
+from armscope.bench.timing import Settle, interleaved, summarize, warm_up
 
 log = logging.getLogger(__name__)
+# a TensorRT row runs on the GPU: the CPU's peak is not its limit, and the GPU's is not derived yet
+GPU_PEAK = {"gflops": None, "derivation": "GPU peak FLOP/s not derived", "assumed": []}
 
 
 def sub_bundle(bundle: Bundle, k: int, workdir: Path, merge=None) -> tuple[Bundle, bool]:
@@ -147,10 +149,11 @@ def cases_for_size(bundle: Bundle, k: int, workdir: Path, merge, cpu_bf16: bool,
 
 def run_matrix(bundles: list[Bundle], images: list[np.ndarray], sizes, rounds: int, warmup: int, workdir: Path, merge=None,
                keras_members=None, budget_s: float | None = None, on_call=None,
-               quick: bool = False) -> tuple[list[dict], list[dict]]:
-    """Rows (one per path and size, with timing, FLOPs, limit) and skipped paths.
+               quick: bool = False, settle: Settle | None = None) -> tuple[list[dict], list[dict]]:
+    """Rows (one per path and size, with timing, FLOPs, bytes, limit) and skipped paths.
     ``images``: the real camera frames (BGR), preprocessed as each bundle says;
-    ``on_call(name, t0, t1)`` (optional) sees every timed call (power attribution)."""
+    ``on_call(name, t0, t1)`` (optional) sees every timed call (power attribution);
+    ``settle``: warm up until each path settles (``timing.warm_up``) instead of ``warmup`` calls."""
     from armscope.edge.backends.cpu_features import int8_exact
     from armscope.edge.backends.openvino_backend import cpu_capabilities
 
@@ -200,7 +203,10 @@ def run_matrix(bundles: list[Bundle], images: list[np.ndarray], sizes, rounds: i
                 return call
 
             log.info("bench suite: %d paths with %d member(s), %d rounds", len(runners), k, rounds)
-            times = interleaved({f"{r.name}|{k}": case(r) for r in runners}, rounds, warmup, budget_s)
+            cases = {f"{r.name}|{k}": case(r) for r in runners}
+            warm = warm_up(cases, settle) if settle is not None else \
+                {name: {"rounds": warmup, "settled": None, "drift": None, "rule": "fixed count"} for name in cases}
+            times = interleaved(cases, rounds, 0 if settle is not None else warmup, budget_s)
         finally:
             for r in runners:
                 r.close()
@@ -212,8 +218,12 @@ def run_matrix(bundles: list[Bundle], images: list[np.ndarray], sizes, rounds: i
             row = {"name": r.name, "group": r.group, **r.fields, "members": k, "ms": stats,
                    "samples_ms": [round(t, 3) for t in times[f"{r.name}|{k}"]],
                    "fps": round(1000.0 / stats["median"], 3), "info": _jsonable(r.info),
+                   "warmup": warm[f"{r.name}|{k}"],
                    "flops_per_frame": cost["flops"], "weight_bytes": cost["weight_bytes"],
-                   "limit": limits.against_limit(cost["flops"], stats["median"], limits.cpu_peak(peak_precision)),
+                   "activation_bytes": cost["activation_bytes_written"] + cost["activation_bytes_read"],
+                   "bytes_per_frame": cost["bytes_per_frame"],
+                   "limit": limits.against_limit(cost["flops"], stats["median"], GPU_PEAK if r.fields.get("backend") == "tensorrt"
+                                                 else limits.cpu_peak(peak_precision)),
                    "peak_precision": peak_precision,
                    "max_abs_dp_vs_reference": round(float(np.abs(outputs[r.name] - reference).max()), 7)
                    if reference is not None and outputs[r.name].shape == reference.shape else None}

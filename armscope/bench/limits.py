@@ -44,10 +44,11 @@ def graph_cost(path: str) -> dict:
     if dims and not dims[0].HasField("dim_value"):
         dims[0].dim_value = 1
     model = shape_inference.infer_shapes(model, data_prop=True)
-    shapes = {}
+    shapes, elem = {}, {}
     for vi in list(model.graph.value_info) + list(model.graph.input) + list(model.graph.output):
         shapes[vi.name] = [d.dim_value if d.HasField("dim_value") else None
                            for d in vi.type.tensor_type.shape.dim]
+        elem[vi.name] = vi.type.tensor_type.elem_type
     weight_bytes = 0
     for init in model.graph.initializer:
         shapes[init.name] = list(init.dims)
@@ -74,13 +75,61 @@ def graph_cost(path: str) -> dict:
         else:   # Gemm: (M, K) x (K, N), transA decides where K is
             trans_a = next((a.i for a in node.attribute if a.name == "transA"), 0)
             macs += int(np.prod(out)) * (ins[0][0] if trans_a else ins[0][-1])
-    return {"flops": 2 * macs, "weight_bytes": int(weight_bytes), "ops_counted": counted, "ops_unknown_shape": unknown}
+    activations = activation_bytes(model.graph, shapes, elem)
+    return {"flops": 2 * macs, "weight_bytes": int(weight_bytes), "ops_counted": counted, "ops_unknown_shape": unknown,
+            **activations}
+
+
+def activation_bytes(graph, shapes: dict, elem: dict) -> dict:
+    """Bytes of activations one frame moves: every tensor a node produces is written
+    once and read once by each node that consumes it; the graph's input is read by
+    its consumers. Weights (initializers, Constant nodes) are not activations. An
+    upper bound on DRAM traffic: a runtime fuses chains (Conv+Relu never stores the
+    Conv's output) and small tensors stay in cache."""
+    import numpy as np
+    from onnx import helper
+
+    weights = {i.name for i in graph.initializer}
+    weights |= {o for n in graph.node if n.op_type == "Constant" for o in n.output}
+    size: dict[str, int | None] = {}
+
+    def nbytes(name: str) -> int | None:
+        if name not in size:
+            shape, kind = shapes.get(name), elem.get(name)
+            known = shape is not None and kind and all(isinstance(d, int) and d >= 0 for d in shape)
+            size[name] = int(np.prod(shape, dtype=np.int64)) * np.dtype(helper.tensor_dtype_to_np_dtype(kind)).itemsize \
+                if known else None
+        return size[name]
+
+    written = read = 0
+    unknown: set[str] = set()
+    produced = {o for n in graph.node if n.op_type != "Constant" for o in n.output if o} | {i.name for i in graph.input}
+    for node in graph.node:
+        if node.op_type == "Constant":
+            continue
+        for name in node.output:
+            if name and (b := nbytes(name)) is not None:
+                written += b
+            elif name:
+                unknown.add(name)
+        for name in node.input:
+            if not name or name in weights or name not in produced:
+                continue
+            if (b := nbytes(name)) is not None:
+                read += b
+            else:
+                unknown.add(name)
+    return {"activation_bytes_written": written, "activation_bytes_read": read,
+            "activation_tensors_unknown_shape": len(unknown)}
 
 
 def ensemble_cost(member_paths) -> dict:
     costs = [graph_cost(str(p)) for p in member_paths]
-    return {"flops": sum(c["flops"] for c in costs), "weight_bytes": sum(c["weight_bytes"] for c in costs),
-            "ops_unknown_shape": sum(c["ops_unknown_shape"] for c in costs), "members": len(costs)}
+    total = {k: sum(c[k] for c in costs) for k in ("flops", "weight_bytes", "ops_unknown_shape", "activation_bytes_written",
+                                                     "activation_bytes_read", "activation_tensors_unknown_shape")}
+    # what a frame must move: the weights read once, every activation written and read back
+    total["bytes_per_frame"] = total["weight_bytes"] + total["activation_bytes_written"] + total["activation_bytes_read"]
+    return {**total, "members": len(costs)}
 
 
 def _lscpu() -> dict:

@@ -51,17 +51,7 @@ def markdown(result: dict, relative_to: Path | None = None) -> str:
         "|---|---|---|---|---|",
     ]
     lines += [f"| {r['stage']} | {_ms(r['ms'])} |" for r in result["stages"]]
-    lines += ["", "Inference, one frame, on the same frames in interleaved rounds (ms). GFLOP: per frame, "
-              "from the ONNX graph; % of peak: achieved FLOP/s over the estimated peak for that precision "
-              "(below); |dp|: max probability difference from armscope's ONNX Runtime FP32 on the first frame.", "",
-              "| path | members | precision | median | p95 | p99 | n | fps | GFLOP | % of peak | \\|dp\\| |",
-              "|---|---|---|---|---|---|---|---|---|---|---|"]
-    for r in result["inference"]:
-        note = "" if r.get("int8_exact_here", True) else " (INT8 inexact on this CPU: not deployable here)"
-        dp = r.get("max_abs_dp_vs_reference")
-        lines.append(f"| {r['name']}{note} | {r['members']} | {r['precision']} | {_ms(r['ms'])} | {r['fps']:.2f} | "
-                     f"{r['flops_per_frame'] / 1e9:.2f} | {_pct(r['limit']['fraction_of_peak'])} | "
-                     f"{'-' if dp is None else f'{dp:.1e}'} |")
+    lines += inference_tables(result)
     c = result.get("comparison") or {}
     if c:
         lines += ["", f"Peers against armscope's default (`--backend auto`: {c['ours']}, {c['ours_ms']:.1f} ms), "
@@ -98,11 +88,13 @@ def markdown(result: dict, relative_to: Path | None = None) -> str:
                   f"| publish -> seen by the observer | {_ms(g['publish_to_seen_ms'])} |", ""]
     p = result["power"]
     if p.get("mean_power_w"):
-        lines.append(f"Power ({p['source']}, {p['power_from']}): mean {p['mean_power_w']} W over the run; "
-                     f"max temperatures {p['max_temps_c']}; frames per joule: "
-                     + ", ".join(f"{k} {v}" for k, v in result.get("frames_per_joule", {}).items()) + ".")
+        lines.append(f"Board/GPU power ({p['source']}, {p['power_from']}): mean {p['mean_power_w']} W over the run; "
+                     f"max temperatures {p['max_temps_c']}.")
     else:
-        lines.append(f"Power and temperatures: absent here ({p.get('absent')}); board state: {result['board']}.")
+        lines.append(f"Board/GPU power and temperatures: absent here ({p.get('absent')}); board state: {result['board']}.")
+    lines += ["", sensors_line(p.get("cpu") or {})]
+    fpj = result.get("frames_per_joule") or {}
+    lines += ["", "Frames per joule: " + (", ".join(f"{k} {v}" for k, v in fpj.items()) if fpj else "none known") + "."]
     if result["skipped"]:
         lines += ["", "Skipped: " + "; ".join(f"{s['name']} ({s['why']})" for s in result["skipped"]) + "."]
     if result["plots"].get("files"):
@@ -118,6 +110,82 @@ def markdown(result: dict, relative_to: Path | None = None) -> str:
     if result["plots"].get("skipped"):
         lines += ["", f"Plots: {result['plots']['skipped']}."]
     return "\n".join(lines) + "\n"
+
+
+def _warm(w: dict | None) -> str:
+    if not w:
+        return "-"
+    return f"{w['rounds']}" + ("" if w.get("settled") in (True, None) else " (not settled)")
+
+
+def _fpj(r: dict) -> str:
+    e = r.get("energy") or {}
+    return f"{e['fps_per_joule']:.3g}" if e.get("fps_per_joule") else "absent"
+
+
+def inference_tables(result: dict) -> list[str]:
+    """The timing table (with fps/J and warm-up rounds) and the limits table (compute and memory)."""
+    rule = result.get("warmup_rule") or {}
+    lines = ["", "Inference, one frame, on the same frames in interleaved rounds (ms). fps/J: frames per joule "
+             "(fps over the mean power while the path's calls ran; why absent below); warm-up: rounds until the "
+             f"path's time settled ({rule.get('rule', 'fixed count')}); |dp|: max probability difference from "
+             "armscope's ONNX Runtime FP32 on the first frame.", "",
+             "| path | members | precision | median | p95 | p99 | n | fps | fps/J | warm-up | \\|dp\\| |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in result["inference"]:
+        note = "" if r.get("int8_exact_here", True) else " (INT8 inexact on this CPU: not deployable here)"
+        dp = r.get("max_abs_dp_vs_reference")
+        lines.append(f"| {r['name']}{note} | {r['members']} | {r['precision']} | {_ms(r['ms'])} | {r['fps']:.2f} | "
+                     f"{_fpj(r)} | {_warm(r.get('warmup'))} | {'-' if dp is None else f'{dp:.1e}'} |")
+    why = sorted({(r.get("energy") or {}).get("absent") for r in result["inference"]} - {None})
+    if why:
+        lines += ["", "fps/J absent: " + "; ".join(why) + "."]
+    lines += ["", "Against the limits (roofline): GFLOP and MB per frame from the ONNX graph (MB: weights read once + "
+              "every activation written once and read by each consumer: an upper bound, fusion and caches move less); "
+              "% of peak: achieved FLOP/s over the estimated compute peak; GB/s: those bytes over the median time, "
+              "% of BW: of the measured bandwidth; FLOP/B: arithmetic intensity; binds: memory where the intensity is "
+              "below the machine balance (peak / bandwidth), else compute.", "",
+              "| path | members | GFLOP | % of peak | MB | FLOP/B | GB/s | % of BW | binds |",
+              "|---|---|---|---|---|---|---|---|---|"]
+    for r in result["inference"]:
+        roof = r.get("roofline") or {}
+        mb = r.get("bytes_per_frame")
+        lines.append(f"| {r['name']} | {r['members']} | {r['flops_per_frame'] / 1e9:.2f} | "
+                     f"{_pct(r['limit']['fraction_of_peak'])} | {'-' if not mb else f'{mb / 1e6:.0f}'} | "
+                     f"{roof.get('intensity_flop_per_byte') or '-'} | {roof.get('gbs_achieved') or '-'} | "
+                     f"{_pct(roof.get('fraction_of_bandwidth'))} | {roof.get('binds') or 'undecided'} |")
+    why = sorted({(r.get("roofline") or {}).get("why") for r in result["inference"]} - {None})
+    if why:
+        lines += ["", "Undecided: " + "; ".join(why) + "."]
+    bw = result.get("bandwidth") or {}
+    cpu, gpu = bw.get("cpu") or {}, bw.get("gpu") or {}
+    lines += ["", "Memory bandwidth, measured: CPU " + (f"**{cpu['gbs']} GB/s** (median {cpu['gbs_median']}; {cpu['how']}; "
+              f"last-level cache {_cache(cpu.get('last_level_cache'))}{'; ' + '; '.join(cpu['notes']) if cpu.get('notes') else ''})"
+              if cpu.get("gbs") else f"absent ({cpu.get('absent', 'not measured')})")
+              + "; GPU " + (f"**{gpu['gbs']} GB/s** ({gpu['gpu']}: {gpu['how']})" if gpu.get("gbs")
+                            else f"absent ({gpu.get('absent', 'not measured')})") + "."]
+    if cpu.get("gbs"):
+        lines.append("Machine balance (CPU, FLOP/B): " + ", ".join(
+            f"{p} {v['gflops'] / cpu['gbs']:.1f}" for p, v in result["peaks"].items() if v.get("gflops")) + ".")
+    return lines
+
+
+def _cache(c: dict | None) -> str:
+    if not c or "total_bytes" not in c:
+        return f"unknown ({(c or {}).get('absent')})"
+    return f"L{c['level']} {c['total_bytes'] >> 20} MiB in {c['instances']} instance(s)"
+
+
+def sensors_line(cpu: dict) -> str:
+    """The CPU's clock, temperature and energy during the run, each with its figure or why it is absent."""
+    f, t, e = cpu.get("frequency") or {}, cpu.get("temperature") or {}, cpu.get("energy") or {}
+    parts = [("clock: " + (f"{f['min_mhz']}-{f['max_mhz']} MHz (mean {f['mean_mhz']}; {f['source']})" if "mean_mhz" in f
+                           else f"absent ({f.get('absent')})")),
+             ("temperature: " + (f"first {t['first_c']} C, last {t['last_c']} C, max {t['max_c']} C "
+                                 f"({', '.join(t['sensors'])})" if "max_c" in t else f"absent ({t.get('absent')})")),
+             ("energy: " + (f"{e['joules']} J over {e['over_s']} s, mean {e['mean_power_w']} W ({e['source']})"
+                            if "joules" in e else f"absent ({e.get('absent')})"))]
+    return f"CPU sensors during the run, sampled every {cpu.get('interval_ms', '-')} ms: " + "; ".join(parts) + "."
 
 
 def update_benchmarks_md(path: Path, section: str) -> None:
@@ -181,14 +249,15 @@ def plots(result: dict, out: Path) -> dict:
         ax.set_xlabel("ms per frame"); ax.legend(fontsize=7, loc="lower right"); ax.set_title("per-stage time")
         fig.tight_layout()
         files.append(_save(fig, plt, out / "suite_stages.png"))
-    power = [s for s in result["power"].get("series", []) if s.get("power_w") is not None or s.get("temp_c") is not None]
+    keys = {"power_w": "power (W)", "temp_c": "max temperature (C)", "cpu_power_w": "CPU packages, RAPL (W)",
+            "cpu_temp_c": "CPU max temperature (C)"}
+    power = [s for s in result["power"].get("series", []) if any(s.get(k) is not None for k in keys)]
     if power:
         fig, ax = plt.subplots(figsize=(9, 3.5), dpi=100)
-        t = [s["t_s"] for s in power]
-        if any(s.get("power_w") is not None for s in power):
-            ax.plot(t, [s.get("power_w") for s in power], label="power (W)")
-        if any(s.get("temp_c") is not None for s in power):
-            ax.plot(t, [s.get("temp_c") for s in power], label="max temperature (C)")
+        for key, label in keys.items():
+            points = [(s["t_s"], s[key]) for s in power if s.get(key) is not None]
+            if points:
+                ax.plot([x for x, _ in points], [y for _, y in points], label=label)
         ax.set_xlabel("s"); ax.legend(); ax.set_title("power and temperature during the run")
         fig.tight_layout()
         files.append(_save(fig, plt, out / "suite_power.png"))

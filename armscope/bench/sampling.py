@@ -25,8 +25,8 @@ Sources, chosen at run time:
   ``nvmlDeviceGetClockInfo`` SM MHz, ``nvmlDeviceGetUtilizationRates``), else
   ``nvidia-smi --query-gpu=power.draw,temperature.gpu,clocks.sm,utilization.gpu
   --format=csv,noheader,nounits -lms MS``.
-* Everywhere: Linux thermal zones (``/sys/class/thermal/thermal_zone*/temp``,
-  millidegrees) when present.
+* Everywhere, beside the above: the CPU's own clock, temperatures and RAPL
+  energy (``armscope.bench.cpusensors``), polled in a second thread.
 """
 from __future__ import annotations
 
@@ -35,7 +35,8 @@ import shutil
 import subprocess
 import threading
 import time
-from pathlib import Path
+
+from armscope.bench import cpusensors
 
 INTERVAL_MS = 200
 BOARD_RAILS = ("VDD_IN", "POM_5V_IN", "VIN_SYS_5V0")
@@ -120,8 +121,11 @@ class Sampler:
         self.interval_ms = interval_ms
         self.samples: list[tuple[float, dict]] = []
         self.source, self.absent = self._choose()
+        self.cpu = cpusensors.CpuSensors()
+        self.cpu_samples: list[tuple[float, dict]] = []
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._cpu_thread: threading.Thread | None = None
         self._proc: subprocess.Popen | None = None
 
     def _choose(self) -> tuple[str | None, str | None]:
@@ -139,16 +143,15 @@ class Sampler:
             pass
         if shutil.which("nvidia-smi") and _run(["nvidia-smi", "-L"])[0] == 0:
             return "nvidia-smi", None
-        zones = sorted(Path("/sys/class/thermal").glob("thermal_zone*/temp"))
-        if zones:
-            return "thermal-zones", "no power sensor read here (no Jetson, no NVIDIA GPU): temperatures only"
-        return None, "no power or temperature sensor here (no Jetson, no NVIDIA GPU, no thermal zones)"
+        return None, "no board or GPU power sensor here (no Jetson, no NVIDIA GPU); the CPU's own sensors: see 'cpu'"
 
     def start(self) -> "Sampler":
+        if any(not why for why in self.cpu.absent.values()):
+            self._cpu_thread = threading.Thread(target=self._poll_cpu, name="bench-cpu-sensors", daemon=True)
+            self._cpu_thread.start()
         if self.source is None:
             return self
-        target = {"tegrastats": self._lines, "nvidia-smi": self._lines, "nvml": self._poll_nvml,
-                  "thermal-zones": self._poll_zones}[self.source]
+        target = {"tegrastats": self._lines, "nvidia-smi": self._lines, "nvml": self._poll_nvml}[self.source]
         self._thread = threading.Thread(target=target, name="bench-sampler", daemon=True)
         self._thread.start()
         return self
@@ -161,8 +164,10 @@ class Sampler:
                 self._proc.wait(5)
             except subprocess.TimeoutExpired:
                 self._proc.kill()
-        if self._thread is not None:
-            self._thread.join(5)
+        for thread in (self._thread, self._cpu_thread):
+            if thread is not None:
+                thread.join(5)
+        cpusensors.with_power(self.cpu_samples, self.cpu.ranges())
 
     def _lines(self) -> None:
         if self.source == "tegrastats":
@@ -198,28 +203,26 @@ class Sampler:
                 self.absent = f"NVML read failed: {exc}"
                 return
 
-    def _poll_zones(self) -> None:
-        zones = sorted(Path("/sys/class/thermal").glob("thermal_zone*"))
+    def _poll_cpu(self) -> None:
+        self.cpu_samples.append((time.monotonic(), self.cpu.read()))
         while not self._stop.wait(self.interval_ms / 1000.0):
-            temps = {}
-            for z in zones:
-                try:
-                    temps[(z / "type").read_text().strip() or z.name] = int((z / "temp").read_text()) / 1000.0
-                except (OSError, ValueError):
-                    continue
-            self.samples.append((time.monotonic(), {"temps_c": temps}))
+            self.cpu_samples.append((time.monotonic(), self.cpu.read()))
 
     # -- summaries -------------------------------------------------------------
 
-    def mean_power_w(self, intervals: list[tuple[float, float]] | None = None) -> float | None:
-        """Mean power over the samples inside ``intervals`` (all samples without); None with fewer than 3."""
-        vals = [s["power_w"] for t, s in self.samples if "power_w" in s
+    def mean_power_w(self, intervals: list[tuple[float, float]] | None = None, key: str = "power_w") -> float | None:
+        """Mean power over the samples inside ``intervals`` (all samples without); None with fewer than 3.
+        ``key``: "power_w" (board or GPU: the source above), "cpu_power_w" (RAPL packages; after ``stop()``)."""
+        samples = self.cpu_samples if key == "cpu_power_w" else self.samples
+        vals = [s[key] for t, s in samples if key in s
                 and (intervals is None or any(a <= t <= b for a, b in intervals))]
         return sum(vals) / len(vals) if len(vals) >= 3 else None
 
     def summary(self) -> dict:
+        cpu = cpusensors.summarize(self.cpu, self.cpu_samples, self.interval_ms)
         if self.source is None or not self.samples:
-            return {"source": self.source, "absent": self.absent or "no samples were taken", "samples": 0}
+            return {"source": self.source, "absent": self.absent or "no samples were taken", "samples": 0, "cpu": cpu,
+                    "series": self._cpu_series()}
         temps: dict[str, float] = {}
         for _, s in self.samples:
             for k, v in s.get("temps_c", {}).items():
@@ -229,10 +232,20 @@ class Sampler:
         return {"source": self.source, "absent": self.absent, "samples": len(self.samples),
                 "interval_ms": self.interval_ms, "mean_power_w": round(power, 3) if power else None,
                 "power_from": next((s.get("power_from") for _, s in self.samples if "power_from" in s), None),
-                "max_temps_c": temps,
+                "max_temps_c": temps, "cpu": cpu,
                 "series": [{"t_s": round(t - t0, 3), "power_w": s.get("power_w"),
                             "temp_c": max(s["temps_c"].values()) if s.get("temps_c") else None}
-                           for t, s in self.samples]}
+                           for t, s in self.samples] + self._cpu_series(t0)}
+
+    def _cpu_series(self, t0: float | None = None) -> list[dict]:
+        """The CPU's samples for the power/temperature plot (its package power and hottest sensor)."""
+        if not self.cpu_samples:
+            return []
+        t0 = self.cpu_samples[0][0] if t0 is None else t0
+        return [{"t_s": round(t - t0, 3), "cpu_power_w": s.get("cpu_power_w"),
+                 "cpu_temp_c": max(s["temps_c"].values()) if s.get("temps_c") else None,
+                 "cpu_mhz": round(sum(s["cpu_mhz"]) / len(s["cpu_mhz"]), 1) if s.get("cpu_mhz") else None}
+                for t, s in self.cpu_samples if s]
 
 
 def _parse_smi(line: str) -> dict | None:

@@ -14,10 +14,13 @@ from armscope.core.bundle import load_bundle
 from armscope.core.errors import ArmscopeError
 from armscope.core.preprocess import IMAGE_SUFFIXES, load_image
 from armscope.edge import pacing
-from armscope.bench import limits, machine, report, sampling
+from armscope.bench import bandwidth, limits, machine, report, sampling
+from armscope.bench.timing import Settle
 
 log = logging.getLogger(__name__)
 SIZES = (1, 3, 5)
+# warm-up until each path's time settles (timing.Settle); --quick (CI) a looser, shorter rule
+SETTLE, SETTLE_QUICK = Settle(window=3, tolerance=0.05, cap=15), Settle(window=2, tolerance=0.10, cap=6)
 
 
 def default_frames() -> list[Path]:
@@ -58,10 +61,14 @@ def run_suite(bundle_dir: str, out: Path, *, quick: bool = False, rounds: int | 
               "bundle": str(bundle.root), "bundle_members": len(bundle.member_paths),
               "extra_bundles": [str(b.root) for b in bundles[1:]], "frames": [p.name for p in frame_paths],
               "machine": machine.describe(board), "board": board, "skipped": []}
+    settle = SETTLE_QUICK if quick else SETTLE
+    result["warmup_rule"] = settle.describe()
     sampler = sampling.Sampler().start()
     calls: dict[str, list[tuple[float, float]]] = {}
     try:
         t_start = time.monotonic()
+        log.info("bench suite: memory bandwidth")
+        result["bandwidth"] = bandwidth.measure(quick)
         from armscope.bench.stages import run_stages
 
         log.info("bench suite: stages")
@@ -73,7 +80,7 @@ def run_suite(bundle_dir: str, out: Path, *, quick: bool = False, rounds: int | 
         if len(bundle.member_paths) not in sizes:
             sizes += (len(bundle.member_paths),)
         rows, skipped = run_matrix(bundles, images, sizes, rounds, 1, work, merge=merge,
-                                   keras_members=keras_members, quick=quick,
+                                   keras_members=keras_members, quick=quick, settle=settle,
                                    on_call=lambda name, a, b: calls.setdefault(name, []).append((a, b)))
         result["inference"], result["skipped"] = rows, result["skipped"] + skipped
         result["comparison"] = comparison(rows, len(bundle.member_paths))
@@ -103,6 +110,8 @@ def run_suite(bundle_dir: str, out: Path, *, quick: bool = False, rounds: int | 
     result["power"] = sampler.summary()
     result["frames_per_joule"] = frames_per_joule(result, sampler, calls)
     result["peaks"] = {p: limits.cpu_peak(p) for p in ("fp32", "bf16", "int8", "fp16")}
+    for r in rows:
+        r["roofline"] = bandwidth.roofline(r, result["peaks"][r["peak_precision"]], result["bandwidth"])
     result["load_average_end"] = machine.load_average()
     result["series"] = {"glass-to-glass": result["glass"]["samples_ms"]}
     default = next((r for r in rows if r["name"].startswith("ours: auto")), None)
@@ -146,18 +155,39 @@ def stack(result: dict) -> dict:
 
 
 def frames_per_joule(result: dict, sampler, calls: dict) -> dict:
-    """Frames per joule where power is known: per inference path (power while its calls ran) and the pipeline."""
+    """Frames per joule where power is known, beside each row's fps (``row["energy"]``, with the
+    power it used or why it is absent) and for the pipeline; returns {label: fps/J} of those known.
+    Which power: a Jetson's board input (tegrastats: CPU and GPU together); on a discrete GPU,
+    NVML's board power for the GPU rows (the host CPU not included); RAPL's packages for CPU rows."""
     out = {}
-    if sampler.mean_power_w() is None:
-        return out
+    board = sampler.source == "tegrastats"
+    gpu_power = sampler.source in ("nvml", "nvidia-smi")
     for r in result["inference"]:
-        watts = sampler.mean_power_w(calls.get(f"{r['name']}|{r['members']}"))
+        if board:
+            key, what, why = "power_w", "board input power (tegrastats)", None
+        elif bandwidth.is_gpu_row(r):
+            key, what = ("power_w", f"GPU board power ({sampler.source}; the host CPU not included)") if gpu_power \
+                else (None, None)
+            why = None if gpu_power else f"no GPU power sensor read ({sampler.absent})"
+        else:
+            cpu_absent = sampler.cpu.absent["energy"]
+            key, what = (None, None) if cpu_absent else ("cpu_power_w", "CPU packages (RAPL)")
+            why = f"CPU energy absent: {cpu_absent}" + ("; the GPU's power does not cover a CPU path" if gpu_power else "") \
+                if cpu_absent else None
+        watts = sampler.mean_power_w(calls.get(f"{r['name']}|{r['members']}"), key) if key else None
+        if key and watts is None:
+            why = f"fewer than 3 {what} samples while this path's calls ran ({sampler.interval_ms} ms sampling)"
+        r["energy"] = {"fps_per_joule": round(r["fps"] / watts, 4) if watts else None,
+                       "power_w": round(watts, 3) if watts else None, "power_from": what if watts else None,
+                       "absent": None if watts else why}
         if watts:
-            out[f"{r['name']} ({r['members']})"] = round(r["fps"] / watts, 4)
+            out[f"{r['name']} ({r['members']})"] = r["energy"]["fps_per_joule"]
     pipe = result["pipeline"]
-    watts = sampler.mean_power_w([pipe["interval"]])
-    if watts and pipe.get("fps"):
-        out["daemon pipeline"] = round(pipe["fps"] / watts, 4)
+    parts = [("power_w", "board" if board else "GPU")] if board or gpu_power else []
+    parts += [] if board or sampler.cpu.absent["energy"] else [("cpu_power_w", "CPU packages")]
+    watts = [(w, label) for key, label in parts if (w := sampler.mean_power_w([pipe["interval"]], key))]
+    if watts and len(watts) == len(parts) and pipe.get("fps"):
+        out[f"daemon pipeline ({' + '.join(label for _, label in watts)})"] = round(pipe["fps"] / sum(w for w, _ in watts), 4)
     return out
 
 

@@ -7,11 +7,16 @@ a minute and then path B for a minute turns that drift into a false A/B
 difference; one round of every path, then the next round, spreads the drift
 over all paths alike. The order within a round rotates too, so no path is
 always first after a pause.
+
+Warm-up: a fixed count of untimed calls is a guess; ``warm_up`` runs rounds
+until each path's time has stopped moving (``Settle``, a documented rule with a
+cap) and records how many it took.
 """
 from __future__ import annotations
 
 import math
 import time
+from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
@@ -56,6 +61,57 @@ def interleaved(cases: dict[str, Callable[[int], object]], rounds: int, warmup: 
         if budget_s is not None and r >= 1 and time.monotonic() - start > budget_s:
             break
     return times
+
+
+@dataclass(frozen=True)
+class Settle:
+    """When a path's warm-up is over: after each warm-up round, the median of its
+    last ``window`` times is compared with the median of the ``window`` before;
+    within ``tolerance`` (relative) it has settled (caches, allocator pools, JIT
+    and lazy kernel choices, clocks all stopped moving its time). At least
+    ``2 x window`` rounds, at most ``cap``; a path still moving at the cap is timed
+    anyway and reported as not settled, with its last drift."""
+    window: int = 3
+    tolerance: float = 0.05
+    cap: int = 15
+
+    def drift(self, times: list[float]) -> float | None:
+        w = self.window
+        if len(times) < 2 * w:
+            return None
+        before = float(np.median(times[-2 * w:-w]))
+        return abs(float(np.median(times[-w:])) - before) / before if before > 0 else None
+
+    def settled(self, times: list[float]) -> bool:
+        d = self.drift(times)
+        return d is not None and d <= self.tolerance
+
+    def describe(self) -> dict:
+        return {"window": self.window, "tolerance": self.tolerance, "cap": self.cap,
+                "rule": f"warm up until the median of the last {self.window} calls is within "
+                        f"{100 * self.tolerance:g}% of the median of the {self.window} before "
+                        f"(at least {2 * self.window}, at most {self.cap} rounds)"}
+
+
+def warm_up(cases: dict[str, Callable[[int], object]], rule: Settle) -> dict[str, dict]:
+    """Interleaved warm-up rounds (order rotating, as ``interleaved``) until every case
+    has settled by ``rule`` or the cap; a settled case leaves the rotation.
+    Per case: {"rounds", "settled", "drift", "ms"} (the warm-up times, for the record)."""
+    times: dict[str, list[float]] = {name: [] for name in cases}
+    pending = list(cases)
+    for r in range(rule.cap):
+        if not pending:
+            break
+        k = r % len(pending)
+        for name in pending[k:] + pending[:k]:
+            times[name].append(time_call(lambda: cases[name](-1 - r)))
+        pending = [name for name in pending if not rule.settled(times[name])]
+    out = {}
+    for name, t in times.items():
+        d = rule.drift(t)
+        out[name] = {"rounds": len(t), "settled": rule.settled(t), "drift": None if d is None else round(d, 4),
+                     "ms": [round(x, 3) for x in t]}
+    return out
 
 
 def finite_positive(x) -> bool:

@@ -105,8 +105,8 @@ def add_parsers(sub) -> None:
     p.add_argument("--plot", help="write a latency histogram PNG here")
     p.add_argument("--suite", action="store_true",
                    help="the whole benchmark suite: every stage, inference per backend x precision x layout x "
-                   "ensemble size (1, 3, 5) with peers and the CPU's limit, the pipeline, glass-to-glass latency, "
-                   "power where known (docs/latency.md)")
+                   "ensemble size (1, 3, 5) with peers, the compute and memory-bandwidth limits, the pipeline, "
+                   "glass-to-glass latency, power, clocks, temperatures and frames per joule where known (docs/latency.md)")
     p.add_argument("--out", help="--suite: directory for suite.json, suite.md and plots")
     p.add_argument("--quick", action="store_true", help="--suite: a reduced run (fewer paths and rounds; CI)")
     p.add_argument("--rounds", type=int_in(2), help="--suite: interleaved rounds per path (default 10, quick 3)")

@@ -240,6 +240,14 @@ class CudaRuntime:
             self._check(self.cudart.cudaMemcpyAsync(dst.ctypes.data, src, nbytes,
                                                     self.cudart.cudaMemcpyKind.cudaMemcpyDeviceToHost, stream))
 
+    def dtod(self, dst: int, src: int, nbytes: int, stream):
+        """Device-to-device copy (the benchmark suite's memory-bandwidth measurement)."""
+        if self.flavour == "pycuda":
+            self._pycuda(self.driver.memcpy_dtod_async, dst, src, nbytes, stream)
+        else:
+            self._check(self.cudart.cudaMemcpyAsync(dst, src, nbytes,
+                                                    self.cudart.cudaMemcpyKind.cudaMemcpyDeviceToDevice, stream))
+
     def synchronize(self, stream):
         if self.flavour == "pycuda":
             self._pycuda(stream.synchronize)
