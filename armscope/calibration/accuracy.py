@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from armscope.core.bundle import Bundle, load_bundle, refuse_cascade, staged_directory
+from armscope.core.bundle import Bundle, check_out_apart, load_bundle, refuse_cascade, staged_directory
 from armscope.core.cpus import usable_cpus
 from armscope.core.errors import ArmscopeError
 from armscope.core.preprocess import FILE_SUFFIXES as IMAGE_SUFFIXES
@@ -218,6 +218,7 @@ def accuracy_report(reference: Path, candidate: Path | None, images: list[Path],
                     backend: str = "onnxruntime", cpu_precision: str = "f32", exact_qdq: bool = False) -> dict:
     """The candidate bundle (default: the reference itself) run on ``backend``
     with ``cpu_precision`` (OpenVINO), against the reference bundle on ONNX Runtime FP32."""
+    check_out_apart(out_dir, [reference, candidate, labels_csv, *images])  # --force would delete an input
     ref_bundle = load_bundle(reference)
     cand_bundle = ref_bundle if candidate is None else load_bundle(candidate)
     for b in (ref_bundle, cand_bundle):

@@ -185,20 +185,50 @@ def _describe(candidate) -> dict:
     return {"frame_index": where}
 
 
+def parse_frame_size(text: str | None, option: str = "--frame-size") -> tuple[int, int] | None:
+    """``WIDTHxHEIGHT`` (e.g. 1600x1200) -> (width, height); None for an empty value."""
+    if not text:
+        return None
+    try:
+        w, h = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise ArmscopeError(f"{option} {text!r}: expected WIDTHxHEIGHT, e.g. 1600x1200") from None
+    if w < 1 or h < 1:
+        raise ArmscopeError(f"{option} {text!r}: width and height must be positive")
+    return w, h
+
+
 def build_calibration_set(
     inputs: list[Path],
     out: Path,
     size: int,
     spec: Preprocessing | None = None,
-    frame_size: tuple[int, int] | None = None,
+    frame_size: tuple[int, int] | str | None = None,
     per_video: int = 64,
     seed: int = 0,
     gate=None,
     force: bool = False,
+    bundle: Path | None = None,
 ) -> dict:
     """Sample ``size`` usable frames from ``inputs`` and write ``out`` (.npz).
-    Returns the set's manifest. Nothing is written unless the whole set is made."""
+    Returns the set's manifest. Nothing is written unless the whole set is made.
+    ``bundle``: take ``spec`` and the tissue gate (its modality's, e.g. MRI: air) from
+    this bundle where they are not given; ``frame_size`` may be ``WIDTHxHEIGHT`` text."""
+    from armscope.core.bundle import check_out_apart, load_bundle
+    from armscope.core.errors import check_output_file
+
     out = Path(out)
+    check_out_apart(out, [*inputs, bundle])  # --force would replace an input
+    check_output_file(out, "--out")
+    if isinstance(frame_size, str):
+        frame_size = parse_frame_size(frame_size)
+    if bundle is not None:
+        loaded = load_bundle(bundle)
+        spec = spec or loaded.preprocessing
+        if gate is None and loaded.manifest.get("tissue_gate"):
+            from armscope.core.tissue import TissueGate
+
+            gate = TissueGate.from_manifest(loaded.manifest)
     if size < MIN_SIZE:
         raise ArmscopeError(f"--size {size}: a calibration set needs at least {MIN_SIZE} frame")
     if out.suffix != ".npz":

@@ -37,7 +37,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from armscope.core.bundle import load_bundle, refuse_cascade, staged_directory, write_manifest
+from armscope.core.bundle import check_out_apart, load_bundle, refuse_cascade, staged_directory, write_manifest
 from armscope.core.errors import ArmscopeError, require_module
 from armscope.calibration import accuracy
 from armscope.calibration.calibration_set import load_calibration_set
@@ -233,6 +233,7 @@ def make_reduced_bundle(
     force_deployable: bool = False,
 ) -> dict:
     """Write an INT8 Q/DQ or FP16 bundle at ``out``. Returns the manifest's quantization block."""
+    check_out_apart(out, [bundle_dir, calib, labels_csv, *(holdout or [])])  # --force would replace an input
     if precision not in ("int8", "fp16"):
         raise ArmscopeError(f"--precision {precision!r}: expected int8 or fp16")
     if method not in METHODS:

@@ -4,38 +4,15 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from armscope.cli.common import SEED, THREADS, check_out_apart, check_output_file, int_in
-from armscope.core.errors import ArmscopeError
+from armscope.cli.common import SEED, THREADS, int_in
 from armscope.edge.backends import BACKENDS, CPU_PRECISIONS
 
-def _frame_size(text: str | None):
-    if not text:
-        return None
-    try:
-        w, h = (int(v) for v in text.lower().split("x"))
-    except ValueError:
-        raise ArmscopeError(f"--frame-size {text!r}: expected WIDTHxHEIGHT, e.g. 1600x1200") from None
-    if w < 1 or h < 1:
-        raise ArmscopeError(f"--frame-size {text!r}: width and height must be positive")
-    return w, h
-
-
 def _cmd_calibration_set(args) -> int:
-    from armscope.core.bundle import load_bundle
     from armscope.calibration.calibration_set import build_calibration_set
 
-    check_out_apart(args.out, [*args.inputs, args.bundle])
-    check_output_file(args.out, "--out")
-    bundle = load_bundle(args.bundle) if args.bundle else None
-    spec = bundle.preprocessing if bundle else None
-    gate = None
-    if bundle is not None and bundle.manifest.get("tissue_gate"):  # the bundle's modality (e.g. MRI: air)
-        from armscope.core.tissue import TissueGate
-
-        gate = TissueGate.from_manifest(bundle.manifest)
-    m = build_calibration_set([Path(p) for p in args.inputs], Path(args.out), args.size, spec=spec, gate=gate,
-                              frame_size=_frame_size(args.frame_size), per_video=args.per_video,
-                              seed=args.seed, force=args.force)
+    m = build_calibration_set([Path(p) for p in args.inputs], Path(args.out), args.size,
+                              bundle=Path(args.bundle) if args.bundle else None, frame_size=args.frame_size,
+                              per_video=args.per_video, seed=args.seed, force=args.force)
     skipped = ", ".join(f"{v} {k.replace('_', ' ')}" for k, v in sorted(m["skipped"].items())) or "none"
     print(f"wrote {args.out}: {m['size']} frames from {len(m['per_source'])} source(s)"
           + (f", classes {m['per_class']}" if m["classes"] else "") + f"; skipped: {skipped}")
@@ -45,7 +22,6 @@ def _cmd_calibration_set(args) -> int:
 def _cmd_quantize(args) -> int:
     from armscope.calibration.quantize import make_reduced_bundle
 
-    check_out_apart(args.out, [args.bundle, args.calib, args.labels, *(args.holdout or [])])
     block = make_reduced_bundle(
         Path(args.bundle), Path(args.out), args.precision, calib=Path(args.calib) if args.calib else None,
         method=args.method, keep_fp32=args.keep_fp32, holdout=[Path(p) for p in args.holdout or []] or None,
@@ -82,7 +58,6 @@ def _cmd_build(args) -> int:
 def _cmd_accuracy(args) -> int:
     from armscope.calibration.accuracy import accuracy_report
 
-    check_out_apart(args.out, [args.bundle, args.candidate, args.labels, *args.images])
     report = accuracy_report(Path(args.bundle), Path(args.candidate) if args.candidate else None,
                              [Path(p) for p in args.images], Path(args.out),
                              labels_csv=Path(args.labels) if args.labels else None, force=args.force,

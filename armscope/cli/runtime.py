@@ -1,11 +1,10 @@
 """``armscope run``, ``bench``, ``demo`` and ``keys``: the edge daemon and what measures or secures it."""
 from __future__ import annotations
 
-import re
 from pathlib import Path
 
-from armscope.cli.common import check_output_file, int_in
-from armscope.core.errors import ArmscopeError
+from armscope.cli.common import int_in
+from armscope.core.errors import ArmscopeError, check_output_file
 
 def _cmd_run(args) -> int:
     from armscope.edge.config import from_args
@@ -22,10 +21,8 @@ def _cmd_bench(args) -> int:
         return _cmd_bench_suite(args)
     if args.out or args.quick or args.benchmarks_md:
         raise ArmscopeError("--out, --quick and --benchmarks-md belong to --suite")
-    check_output_file(args.json, "--json")
-    check_output_file(args.plot, "--plot")
-    if args.plot and Path(args.plot).suffix.lower() != ".png":
-        raise ArmscopeError(f"--plot {args.plot}: expected a .png file name")
+    check_output_file(args.json, "--json")  # before the daemon starts; run_bench writes them at the end
+    check_output_file(args.plot, "--plot", suffix=".png")
     report = run_bench(from_args(args), frames=args.frames, json_out=args.json, plot=args.plot,
                        warmup=args.warmup)
     e2e = report["latency_ms"]["capture_to_publish"]
@@ -74,20 +71,11 @@ def _cmd_demo(args) -> int:
 
 
 def _cmd_keys(args) -> int:
-    from armscope.core.protocol import write_keypair
+    from armscope.core.curve import write_keypairs
 
-    for name in args.names:  # all checked before any file is written
-        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", name) or args.names.count(name) > 1:
-            raise ArmscopeError(f"--names {name!r}: expected distinct plain names (letters, digits, _ . -), "
-                                "each written as NAME.key and NAME.key_secret inside --out")
-        for path in (Path(args.out) / f"{name}.key", Path(args.out) / f"{name}.key_secret"):
-            if path.exists() and not args.force:
-                raise ArmscopeError(f"{path}: already exists (use --force to replace it)")
-    for name in args.names:
-        public, secret = write_keypair(Path(args.out), name, force=args.force)
+    for public, secret in write_keypairs(Path(args.out), args.names, force=args.force):
         print(f"wrote {public} (public) and {secret} (secret, mode 0600)")
     return 0
-
 
 
 def add_parsers(sub) -> None:

@@ -4,9 +4,12 @@ files. Apart from ``armscope.core.protocol`` (which re-exports these names) beca
 keys are about who may connect, not what the messages say."""
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 from armscope.core.errors import ArmscopeError
+
+KEY_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")  # a plain file name: no path, no leading dot
 
 
 def _zmq():
@@ -72,3 +75,17 @@ def write_keypair(directory: str | Path, name: str, force: bool = False) -> tupl
     secret_path.chmod(0o600)
     secret_path.write_text(secret_text)
     return public_path, secret_path
+
+
+def write_keypairs(directory: str | Path, names: list[str], force: bool = False) -> list[tuple[Path, Path]]:
+    """One keypair per name (``write_keypair``), every name and file checked before any is
+    written, so a bad second name leaves no half-made set behind."""
+    directory = Path(directory)
+    for name in names:
+        if not KEY_NAME.fullmatch(name) or names.count(name) > 1:
+            raise ArmscopeError(f"--names {name!r}: expected distinct plain names (letters, digits, _ . -), "
+                                "each written as NAME.key and NAME.key_secret inside --out")
+        for path in (directory / f"{name}.key", directory / f"{name}.key_secret"):
+            if path.exists() and not force:
+                raise ArmscopeError(f"{path}: already exists (use --force to replace it)")
+    return [write_keypair(directory, name, force=force) for name in names]

@@ -46,3 +46,16 @@ def output_file_problem(path) -> str | None:
     if not os.access(probe, os.W_OK | os.X_OK) or (os.path.exists(path) and not os.access(path, os.W_OK)):
         return "not writable"
     return None
+
+
+def check_output_file(path, option: str, suffix: str | None = None) -> None:
+    """Refuse, naming ``option``, an output file that cannot be written (``output_file_problem``)
+    or whose name lacks ``suffix`` (e.g. ``.png``); nothing to check when ``path`` is empty."""
+    import os
+
+    if not path:
+        return
+    if (problem := output_file_problem(path)) is not None:
+        raise ArmscopeError(f"{option} {path}: {problem}")
+    if suffix is not None and not os.fspath(path).lower().endswith(suffix):
+        raise ArmscopeError(f"{option} {path}: expected a {suffix} file name")

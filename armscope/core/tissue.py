@@ -29,6 +29,7 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
+from armscope.core.errors import ArmscopeError
 from armscope.core.protocol import REASON_NO_TISSUE, REASON_OUT_OF_FOCUS
 
 MEASURE_SIZE = 256
@@ -86,3 +87,24 @@ class TissueGate:
 MRI_GATE = {"min_tissue_fraction": 0.1, "min_focus": 0.0, "min_saturation": 0, "max_brightness": 255,
             "min_brightness": 45}
 GATE_PRESETS = {"mri": MRI_GATE}
+
+
+def parse_gate(text: str, option: str = "--tissue-gate") -> dict:
+    """A preset name (``mri``) or ``KEY=VALUE,...`` (keys: ``TissueGate``'s fields) -> the
+    manifest's ``tissue_gate`` block; what export writes and ``TissueGate.from_manifest`` reads."""
+    if text in GATE_PRESETS:
+        return dict(GATE_PRESETS[text])
+    fields = TissueGate.__dataclass_fields__
+    block = {}
+    for item in text.split(","):
+        key, sep, value = item.partition("=")
+        key = key.strip()
+        if not sep or key not in fields:
+            raise ArmscopeError(f"{option} {text!r}: expected {' or '.join(GATE_PRESETS)} or KEY=VALUE pairs "
+                                f"with KEY one of {', '.join(fields)}")
+        try:
+            number_value = float(value)
+        except ValueError:
+            raise ArmscopeError(f"{option} {item!r}: {value!r} is not a number") from None
+        block[key] = int(number_value) if fields[key].type in (int, "int") else number_value
+    return block

@@ -28,6 +28,7 @@ from armscope.core.errors import ArmscopeError, require_module
 from armscope.core.preprocess import Preprocessing
 from armscope.export import member_input
 from armscope.export.keras_io import load_member, quiet_libraries
+from armscope.export.scalings import SCALINGS
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +42,29 @@ class MemberSource:
     path: Path
     svm_head: Path | None = None
     scaling: str = "none"
+
+
+def member_sources(members: list[Path], svm_heads: list[str] = (), scalings: list[str] = (),
+                   default_scaling: str = "none") -> list[MemberSource]:
+    """``--svm-head MEMBER=HEAD`` and ``--scaling MEMBER=NAME`` matched to ``members`` by path
+    (members without a --scaling get ``default_scaling``: ``--input-scaling``, else none)."""
+    members = [Path(m) for m in members]
+    by_path = {m.resolve(): i for i, m in enumerate(members)}
+    heads, scales = {}, {}
+    for option, values, into in (("--svm-head", svm_heads, heads), ("--scaling", scalings, scales)):
+        for text in values:
+            member, sep, value = text.rpartition("=")
+            if not sep or not member or not value:
+                raise ArmscopeError(f"{option} {text!r}: expected MEMBER=VALUE, MEMBER one of the member files given")
+            index = by_path.get(Path(member).resolve())
+            if index is None:
+                raise ArmscopeError(f"{option} {text!r}: {member} is not one of the members given "
+                                    f"({', '.join(map(str, members))})")
+            if index in into:
+                raise ArmscopeError(f"{option}: {member} is given twice")
+            into[index] = value
+    return [MemberSource(m, Path(heads[i]) if i in heads else None, scales.get(i, default_scaling))
+            for i, m in enumerate(members)]
 
 
 @dataclass(eq=False)
@@ -66,7 +90,7 @@ class LoadedMember:
 
     def explain(self) -> str:
         text = self.features.explain(self.head) if self.head is not None else self.structure.explain()
-        return text + f"\nscaling     {member_input.SCALINGS[self.source.scaling]}"
+        return text + f"\nscaling     {self.source.scaling}: {SCALINGS[self.source.scaling].means}"
 
 
 def load_members(sources: list[MemberSource], trust_code: bool = False) -> list[LoadedMember]:
