@@ -124,12 +124,13 @@ def _rebuild_exported(path: Path):
         raise ArmscopeError(f"{path}: could not be loaded as a SavedModel ({type(exc).__name__}: "
                             f"{_first_line(exc)})") from None
     variables = list(getattr(loaded, "variables", []))
-    from armscope.export.weights_map import ARCHITECTURES, INPUT_SCALINGS
+    from armscope.export.scalings import ALIASES
+    from armscope.export.weights_map import ARCHITECTURES
 
     unsupported = (f"{path}: a SavedModel without Keras layer structure (written by Keras 3 model.export() "
                    "or tf.saved_model.save), so its model cannot be rebuilt from it; export its weights onto "
                    f"the architecture they belong to: armscope export --weights {path} --architecture "
-                   f"{'|'.join(ARCHITECTURES)} --input-scaling {'|'.join(INPUT_SCALINGS)} --out BUNDLE "
+                   f"{'|'.join(ARCHITECTURES)} --input-scaling {'|'.join(ALIASES)} --out BUNDLE "
                    "(or export the model's .keras or .h5 file)")
     if not variables:
         raise ArmscopeError(unsupported + " (it has no variables)")

@@ -27,6 +27,7 @@ from armscope.export import architecture as arch
 from armscope.export.convert import SharedConversionUnsupported, convert_members
 from armscope.export.keras_io import load_member, quiet_libraries
 from armscope.export.merge import merge_members
+from armscope.export.scalings import parse_scaling
 from armscope.export.structure import GRADCAM_GRADIENT, PATCH_WEIGHTED, ModelStructure, find_structure
 
 log = logging.getLogger(__name__)
@@ -100,15 +101,12 @@ def keras_probs(model, structure: ModelStructure, x: np.ndarray) -> np.ndarray:
 
 
 def scaling_of(name: str | None):
-    """--input-scaling NAME -> (scale, offset) per channel (``armscope.export.weights_map.INPUT_SCALINGS``), or None."""
+    """--input-scaling NAME -> (scale, offset) per channel (``armscope.export.scalings``), or None for
+    none; a scaling this graph cannot apply (one that reorders channels) is refused by name."""
     if name is None:
         return None
-    from armscope.export.weights_map import INPUT_SCALINGS
-
-    if name not in INPUT_SCALINGS:
-        raise ArmscopeError(f"--input-scaling {name!r}: expected one of {', '.join(INPUT_SCALINGS)}")
-    scale, offset = INPUT_SCALINGS[name]
-    return [float(v) for v in scale], [float(v) for v in offset]
+    found = parse_scaling(name, "--input-scaling")
+    return None if found.identity else found.affine("--input-scaling")
 
 
 def apply_scaling(x: np.ndarray, input_scaling: str | None) -> np.ndarray:
@@ -117,10 +115,6 @@ def apply_scaling(x: np.ndarray, input_scaling: str | None) -> np.ndarray:
     if pair is None:
         return x
     return (x * np.asarray(pair[0], np.float32) + np.asarray(pair[1], np.float32)).astype(np.float32)
-
-
-SCALING_FORMULAS = {"unit": "x / 255 (0..1)", "symmetric": "x / 127.5 - 1 (-1..1)",
-                    "imagenet": "(x / 255 - mean) / std, ImageNet RGB mean (0.485, 0.456, 0.406), std (0.229, 0.224, 0.225)"}
 
 
 def _check_parity(models, structures, onnx_path: Path, seed: int = 0, input_scaling: str | None = None) -> float:
@@ -240,8 +234,9 @@ def export_bundle(
         onnx.save(merge_members([stage / m["file"] for m in members]), str(ensemble))
         ensemble_parity = _check_parity(models, structures, ensemble, input_scaling=input_scaling)
         pre_block = preprocessing.to_manifest()
-        if input_scaling is not None:
-            pre_block["scaling"] = {"name": input_scaling, "formula": SCALING_FORMULAS[input_scaling],
+        if scaling_of(input_scaling) is not None:
+            found = parse_scaling(input_scaling, "--input-scaling")  # recorded by its --input-scaling name
+            pre_block["scaling"] = {"name": found.recorded_name, "formula": found.means,
                                     "where": "prepended in the graph at export (--input-scaling): the model "
                                              "was trained on scaled pixels; the bundle takes RGB 0..255"}
         model_info = model_block(st)

@@ -42,6 +42,7 @@ import numpy as np
 
 from armscope.core.errors import ArmscopeError
 from armscope.export import architecture as arch
+from armscope.export.scalings import parse_scaling
 from armscope.export.weight_files import FileTensor, input_size_of, is_saved_model, read_h5_tensors, read_tensors  # noqa: F401
 
 # name -> backbone of armscope.export.architecture; TILED: the muscle-biopsy tiling (640 in, 16 patches),
@@ -54,13 +55,6 @@ ARCHITECTURES = {
     "densenet-mini": "densenet-mini",
 }
 TILED = ("tiled-densenet121", "tiled-densenet-mini")
-# how the lab scaled RGB 0..255 before the network: name -> (scale, offset) per channel
-INPUT_SCALINGS = {
-    "symmetric": ([1 / 127.5] * 3, [-1.0] * 3),                       # -1..1 (armscope train; Keras 'tf' mode)
-    "unit": ([1 / 255.0] * 3, [0.0] * 3),                              # 0..1
-    "imagenet": ([1 / (255.0 * s) for s in (0.229, 0.224, 0.225)],      # Keras 'torch' mode (DenseNet's own
-                 [-m / s for m, s in zip((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))]),  # preprocess_input)
-}
 _NUMBER = re.compile(r"(\d+)(?!.*\d)")
 
 
@@ -80,8 +74,8 @@ def build_target(architecture: str, n_classes: int, input_scaling: str, size: in
 
     if architecture not in ARCHITECTURES:
         raise ArmscopeError(f"--architecture {architecture!r}: expected one of {', '.join(ARCHITECTURES)}")
-    if input_scaling not in INPUT_SCALINGS:
-        raise ArmscopeError(f"--input-scaling {input_scaling!r}: expected one of {', '.join(INPUT_SCALINGS)}")
+    # how the lab scaled RGB 0..255 before the network, as the target's Rescaling layer (multiply-add only)
+    scale, offset = parse_scaling(input_scaling, "--input-scaling").affine("--input-scaling")
     if architecture in TILED:
         if n_classes < 2:
             raise ArmscopeError(f"--architecture {architecture}: its final head is a softmax over C >= 2 classes; "
@@ -89,7 +83,6 @@ def build_target(architecture: str, n_classes: int, input_scaling: str, size: in
         model = arch.build_tiled_model(arch.ArchitectureSpec(ARCHITECTURES[architecture], n_classes))
     else:
         model = arch.build_whole_image_model(ARCHITECTURES[architecture], n_classes, size)
-    scale, offset = INPUT_SCALINGS[input_scaling]
 
     def clone(layer):
         if layer.name == "scale":
@@ -275,6 +268,7 @@ def load_weights_member(weights: Path, architecture: str, input_scaling: str, re
     weights = Path(weights)
     if architecture not in ARCHITECTURES:
         raise ArmscopeError(f"--architecture {architecture!r}: expected one of {', '.join(ARCHITECTURES)}")
+    input_scaling = parse_scaling(input_scaling, "--input-scaling").recorded_name  # before reading the file
     tensors = read_tensors(weights)
     size = input_size_of(weights)
     if architecture in TILED:
@@ -313,6 +307,7 @@ def save_weights_members(paths: list[Path], architecture: str, input_scaling: st
     any is written, so one bad file stops the export before any work."""
     import json
 
+    input_scaling = parse_scaling(input_scaling, "--input-scaling").recorded_name  # the sidecar's name for it
     models = [load_weights_member(p, architecture, input_scaling, report) for p in paths]
     out = []
     for i, (path, model) in enumerate(zip(paths, models)):
