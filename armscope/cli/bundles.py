@@ -5,8 +5,8 @@ import json
 from pathlib import Path
 
 from armscope.cli.common import THREADS
-from armscope.core.errors import ArmscopeError
 from armscope.edge.backends import BACKENDS, CPU_PRECISIONS
+
 
 def _cmd_inspect(args) -> int:
     from armscope.core.bundle import load_bundle
@@ -62,16 +62,9 @@ def _describe_model(manifest: dict) -> str:
 
 
 def _cmd_cascade(args) -> int:
-    from armscope.edge.cascade import assemble
+    from armscope.edge.cascade import assemble, parse_steps
 
-    then = {}
-    for item in args.then:
-        when, sep, path = item.partition("=")
-        if not sep or not when or not path:
-            raise ArmscopeError(f"--then {item!r}: expected CLASS=BUNDLE_DIR, e.g. --then IIM=bundles/iim-subtypes")
-        if when in then:
-            raise ArmscopeError(f"--then {item!r}: a step for {when!r} is already given")
-        then[when] = Path(path)
+    then = parse_steps(args.then)
     bundle = assemble(Path(args.step_one), then, Path(args.out), force=args.force)
     steps = ", ".join(f"{s['when']} -> {s['bundle']}" for s in bundle.task["steps"])
     print(f"wrote cascade bundle {bundle.root}: {bundle.task['positive_class']!r} at {bundle.task['threshold']}; {steps}")

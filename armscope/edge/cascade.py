@@ -118,6 +118,19 @@ class SubtypeMeans:
         return {**self.steps[when].result(self._sum[when] / self._n[when]), "n_fields": self._n[when]}
 
 
+def parse_steps(items: list[str], option: str = "--then") -> dict[str, Path]:
+    """``CLASS=BUNDLE_DIR`` items -> {class: bundle directory} for ``assemble``, one step per class."""
+    then: dict[str, Path] = {}
+    for item in items:
+        when, sep, path = item.partition("=")
+        if not sep or not when or not path:
+            raise ArmscopeError(f"{option} {item!r}: expected CLASS=BUNDLE_DIR, e.g. {option} IIM=bundles/iim-subtypes")
+        if when in then:
+            raise ArmscopeError(f"{option} {item!r}: a step for {when!r} is already given")
+        then[when] = Path(path)
+    return then
+
+
 def assemble(step_one: Path, then: dict[str, Path], out: Path, *, force: bool = False) -> Bundle:
     """``armscope cascade``: a self-contained cascade bundle at ``out``: a copy
     of the binary bundle ``step_one`` whose task becomes ``cascade``, with a
