@@ -42,8 +42,13 @@ def test_quick_suite_end_to_end(tmp_path):
     assert m["cpu"] and m["usable_cpus"] >= 1 and m["versions"]["onnxruntime"] and m["load_average_start"]
     stages = {r["stage"]: r["ms"] for r in result["stages"]}
     for name in ("decode (JPEG, strict)", "preprocess_frame (crop + resize + convert)",
-                 "render (heat_rgba + raw payload)", "ZeroMQ publish -> receive (raw RGBA overlay)",
-                 "bridge total (warp + convert + encode)"):
+                 "render (v2 overlay: CAM payload + levels + focus box)",
+                 "render (v1 rendered: heat_rgba + raw payload)",
+                 "ZeroMQ publish -> receive (v2 overlay: CAM as data)",
+                 "ZeroMQ publish -> receive (v1 rendered: raw RGBA)",
+                 "bridge decode (v2 overlay: schema + CAM)", "bridge render (v2: CAM in display px)",
+                 "bridge total (decode + render + convert + encode)",
+                 "bridge total, v1 rendered (decode + warp + convert + encode)"):
         assert _real_summary(stages[name]), name
     rows = result["inference"]
     assert {r["members"] for r in rows} == {1, 3, 5}

@@ -45,16 +45,25 @@ def test_bench_reports_both_overlays(tmp_path, capsys, fmt):
     assert data["crc"] == "ISA-L, in the encoder threads" and "frame CRCs: ISA-L, in the encoder threads)" in printed
     assert data["opencv"] == f"OpenCV {cv2.__version__}, {cv2.getNumThreads()} threads" and data["opencv"] in printed
     assert "warning" not in printed  # the install under test has the fast warp (pyproject: OpenCV >= 5)
-    daemon, full = data["results"]
-    assert full["region"] == [0, 0, 160, 120]
-    x, y, w, h = daemon["region"]
-    assert 0 <= x and 0 <= y and x + w <= 160 and y + h <= 120 and w * h < 0.5 * 160 * 120
-    for r in (daemon, full):
-        w, h = r["region"][2:]
-        assert r["payload_bytes"] == PixelFormat.parse(fmt).frame_bytes(w, h)
-        assert r["link_efficiency"] >= 0.95 and r["frames"] == 3
-        assert r["wire_seconds_at_baud"] == pytest.approx(r["wire_bytes"] * 10 / 115200, abs=1e-3)
-        assert all(r["stages_ms"][s]["median"] > 0 for s in bench.STAGES + ("total",))
+    assert [(r["overlay"], r["protocol"]) for r in data["results"]] == [
+        ("daemon", "v2"), ("daemon", "v1"), ("fullscreen", "v2"), ("fullscreen", "v1")]
+    assert "v2 overlay" in printed and "v1 rendered" in printed
+    by = {(r["overlay"], r["protocol"]): r for r in data["results"]}
+    for form in ("v2", "v1"):
+        daemon, full = by["daemon", form], by["fullscreen", form]
+        assert full["region"] == [0, 0, 160, 120]
+        x, y, w, h = daemon["region"]
+        assert 0 <= x and 0 <= y and x + w <= 160 and y + h <= 120 and w * h < 0.5 * 160 * 120
+        for r in (daemon, full):
+            w, h = r["region"][2:]
+            assert r["payload_bytes"] == PixelFormat.parse(fmt).frame_bytes(w, h)
+            assert r["link_efficiency"] >= 0.95 and r["frames"] == 3
+            assert r["wire_seconds_at_baud"] == pytest.approx(r["wire_bytes"] * 10 / 115200, abs=1e-3)
+            assert all(r["stages_ms"][s]["median"] > 0 for s in bench.STAGES + ("total",))
+    # the same overlay sent the same way to the display, whichever form it crossed the socket in
+    assert by["daemon", "v2"]["region"] == by["daemon", "v1"]["region"]
+    # v2 carries the CAM (a 20x20 float16 map and its header: a few KB), v1 the 256x256 RGBA bitmap
+    assert by["daemon", "v2"]["message_bytes"] < 4096 < 256 * 256 * 4 < by["daemon", "v1"]["message_bytes"]
 
 
 def test_bench_rejects_bad_input(tmp_path, capsys):
@@ -78,9 +87,10 @@ def test_bench_delivers_to_a_real_serial_controller(tmp_path, capsys):
     with PtyController(core) as sim:
         assert main(["bench", "--display", f"serial://{sim.slave_path}?baud=921600", "--frames", "3",
                      "--warmup", "1", "--camera", "640x480", "--crop", "256", "--json", str(out)]) == 0
-        assert core.stats.frames_shown >= 2 * 4  # two overlays x (warmup + frames), each acknowledged
+        assert core.stats.frames_shown >= 2 * 2 * 4  # two overlays x two forms x (warmup + frames), each acknowledged
         assert not core.shown_rgb().any()          # blanked when done
     data = json.loads(out.read_text())
+    assert sorted(r["protocol"] for r in data["results"]) == ["v1", "v1", "v2", "v2"]
     for r in data["results"]:
         w, h = r["region"][2:]
         assert r["payload_bytes"] == PixelFormat.RGB565_LE.frame_bytes(w, h)

@@ -190,7 +190,7 @@ def test_frame_ids_going_backwards_are_rejected_and_blank(tmp_path):
 
 def test_staleness_counts_from_the_capture(tmp_path):
     """stale_after_ms bounds the age of what is shown from the camera capture
-    (docs/protocol.md 1.4). clock "mono": an overlay captured 0.8 s ago (a daemon
+    (docs/protocol.md 1.5). clock "mono": an overlay captured 0.8 s ago (a daemon
     frozen after publishing, or a queue) is stale on receipt; "receipt" cannot see
     that, but does see the age the daemon itself measured at publish."""
     daemon = FakeDaemon(stale_after_ms=500)

@@ -106,13 +106,14 @@ def test_daemon_publishes_the_second_step_and_its_cam(cascade, tissue_outputs, t
         for i, path in enumerate(FRAMES[:2], 1):
             headers.append(daemon.process_frame(Frame(i, load_image(path), time.monotonic(), time.time())))
             _, rgba, _ = daemon.last
+            rgba = rgba() if callable(rgba) else rgba   # the snapshot's bitmap, drawn when one is asked for
             cam = tissue_outputs[i - 1]["cam"][0, headers[-1]["subtype"]["decision"]["index"]]
             np.testing.assert_array_equal(rgba, heat_rgba(cam, daemon.overlay_size, max_alpha=daemon.config.max_alpha))
         record = daemon.handle_command("slide", ["end"])["slide"]
         received = []
         while (message := sub.recv(2000)) is not None:  # validated by protocol.decode, as the bridge does
             if message.topic == "overlay":
-                received.append(message.header)
+                received.append(message)
             if len(received) == 2:
                 break
     finally:
@@ -121,7 +122,12 @@ def test_daemon_publishes_the_second_step_and_its_cam(cascade, tissue_outputs, t
     for header, expected in zip(headers, tissue_outputs):
         assert header["decision"]["label"] == "other"
         np.testing.assert_allclose(header["subtype"]["probs"], expected["probs"][0], atol=2e-6)
-    assert [h["subtype"] for h in received] == [h["subtype"] for h in headers]
+    assert [m.header["subtype"] for m in received] == [h["subtype"] for h in headers]
+    # protocol v2: the overlay carries the second step's maps and points at its decided class
+    for message, expected in zip(received, tissue_outputs):
+        maps = expected["cam"][0]
+        assert message.header["cam"]["index"] == message.header["subtype"]["decision"]["index"]
+        np.testing.assert_allclose(protocol.cam_array(message), maps, rtol=1e-3, atol=1e-3 * float(maps.max()))
     assert record["decision"]["label"] == "other" and record["fields_per_step"] == {"other": 2}
     np.testing.assert_allclose(record["subtype"]["probs"], np.mean([o["probs"][0] for o in tissue_outputs[:2]], axis=0),
                                atol=2e-6)
@@ -206,15 +212,17 @@ def test_protocol_checks_subtype_when_present():
     header = {"run_id": "r", "seq": 1, "publish_mono": 1.0, "publish_wall": 1.0, "model_id": "m", "slide_id": None,
               "stale_after_ms": 500, "encoding": "raw", "frame_id": 1, "capture_mono": 1.0, "capture_wall": 1.0,
               "classes": ["a", "b"], "probs": [0.5, 0.5], "decision": {"label": "a", "index": 0, "score": 0.5},
-              "width": 1, "height": 1, "format": "RGBA8", "region": {}}
-    payload = bytes(4)
+              "region": {"frame_width": 4, "frame_height": 4, "x": 0, "y": 0, "size": 4},
+              "cam": {"dtype": "uint8", "classes": 1, "height": 2, "width": 2, "index": 0, "scale": 1.0, "peak": 3.0,
+                      "threshold": 1.0, "max_alpha": 0.6, "box": {"x": 0, "y": 0, "size": 4}}}
+    payload = bytes([0, 1, 2, 3])
     assert "subtype" not in protocol.decode(protocol.encode("overlay", header, payload)).header  # optional
     ok = {"when": "a", "model_id": "s", "classes": ["x", "y", "z"], "probs": [0.2, 0.3, 0.5],
           "decision": {"label": "z", "index": 2, "score": 0.5}}
     assert protocol.decode(protocol.encode("overlay", dict(header, subtype=ok), payload)).header["subtype"] == ok
     assert protocol.decode(protocol.encode("overlay", dict(header, subtype=None), payload)).header["subtype"] is None
     for bad in ([1, 2], dict(ok, probs=[0.5, 0.5]), dict(ok, decision="z"), {"classes": ["x"]}):
-        with pytest.raises(protocol.ProtocolError, match="header key subtype"):
+        with pytest.raises(protocol.ProtocolError, match=r"header keys? subtype"):
             protocol.decode(protocol.encode("overlay", dict(header, subtype=bad), payload))
 
 

@@ -18,6 +18,7 @@ import zmq
 from armscope.core import protocol
 from armscope.core.preprocess import crop_box
 from armscope.core.decision import decide
+from armscope.firmware_bridge.render import camera_to_display_matrix, render_cam_for_display
 
 from daemon_support import free_endpoint, make_pan_video, pick_bundle, running, wait_for
 
@@ -81,8 +82,12 @@ def test_pan_video_end_to_end(bundle_dir, pan_video, tmp_path):
     box = crop_box((1024, 1280, 3), daemon.spec)
     for message, recv_mono in overlays:
         h = message.header
-        assert h["width"] == h["height"] == daemon.spec.center_crop
-        assert len(message.payload) == h["width"] * h["height"] * 4 == h["payload_bytes"]
+        c = h["cam"]   # protocol v2: the CAM as data, over the crop (the bridge draws it)
+        assert c["box"] == {"x": box[1], "y": box[0], "size": box[2]} and c["dtype"] == "float16"
+        assert len(message.payload) == c["classes"] * c["height"] * c["width"] * 2 == h["payload_bytes"] < 4096
+        maps = protocol.cam_array(message)
+        assert maps.shape == (c["classes"], c["height"], c["width"]) and c["index"] == h["decision"]["index"]
+        assert c["peak"] == pytest.approx(float(maps[c["index"]].max()), rel=2e-3)   # float16 on the wire
         assert h["region"] == {"frame_width": 1280, "frame_height": 1024, "x": box[1], "y": box[0], "size": box[2]}
         assert h["classes"] == daemon.classes and sum(h["probs"]) == pytest.approx(1.0, abs=1e-3)
         expected = decide(np.array(h["probs"]), manifest_task)
@@ -95,10 +100,17 @@ def test_pan_video_end_to_end(bundle_dir, pan_video, tmp_path):
         # The strongly defocused frames (sigma >= 5) must never be classified.
         assert sigmas[h["frame_id"] - 1] < 5.0, f"frame {h['frame_id']} is blurred but was classified"
 
-    rgba = protocol.overlay_image(overlays[-1][0])
-    assert rgba[..., 3].max() > 100 and rgba[..., 3].min() == 0          # hot and transparent parts
-    assert np.any(np.all(rgba == 255, axis=-1)), "no opaque white focus outline"
-    assert overlays[-1][0].header["focus_bbox"] is not None
+    # The last overlay drawn as the bridge draws it (display = the camera frame, no registration).
+    last = overlays[-1][0]
+    c, region = last.header["cam"], last.header["region"]
+    image, _ = render_cam_for_display(protocol.cam_array(last)[c["index"]], (c["peak"], c["threshold"]),
+                                      (c["box"]["x"], c["box"]["y"], c["box"]["size"]), region,
+                                      camera_to_display_matrix(region, None, (1280, 1024)), (1280, 1024),
+                                      max_alpha=c["max_alpha"])
+    lit = image.max(axis=2)
+    assert (lit == 0).any() and ((lit > 20) & (lit < 255)).any()          # hot and see-through parts
+    assert np.any(np.all(image == 255, axis=-1)), "no white focus outline"
+    assert last.header["focus_bbox"] is not None
 
     # State changes: running, then out of focus, then running again, then the source ends.
     changes = [(m.header["state"], m.header["reason"]) for m in statuses if not m.header["heartbeat"]]
@@ -133,12 +145,12 @@ def test_pan_video_end_to_end(bundle_dir, pan_video, tmp_path):
 
 def test_control_commands(bundle_dir, camera_frames, tmp_path):
     publish = free_endpoint()
-    sub = protocol.Subscriber(publish)
+    sub = protocol.Subscriber(publish, topics=protocol.TOPICS, rcvbuf=1 << 20)   # rendered too: opt-in bitmaps
     source = f"dir://{camera_frames[0].parent}/?fps=6&loop=1"
     try:
         http = free_endpoint().removeprefix("tcp://")
         with running(bundle_dir, source, tmp_path, publish=publish, overlay_size=256, encoding="png",
-                     metrics_http=http) as daemon:
+                     rendered_topic=True, metrics_http=http) as daemon:
             wait_for(sub, lambda m: True, 60, topic="overlay")
             import urllib.request
 
@@ -164,7 +176,11 @@ def test_control_commands(bundle_dir, camera_frames, tmp_path):
             assert ctl(daemon, {"cmd": "threshold", "args": ["0"]})["threshold"] == 0.0
             message, _ = wait_for(sub, lambda m: m.header["decision"]["threshold"] == 0.0, 30, topic="overlay")
             assert message.header["decision"]["positive"] is True
-            assert message.header["encoding"] == "png" and protocol.overlay_image(message).shape == (256, 256, 4)
+            # the opt-in rendered topic: the same frame's decision beside its bitmap, PNG as configured
+            bitmap, _ = wait_for(sub, lambda m: m.header["frame_id"] >= message.header["frame_id"], 30,
+                                 topic="rendered")
+            assert bitmap.header["decision"]["threshold"] == 0.0 and bitmap.header["decision"]["positive"] is True
+            assert bitmap.header["encoding"] == "png" and protocol.overlay_image(bitmap).shape == (256, 256, 4)
             assert ctl(daemon, "threshold reset")["threshold"] == daemon.bundle.task.get("threshold")
             for bad in ("threshold 1.5", "threshold nan", "threshold x", "slide start ../x", "slide", "fly", "status now"):
                 reply = ctl(daemon, bad)
@@ -176,7 +192,7 @@ def test_control_commands(bundle_dir, camera_frames, tmp_path):
             late = []
             while time.monotonic() < t_end:
                 m = sub.recv(200)
-                if m is not None and m.topic == "overlay":
+                if m is not None and m.topic in ("overlay", "rendered"):
                     late.append(m)
             assert late == [], "overlays published while paused"
             assert ctl(daemon, "status")["paused"] is True

@@ -116,7 +116,7 @@ def test_keys_command_and_curve_daemon(bundle_dir, camera_frames, tmp_path):
             protocol.control_request("status", control, timeout_ms=1500, curve=stranger)
         with protocol.Subscriber(publish, curve=curve) as sub:
             message, _ = wait_for(sub, lambda m: True, 30, topic="status")
-            assert message.header["schema"] == 1
+            assert message.header["schema"] == protocol.SCHEMA_VERSION == 2
     finally:
         assert stop(proc) == 0
 

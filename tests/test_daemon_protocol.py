@@ -92,7 +92,7 @@ def test_saved_header_stopping_reason_and_echoed_cmd(bundle_dir, camera_frames, 
     assert saved == published[saved["seq"]]
     assert saved["topic"] == "overlay" and saved["schema"] == protocol.SCHEMA_VERSION and "payload_bytes" in saved
 
-    # stopping says why (docs/protocol.md 1.3).
+    # stopping says why (docs/protocol.md 1.4).
     assert stopping.header["reason"] == "test over"
 
     for reply in replies:

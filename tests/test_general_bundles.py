@@ -120,18 +120,32 @@ def test_daemon_publishes_overlays_of_a_whole_image_bundle(built, tmp_path):
     bundle = load_bundle(path)
     expected = ensemble_reference(spec, params, frames_for(bundle))["probs"]
     publish = free_endpoint()
-    with protocol.Subscriber(publish, topics=["overlay"]) as sub:
+    with protocol.Subscriber(publish, topics=["overlay", "rendered"], rcvbuf=1 << 20) as sub:
         with running(path, f"image://{FRAMES[1]}?fps=6", tmp_path, publish=publish, overlay_size=200,
-                     backend="onnxruntime"):
-            message, _ = wait_for(sub, lambda m: True, 60)
-            second, _ = wait_for(sub, lambda m: m.header["frame_id"] > message.header["frame_id"], 30)
+                     backend="onnxruntime", rendered_topic=True):
+            message, _ = wait_for(sub, lambda m: True, 60, topic="overlay")
+            second, _ = wait_for(sub, lambda m: m.header["frame_id"] > message.header["frame_id"], 30, topic="overlay")
+            bitmap, _ = wait_for(sub, lambda m: True, 30, topic="rendered")
     for m in (message, second):
         assert m.header["classes"] == list(spec.classes)
         np.testing.assert_allclose(m.header["probs"], expected[1], atol=1e-4)
-        rgba = protocol.overlay_image(m)
-        assert rgba.shape == (200, 200, 4) and rgba[..., 3].max() > 0
-        x, y, w, h = m.header["focus_bbox"]
-        assert 0 <= x < x + w <= 200 and 0 <= y < y + h <= 200
+        # v2: the model's non-square CAM crosses the wire as it is, over the crop the model saw
+        c, r = m.header["cam"], m.header["region"]
+        top, left, size = crop_box((r["frame_height"], r["frame_width"], 3), bundle.preprocessing)
+        assert r == {"frame_width": r["frame_width"], "frame_height": r["frame_height"], "x": left, "y": top,
+                     "size": size}
+        assert c["box"] == {"x": left, "y": top, "size": size}
+        assert sorted((c["height"], c["width"])) == [12, 24]
+        assert c["peak"] > 0 and protocol.cam_array(m)[c["index"]].max() > 0
+        x, y, w, h = m.header["focus_bbox"]   # camera pixels, inside the region shown
+        assert r["x"] <= x < x + w <= r["x"] + r["size"] and r["y"] <= y < y + h <= r["y"] + r["size"]
+    # the opt-in rendered topic: the same overlay as a bitmap of the region, focus box in its pixels
+    assert bitmap.header["classes"] == list(spec.classes)
+    np.testing.assert_allclose(bitmap.header["probs"], expected[1], atol=1e-4)
+    rgba = protocol.overlay_image(bitmap)
+    assert rgba.shape == (200, 200, 4) and rgba[..., 3].max() > 0
+    x, y, w, h = bitmap.header["focus_bbox"]
+    assert 0 <= x < x + w <= 200 and 0 <= y < y + h <= 200
 
 
 def test_calibration_quantization_and_accuracy_gate(built, tmp_path, capsys):

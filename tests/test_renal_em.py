@@ -262,7 +262,10 @@ def test_classify_and_the_daemon_run_it(renal, tmp_path, capsys):
     assert result.get("rc") == 0
     assert message.header["classes"] == renal["classes"]
     np.testing.assert_allclose(message.header["probs"], expected[0], atol=1e-4)
-    assert protocol.overlay_image(message).shape == (120, 120, 4)
+    c = message.header["cam"]   # protocol v2: the CAM as data, the bridge draws it
+    maps = protocol.cam_array(message)
+    assert maps.shape == (c["classes"], c["height"], c["width"]) and c["index"] == message.header["decision"]["index"]
+    assert maps[c["index"]].max() > 0
 
 
 def test_int8_and_fp16_pass_through_the_accuracy_gate(renal, tmp_path, capsys):

@@ -192,9 +192,11 @@ def test_daemon_runs_the_tsc_bundle_on_grey_slices(tsc, tmp_path):
     with protocol.Subscriber(publish, topics=["overlay"]) as sub:
         with running(bundle, f"image://{frame}?fps=4", tmp_path, publish=publish, backend="onnxruntime"):
             message, _ = wait_for(sub, lambda m: True, 60)
-    rgba = protocol.overlay_image(message)
-    assert rgba.shape == (224, 224, 4) and rgba[..., 3].max() > 0
+    c = message.header["cam"]   # protocol v2: the CAM as data over the whole (square) slice
+    maps = protocol.cam_array(message)
+    assert maps.shape == (c["classes"], c["height"], c["width"]) and maps[c["index"]].max() > 0 and c["peak"] > 0
     assert message.header["region"] == {"frame_width": 64, "frame_height": 64, "x": 0, "y": 0, "size": 64}
+    assert c["box"] == {"x": 0, "y": 0, "size": 64}
 
 
 def test_fp16_and_int8_through_the_precision_gate(tsc, capsys):

@@ -2,12 +2,15 @@
 round: decode (strict JPEG decoding, ``armscope.core.imagefile``), the centre crop,
 the resize, colour order and float conversion (together ``preprocess_frame``;
 the 4x4 tiling into patches is inside the graph, so it is part of inference),
-the overlay render (``armscope.core.overlay.heat_rgba`` of a real Grad-CAM, plus the raw
-RGBA payload), ZeroMQ publish -> receive (the daemon's ``Publisher`` on a
-``pub_socket`` to the bridge's ``protocol.Subscriber``, one raw overlay per
-message, over loopback TCP), and the bridge's warp, pixel conversion and link
-framing (``armscope.firmware_bridge.bench.bridge_path`` into a 1280x720 RGB565 display
-on the controller simulator, as ``armscope bridge bench`` times it).
+the overlay (protocol v2: the daemon's ``overlay_message`` of a real Grad-CAM,
+the CAM as a few KB of data; beside it the opt-in v1 ``rendered`` bitmap,
+``armscope.core.overlay.heat_rgba`` plus its raw RGBA payload), ZeroMQ publish
+-> receive of each form (the daemon's ``Publisher`` on a ``pub_socket`` to a
+``protocol.Subscriber``, one message at a time, over loopback TCP), and the
+bridge's decode, render in display pixels, pixel conversion and link framing
+(``armscope.firmware_bridge.bench.bridge_path`` into a 1280x720 RGB565 display
+on the controller simulator, as ``armscope bridge bench`` times it), with the
+v1 bitmap's total beside it.
 """
 from __future__ import annotations
 
@@ -51,14 +54,40 @@ def preprocessing_cases(jpegs: list[bytes], spec: Preprocessing) -> dict:
     }
 
 
+V2, V1 = "v2 overlay: CAM as data", "v1 rendered: raw RGBA"
+RENDER_V2 = "render (v2 overlay: CAM payload + levels + focus box)"
+RENDER_V1 = "render (v1 rendered: heat_rgba + raw payload)"
+ZMQ_V2 = f"ZeroMQ publish -> receive ({V2})"
+ZMQ_V1 = f"ZeroMQ publish -> receive ({V1})"
+BRIDGE_TOTAL = "bridge total (decode + render + convert + encode)"
+BRIDGE_TOTAL_V1 = "bridge total, v1 rendered (decode + warp + convert + encode)"
+
+
+def _work(cam: np.ndarray, frame_id: int, size: int):
+    """A classified frame as the daemon's render stage receives it (``edge.stages.Work``), for one real CAM."""
+    from armscope.edge.capture import Frame
+    from armscope.edge.stages import Work
+
+    frame = Frame(frame_id, np.zeros((size, size, 3), np.uint8), time.monotonic(), time.time())
+    return Work(frame=frame, box=(0, 0, size), measures={}, times={}, outputs={"probs": np.array([[0.3, 0.7]])},
+                decision={"label": "b", "index": 1, "score": 0.7, "positive": True, "threshold": 0.5},
+                cam=cam, cams=cam[None], cam_index=0)
+
+
 def render_cases(cams: list[np.ndarray], size: int) -> dict:
+    """The daemon's per-frame overlay work: the v2 message (``overlay_message``), and the v1 bitmap
+    the opt-in ``rendered`` topic still draws (``heat_rgba``)."""
     from armscope.core.overlay import heat_rgba
+    from armscope.edge.overlay_message import overlay_message
 
-    return {"render (heat_rgba + raw payload)": lambda i: heat_rgba(cams[i % len(cams)], size).tobytes()}
+    works = [_work(cam, i, size) for i, cam in enumerate(cams)]
+    return {RENDER_V2: lambda i: overlay_message(works[i % len(works)], ["a", "b"], max_alpha=0.6),
+            RENDER_V1: lambda i: heat_rgba(cams[i % len(cams)], size).tobytes()}
 
 
-def zmq_roundtrips(overlay: np.ndarray, n: int, timeout_s: float = 30.0) -> list[float]:
-    """ms from the publish stamp to the subscriber's return, ``n`` overlays one at a time."""
+def zmq_roundtrips(topic: bytes, header: dict, payload: bytes, n: int, timeout_s: float = 30.0) -> list[float]:
+    """ms from the publish stamp to the subscriber's return, ``n`` messages one at a
+    time, with the socket options the daemon and a subscriber of ``topic`` use."""
     import zmq
 
     from armscope.bench.daemon_latency import free_tcp_endpoint
@@ -66,29 +95,27 @@ def zmq_roundtrips(overlay: np.ndarray, n: int, timeout_s: float = 30.0) -> list
 
     endpoint = free_tcp_endpoint()
     context = zmq.Context()
-    sock = pub_socket(context, overlay.shape[0])
+    rendered = topic == protocol.TOPIC_RENDERED
+    sock = pub_socket(context, header["width"] if rendered else None)
     bind(sock, endpoint, "publish")
     pub = Publisher(sock, "bench-suite", stale_after_ms=600000)
-    sub = protocol.Subscriber(endpoint, topics=[protocol.TOPIC_OVERLAY], context=context)
-    h, w = overlay.shape[:2]
-    payload = overlay.tobytes()
+    # a rendered subscriber takes a receive buffer for a bitmap (protocol.Subscriber's rcvbuf)
+    sub = protocol.Subscriber(endpoint, topics=[topic], context=context,
+                              **({"rcvbuf": len(payload) + 65536} if rendered else {}))
 
-    def header(i):
+    def stamped(i):
         now_mono, now_wall = time.monotonic(), time.time()
-        return {"frame_id": i, "capture_mono": now_mono, "capture_wall": now_wall, "classes": ["a", "b"],
-                "probs": [0.5, 0.5], "decision": {"label": "a", "index": 0, "score": 0.5}, "width": w, "height": h,
-                "format": protocol.FORMAT_RGBA8, "encoding": protocol.ENCODING_RAW,
-                "region": {"x": 0, "y": 0, "size": w, "frame_width": w, "frame_height": h}}
+        return dict(header, frame_id=i, capture_mono=now_mono, capture_wall=now_wall)
 
     times = []
     try:
         end = time.monotonic() + timeout_s
         while time.monotonic() < end:            # the slow joiner: until the subscription is live
-            pub.send(protocol.TOPIC_OVERLAY, header(0), payload)
+            pub.send(topic, stamped(0), payload)
             if sub.recv(200) is not None:
                 break
         for i in range(1, n + 1):
-            pub.send(protocol.TOPIC_OVERLAY, header(i), payload)
+            pub.send(topic, stamped(i), payload)
             msg = sub.recv(int(timeout_s * 1000))
             got = time.monotonic()
             if msg is None:
@@ -101,28 +128,43 @@ def zmq_roundtrips(overlay: np.ndarray, n: int, timeout_s: float = 30.0) -> list
     return times
 
 
+def zmq_cases(cam: np.ndarray, size: int, n: int) -> dict[str, list[float]]:
+    """Both overlay forms of one real CAM over loopback TCP: the v2 ``overlay`` (a few KB) and the
+    opt-in v1 ``rendered`` bitmap (``size`` squared RGBA)."""
+    from armscope.edge.overlay_message import overlay_message, rendered_message
+
+    work = _work(cam, 0, size)
+    v2, v2_payload = overlay_message(work, ["a", "b"], max_alpha=0.6)
+    v1, v1_payload, _ = rendered_message(work, ["a", "b"], size=size, max_alpha=0.6, encoding=protocol.ENCODING_RAW)
+    return {ZMQ_V2: zmq_roundtrips(protocol.TOPIC_OVERLAY, v2, v2_payload, n),
+            ZMQ_V1: zmq_roundtrips(protocol.TOPIC_RENDERED, v1, v1_payload, n)}
+
+
 def bridge_stage_times(n: int, warmup: int = 3) -> dict[str, list[float]]:
-    """ms per overlay of the bridge's stages (``armscope.firmware_bridge.bench.STAGES``) and their total."""
-    from armscope.firmware_bridge.bench import STAGES, bridge_path, overlay_and_matrix
+    """ms per overlay of the bridge's stages (``armscope.firmware_bridge.bench.STAGES``, protocol v2)
+    and their total, and the v1 ``rendered`` bitmap's total beside it."""
+    from armscope.firmware_bridge.bench import STAGES, bridge_path, sample_messages
     from armscope.firmware_bridge.displays import open_display
     from armscope.firmware_bridge.simulator import ControllerCore, PtyController
     from armscope.firmware_bridge.pixel_formats import PixelFormat
 
     w, h = DISPLAY
-    names = {"render": "bridge warp (render_for)", "pack": "bridge convert (RGB565)",
-             "frame": "bridge encode (COBS + CRC framing)"}
+    names = {"decode": "bridge decode (v2 overlay: schema + CAM)", "render": "bridge render (v2: CAM in display px)",
+             "pack": "bridge convert (RGB565)", "frame": "bridge encode (COBS + CRC framing)"}
     labels = [names.get(s, f"bridge {s}") for s in STAGES]
-    out = {label: [] for label in labels} | {"bridge total (warp + convert + encode)": []}
+    out = {label: [] for label in labels} | {BRIDGE_TOTAL: [], BRIDGE_TOTAL_V1: []}
     with PtyController(ControllerCore(w, h, PixelFormat.parse("rgb565le"), max_payload=4096)) as sim:
         with open_display(f"serial://{sim.slave_path}?baud=921600&deadline=5&max_payload=4096") as display:
             display.blank()
-            rgba, matrix = overlay_and_matrix("daemon", DISPLAY, None, (1600, 1200), 1024)
-            for i in range(warmup + n):
-                _, stage = bridge_path(rgba, matrix, display, seq0=i, clock=time.perf_counter)
+            messages, registration = sample_messages("daemon", DISPLAY, None, (1600, 1200), 1024)
+            for i in range(warmup + n):   # v2 and v1 interleaved, so a busy machine slows both alike
+                _, stage = bridge_path(messages["v2"], display, registration, seq0=i, clock=time.perf_counter)
+                _, stage_v1 = bridge_path(messages["v1"], display, registration, seq0=i, clock=time.perf_counter)
                 if i >= warmup:
                     for label, seconds in zip(labels, stage):
                         out[label].append(seconds * 1000.0)
-                    out["bridge total (warp + convert + encode)"].append(sum(stage) * 1000.0)
+                    out[BRIDGE_TOTAL].append(sum(stage) * 1000.0)
+                    out[BRIDGE_TOTAL_V1].append(sum(stage_v1) * 1000.0)
     return out
 
 
@@ -131,8 +173,7 @@ def run_stages(frame_paths: list[Path], spec: Preprocessing, cams: list[np.ndarr
     jpegs = [Path(p).read_bytes() for p in frame_paths]
     cases = preprocessing_cases(jpegs, spec) | render_cases(cams, spec.center_crop)
     times = interleaved(cases, rounds, warmup=2)
-    overlay = np.zeros((spec.center_crop, spec.center_crop, 4), np.uint8)
-    times["ZeroMQ publish -> receive (raw RGBA overlay)"] = zmq_roundtrips(overlay, rounds)
+    times |= zmq_cases(cams[0], spec.center_crop, rounds)
     times |= bridge_stage_times(rounds)
     rows = []
     for name, values in times.items():

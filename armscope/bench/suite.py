@@ -143,13 +143,15 @@ def comparison(rows: list[dict], n: int) -> dict:
 
 
 def stack(result: dict) -> dict:
+    from armscope.bench import stages
+
     by = {r["stage"]: r["ms"]["median"] for r in result["stages"]}
     parts = [("decode", by.get("decode (JPEG, strict)")),
              ("preprocess", by.get("preprocess_frame (crop + resize + convert)")),
              ("inference", result["comparison"]["ours_ms"]),
-             ("render", by.get("render (heat_rgba + raw payload)")),
-             ("ZeroMQ", by.get("ZeroMQ publish -> receive (raw RGBA overlay)")),
-             ("bridge", by.get("bridge total (warp + convert + encode)"))]
+             ("render", by.get(stages.RENDER_V2)),
+             ("ZeroMQ", by.get(stages.ZMQ_V2)),
+             ("bridge", by.get(stages.BRIDGE_TOTAL))]
     return {"parts": [(k, v) for k, v in parts if v is not None],
             "glass_ms": result["glass"]["glass_to_glass_ms"]["median"]}
 

@@ -195,8 +195,9 @@ def add_parsers(sub) -> None:
     p.add_argument("--curve-server-key", help="the daemon's public CurveZMQ key file (server.key)")
     p.add_argument("--curve-keys", help="this client's secret CurveZMQ key file (client.key_secret)")
     p.add_argument("--clock", choices=CLOCK_MODES, default="auto",
-                   help="staleness also from publish time: mono (same host), wall (synchronised clocks), "
-                   "receipt (bridge clock only), auto (mono for loopback/ipc endpoints, else receipt)")
+                   help="staleness also from the capture time: mono (same host), offset (another host: the clock "
+                   "offset estimated from the heartbeats), wall (synchronised clocks), receipt (bridge clock only), "
+                   "auto (mono for loopback/ipc endpoints, else offset); docs/protocol.md 1.5")
     p.add_argument("--max-stale-ms", type=number(0.0, 3_600_000.0, above=True), default=5000.0,
                    help="cap on the daemon's stale_after_ms")
     p.add_argument("--poll-ms", type=number(0.0, 1000.0, above=True), default=50.0,
@@ -257,9 +258,11 @@ def add_parsers(sub) -> None:
     p.add_argument("--display", required=True, help="the bridge's display URI (png://, serial://, fb://, window://)")
 
     p = command("bench", _cmd_bench, help="time the bridge's work per overlay on this machine",
-                description="Time the bridge's work per overlay on this machine (warp, pixel conversion, link "
-                "framing) for a display size and pixel format, with the daemon's heat overlay of a real Grad-CAM "
-                "(bundled; no model needed): what an integrator compares boards and displays with. Prints medians "
+                description="Time the bridge's work per overlay on this machine (decoding the message, rendering "
+                "it in display pixels, pixel conversion, link framing) for a display size and pixel format, with a "
+                "real Grad-CAM (bundled; no model needed): what an integrator compares boards and displays with. "
+                "Each overlay is timed in both protocol forms: v2 (the 'overlay' topic, the CAM as data, what the "
+                "bridge runs) and v1 (the opt-in 'rendered' topic's bitmap, warped). Prints medians "
                 "and the 95th percentile per stage, the bytes a frame puts on the link and how long that takes at "
                 "--baud. With --display URI the overlays are shown on that output instead and the delivery is "
                 "timed too (serial://: to the controller and back, with its ACKs and resends).")

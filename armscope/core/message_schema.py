@@ -10,10 +10,12 @@ type reads in the doc). What a schema cannot say (lengths that must agree
 between keys, the payload's size, the crop inside the frame) stays in
 ``protocol.decode``.
 
-Cost: a validator per topic is built once; ``is_valid`` on a well-formed
-header is the only per-message work (``benchmarks/bench_bridge.py``
-``test_header_validation`` times it); the full error list is computed only
-for a header that fails.
+Cost: each topic's schema is compiled once into a plain predicate
+(``armscope.core.schema_compile``, the same verdicts as ``jsonschema``'s
+``Draft202012Validator``, tested against it); calling it is the only
+per-message work (``benchmarks/bench_bridge.py`` ``test_header_validation``
+times it). ``jsonschema`` runs only for a header the predicate refused, to
+word the error.
 """
 from __future__ import annotations
 
@@ -48,15 +50,41 @@ def validator(topic: str):
     return Draft202012Validator(schema(topic), registry=_registry())
 
 
+def _resolve(base: str, ref: str) -> tuple[str, dict]:
+    """``$ref`` -> (document name, node), as the registry resolves it."""
+    name, _, pointer = ref.partition("#")
+    name = name or base
+    node = _registry().contents(name)
+    for part in pointer.strip("/").split("/") if pointer else []:
+        node = node[part.replace("~1", "/").replace("~0", "~")]
+    return name, node
+
+
+@functools.lru_cache(maxsize=None)
+def compiled(topic: str):
+    """The topic's schema as a plain predicate (``armscope.core.schema_compile``),
+    built once; ``jsonschema``'s ``is_valid`` if the schema uses a keyword the
+    compiler does not implement (never for the message schemas; a test checks)."""
+    from armscope.core.schema_compile import Unsupported, compile_schema
+
+    try:
+        return compile_schema(schema(topic), _resolve, f"message-{topic}.json")
+    except Unsupported:
+        return validator(topic).is_valid
+
+
 def header_problem(topic: str, header: dict) -> str | None:
     """None if ``header`` follows its topic's schema, else one line naming the
-    key (``region.x``) and what was expected."""
-    check = validator(topic)
-    if check.is_valid(header):
+    key (``region.x``) and what was expected. The compiled predicate decides;
+    ``jsonschema`` words the error of a header it refused."""
+    if compiled(topic)(header):
         return None
+    check = validator(topic)
     from jsonschema.exceptions import best_match
 
     error = best_match(check.iter_errors(header))
+    if error is None:  # the predicate and jsonschema disagree (a test guards against it): jsonschema decides
+        return None
     where = ".".join(str(p) for p in error.absolute_path)
     if error.validator == "required":
         return f"header of a {topic} message: {error.message}"

@@ -74,7 +74,7 @@ class RateMeter:
 
 class OverlayGapWatch:
     """Warns when overlays expire before the next one replaces them. Since
-    ``stale_after_ms`` counts from the capture (docs/protocol.md 1.4), an overlay
+    ``stale_after_ms`` counts from the capture (docs/protocol.md 1.5), an overlay
     published ``L`` ms after its capture and replaced ``P`` ms later is ``L + P``
     old by then: above ``stale_after_ms`` the eyepiece goes dark between
     overlays. Judged on the median of the last ``window`` such ages, so a pause

@@ -1,7 +1,7 @@
 """The stale window from measurement, not from a constant.
 
 ``stale_after_ms`` bounds how old, from its camera capture, an overlay in the
-eyepiece may be (docs/protocol.md 1.4). Too short for the machine, and the
+eyepiece may be (docs/protocol.md 1.5). Too short for the machine, and the
 daemon drops every overlay (its capture->publish latency already exceeds the
 window) or the eyepiece goes dark between overlays; too long, and an old field's
 heat map stays up after the slide moved. So with ``stale_after_ms = 0`` (auto,

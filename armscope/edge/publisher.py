@@ -11,7 +11,7 @@ old overlays either (a 4 MiB buffer held ~1000 few-KB overlays);
 ``send(NOBLOCK)`` makes sure the sending thread never waits (PUB drops
 anyway, NOBLOCK is belt and braces); ``LINGER=0`` lets the daemon exit at once
 even with unsent messages. ``CONFLATE`` is not used: it does not support
-multipart messages (see docs/protocol.md, 1.5).
+multipart messages (see docs/protocol.md, 1.6).
 
 libzmq applies HWM and buffer sizes when a socket binds or connects: set
 afterwards, they are ignored for that endpoint (an idle subscriber then queued
@@ -128,7 +128,7 @@ class Publisher:
         An overlay whose capture (``capture_mono``) is older than ``stale_after_ms``
         at the publish stamp is not sent (returns None, counted in ``stale_dropped``):
         the stale window bounds how old an overlay in the eyepiece may be, from the
-        photon, not from the publish (docs/protocol.md 1.4). The check sits next to
+        photon, not from the publish (docs/protocol.md 1.5). The check sits next to
         the stamp so no pause of the process (SIGSTOP, swapping) can fall between them.
         """
         with self.lock:

@@ -242,7 +242,10 @@ class FrameStages:
         times["total"] = (t1 - frame.capture_mono) * 1000
         header["latency_ms"] = {k: round(v, 2) for k, v in times.items() if not k.startswith("_")}
         slide_id = self.slides.slide_id
-        sent = self.publisher.send(protocol.TOPIC_OVERLAY, header, payload, slide_id)
+        with self.last_lock:   # sent and recorded together: a snapshot asked for by a client that
+            sent = self.publisher.send(protocol.TOPIC_OVERLAY, header, payload, slide_id)   # saw it finds it
+            if sent is not None:
+                self.last = (frame, rgba, sent)
         if sent is not None and cfg.rendered_topic:
             rendered["latency_ms"] = header["latency_ms"]
             self.publisher.send(protocol.TOPIC_RENDERED, rendered, rendered_payload, slide_id)
@@ -262,8 +265,6 @@ class FrameStages:
         if gap_warning:
             self.metrics.count("overlay_gap_warnings")
             log.warning("%s", gap_warning)
-        with self.last_lock:
-            self.last = (frame, rgba, sent)
         if self.signal_ok and not self.paused and frame.id > self.last_reject_id:
             self._set_state(protocol.STATE_RUNNING, None, work.measures)
         return True

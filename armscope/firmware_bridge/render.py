@@ -21,7 +21,9 @@ w, h), black (see-through) everywhere else.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
+import threading
 
 import cv2
 import numpy as np
@@ -145,11 +147,6 @@ def _edges_to_display(x: float, y: float, size: float, camera_to_display: np.nda
     return cv2.perspectiveTransform(corners[None], camera_to_display)[0]
 
 
-@functools.lru_cache(maxsize=4)
-def _lit(size: int) -> np.ndarray:
-    return np.full((size, size), 255, np.uint8)
-
-
 def outline_thickness(size: float, quad: np.ndarray) -> int:
     """Display pixels of the focus outline: the daemon's bitmap draws it
     ``max(2, side // 256)`` pixels wide at the crop's size (``heat_rgba``),
@@ -157,6 +154,74 @@ def outline_thickness(size: float, quad: np.ndarray) -> int:
     diagonal = (np.linalg.norm(quad[2] - quad[0]) + np.linalg.norm(quad[3] - quad[1])) / 2
     scale = diagonal / (size * np.sqrt(2.0)) if np.isfinite(diagonal) else 1.0
     return max(1, int(round(max(2, int(size) // 256) * scale)))
+
+
+_scratch = threading.local()
+
+
+def _buffer(name: str, shape: tuple, dtype) -> np.ndarray:
+    """A per-thread scratch array for an intermediate image of the render.
+
+    Why: a render's intermediates are a few MB (the warped CAM as float32,
+    the levels, the colours); allocated afresh per overlay they are mapped
+    and page-faulted anew every time (glibc hands blocks this size to mmap
+    and returns them on free), which cost more than the drawing itself.
+    Reused, they stay mapped. Per thread, so two bridges in one process do
+    not share them; only the returned image is allocated per overlay."""
+    buffers = getattr(_scratch, "buffers", None)
+    if buffers is None:
+        buffers = _scratch.buffers = {}
+    array = buffers.get(name)
+    if array is None or array.shape != shape or array.dtype != dtype:
+        array = buffers[name] = np.empty(shape, dtype)
+    return array
+
+
+@functools.lru_cache(maxsize=8)
+def _jet(max_alpha: float, luma: bool) -> np.ndarray:
+    """The premultiplied JET table (RGB, or its Rec.601 luma), built once per ``max_alpha``."""
+    table = premultiplied_jet(max_alpha)
+    if luma:
+        table = np.rint(table.reshape(256, 3).astype(np.float32) @ _LUMA).astype(np.uint8)
+    table.flags.writeable = False
+    return table
+
+
+@dataclasses.dataclass(frozen=True)
+class _Footprint:
+    """What one overlay geometry costs to draw, computed once: the coverage of
+    the shown square in the footprint (255 inside, a one-camera-pixel ramp
+    on its projected edge, 0 outside), the same as three channels, the
+    inside mask that bounds the outline, and the outline's width."""
+
+    coverage: np.ndarray   # (h, w) uint8
+    coverage3: np.ndarray  # (h, w, 3) uint8
+    inside: np.ndarray     # (h, w) uint8, 255 where coverage > 127
+    thickness: int
+
+
+@functools.lru_cache(maxsize=8)
+def _footprint(x: float, y: float, size: int, camera_to_display: tuple, out_region: tuple) -> _Footprint:
+    """The coverage of the square ``x, y, size`` (camera pixels) inside
+    ``out_region`` (display pixels), drawn antialiased as the warped bitmap's
+    edge is: a lit grid over the square warped with a black border (the grid
+    no finer than the footprint, so its edge ramp is at most ~1 display pixel).
+
+    Why cached: the registration and the daemon's crop are the same for every
+    overlay of a run, so this warp (the dearest step of a render) is done once
+    per geometry, not per overlay; only the CAM changes from one overlay to the next."""
+    matrix = np.array(camera_to_display, np.float64).reshape(3, 3)
+    fx, fy, fw, fh = out_region
+    shift = np.array([[1.0, 0.0, -fx], [0.0, 1.0, -fy], [0.0, 0.0, 1.0]])
+    n = int(min(size, max(fw, fh)))
+    coverage = cv2.warpPerspective(np.full((n, n), 255, np.uint8), shift @ matrix @ grid_to_camera(x, y, size, (n, n)),
+                                   (fw, fh), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT, borderValue=0)
+    inside = cv2.compare(coverage, 127, cv2.CMP_GT)
+    footprint = _Footprint(coverage, cv2.merge([coverage] * 3), inside,
+                           outline_thickness(size, _edges_to_display(x, y, size, matrix)))
+    for array in (footprint.coverage, footprint.coverage3, footprint.inside):
+        array.flags.writeable = False
+    return footprint
 
 
 def render_cam_for_display(cam: np.ndarray, levels: tuple[float, float], cam_box: tuple[float, float, float],
@@ -173,11 +238,12 @@ def render_cam_for_display(cam: np.ndarray, levels: tuple[float, float], cam_box
     to CAM coordinates and the CAM sampled there (``warpPerspective`` does
     exactly that, bilinear, the CAM's edge values held outwards as
     ``cv2.resize`` holds them); its level is coloured by one lookup of the
-    premultiplied JET table; the shown square's projected edge is drawn
-    antialiased as coverage; the outline is traced on the display-space
-    mask. ``luma``/``align`` as for :func:`render_for_display`."""
+    premultiplied JET table; the outline is traced on the display-space
+    mask; then everything is multiplied by the shown square's coverage, so
+    heat and outline end at the crop's edge, antialiased, as the warped
+    bitmap's do. The coverage depends on the geometry only and is cached
+    (:func:`_footprint`). ``luma``/``align`` as for :func:`render_for_display`."""
     x, y, size = region["x"], region["y"], region["size"]
-    quad = _edges_to_display(x, y, size, camera_to_display)
     matrix = camera_to_display @ grid_to_camera(x, y, size, (size, size))
     out_region = overlay_footprint(matrix, (size, size), display_size)
     if out_region is None:  # the overlay misses the display entirely: show black
@@ -185,40 +251,38 @@ def render_cam_for_display(cam: np.ndarray, levels: tuple[float, float], cam_box
         return np.zeros((out_region[3], out_region[2]) if luma else (out_region[3], out_region[2], 3),
                         np.uint8), out_region
     if align is not None:
-        out_region = align(out_region)
+        out_region = tuple(int(v) for v in align(out_region))
     fx, fy, fw, fh = out_region
+    footprint = _footprint(x, y, int(size), tuple(float(v) for v in np.asarray(camera_to_display).ravel()),
+                           out_region)
     shift = np.array([[1.0, 0.0, -fx], [0.0, 1.0, -fy], [0.0, 0.0, 1.0]])
     cam = np.ascontiguousarray(cam, np.float32)
     bx, by, bsize = cam_box
     to_footprint = shift @ camera_to_display @ grid_to_camera(bx, by, bsize, (cam.shape[1], cam.shape[0]))
     rectified = cam.min() >= 0  # Grad-CAM is: then the heat and the outline sample one warped map
     source = cam if rectified else cv2.merge([np.maximum(cam, 0), cam])
-    warped = cv2.warpPerspective(source, to_footprint, (fw, fh), flags=cv2.INTER_LINEAR,
-                                 borderMode=cv2.BORDER_REPLICATE)
+    warped = cv2.warpPerspective(source, to_footprint, (fw, fh),
+                                 dst=_buffer("warped", (fh, fw) + source.shape[2:], np.float32),
+                                 flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
     heat_raw, outline_raw = (warped, warped) if rectified else cv2.split(warped)
     peak, threshold = levels
+    level = _buffer("level", (fh, fw), np.uint8)
     if peak > 0:  # (heat * 255) truncated, as heat_rgba quantises it
-        level = cv2.convertScaleAbs(heat_raw, alpha=255.0 / peak, beta=-0.5)
+        cv2.convertScaleAbs(heat_raw, dst=level, alpha=255.0 / peak, beta=-0.5)
     else:
-        level = np.zeros((fh, fw), np.uint8)
-    table = premultiplied_jet(max_alpha)
+        level[:] = 0
+    table = _jet(float(max_alpha), bool(luma))
     if luma:
-        image = cv2.LUT(level, np.rint(table.reshape(256, 3).astype(np.float32) @ _LUMA).astype(np.uint8))
+        image = cv2.LUT(level, table, dst=_buffer("colour", (fh, fw), np.uint8))
     else:
-        image = cv2.applyColorMap(level, table)
-    # The shown square's edge, antialiased as the warped bitmap's is: a lit grid over it, warped; the
-    # grid no finer than the footprint (its edge ramp is one cell: at most ~1 display pixel).
-    n = int(min(size, max(fw, fh)))
-    coverage = cv2.warpPerspective(_lit(n), shift @ camera_to_display @ grid_to_camera(x, y, size, (n, n)),
-                                   (fw, fh), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT, borderValue=0)
-    image = cv2.multiply(image, coverage if luma else cv2.merge([coverage] * 3), scale=1 / 255.0)
+        image = cv2.applyColorMap(level, table, dst=_buffer("colour", (fh, fw, 3), np.uint8))
     if outline and peak > 0:
-        focused = cv2.compare(outline_raw, float(threshold), cv2.CMP_GT)
-        focused = cv2.bitwise_and(focused, cv2.compare(coverage, 127, cv2.CMP_GT))
+        focused = cv2.compare(outline_raw, float(threshold), cv2.CMP_GT, dst=_buffer("focused", (fh, fw), np.uint8))
+        cv2.bitwise_and(focused, footprint.inside, dst=focused)
         contours, _ = cv2.findContours(focused, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
         white = 255 if luma else (255, 255, 255)
-        cv2.drawContours(image, contours, -1, white, outline_thickness(size, quad), cv2.LINE_8)
-    return image, out_region
+        cv2.drawContours(image, contours, -1, white, footprint.thickness, cv2.LINE_8)
+    return cv2.multiply(image, footprint.coverage if luma else footprint.coverage3, scale=1 / 255.0), out_region
 
 
 def render_cam_for(display: Display, header: dict, maps: np.ndarray, registration: Registration | None,
