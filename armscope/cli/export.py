@@ -48,9 +48,10 @@ def add_parsers(sub) -> None:
                                           "densenet121, inceptionv3, densenet-mini (GAP + one Dense, softmax or one "
                                           "sigmoid unit; input size from the file)")
     p.add_argument("--input-scaling", metavar="NAME",
-                   help=f"{SCALING_HELP}. Every member's scaling: required with --weights (weights cannot tell; "
-                        "symmetric, unit or imagenet there); for model files trained on pre-scaled pixels it is "
-                        "prepended in the graph (the manifest says so); with --scaling, the members not named there")
+                   help=f"{SCALING_HELP}. Every member's scaling: required with --weights (weights cannot tell); "
+                        "for model files trained on pre-scaled pixels it is prepended in the graph (the manifest "
+                        "says so); with --scaling, the members not named there. caffe only with --scaling (one "
+                        "graph for all members, and --weights, cannot reorder channels)")
     p.add_argument("--out", help="bundle directory to create (required unless --explain)")
     p.add_argument("--explain", action="store_true",
                    help="print what each member is (input size, tiling, backbone, feature map, head, per-patch "
