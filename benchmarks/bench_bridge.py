@@ -1,22 +1,26 @@
-"""Bridge hot path: warp + convert + frame encode into a 1280x720 display.
+"""Bridge hot path: decode + render + convert + frame encode into a 1280x720 display.
 
 Run:  python -m pytest benchmarks/bench_bridge.py --benchmark-only
 (add ``--benchmark-disable`` to run the assertions only).  The target is a
 median <= 5 ms per overlay so the bridge keeps up with the daemon at video
 rates on an edge CPU; link efficiency must be >= 95 % on full frames.
 
-The same function and overlays as ``armscope bridge bench`` (``armscope.firmware_bridge.bench``:
-``render_for``, ``SerialDisplay.prepare`` on a simulated controller,
-``encode_frame_chunks``), both from the daemon's heat overlay
-(``armscope.core.overlay.heat_rgba``) of the demo ensemble's real CAM on CMU-1 frame 1:
+The same function and messages as ``armscope bridge bench``
+(``armscope.firmware_bridge.bench``: ``protocol.decode``, the render,
+``SerialDisplay.prepare`` on a simulated controller, ``encode_frame_chunks``),
+from the demo ensemble's real CAM on CMU-1 frame 1, in both protocol forms:
+``v2`` (the ``overlay`` topic, the CAM as data, drawn in display pixels: what
+the bridge runs) and ``v1`` (the opt-in ``rendered`` topic's bitmap, warped):
 
-* ``daemon``: the 1024x1024 overlay of the camera frame's centre crop,
-  registered into the display (scale 0.6, a slight rotation and perspective):
-  the crop square covers ~40 % of the display, and the bridge warps and sends
-  only that (a partial update).
-* ``fullscreen``: the heat overlay at the display's size covering the whole
-  display, registered with a 1 degree rotation (worst case: the whole 1.8 MB
-  RGB565 frame is warped and sent).
+* ``daemon``: the CAM over the camera frame's 1024 centre crop, registered
+  into the display (scale 0.6, a slight rotation and perspective): the crop
+  covers ~40 % of the display, and the bridge draws and sends only that.
+* ``fullscreen``: the CAM over a square as wide as the display, covering all
+  of it, registered with a 1 degree rotation (worst case: the whole 1.8 MB
+  RGB565 frame is drawn and sent).
+
+``test_header_validation`` times the header check alone (``protocol.decode``
+of a v2 overlay: JSON, the compiled schema, the cross-key rules).
 """
 
 import numpy as np
@@ -24,7 +28,8 @@ import pytest
 
 from armscope.firmware_bridge import link as L
 from armscope.firmware_bridge import pixel_formats as pf
-from armscope.firmware_bridge.bench import bridge_path, overlay_and_matrix
+from armscope.core import protocol
+from armscope.firmware_bridge.bench import bridge_path, overlay_and_matrix, sample_messages
 from armscope.firmware_bridge.registration import Registration, warp
 
 W, H = 1280, 720
@@ -59,11 +64,19 @@ def display(request):
         d.close()
 
 
+@pytest.fixture(scope="module")
+def messages():
+    """{kind: ({"v2": frames, "v1": frames}, registration)} for ``daemon`` and ``fullscreen``."""
+    reg = Registration(CAMERA_TO_DISPLAY, (W, H), 0.0)
+    return {kind: sample_messages(kind, (W, H), reg, CAMERA, CROP) for kind in ("daemon", "fullscreen")}
+
+
 @pytest.mark.benchmark(group="bridge-path")
+@pytest.mark.parametrize("form", ["v2", "v1"])
 @pytest.mark.parametrize("which", ["daemon", "fullscreen"])
-def test_bridge_path(benchmark, which, display, overlays):
-    rgba, matrix = overlays[which]
-    enc, _ = benchmark(bridge_path, rgba, matrix, display)
+def test_bridge_path(benchmark, which, form, display, messages):
+    frames, reg = messages[which]
+    enc, _ = benchmark(bridge_path, frames[form], display, reg)
     x, y, w, h = L.parse_frame_body(L.unpack_message(L.cobs_decode(enc.chunk(0)[:-1])).body)[0][2:6]
     benchmark.extra_info.update({"region": [x, y, w, h], "payload_bytes": enc.payload_bytes,
                                  "display_fraction": round(w * h / (W * H), 3)})
@@ -128,3 +141,11 @@ def test_link_efficiency_full_frame(overlay, registration, fmt):
     print(f"{fmt}: {enc.n_chunks} chunks, {enc.payload_bytes} payload bytes, "
           f"{enc.wire.size} wire bytes, efficiency {efficiency:.4f}")
     assert efficiency >= 0.95
+
+
+@pytest.mark.benchmark(group="header")
+def test_header_validation(benchmark, messages):
+    """protocol.decode of a v2 overlay (what the bridge does first with every message)."""
+    frames = messages["daemon"][0]["v2"]
+    message = benchmark(protocol.decode, frames)
+    assert message.header["cam"]["classes"] == 1 and len(frames[1]) + len(frames[2]) < 4096
