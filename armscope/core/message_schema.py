@@ -86,7 +86,7 @@ def header_problem(topic: str, header: dict) -> str | None:
     if error is None:  # the predicate and jsonschema disagree (a test guards against it): jsonschema decides
         return None
     where = ".".join(str(p) for p in error.absolute_path)
-    if error.validator == "required":
+    if error.validator == "required" and not where:
         return f"header of a {topic} message: {error.message}"
     return f"header key {where or '(root)'}: {error.message[:160]}"
 
