@@ -17,4 +17,4 @@ def test_auto_on_this_machine_logs_the_runtime_and_why(caplog):
     # the demo bundle has no BF16 fidelity record, so FP32 whatever this CPU has
     # (the whole table: tests/test_backend_select.py)
     line = next(r.getMessage() for r in caplog.records if r.getMessage().startswith("backend:"))
-    assert line.startswith("backend: onnxruntime FP32 on the CPU (") and "FP32: " in line
+    assert line.startswith("backend: onnxruntime FP32 members on the CPU (") and "FP32: " in line

@@ -60,6 +60,10 @@ def test_quick_suite_end_to_end(tmp_path):
     peers = [r for r in rows if r["group"] == "peer"]
     assert any("ONNX Runtime" in r["name"] for r in peers)
     assert all(math.isfinite(p["ratio"]) and p["ratio"] > 0 for p in result["comparison"]["peers"])
+    # what auto ran and why, and the best peer named (the demo bundle has no BF16 record: FP32, saying why)
+    c = result["comparison"]
+    assert c["auto"]["selected"]["backend"] == "onnxruntime" and "FP32" in c["auto"]["why"]
+    assert c["best_peer"] in [p["name"] for p in c["peers"]] and "default vs the best peer" in md.read_text()
     assert all(r["max_abs_dp_vs_reference"] is not None and r["max_abs_dp_vs_reference"] < 0.05 for r in rows)
     assert result["peaks"]["fp32"]["gflops"] and "estimate" in result["peaks"]["fp32"]["derivation"]
     assert result["pipeline"]["fps"] > 0 and result["pipeline"]["frames"] >= 2

@@ -139,7 +139,7 @@ def cases_for_size(bundle: Bundle, k: int, workdir: Path, merge, cpu_bf16: bool,
         if k > 1 and merged_ok:
             runners.append(_ort_probs_only(probs_only_graph(sub, workdir), k, precision))
         if precision == "fp32":
-            p, s = peers(sub, keras_members, quick)
+            p, s = peers(sub, keras_members, quick, bf16=cpu_bf16)
             runners += p
             skipped += s
     for r in runners:

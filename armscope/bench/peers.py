@@ -5,7 +5,8 @@ armscope, on the same frames, in the same interleaved rounds.
   options on the merged graph.
 * OpenVINO's own API: ``compile_model(ensemble.onnx, "CPU")`` with its
   defaults (which pick BF16 by themselves on a BF16 CPU), and with the LATENCY
-  hint at FP32, as its documentation suggests for one stream of frames.
+  hint at FP32, as its documentation suggests for one stream of frames, and
+  at BF16 where the CPU has it (OpenVINO at its best precision).
 * Keras ``predict`` of the members one after another, only with TensorFlow
   installed and the Keras members given (``--keras``); otherwise skipped, said so.
 
@@ -76,14 +77,19 @@ def keras_predict(paths: list[str], members: int) -> Runner:
                   members=members)
 
 
-def peers(bundle: Bundle, keras_members: list[str] | None = None, quick: bool = False) -> tuple[list[Runner], list[dict]]:
-    """(runners, skipped) for ``bundle`` (the FP32 one, its whole ensemble); ``quick``: OpenVINO's defaults only."""
+def peers(bundle: Bundle, keras_members: list[str] | None = None, quick: bool = False,
+          bf16: bool = False) -> tuple[list[Runner], list[dict]]:
+    """(runners, skipped) for ``bundle`` (the FP32 one, its whole ensemble); ``quick``: OpenVINO's defaults only;
+    ``bf16``: this CPU runs BF16 (OpenVINO's LATENCY hint at BF16 too)."""
     runners, skipped = [onnxruntime_untuned(bundle)], []
     if importlib.util.find_spec("openvino"):
         runners.append(openvino_api(bundle, None, "defaults"))
         if not quick:
             runners.append(openvino_api(bundle, {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": "f32"},
                                         "LATENCY hint, f32"))
+            if bf16:
+                runners.append(openvino_api(bundle, {"PERFORMANCE_HINT": "LATENCY",
+                                                     "INFERENCE_PRECISION_HINT": "bf16"}, "LATENCY hint, bf16"))
     else:
         skipped.append({"name": "peer: OpenVINO API", "why": "openvino is not installed (pip install 'armscope[openvino]')"})
     if not keras_members:

@@ -57,6 +57,18 @@ def markdown(result: dict, relative_to: Path | None = None) -> str:
         lines += ["", f"Peers against armscope's default (`--backend auto`: {c['ours']}, {c['ours_ms']:.1f} ms), "
                   "the whole ensemble, same rounds (ratio > 1: armscope faster):", ""]
         lines += [f"- {p['name']}: {p['ms']:.1f} ms, **{p['ratio']:.2f}x**" for p in c["peers"]]
+        if c.get("best_peer"):
+            best = next(p for p in c["peers"] if p["name"] == c["best_peer"])
+            lines.append(f"- **default vs the best peer** ({best['name']}): **{best['ratio']:.2f}x** "
+                         + ("(the default is at least as fast)" if best["ratio"] >= 1 else "(the default is SLOWER)"))
+        if c.get("auto"):
+            sel = c["auto"].get("selected") or {}
+            lines.append(f"- `auto` ran {sel.get('backend')} {str(sel.get('precision')).upper()} {sel.get('layout')}: "
+                         f"{c['auto'].get('why')}")
+        if c.get("fastest_other_ours"):
+            f = c["fastest_other_ours"]
+            lines.append(f"- fastest of armscope's other paths: {f['name']}, {f['ms']:.1f} ms "
+                         f"({f['ms'] / c['ours_ms']:.2f}x the default's time)")
         if c.get("gradcam_share") is not None:
             lines.append(f"- Grad-CAM's share (ONNX Runtime merged graph with vs without the CAM outputs): "
                          f"{_pct(c['gradcam_share'])} of the frame"

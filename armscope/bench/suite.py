@@ -135,6 +135,13 @@ def comparison(rows: list[dict], n: int) -> dict:
     out = {"ours": ours["name"], "ours_ms": ours["ms"]["median"],
            "peers": [{"name": r["name"], "ms": r["ms"]["median"], "ratio": round(r["ms"]["median"] / ours["ms"]["median"], 3)}
                      for r in full if r["group"] == "peer"]}
+    # what auto chose and why (the bundle's fidelity record decides BF16), and whether another of ours was faster
+    out["auto"] = {k: ours["info"].get(k) for k in ("selected", "why")} if ours["name"].startswith("ours: auto") else None
+    fastest = min((r for r in full if r["group"] == "ours" and r is not ours and "probs-only" not in r["layout"]),
+                  key=lambda r: r["ms"]["median"], default=None)
+    out["fastest_other_ours"] = {"name": fastest["name"], "ms": fastest["ms"]["median"]} if fastest else None
+    best = min(out["peers"], key=lambda p: p["ms"], default=None)
+    out["best_peer"] = best["name"] if best else None
     merged = next((r for r in full if r["layout"] == "merged" and r["backend"] == "onnxruntime" and r["group"] == "ours"), None)
     probs_only = next((r for r in full if r["layout"] == "merged-probs-only"), None)
     out["gradcam_share"] = round(1 - probs_only["ms"]["median"] / merged["ms"]["median"], 4) \

@@ -79,7 +79,7 @@ def _cmd_classify(args) -> int:
         from armscope.core.preprocess import parse_window
 
         window = parse_window(args.window)
-    options = {"layout": args.layout, "cpu_precision": args.cpu_precision}
+    options = {"layout": args.layout, "cpu_precision": args.cpu_precision, "feed": args.feed}
     if args.threads:
         options["threads"] = args.threads
     report = classify_images(Path(args.bundle), [Path(p) for p in args.images],
@@ -160,6 +160,9 @@ def add_parsers(sub) -> None:
                    help="concurrent per-member sessions or one merged-ensemble session; auto (default): "
                         "members for ONNX Runtime and TensorRT, merged for OpenVINO (the faster each, BENCHMARKS.md)")
     p.add_argument("--threads", type=THREADS, help="onnxruntime intra-op threads (default: all cores)")
+    p.add_argument("--feed", default="float32", choices=["float32", "uint8"],
+                   help="uint8: give the backend the camera crop and let the bundle's uint8 front resize it in "
+                        "the graph ('armscope front' adds one; ONNX Runtime and OpenVINO)")
     p.add_argument("--threshold", type=float, help="override the manifest's decision threshold")
     p.add_argument("--force", action="store_true", help="replace an existing overlay directory")
     p.set_defaults(func=_cmd_classify)

@@ -1,4 +1,4 @@
-"""``armscope calibration-set``, ``quantize``, ``build`` and ``accuracy``: reduced-precision bundles and TensorRT engines, measured against FP32."""
+"""``armscope calibration-set``, ``quantize``, ``build``, ``front`` and ``accuracy``: reduced-precision bundles and TensorRT engines, measured against FP32."""
 from __future__ import annotations
 
 import sys
@@ -55,6 +55,21 @@ def _cmd_build(args) -> int:
     return 0
 
 
+def _cmd_front(args) -> int:
+    from armscope.calibration.accuracy import list_images
+    from armscope.export.uint8_front import add_front
+
+    block = add_front(Path(args.bundle), list_images([Path(p) for p in args.images]), force=args.force)
+    par = block["parity"]
+    print(f"wrote {Path(args.bundle) / block['file']}: {block['input']['dtype']} {block['input']['shape']} "
+          f"{block['input']['channel_order']} -> the model input; resize {block['resize']['method']} "
+          f"({block['resize']['implementation']})")
+    print(f"parity with the CPU preprocessing on {par['images']} images: max |pixel| {par['max_abs_pixel']:g}, "
+          f"max |dp| {par['max_abs_delta_p']:.2g}, CAM r min {par['cam_pearson_min']}, decision flips "
+          f"{par['decision_flips']}; recorded in the manifest (uint8_front)")
+    return 0
+
+
 def _cmd_accuracy(args) -> int:
     from armscope.calibration.accuracy import accuracy_report
 
@@ -80,8 +95,16 @@ def _cmd_accuracy(args) -> int:
     if report.get("fidelity_record"):
         speed = report.get("speed")
         if speed:
-            print(f"speed, one frame: OpenVINO BF16 {speed['openvino_bf16_s'] * 1000:.0f} ms, ONNX Runtime FP32 "
-                  f"{speed['onnxruntime_fp32_s'] * 1000:.0f} ms ({speed['speedup']:.2f}x)")
+            print("speed, one frame, interleaved: " + ", ".join(
+                f"{name} {s * 1000:.0f} ms" for name, s in sorted(speed["paths_s"].items(), key=lambda kv: kv[1]))
+                  + f" (BF16 {speed['bf16_layout']}: {speed['speedup']:.2f}x ONNX Runtime FP32)")
+            from armscope.core.cpus import usable_cpus
+
+            busy = max(speed.get("load_average_1min") or [0.0])
+            if busy > usable_cpus():
+                print(f"note: timed while the machine was busy (1-minute load {busy:.1f} on {usable_cpus()} CPUs): "
+                      "which path is fastest can change with the load (BENCHMARKS.md section 4); record again "
+                      "with the machine as it will run", file=sys.stderr)
         faster = bool(speed) and speed["speedup"] > 1.0
         print(f"recorded in {report['fidelity_record']}: --backend auto "
               + ("may now run this bundle in BF16 on CPUs like this one" if faster
@@ -143,6 +166,13 @@ def add_parsers(sub) -> None:
     p.add_argument("--holdout", nargs="+", help="hold-out images for the derived bundle's gate")
     p.add_argument("--force", action="store_true", help="replace an existing derived bundle")
     p.set_defaults(func=_cmd_build)
+
+    p = sub.add_parser("front", help="add the uint8 front to a bundle (the camera crop in, resized in the graph), "
+                       "its parity with the CPU preprocessing measured on real frames")
+    p.add_argument("--bundle", required=True, help="bundle directory (changed in place: front_uint8.onnx + manifest)")
+    p.add_argument("--images", nargs="+", required=True, help="real camera frames (files or directories)")
+    p.add_argument("--force", action="store_true", help="replace an existing front")
+    p.set_defaults(func=_cmd_front)
 
     p = sub.add_parser("accuracy", help="report: reduced-precision bundle vs its FP32 bundle on real images")
     p.add_argument("--bundle", required=True, help="the FP32 reference bundle")

@@ -206,6 +206,8 @@ def load_bundle(root: str | Path, verify_hashes: bool = True) -> Bundle:
     entries = [("ensemble", manifest["ensemble"])] + [
         (f"members.{i}", m) for i, m in enumerate(manifest["members"])
     ] + [(f"engines.{i}", e) for i, e in enumerate(manifest.get("engines", []))]
+    if "uint8_front" in manifest:  # the optional uint8 front (armscope.core.front)
+        entries.append(("uint8_front", manifest["uint8_front"]))
     for field, entry in entries:
         path = root / entry["file"]
         if not path.is_file():

@@ -74,7 +74,8 @@ REASON_CORRUPT = "corrupt_image"
 EXCLUDED_NOTE = "images without a decision (no tissue, out of focus, corrupt) are left out of the slide mean"
 
 
-def _gate(path: Path, spec, gate: TissueGate, window=None) -> tuple[np.ndarray | None, np.ndarray | None, dict]:
+def _gate(path: Path, spec, gate: TissueGate, window=None,
+          feed: str = "float32") -> tuple[np.ndarray | None, np.ndarray | None, dict]:
     """(frame, model input, gate result) for one image. The daemon's gate decides
     whether it gets a decision; a damaged image file (``armscope.core.imagefile``,
     ``armscope.core.dicomfile``) gets none either. A file that is not an image, or is
@@ -83,7 +84,12 @@ def _gate(path: Path, spec, gate: TissueGate, window=None) -> tuple[np.ndarray |
         frame, info = read_frame(path, spec, window)
     except CorruptImage as exc:
         return None, None, {"reason": REASON_CORRUPT, "detail": str(exc), "measures": None, "input": None}
-    batch = preprocess_frame(frame, spec, source=str(path))
+    if feed == "uint8":  # the camera crop as it is: the bundle's uint8 front resizes it in the graph
+        from armscope.core.front import camera_crop
+
+        batch = camera_crop(frame, spec, source=str(path))
+    else:
+        batch = preprocess_frame(frame, spec, source=str(path))
     measures = gate.measure(gate_region(frame, spec))
     reason = gate.verdict(measures)
     detail = None if reason is None else gate.explain(reason, measures)
@@ -133,7 +139,12 @@ def classify_images(
         threshold = check_threshold(threshold, bundle.task, "--threshold")
     spec = bundle.preprocessing
     gate = TissueGate.from_manifest(bundle.manifest)
-    checked = [_gate(Path(p), spec, gate, window) for p in images]
+    feed = backend_options.get("feed", "float32")
+    if feed != "float32":
+        from armscope.core.front import require
+
+        require(bundle, feed)  # before any image is read
+    checked = [_gate(Path(p), spec, gate, window, feed) for p in images]
     kept = [i for i, (_, _, g) in enumerate(checked) if g["reason"] is None]
     classifier = Classifier(bundle, backend, **backend_options)
     try:

@@ -112,7 +112,7 @@ class Daemon(FrameStages):
         from armscope.edge.backends import open_backend
 
         cfg = self.config
-        options = {"layout": cfg.layout, "cpu_precision": cfg.cpu_precision}
+        options = {"layout": cfg.layout, "cpu_precision": cfg.cpu_precision, "feed": cfg.feed}
         if cfg.threads:
             options["threads"] = cfg.threads
         self.backend = open_backend(self.bundle, cfg.backend, **options)

@@ -41,12 +41,13 @@ def stale_window_ms(frame_ms: float) -> int:
     return max(FLOOR_MS, int(math.ceil((3.0 * frame_ms + MARGIN_MS) / 100.0)) * 100)
 
 
-def time_inference_ms(infer_steps, input_size: int) -> float:
+def time_inference_ms(infer_steps, input_size: int, batch: np.ndarray | None = None) -> float:
     """The slowest of ``TIMED_RUNS`` frames after one warm-up: ``infer_steps(batch)``
     runs everything one frame costs (step one and, for a cascade, its slowest
     second step). The input is a mid-grey frame: ensemble cost does not depend on
-    pixel values."""
-    batch = np.full((1, input_size, input_size, 3), 128.0, dtype=np.float32)
+    pixel values. ``batch``: another input than the float32 frame (the camera crop, feed uint8)."""
+    if batch is None:
+        batch = np.full((1, input_size, input_size, 3), 128.0, dtype=np.float32)
     infer_steps(batch)   # warm-up: lazy allocations, kernel selection
     times = []
     for _ in range(TIMED_RUNS):

@@ -22,6 +22,7 @@ import numpy as np
 from armscope.core import protocol
 from armscope.core.decision import decide
 from armscope.core.overlay import heat_rgba
+from armscope.core.front import camera_crop
 from armscope.core.preprocess import crop_box, gate_region, preprocess_frame
 from armscope.edge import pacing
 from armscope.edge.capture import Frame
@@ -113,7 +114,10 @@ class FrameStages:
             self.last_reject_id = frame.id
             self._set_state(protocol.STATE_NO_TISSUE, reason, measures)
             return None
-        batch = preprocess_frame(frame.image, self.spec, source=f"frame {frame.id}")[None]
+        if self.config.feed == "uint8":  # the crop as captured: the bundle's uint8 front resizes it in the graph
+            batch = camera_crop(frame.image, self.spec, source=f"frame {frame.id}")[None]
+        else:
+            batch = preprocess_frame(frame.image, self.spec, source=f"frame {frame.id}")[None]
         t1 = time.monotonic()
         times = {"queue": (t0 - frame.capture_mono) * 1000, "preprocess": (t1 - t0) * 1000, "_t": t1}
         self.metrics.observe("queue", times["queue"])
@@ -154,8 +158,12 @@ class FrameStages:
         that infers and before any frame, and set the window by armscope.edge.pacing's rule. A
         cascade frame runs step one and at most one second step: the slowest is counted."""
         size = self.bundle.input_size
-        frame_ms = pacing.time_inference_ms(self.backend.infer, size)
-        frame_ms += max((pacing.time_inference_ms(b.infer, size) for b in self.step_backends.values()), default=0.0)
+        crop = None   # feed uint8: a mid-grey camera crop, so the front's resize is timed too
+        if self.config.feed == "uint8":
+            crop = np.full((1, self.spec.center_crop, self.spec.center_crop, 3), 128, np.uint8)
+        frame_ms = pacing.time_inference_ms(self.backend.infer, size, crop)
+        frame_ms += max((pacing.time_inference_ms(b.infer, size, crop) for b in self.step_backends.values()),
+                        default=0.0)
         window = pacing.stale_window_ms(frame_ms)
         self.stale_after_ms = window
         self.publisher.stale_after_ms = window

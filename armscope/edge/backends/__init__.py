@@ -52,7 +52,9 @@ def open_backend(bundle: Bundle, kind: str = "auto", **options) -> InferenceBack
     is the other CPU runtime (option ``cpu_precision``: f32, bf16 or auto); the
     ``cpu_precision`` option is ignored by the others, which run the bundle's own precision,
     and by ``auto``, which chooses it.
-    Option ``layout`` ``auto`` (default) is the faster one for the backend chosen."""
+    Option ``layout`` ``auto`` (default) is the faster one for the backend chosen.
+    Option ``feed``: ``float32`` (default) or ``uint8``, the camera crop through the
+    bundle's uint8 front (``armscope.core.front``; ONNX Runtime and OpenVINO so far)."""
     if kind not in BACKENDS:
         raise ArmscopeError(f"backend {kind!r}: expected one of {', '.join(BACKENDS)}")
     layout = options.get("layout", "auto")
@@ -61,8 +63,10 @@ def open_backend(bundle: Bundle, kind: str = "auto", **options) -> InferenceBack
         if engines is not None:
             from armscope.edge.backends.tensorrt_backend import TensorRTBackend
 
+            refuse_uint8_feed(options)
             log.info("backend: tensorrt (%s in %s)", why, bundle.root)
-            options = {k: v for k, v in options.items() if k not in ("threads", "cpu_precision", "allow_inexact_int8")}
+            options = {k: v for k, v in options.items()
+                       if k not in ("threads", "cpu_precision", "allow_inexact_int8", "feed")}
             backend = TensorRTBackend(bundle, **dict(options, layout="members" if layout == "auto" else layout),
                                       engines=engines)
             backend.selection = {"requested": "auto", "why": why}
@@ -81,6 +85,7 @@ def open_backend(bundle: Bundle, kind: str = "auto", **options) -> InferenceBack
     if kind == "tensorrt":
         from armscope.edge.backends.tensorrt_backend import TensorRTBackend
 
+        refuse_uint8_feed(options)
         options.pop("threads", None)
         return TensorRTBackend(bundle, **options)
     options.pop("max_batch", None)
@@ -91,3 +96,12 @@ def open_backend(bundle: Bundle, kind: str = "auto", **options) -> InferenceBack
     from armscope.edge.backends.onnxruntime_backend import OnnxRuntimeBackend
 
     return OnnxRuntimeBackend(bundle, allow_inexact_int8=allow_inexact_int8, **options)
+
+
+def refuse_uint8_feed(options: dict) -> None:
+    """The TensorRT backend builds its engines from the float32 graphs: the
+    uint8 front is not in them yet (README, 'Less copying per frame')."""
+    feed = options.pop("feed", "float32")
+    if feed != "float32":
+        raise ArmscopeError(f"feed {feed!r}: the TensorRT backend takes float32 frames only so far (its engines are "
+                            "built without the uint8 front); use feed float32, or a CPU backend for uint8")

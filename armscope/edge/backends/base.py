@@ -31,7 +31,8 @@ class InferenceBackend(ABC):
     """Runs a bundle's ensemble on a batch of preprocessed frames.
 
     ``infer`` takes (N, S, S, 3) float32 RGB 0..255 (S: the bundle's input
-    size, ``Bundle.input_size``) and returns the ensemble-averaged ``probs``
+    size, ``Bundle.input_size``), or with ``feed`` uint8 (the bundle's uint8
+    front, ``armscope.core.front``) the camera crops, (N, C, C, 3) uint8 BGR, and returns the ensemble-averaged ``probs``
     (N, C) and ``cam`` (N, C, H, W) (H x W: the pooled feature map's size,
     e.g. 20 x 20 for the tiled model, 8 x 8 for InceptionV3 at 299), plus
     ``patch_probs`` (N, P, C) when the bundle has per-patch heads, as numpy
@@ -127,12 +128,12 @@ class InferenceBackend(ABC):
         return {}
 
 
-def check_graph_io(where, inputs: list[str], outputs, wanted: tuple[str, ...]) -> None:
-    """Refuse a graph whose I/O is not the bundle's: input ``image`` only, and
-    every output the manifest declares (``wanted``)."""
+def check_graph_io(where, inputs: list[str], outputs, wanted: tuple[str, ...], input_name: str = "image") -> None:
+    """Refuse a graph whose I/O is not the bundle's: input ``image`` only (or
+    the uint8 front's, ``input_name``), and every output the manifest declares (``wanted``)."""
     missing = [n for n in wanted if n not in outputs]
-    if inputs != ["image"] or missing:
+    if inputs != [input_name] or missing:
         raise ArmscopeError(
             f"{where}: a graph has inputs {list(inputs)} and outputs {sorted(outputs)}; "
-            f"expected input ['image'] and outputs {list(wanted)} (as the manifest's outputs declare)"
+            f"expected input [{input_name!r}] and outputs {list(wanted)} (as the manifest's outputs declare)"
         )

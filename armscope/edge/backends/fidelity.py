@@ -19,7 +19,14 @@ one file per (precision, backend), holding a list of records::
      "records": [{"key": {"ensemble_sha256": "...", "openvino": "2026.4.1",
                           "bf16_unit": "avx512_bf16"},
                   "passed": true, "failed": [], "summary": {...},
-                  "speed": {"onnxruntime_fp32_s": 0.55, "openvino_bf16_s": 0.28, "speedup": 1.96}, ...}]}
+                  "speed": {"paths_s": {"onnxruntime fp32 members": 0.55, "openvino bf16 merged": 0.28,
+                                        "openvino bf16 members": 0.31},
+                            "onnxruntime_fp32_s": 0.55, "openvino_bf16_s": 0.28, "bf16_layout": "merged",
+                            "speedup": 1.96, ...}, ...}]}
+
+``speed`` times every path ``auto`` may run, interleaved in one run
+(``armscope.edge.backends.select.measure_speed``); ``auto`` runs BF16 in the layout
+timed fastest (``bf16_layout``), and only where that beat ONNX Runtime FP32.
 
 A record counts only where its whole key matches: the same ensemble (its
 sha256 in the manifest), the same OpenVINO version, and the same kind of BF16

@@ -4,6 +4,10 @@ Two layouts, both measured in BENCHMARKS.md: ``merged`` runs the bundle's
 ensemble graph in one session (the members' averaging is in the graph);
 ``members`` runs one session per member concurrently in threads and averages
 on the host (ONNX Runtime releases the GIL while it computes).
+
+``feed="uint8"`` runs the graphs with the bundle's uint8 front composed in
+front (``armscope.core.front``): ``infer`` then takes the camera crops as uint8 and
+the resize happens inside the session.
 """
 from __future__ import annotations
 
@@ -11,6 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
+from armscope.core import front
 from armscope.core.bundle import Bundle
 from armscope.core.cpus import usable_cpus
 from armscope.core.errors import ArmscopeError
@@ -52,7 +57,7 @@ class OnnxRuntimeBackend(InferenceBackend):
     name = "onnxruntime"
 
     def __init__(self, bundle: Bundle, layout: str = "members", threads: int | None = None,
-                 allow_inexact_int8: bool = False):
+                 allow_inexact_int8: bool = False, feed: str = "float32"):
         super().__init__()
         if layout not in LAYOUTS:
             raise ArmscopeError(f"onnxruntime layout {layout!r}: expected one of {', '.join(LAYOUTS)}")
@@ -62,10 +67,16 @@ class OnnxRuntimeBackend(InferenceBackend):
         self.layout = layout
         self.threads = threads or usable_cpus()
         self.paths = [bundle.ensemble_path] if layout == "merged" else list(bundle.member_paths)
+        front.require(bundle, feed)
+        self.feed = feed
+        self.input_name = front.INPUT if feed == "uint8" else "image"
+        self.front_dir = None  # the composed graphs' temporary directory (feed uint8)
         self.sessions: list = []
         self.pool: ThreadPoolExecutor | None = None
 
     def _activate(self) -> None:
+        if self.feed == "uint8":
+            self.front_dir, self.paths = front.composed(self.bundle, self.paths)
         if self.layout == "merged":
             self.sessions.append(open_session(self.paths[0], self.threads))
         else:
@@ -82,16 +93,20 @@ class OnnxRuntimeBackend(InferenceBackend):
             self.pool.shutdown(wait=True)
             self.pool = None
         self.sessions = []
+        if self.front_dir is not None:
+            self.front_dir.cleanup()
+            self.front_dir = None
+            self.paths = [self.bundle.ensemble_path] if self.layout == "merged" else list(self.bundle.member_paths)
 
     def _check_io(self) -> None:
         for session in self.sessions:
             names = [o.name for o in session.get_outputs()]
             inputs = session.get_inputs()
-            check_graph_io(self.bundle.root, [i.name for i in inputs], names, tuple(self.outputs))
-            expected = self.bundle.manifest["inputs"][0]["shape"][1:]
+            check_graph_io(self.bundle.root, [i.name for i in inputs], names, tuple(self.outputs), self.input_name)
+            expected = self._input_shape()
             if list(inputs[0].shape[1:]) != expected:
                 raise ArmscopeError(
-                    f"{self.bundle.root}: graph input 'image' has shape {inputs[0].shape}, "
+                    f"{self.bundle.root}: graph input {self.input_name!r} has shape {inputs[0].shape}, "
                     f"manifest inputs.0.shape expects [N, {', '.join(map(str, expected))}]"
                 )
             n_classes = len(self.bundle.classes)
@@ -120,11 +135,11 @@ class OnnxRuntimeBackend(InferenceBackend):
         frame needs."""
         import onnxruntime as ort
 
-        frame = np.zeros([1, *self.bundle.manifest["inputs"][0]["shape"][1:]], np.float32)
+        frame = np.zeros([1, *self._input_shape()], np.uint8 if self.feed == "uint8" else np.float32)
 
         def failure(session) -> Exception | None:
             try:
-                session.run(self.outputs, {"image": frame})
+                session.run(self.outputs, {self.input_name: frame})
             except Exception as exc:  # onnxruntime's own Fail/RuntimeException types
                 return exc
             return None
@@ -140,15 +155,22 @@ class OnnxRuntimeBackend(InferenceBackend):
                 raise ArmscopeError(f"{path}: onnxruntime {ort.__version__} loads this graph but cannot run it "
                                     f"({detail}); {hint}") from None
 
+    def _input_shape(self) -> list:
+        """One frame's input shape: the manifest's, or the front's (the camera crop)."""
+        if self.feed == "uint8":
+            return front.entry(self.bundle)["input"]["shape"][1:]
+        return self.bundle.manifest["inputs"][0]["shape"][1:]
+
     def _infer(self, images: np.ndarray) -> dict[str, np.ndarray]:
-        images = np.ascontiguousarray(images, dtype=np.float32)
+        images = np.ascontiguousarray(images, dtype=np.uint8 if self.feed == "uint8" else np.float32)
+        feed = {self.input_name: images}
         if len(self.sessions) == 1:
-            return dict(zip(self.outputs, self.sessions[0].run(self.outputs, {"image": images})))
-        results = list(self.pool.map(lambda s: s.run(self.outputs, {"image": images}), self.sessions))
+            return dict(zip(self.outputs, self.sessions[0].run(self.outputs, feed)))
+        results = list(self.pool.map(lambda s: s.run(self.outputs, feed), self.sessions))
         return {name: np.mean([r[i] for r in results], axis=0) for i, name in enumerate(self.outputs)}
 
     def _details(self) -> dict:
         import onnxruntime as ort
 
         return {"layout": self.layout, "threads": self.threads, "sessions": len(self.paths),
-                "onnxruntime": ort.__version__}
+                "onnxruntime": ort.__version__, "feed": self.feed}

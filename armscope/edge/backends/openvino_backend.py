@@ -25,12 +25,16 @@ DenseNet-121 member 12% faster than the bundle's dynamic-batch graph (80 vs
 92 ms, BF16, AMD EPYC with AVX512-BF16, 2 cores; BENCHMARKS.md section 4).
 Other batch sizes (``armscope accuracy``, ``classify`` of many images) run on
 the dynamic graph, compiled the first time one comes.
+
+``feed="uint8"``: the graphs with the bundle's uint8 front composed in front
+(``armscope.core.front``); ``infer`` then takes the camera crops as uint8.
 """
 from __future__ import annotations
 
 
 import numpy as np
 
+from armscope.core import front
 from armscope.core.bundle import Bundle
 from armscope.core.cpus import usable_cpus
 from armscope.core.errors import ArmscopeError, require_module
@@ -73,7 +77,7 @@ class OpenVinoBackend(InferenceBackend):
     name = "openvino"
 
     def __init__(self, bundle: Bundle, layout: str = "members", threads: int | None = None,
-                 precision: str = "f32", allow_inexact_int8: bool = False):
+                 precision: str = "f32", allow_inexact_int8: bool = False, feed: str = "float32"):
         super().__init__()
         if layout not in LAYOUTS:
             raise ArmscopeError(f"openvino layout {layout!r}: expected one of {', '.join(LAYOUTS)}")
@@ -90,6 +94,10 @@ class OpenVinoBackend(InferenceBackend):
         self.precision = None          # what OpenVINO settled on, once active
         self.capabilities: list[str] = []
         self.paths = [bundle.ensemble_path] if layout == "merged" else list(bundle.member_paths)
+        front.require(bundle, feed)
+        self.feed = feed
+        self.input_name = front.INPUT if feed == "uint8" else "image"
+        self.front_dir = None  # the composed graphs' temporary directory (feed uint8)
         self.compiled: list = []
         self.requests: list = []  # for one frame (static shape)
         self.any_batch: list = []  # for other batch sizes, compiled when the first comes
@@ -103,6 +111,8 @@ class OpenVinoBackend(InferenceBackend):
                 f"reports {', '.join(self.capabilities)}); use f32"
             )
         self.core = core
+        if self.feed == "uint8":
+            self.front_dir, self.paths = front.composed(self.bundle, self.paths)
         for path in self.paths:
             self.compiled.append(compile_graph(core, path, self.threads, self.requested_precision, batch=1))
         hint = self.compiled[0].get_property("INFERENCE_PRECISION_HINT")  # what OpenVINO settled on
@@ -115,15 +125,19 @@ class OpenVinoBackend(InferenceBackend):
         self.any_batch = []
         self.compiled = []
         self.core = None
+        if self.front_dir is not None:
+            self.front_dir.cleanup()
+            self.front_dir = None
+            self.paths = [self.bundle.ensemble_path] if self.layout == "merged" else list(self.bundle.member_paths)
 
     def _check_io(self) -> None:
         for compiled in self.compiled:
             inputs = [i.get_any_name() for i in compiled.inputs]
             outputs = {n for o in compiled.outputs for n in o.get_names()}
-            check_graph_io(self.bundle.root, inputs, outputs, tuple(self.outputs))
+            check_graph_io(self.bundle.root, inputs, outputs, tuple(self.outputs), self.input_name)
 
     def _infer(self, images: np.ndarray) -> dict[str, np.ndarray]:
-        images = np.ascontiguousarray(images, dtype=np.float32)
+        images = np.ascontiguousarray(images, dtype=np.uint8 if self.feed == "uint8" else np.float32)
         requests = self.requests
         if len(images) != 1:
             if not self.any_batch:
@@ -132,7 +146,7 @@ class OpenVinoBackend(InferenceBackend):
             requests = self.any_batch
         results = []
         for request in requests:
-            request.infer({"image": images}, share_inputs=True)
+            request.infer({self.input_name: images}, share_inputs=True)
             results.append([np.array(request.get_tensor(name).data, copy=True) for name in self.outputs])
         if len(results) == 1:
             return dict(zip(self.outputs, results[0]))
@@ -141,4 +155,4 @@ class OpenVinoBackend(InferenceBackend):
     def _details(self) -> dict:
         return {"layout": self.layout, "threads": self.threads,
                 "precision": self.precision or self.requested_precision, "requests": len(self.paths),
-                "openvino": self.ov.__version__, "cpu_capabilities": self.capabilities}
+                "openvino": self.ov.__version__, "cpu_capabilities": self.capabilities, "feed": self.feed}

@@ -26,10 +26,16 @@ The table, first row that applies:
 | INT8   | exact INT8, no OpenVINO                  | ONNX Runtime, INT8 (and says why)    |
 | INT8   | INT8 inexact                             | ONNX Runtime, which refuses it       |
 | FP16   | any                                      | ONNX Runtime (FP32 is faster on CPU) |
-| FP32   | BF16 unit, OpenVINO, and a record here:  | OpenVINO, BF16, merged graph         |
-|        | gate passed, BF16 measured faster        |                                      |
+| FP32   | BF16 unit, OpenVINO, and a record here:  | OpenVINO, BF16, in the layout the    |
+|        | gate passed, BF16 measured faster        | record measured fastest              |
 | FP32   | otherwise                                | ONNX Runtime FP32 (says why not BF16)|
 +--------+------------------------------------------+--------------------------------------+
+
+Faster is measured as ``auto`` will run it: the record times ONNX Runtime
+FP32 (per-member sessions, the FP32 default) against OpenVINO BF16 in *both*
+layouts (merged graph, per-member requests), in one interleaved run
+(``measure_speed``), and ``auto`` then runs BF16 in the layout that was
+fastest; a ``--layout`` given by hand is honoured and compared as timed.
 
 The choice is logged in one line and kept in the backend's ``selection``,
 which its ``describe()`` and so the daemon's status reply carry.
@@ -82,6 +88,7 @@ class CpuChoice:
     why: str
     fidelity_record: str | None = None  # the record that allowed BF16
     warn: bool = False  # logged as a WARNING: something the operator should fix
+    layout: str = "auto"  # merged | members as measured fastest; auto: the backend's default (open_backend)
 
 
 def record_command(bundle_root) -> str:
@@ -104,9 +111,10 @@ def int8_choice(openvino_installed: bool, exact_here: bool) -> tuple[str, str]:
                            "pip install 'armscope[openvino]' for OpenVINO, 1.8-2.4x faster than FP32 on a VNNI/AMX CPU")
 
 
-def decide(bundle, machine: Machine, records: "list[dict] | ArmscopeError") -> CpuChoice:
+def decide(bundle, machine: Machine, records: "list[dict] | ArmscopeError", layout: str = "auto") -> CpuChoice:
     """The table above for ``bundle`` (``.manifest``, ``.root``) on ``machine``,
-    given the bundle's BF16 fidelity records (or the error reading them)."""
+    given the bundle's BF16 fidelity records (or the error reading them);
+    ``layout``: ``auto`` (the fastest recorded) or the one asked for."""
     precision = bundle.manifest.get("precision", "fp32")
     if precision == "int8":
         kind, why = int8_choice(machine.openvino is not None, int8_exact(machine.arch, machine.flags)[0])
@@ -140,55 +148,92 @@ def decide(bundle, machine: Machine, records: "list[dict] | ArmscopeError") -> C
                          f"FP32: OpenVINO BF16 failed the agreement gate on this bundle "
                          f"({'; '.join(record.get('failed', []))}; {measured}; {path})")
     speed = record.get("speed") or {}
-    if not speed.get("speedup"):
-        return CpuChoice("onnxruntime", "fp32", "f32", f"FP32: {path} has no speed measurement; record it again "
+    ort_s = speed.get("onnxruntime_fp32_s")
+    timed = {k: v for k, v in bf16_times(speed).items() if layout in ("auto", k)}
+    if not ort_s or not timed:
+        what = "no speed measurement" if layout == "auto" or not ort_s else f"no timing of the {layout} layout"
+        return CpuChoice("onnxruntime", "fp32", "f32", f"FP32: {path} has {what}; record it again "
                          f"('{record_command(bundle.root)}')", warn=True)
-    timed = (f"{speed['openvino_bf16_s'] * 1000:.0f} ms vs ONNX Runtime FP32 {speed['onnxruntime_fp32_s'] * 1000:.0f} "
-             f"ms a frame when recorded, {speed['speedup']:.2f}x")
-    if speed["speedup"] <= 1.0:
-        # small models: OpenVINO's merged graph gains less from BF16 than ONNX Runtime's concurrent members
+    best = min(timed, key=timed.get)
+    ratio = ort_s / timed[best]
+    times = (", ".join(f"OpenVINO BF16 {k} {v * 1000:.0f} ms" for k, v in sorted(timed.items(), key=lambda kv: kv[1]))
+             + f" vs ONNX Runtime FP32 {ort_s * 1000:.0f} ms a frame when recorded, {ratio:.2f}x")
+    if ratio <= 1.0:
         return CpuChoice("onnxruntime", "fp32", "f32", f"FP32: BF16 passed the agreement gate on this bundle but "
-                         f"was not faster here ({timed}; {path})")
+                         f"was not faster here ({times}; {path})")
     return CpuChoice("openvino", "bf16", "bf16",
-                     f"FP32 bundle in BF16 on {unit}: passed the agreement gate on this bundle ({measured}) and "
-                     f"ran {timed} ({path})", fidelity_record=str(path))
+                     f"FP32 bundle in BF16 on {unit}, {best} layout: passed the agreement gate on this bundle "
+                     f"({measured}) and ran {times} ({path})", fidelity_record=str(path), layout=best)
 
 
-def measure_speed(bundle, frame, rounds: int = 5, threads: int | None = None) -> dict:
-    """Median seconds a frame of the two paths ``auto`` chooses between for an
-    FP32 bundle on a BF16 CPU, each as ``auto`` would run it (ONNX Runtime FP32
-    per-member sessions, OpenVINO BF16 merged graph), timed in alternating
-    order after one warm-up each, so the load of a shared machine hits both
-    alike. Recorded with the gate: BF16 is chosen only where it was faster,
-    which it is for full-size DenseNet-121 members but need not be for tiny
-    models, where ONNX Runtime's concurrent members win."""
+def bf16_times(speed: dict) -> dict[str, float]:
+    """OpenVINO BF16 seconds a frame by layout (merged, members) in a record's
+    ``speed``. Records made before both layouts were timed hold one figure,
+    ``openvino_bf16_s``, which timed the merged graph (what ``auto`` ran then)."""
+    paths = speed.get("paths_s")
+    if isinstance(paths, dict):
+        return {name.rsplit(" ", 1)[1]: float(s) for name, s in paths.items()
+                if name.startswith("openvino bf16 ") and s}
+    return {"merged": float(speed["openvino_bf16_s"])} if speed.get("openvino_bf16_s") else {}
+
+
+def speed_paths(n_members: int) -> list[tuple[str, str, str]]:
+    """(backend, precision, layout) of the paths ``measure_speed`` times: ONNX
+    Runtime FP32 as ``auto`` runs it without BF16 (per-member sessions), and
+    OpenVINO BF16 in both layouts (one layout for a one-member bundle: its
+    merged graph is its member)."""
+    return [("onnxruntime", "fp32", "members"), ("openvino", "bf16", "merged")] + (
+        [("openvino", "bf16", "members")] if n_members > 1 else [])
+
+
+def measure_speed(bundle, frame, rounds: int = 9, threads: int | None = None) -> dict:
+    """Seconds a frame of every path ``auto`` may run for an FP32 bundle on a
+    BF16 CPU (``speed_paths``), each opened exactly as ``auto`` opens it, all
+    open at once and timed in interleaved rounds (two warm-up calls each, the
+    order rotating every round), so the load of a shared machine hits every
+    path alike. Medians decide; minimums and the load average are kept to show
+    how quiet the machine was. Recorded with the gate: ``auto`` runs BF16 only
+    in a layout measured faster than ONNX Runtime FP32 (tiny models need not
+    be; how much BF16 gains also moves with the load, BENCHMARKS.md)."""
     import contextlib
+    import os
     import time
 
     import numpy as np
 
     from armscope.edge.backends import open_backend
 
-    opts = {"threads": threads} if threads else {}
-    times: dict[str, list[float]] = {"onnxruntime_fp32_s": [], "openvino_bf16_s": []}
+    load = [os.getloadavg()[0]] if hasattr(os, "getloadavg") else []
+    times: dict[str, list[float]] = {}
     with contextlib.ExitStack() as stack:
-        paths = {"onnxruntime_fp32_s": stack.enter_context(open_backend(bundle, "onnxruntime", **opts)),
-                 "openvino_bf16_s": stack.enter_context(open_backend(bundle, "openvino", cpu_precision="bf16",
-                                                                     **opts))}
+        paths = {}
+        for backend, precision, layout in speed_paths(len(bundle.member_paths)):
+            opts = {"layout": layout, **({"threads": threads} if threads else {}),
+                    **({"cpu_precision": precision} if backend == "openvino" else {})}
+            paths[f"{backend} {precision} {layout}"] = stack.enter_context(open_backend(bundle, backend, **opts))
         for backend in paths.values():
             backend.infer(frame)
-        for i in range(rounds):
-            for name in (list(paths) if i % 2 == 0 else list(paths)[::-1]):
+            backend.infer(frame)
+        names = list(paths)
+        times = {name: [] for name in names}
+        for r in range(rounds):
+            k = r % len(names)
+            for name in names[k:] + names[:k]:
                 start = time.perf_counter()
                 paths[name].infer(frame)
                 times[name].append(time.perf_counter() - start)
-    result = {name: float(np.median(t)) for name, t in times.items()}
-    result["speedup"] = result["onnxruntime_fp32_s"] / result["openvino_bf16_s"]
-    result["rounds"] = rounds
-    return result
+    if load:
+        load.append(os.getloadavg()[0])
+    median = {name: float(np.median(t)) for name, t in times.items()}
+    bf16 = bf16_times({"paths_s": median})
+    layout = min(bf16, key=bf16.get)
+    ort_s = median["onnxruntime fp32 members"]
+    return {"paths_s": median, "min_s": {name: float(min(t)) for name, t in times.items()},
+            "onnxruntime_fp32_s": ort_s, "openvino_bf16_s": bf16[layout], "bf16_layout": layout,
+            "speedup": ort_s / bf16[layout], "rounds": rounds, "load_average_1min": load}
 
 
-def choose(bundle, machine: Machine | None = None) -> CpuChoice:
+def choose(bundle, machine: Machine | None = None, layout: str = "auto") -> CpuChoice:
     """``decide`` on this machine with the bundle's records; a BF16 choice is
     confirmed against OpenVINO's own capability list (a hypervisor can hide a
     unit the flags show), else FP32 with a WARNING."""
@@ -197,7 +242,7 @@ def choose(bundle, machine: Machine | None = None) -> CpuChoice:
         records = fidelity.read_records(bundle.root, "openvino", "bf16")
     except ArmscopeError as exc:
         records = exc
-    choice = decide(bundle, machine, records)
+    choice = decide(bundle, machine, records, layout)
     if choice.precision == "bf16":
         from armscope.edge.backends.openvino_backend import cpu_capabilities
 
@@ -215,11 +260,13 @@ def open_auto_cpu(bundle, gpu_reason: str, options: dict, level: int = logging.I
     ``selection``, which its ``describe()`` (and so the daemon's status) shows."""
     from armscope.edge.backends import open_backend
 
-    choice = choose(bundle)
-    log.log(logging.WARNING if choice.warn else level, "backend: %s %s on the CPU (%s; %s)",
-            choice.backend, choice.precision.upper(), gpu_reason, choice.why)
-    backend = open_backend(bundle, choice.backend, **dict(options, cpu_precision=choice.cpu_precision))
+    choice = choose(bundle, layout=options.get("layout", "auto"))
+    layout = options.get("layout", "auto") if choice.layout == "auto" else choice.layout
+    shown = layout if layout != "auto" else ("merged" if choice.backend == "openvino" else "members")
+    log.log(logging.WARNING if choice.warn else level, "backend: %s %s %s on the CPU (%s; %s)",
+            choice.backend, choice.precision.upper(), shown, gpu_reason, choice.why)
+    backend = open_backend(bundle, choice.backend, **dict(options, cpu_precision=choice.cpu_precision, layout=layout))
     backend.selection = {"requested": "auto", "why": f"{gpu_reason}; {choice.why}",
-                         "selected": {"backend": choice.backend, "precision": choice.precision,
+                         "selected": {"backend": choice.backend, "precision": choice.precision, "layout": shown,
                                       "fidelity_record": choice.fidelity_record}}
     return backend
