@@ -290,7 +290,7 @@ def _is_armscope_model(st: ModelStructure) -> bool:
 
 
 def model_block(st: ModelStructure) -> dict:
-    """manifest["model"] per the bundle contract (README, "Bundle contract")."""
+    """manifest["model"] per the bundle contract (docs/bundle.md, "Bundle contract")."""
     h, w = st.map_size
     if _is_armscope_model(st):
         return {

@@ -100,7 +100,7 @@ def open_backend(bundle: Bundle, kind: str = "auto", **options) -> InferenceBack
 
 def refuse_uint8_feed(options: dict) -> None:
     """The TensorRT backend builds its engines from the float32 graphs: the
-    uint8 front is not in them yet (README, 'Less copying per frame')."""
+    uint8 front is not in them yet (docs/status.md, docs/backends.md 'The uint8 front')."""
     feed = options.pop("feed", "float32")
     if feed != "float32":
         raise ArmscopeError(f"feed {feed!r}: the TensorRT backend takes float32 frames only so far (its engines are "
