@@ -190,9 +190,10 @@ def _jet(max_alpha: float, luma: bool) -> np.ndarray:
 @dataclasses.dataclass(frozen=True)
 class _Footprint:
     """What one overlay geometry costs to draw, computed once: the coverage of
-    the shown square in the footprint (255 inside, a one-camera-pixel ramp
-    on its projected edge, 0 outside), the same as three channels, the
-    inside mask that bounds the outline, and the outline's width."""
+    the shown square in the footprint (255 inside, the fraction of each
+    display pixel the square covers on its projected edge, 0 outside), the
+    same as three channels, the inside mask that bounds the outline, and the
+    outline's width."""
 
     coverage: np.ndarray   # (h, w) uint8
     coverage3: np.ndarray  # (h, w, 3) uint8
@@ -200,25 +201,66 @@ class _Footprint:
     thickness: int
 
 
+def square_coverage(quad: np.ndarray, out_region: tuple[int, int, int, int]) -> np.ndarray:
+    """(h, w) float32 in 0..1: how much of each display pixel of ``out_region``
+    the convex ``quad`` (4, 2) covers (display pixels, centres at integers).
+
+    Per edge, ``clip(0.5 + d, 0, 1)`` with ``d`` the signed distance (display
+    px) from the pixel's centre to the edge's line, inside positive; the four
+    multiplied. That is a pixel's exact area coverage for an axis-aligned
+    edge or rectangle corner, and within a few per cent of it at the small
+    rotations a registration has.
+
+    Why not warp a lit grid (as the v1 bitmap's edge is warped): a grid's
+    bilinear ramp is one grid cell wide, not one display pixel, and a ramp
+    of the wrong width moves the mass of a hot edge by up to ~0.05 display px
+    depending on the registration's sub-pixel phase; the distance is exact
+    for any registration, so where the heat lies does not depend on it."""
+    fx, fy, fw, fh = out_region
+    xs = np.arange(fx, fx + fw, dtype=np.float64)
+    ys = np.arange(fy, fy + fh, dtype=np.float64)[:, None]
+    e1, e2 = quad[1] - quad[0], quad[2] - quad[1]
+    orientation = 1.0 if e1[0] * e2[1] - e1[1] * e2[0] >= 0 else -1.0  # y down: > 0 is clockwise on screen
+    coverage = np.ones((fh, fw), np.float32)
+    edge = np.empty((fh, fw), np.float32)
+    for a, b in zip(quad, np.roll(quad, -1, axis=0)):
+        ex, ey = b - a
+        length = float(np.hypot(ex, ey))
+        if length == 0:
+            continue
+        # 0.5 + the signed distance, inside positive, separable: a row term plus a column term
+        k = orientation / length
+        row = (0.5 + k * ex * (ys - a[1])).astype(np.float32)
+        col = (-k * ey * (xs - a[0])).astype(np.float32)
+        np.add(row, col, out=edge)
+        np.clip(edge, 0.0, 1.0, out=edge)
+        coverage *= edge
+    return coverage
+
+
 @functools.lru_cache(maxsize=8)
 def _footprint(x: float, y: float, size: int, camera_to_display: tuple, out_region: tuple) -> _Footprint:
     """The coverage of the square ``x, y, size`` (camera pixels) inside
-    ``out_region`` (display pixels), drawn antialiased as the warped bitmap's
-    edge is: a lit grid over the square warped with a black border (the grid
-    no finer than the footprint, so its edge ramp is at most ~1 display pixel).
+    ``out_region`` (display pixels), antialiased (:func:`square_coverage` of
+    the square's pixel edges mapped to the display; a homography maps the
+    square to an exact quadrilateral).
 
     Why cached: the registration and the daemon's crop are the same for every
-    overlay of a run, so this warp (the dearest step of a render) is done once
+    overlay of a run, so this (the dearest step of a render) is done once
     per geometry, not per overlay; only the CAM changes from one overlay to the next."""
     matrix = np.array(camera_to_display, np.float64).reshape(3, 3)
-    fx, fy, fw, fh = out_region
-    shift = np.array([[1.0, 0.0, -fx], [0.0, 1.0, -fy], [0.0, 0.0, 1.0]])
-    n = int(min(size, max(fw, fh)))
-    coverage = cv2.warpPerspective(np.full((n, n), 255, np.uint8), shift @ matrix @ grid_to_camera(x, y, size, (n, n)),
-                                   (fw, fh), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT, borderValue=0)
+    quad = _edges_to_display(x, y, size, matrix)
+    if np.isfinite(quad).all():
+        coverage = np.rint(square_coverage(quad, out_region) * 255).astype(np.uint8)
+    else:  # the square crosses the horizon: warp a lit grid (the homography's own answer) instead
+        fx, fy, fw, fh = out_region
+        shift = np.array([[1.0, 0.0, -fx], [0.0, 1.0, -fy], [0.0, 0.0, 1.0]])
+        n = int(min(size, max(fw, fh)))
+        coverage = cv2.warpPerspective(np.full((n, n), 255, np.uint8),
+                                       shift @ matrix @ grid_to_camera(x, y, size, (n, n)), (fw, fh),
+                                       flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT, borderValue=0)
     inside = cv2.compare(coverage, 127, cv2.CMP_GT)
-    footprint = _Footprint(coverage, cv2.merge([coverage] * 3), inside,
-                           outline_thickness(size, _edges_to_display(x, y, size, matrix)))
+    footprint = _Footprint(coverage, cv2.merge([coverage] * 3), inside, outline_thickness(size, quad))
     for array in (footprint.coverage, footprint.coverage3, footprint.inside):
         array.flags.writeable = False
     return footprint
