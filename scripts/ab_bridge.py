@@ -1,6 +1,6 @@
 """Same-process A/B of the bridge hot path against an older commit.
 
-Why: on a shared 2-vCPU VM the same benchmark's median moves by +-40% between
+Why: on a shared virtual machine the same benchmark's median can move by +-40% between
 runs minutes apart, so comparing two pytest-benchmark runs says little about a
 20-60% change. This imports ``firmware_bridge`` from ``BASE`` (via ``git
 archive``) beside the working tree's, drives each on its own pty controller

@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
-# One full-size member on a lent GPU machine's host CPU (Xeon, AVX512-VNNI/BF16, AMX):
+# One full-size member on another machine's CPU (e.g. a Xeon with AVX512-VNNI/BF16, AMX):
 # ONNX Runtime FP32/INT8 and OpenVINO FP32/BF16/INT8 (benchmarks/bench_member_cpu.py),
 # plus the OpenVINO backend's BF16 test. How BENCHMARKS.md section 4's member table was made.
 #
-#   bash scripts/cpu_member_check.sh pack   # here: ~66 MB of carry, a few minutes of xz
-#   device run, carry [".whl", ".ovpack", ".member_xz"], command: bash scripts/cpu_member_check.sh run
+#   bash scripts/cpu_member_check.sh pack   # where the bundle is: ~66 MB to copy, a few minutes of xz
+#   copy the checkout with .whl/, .ovpack/ and .member_xz/ to the target, then there:
+#   bash scripts/cpu_member_check.sh run
 #
-# Why packed: the device tool carries 64 MiB in all (repo included). The OpenVINO wheel is
+# Why packed: the copy to the target is meant to stay under 64 MiB (checkout included). The OpenVINO wheel is
 # 59 MB; stripped to its CPU plugin and ONNX frontend and xz-compressed it is 20 MB. The INT8
 # member keeps heads and CAM in FP32 (--keep-fp32 heads,cam) so onnxruntime < 1.32 runs it.
 # Both members xz to 32 MB. .whl/ holds the project's other wheels (see scripts/gpu_check.sh);

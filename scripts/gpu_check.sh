@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Everything that needs an NVIDIA GPU, in one command for a lent GPU machine, within
+# Everything that needs an NVIDIA GPU, in one command for a GPU machine, within
 # ~9.5 minutes (BUDGET_S), with a report in $OUT/report.md (OUT defaults to out/gpu_check):
 #   1. the CUDA runtime tests and benchmark (both CUDA flavours present; no TensorRT needed)
 #   2. with TensorRT importable: the `gpu` tests (one-member engines FP32/FP16/INT8, parity
@@ -9,9 +9,9 @@
 #      N frames on the GPU): the precision table in the report.
 # Without a GPU (or without TensorRT) those parts are skipped and the report says so.
 #
-# Offline wheels: a lent machine has no network. Put the wheels this project needs that
-# its image lacks in .whl/ (see git history of this script for the pip download lines;
-# pycuda as an sdist is built there) and run with carry [".whl"].
+# Offline wheels: for a GPU machine without network access, put the wheels this project
+# needs that its image lacks in .whl/ (see git history of this script for the pip download
+# lines; pycuda as an sdist is built there) and copy .whl/ with the checkout.
 set -uo pipefail
 OUT=${OUT:-out/gpu_check}
 PY=${PYTHON:-python3}

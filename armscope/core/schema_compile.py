@@ -2,8 +2,8 @@
 the published headers (``armscope.core.message_schema``).
 
 Why: ``jsonschema``'s validator walks the schema on every call, dispatching
-each keyword through its registry of checkers, ~0.3 ms for an overlay header
-on an idle core and more under load, at 30 messages a second on both ends
+each keyword through its registry of checkers (a measurable share of a
+frame's budget, more under load: BENCHMARKS.md section 10), at 30 messages a second on both ends
 (the daemon checks what it sends, the bridge what it receives). The message
 schemas use a small set of keywords, so each schema is turned once into
 nested closures that test exactly those keywords with the same semantics as

@@ -9,7 +9,7 @@ focusing.
 * focus: variance of the Laplacian of the grey image (Pech-Pacheco et al.,
   2000), large for sharp nuclei edges, small when blurred.
 
-Both run on the crop downscaled to 256 px (about 1 ms), which also makes the
+Both run on the crop downscaled to 256 px (cheap: BENCHMARKS.md section 10), which also makes the
 focus value independent of the camera resolution.
 
 One gate serves the daemon and ``armscope classify``. The defaults suit H&E

@@ -16,9 +16,9 @@ infers, and derives the window from that frame time T:
 
 The floor keeps today's 1500 ms where inference is fast (then the camera's
 frame rate and ZeroMQ, not inference, set the pace); the margin covers
-preprocessing, rendering and scheduling noise. A full-size five-member
-DenseNet-121 ensemble at ~2.75 s per frame on a 2-core CPU gets ~8.8 s: on such
-a machine the eyepiece shows overlays up to that old, and the bridge's own
+preprocessing, rendering and scheduling noise. An inference time of 2.75 s
+per frame (a full-size five-member DenseNet-121 ensemble on a small CPU,
+BENCHMARKS.md section 2) gets ~8.8 s: there the eyepiece shows overlays up to that old, and the bridge's own
 ``--max-stale-ms`` (default 5000) still caps what it shows. The daemon logs the
 measured T and the window it chose.
 """

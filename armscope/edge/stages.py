@@ -72,8 +72,8 @@ class FrameStages:
             while not self.stop.is_set():
                 # Just in time: take the newest frame only once inference is waiting for
                 # work. Preprocessing every captured frame (30 fps) only for the slot to
-                # replace it would take a core away from inference on a 2-core CPU
-                # (measured: 0.21 fps instead of ~0.5 with the full ensemble).
+                # replace it would take a core away from inference on a small CPU
+                # (the frame rate halved with the full ensemble: BENCHMARKS.md section 2).
                 if not self.inputs.wait_for_consumer(POLL_S):
                     continue
                 try:

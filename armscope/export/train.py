@@ -96,7 +96,7 @@ def compile_model(model, learning_rate: float = 1e-3):
               "patch_probs": keras.losses.CategoricalCrossentropy()},
         loss_weights={"probs": 1.0, "patch_probs": float(arch.N_PATCHES)},
         metrics={"probs": ["accuracy"]},
-        jit_compile=False,  # XLA compilation costs ~90 s per member on a 2-core CPU and gains little here
+        jit_compile=False,  # XLA compilation costs more per member on a CPU than it gains for these models
     )
     return model
 

@@ -77,8 +77,8 @@ def open_backend(bundle: Bundle, kind: str = "auto", **options) -> InferenceBack
         # a WARNING where a GPU run was to be expected (gpu_choice)
         return open_auto_cpu(bundle, why, options, level=logging.WARNING if loud else logging.INFO)
     if layout == "auto":
-        # OpenVINO runs one merged graph fastest (2.36 s vs 3.47 s per-member requests on
-        # 2 cores); ONNX Runtime and TensorRT run members concurrently (1.66x), BENCHMARKS.md.
+        # As measured (BENCHMARKS.md sections 1 and 4): OpenVINO runs one merged graph fastest,
+        # ONNX Runtime (and TensorRT, one stream each) concurrent members.
         options["layout"] = "merged" if kind == "openvino" else "members"
     cpu_precision = options.pop("cpu_precision", None) or "f32"
     allow_inexact_int8 = options.pop("allow_inexact_int8", False)  # measurements only (accuracy, bench)

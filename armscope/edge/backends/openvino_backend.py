@@ -13,16 +13,15 @@ Precision is OpenVINO's ``INFERENCE_PRECISION_HINT``: ``f32``, ``bf16``, or
 CPU supports is read at run time (``OPTIMIZATION_CAPABILITIES``): CPUs in one
 fleet differ, and ``bf16`` on a CPU without it is refused rather than silently
 run in FP32. Layouts as for ONNX Runtime: ``members`` compiles each member and
-runs them one after another, each with all threads (on 2 cores, concurrent
-requests with the threads shared out took 3.47 s against 2.36 s for the merged
-graph; one after another 2.73 s against 2.60 s, BENCHMARKS.md section 4:
+runs them one after another, each with all threads (concurrent requests
+with the threads shared out measured slower, BENCHMARKS.md section 4:
 OpenVINO parallelises inside a graph better than ONNX Runtime does),
 ``merged`` compiles the ensemble graph once.
 
 Graphs are compiled for one frame (input reshaped from [N, S, S, 3] to
 [1, S, S, 3]), the daemon's batch: a static shape let OpenVINO run a full-size
-DenseNet-121 member 12% faster than the bundle's dynamic-batch graph (80 vs
-92 ms, BF16, AMD EPYC with AVX512-BF16, 2 cores; BENCHMARKS.md section 4).
+DenseNet-121 member faster than the bundle's dynamic-batch graph
+(BENCHMARKS.md section 4).
 Other batch sizes (``armscope accuracy``, ``classify`` of many images) run on
 the dynamic graph, compiled the first time one comes.
 

@@ -4,11 +4,10 @@ Why a table and not one default: the fastest faithful path depends on three
 things that differ between machines of one fleet. What the CPU computes
 natively (BF16: AVX512-BF16 or AMX; exact INT8: VNNI or AMX, see
 ``cpu_features``), what the bundle holds (FP32, INT8 Q/DQ, FP16 graphs) and
-what is installed (OpenVINO is optional). Measured (BENCHMARKS.md section 4):
-on BF16 CPUs OpenVINO BF16 runs a DenseNet-121 member about twice as fast as
-ONNX Runtime FP32 (AMD EPYC with AVX512-BF16, Xeon with AMX, 2 cores each),
-and OpenVINO INT8 1.8-2.4x on VNNI/AMX CPUs, where ONNX Runtime runs INT8
-slower than its FP32.
+what is installed (OpenVINO is optional). As measured (BENCHMARKS.md
+section 4): on BF16 CPUs OpenVINO BF16 runs a DenseNet-121 member faster than
+ONNX Runtime FP32, and on VNNI/AMX CPUs OpenVINO runs INT8 faster than FP32,
+where ONNX Runtime runs INT8 slower than its FP32.
 
 Faithful and fast are measured on the bundle, not assumed: BF16 runs only
 after it passed the agreement gate on the bundle's hold-out images *and* ran
@@ -99,8 +98,8 @@ def record_command(bundle_root) -> str:
 def int8_choice(openvino_installed: bool, exact_here: bool) -> tuple[str, str]:
     """(runtime, why) for an INT8 bundle (the table's INT8 rows). On VNNI/AMX
     CPUs ONNX Runtime ran a full-size INT8 Q/DQ member *slower* than its FP32
-    (230 vs 122 ms on 16 Xeon cores, 257 vs 242 ms on 2) while OpenVINO ran it
-    1.8x / 2.4x faster than FP32 and as exactly (BENCHMARKS.md section 4).
+    while OpenVINO ran it faster than FP32 and as exactly (BENCHMARKS.md
+    section 4).
     Where INT8 is inexact both runtimes refuse the bundle; ONNX Runtime says so."""
     if not exact_here:
         return "onnxruntime", "INT8 bundle; this CPU's INT8 is inexact, see below"

@@ -5,18 +5,17 @@ Why this module exists
 ----------------------
 This is the link's hot path (the bridge's 5 ms budget per overlay), and the
 only part of it that needs compiled code: chunk headers are built with
-NumPy, CRCs with ISA-L (``isal``, zlib's function, 4x faster than zlib here;
-called from compiled code in the encoder threads), and COBS with compiled
+NumPy, CRCs with ISA-L (``isal``, zlib's function, several times faster than
+zlib; called from compiled code in the encoder threads), and COBS with compiled
 passes (``cobs_kernel``, numba), split over up to four threads for large
-frames: COBS is byte-sequential, whole-array NumPy needed ~7 ms for a
-1280x720 RGB565 frame and one core ~2-3 ms. numba and isal are the
+frames: COBS is byte-sequential, and whole-array NumPy alone took more than
+the budget for a 1280x720 RGB565 frame (BENCHMARKS.md section 10). numba and isal are the
 ``[serial]`` extra; this module is imported only when a serial link is opened
 (``LinkSender``), so ``png://``, ``fb://`` and ``window://`` never load them.
 Without numba there is no fallback that meets the budget, and importing this
 module raises an ImportError naming ``pip install 'armscope[serial]'``.
 Without isal (numba alone), the CRCs fall back to zlib from Python, one call
-per chunk: correct, about 1 ms a 1.8 MB frame instead of ~0.2 ms, on the
-calling thread (``CRC_PATH`` says which path an install takes).
+per chunk: correct, but several times slower and on the calling thread (``CRC_PATH`` says which path an install takes).
 """
 
 from __future__ import annotations
@@ -35,7 +34,7 @@ from .cobs_kernel import HAVE_COMPILED_CRC, chunk_crcs, encode_chunks, max_encod
 from .wire import (CRC_SIZE, FLAG_LAST, FRAME_BODY_HEADER_SIZE, HEADER_SIZE, MAX_SEQ, PROTOCOL_VERSION, MsgType,
                    cobs_encode)
 
-try:  # ISA-L's CRC-32 (the same function as zlib's, 4x faster here); zlib where it is not installed
+try:  # ISA-L's CRC-32 (the same function as zlib's, faster); zlib where it is not installed
     from isal.isal_zlib import crc32 as _crc32
 except ImportError:  # pragma: no cover - depends on the install
     from zlib import crc32 as _crc32
@@ -160,8 +159,8 @@ def encode_frame_chunks(
     hdr["fmt"] = fmt.wire_code
     hb = hdr.view(np.uint8).reshape(k, _CHUNK_HDR.itemsize)
 
-    # CRC-32 of header + data per chunk (ISA-L: ~0.2 ms for a 1.8 MB frame
-    # against zlib's ~1 ms), then one compiled pass per range of chunks writes
+    # CRC-32 of header + data per chunk (ISA-L, several times faster than zlib:
+    # BENCHMARKS.md section 10), then one compiled pass per range of chunks writes
     # the COBS bytes and delimiters. Large frames are split over threads (the
     # kernels hold no GIL): each range computes its own CRCs where ISA-L is
     # callable from compiled code, and writes into its own slot of ``wire``;

@@ -3,11 +3,11 @@
 Why a compiled loop: COBS is byte-sequential (each code byte is the distance
 to the next zero), which whole-array NumPy can only emulate with several
 passes over index arrays; on a Grad-CAM overlay in RGB565 (hundreds of
-thousands of zero/non-zero transitions in 1.8 MB) that took ~7 ms a frame,
-more than the bridge's whole budget. The loop below takes whole 8-byte words
-where it can (``_cobs_feed``): 0.6-1.2 ms for such a frame on a 2-vCPU AMD EPYC,
-one thread, depending on how many of its bytes are zero; the
-byte-at-a-time loop took 2-3x as long. The compiled code is
+thousands of zero/non-zero transitions in 1.8 MB) that took more than the
+bridge's whole budget. The loop below takes whole 8-byte words where it can
+(``_cobs_feed``), faster than the byte-at-a-time loop by a factor that
+depends on how many of the frame's bytes are zero (figures: BENCHMARKS.md
+section 10). The compiled code is
 cached on disk (next to this file, or numba's user cache dir when that is
 read-only), so only the first start pays the compile (about a second); where
 neither is writable (a hardened service with ProtectSystem=strict and
@@ -46,8 +46,8 @@ def _register_isal_crc32() -> bool:
     ``isal`` wheel's extension module) callable from compiled code.
 
     Why: the chunk CRCs were a Python loop of two ISA-L calls per 4 KB chunk
-    on the calling thread (0.3-0.6 ms a 1.8 MB frame, a tenth of the bridge's
-    budget, none of it parallel). Called from the kernel they run in the
+    on the calling thread (about a tenth of the bridge's budget, none of it
+    parallel; BENCHMARKS.md section 10). Called from the kernel they run in the
     encoder threads without the GIL. The function is declared by symbol name
     (``ExternalFunction``), so the kernel stays cacheable on disk: the address
     is bound when this module is imported, not baked into the cache.
@@ -122,7 +122,8 @@ def _cobs_feed(src, words, a0, start, stop, out, j, code_pos, ff_end):  # pragma
     (found by bit tricks; no per-byte or per-zero branch), and the block left
     open gets its code. Transparent overlay pixels are long zero runs and
     coloured ones mix zero and non-zero bytes: both were branch
-    mispredictions byte by byte (2-3x slower on a heat overlay)."""
+    mispredictions byte by byte (slower on a heat overlay, BENCHMARKS.md
+    section 10)."""
     b = start
     w_end = a0 + uintp(words.size) * uintp(8)
     if w_end > stop:

@@ -126,7 +126,7 @@ class LinkProtocolError(LinkError):
 
 
 def _crc32(data, value: int = 0) -> int:
-    """zlib's CRC-32 function, bound on first use: ISA-L's (4x faster on a 4 KB
+    """zlib's CRC-32 function, bound on first use: ISA-L's (faster on a 4 KB
     chunk) where the ``[serial]`` extra installed it, else zlib's (same result)."""
     global _crc32
     try:
