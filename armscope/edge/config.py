@@ -70,7 +70,7 @@ OPTIONS: tuple[Option, ...] = (
            choices=BACKENDS),
     Option("cpu_precision", str, "f32", "openvino backend only: inference precision (bf16 needs AVX512-BF16 or AMX; auto chooses its own)",
            choices=CPU_PRECISIONS),
-    Option("layout", str, "auto", "ensemble layout: concurrent per-member sessions/streams (ONNX Runtime: 1.66x faster than one merged session on a 2-core CPU, BENCHMARKS.md) or one merged graph (faster for OpenVINO); auto = the faster for the backend", choices=("auto", "merged", "members")),
+    Option("layout", str, "auto", "ensemble layout: concurrent per-member sessions/streams, or one merged graph; auto = the layout measured faster for the backend (members for ONNX Runtime and TensorRT, merged for OpenVINO; BENCHMARKS.md sections 1 and 4)", choices=("auto", "merged", "members")),
     Option("threads", int, 0, "inference threads (0 = all cores)", minimum=0, maximum=256),
     Option("encoding", str, "raw", "payload encoding of the opt-in 'rendered' topic", choices=("raw", "png")),
     Option("rendered_topic", bool, False, "also publish each overlay as an RGBA bitmap on the 'rendered' topic, "
