@@ -3,7 +3,8 @@
 Why: on x86 CPUs without VNNI (AVX-VNNI, AVX512-VNNI) or AMX, ONNX Runtime's
 and OpenVINO's INT8 convolutions multiply unsigned 8-bit activations by signed
 8-bit weights with ``vpmaddubsw``, which adds each pair of products into a
-*saturating* 16-bit sum. Measured on the demo ensemble (AMD EPYC, AVX2 only):
+*saturating* 16-bit sum. Measured on the demo ensemble (AMD EPYC, AVX2 only;
+BENCHMARKS.md section 4):
 the same Q/DQ graph gave 64-68% top-1 agreement with FP32 through either
 runtime's INT8 kernels and 100% (max |delta p| 0.011) computed exactly (ONNX
 Runtime with graph optimisations off, which runs Q/DQ as float arithmetic on
