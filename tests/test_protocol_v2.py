@@ -68,7 +68,11 @@ def test_v2_render_agrees_with_the_v1_bitmap_on_the_real_cam(camera_to_display):
 def test_a_real_daemons_overlay_crosses_the_wire_in_a_few_kb(tmp_path):
     """The demo ensemble on a real H&E frame: the v2 ``overlay`` message, all three
     frames as received, is under 4 KiB; the opt-in ``rendered`` bitmap of the same
-    frame is the 4 MiB it replaced."""
+    frame is the 4 MiB it replaced. Both ``focus_bbox``es bound the focus outline
+    exactly as the bitmap draws it (its opaque pixels; the heat is at most
+    ``max_alpha`` opaque), the overlay's in camera pixels. The frame is one whose
+    outline ends 56 px inside the crop's left edge, where the CAM cells above the
+    median (the box sent before) began at 51."""
     from daemon_support import REPO, free_endpoint, running
 
     publish = free_endpoint()
@@ -80,20 +84,37 @@ def test_a_real_daemons_overlay_crosses_the_wire_in_a_few_kb(tmp_path):
         sub.setsockopt(zmq.SUBSCRIBE, topic)
     sub.connect(publish)
     sizes: dict[str, int] = {}
+    messages: dict[tuple[str, int], protocol.Message] = {}
+    pair = None
     try:
-        with running(REPO / "samples" / "demo_bundle", f"image://{REPO / 'samples/frames/cmu1_frame_1.jpg'}?fps=4",
+        with running(REPO / "samples" / "demo_bundle", f"image://{REPO / 'samples/frames/cmu1_frame_2.jpg'}?fps=4",
                      tmp_path, publish=publish, rendered_topic=True):
             deadline = time.monotonic() + 90
-            while len(sizes) < 2 and time.monotonic() < deadline:
+            while pair is None and time.monotonic() < deadline:
                 if sub.poll(1000):
                     frames = sub.recv_multipart()
-                    protocol.decode(frames)   # what every subscriber checks
-                    sizes[frames[0].decode()] = sum(len(f) for f in frames)
+                    message = protocol.decode(frames)   # what every subscriber checks
+                    topic = frames[0].decode()
+                    sizes[topic] = sum(len(f) for f in frames)
+                    messages[topic, message.header["frame_id"]] = message
+                    if topic == "rendered" and ("overlay", message.header["frame_id"]) in messages:
+                        pair = messages["overlay", message.header["frame_id"]], message
     finally:
         sub.close(0)
         ctx.term()
     assert sizes["overlay"] <= 4096, sizes
     assert sizes["rendered"] >= 1024 * 1024 * 4, sizes
+    assert pair is not None, sorted(messages)
+    overlay, rendered = pair
+    rgba = protocol.overlay_image(rendered)
+    region = overlay.header["region"]
+    assert rgba.shape[:2] == (region["size"], region["size"])   # overlay_size: the crop, one bitmap px a camera px
+    opaque = np.argwhere(rgba[..., 3] == 255)
+    assert len(opaque) > 1000   # the outline of a real CAM, drawn
+    (y0, x0), (y1, x1) = opaque.min(0), opaque.max(0)
+    assert rendered.header["focus_bbox"] == [int(x0), int(y0), int(x1 - x0 + 1), int(y1 - y0 + 1)]
+    assert overlay.header["focus_bbox"] == [int(x0) + region["x"], int(y0) + region["y"],
+                                            int(x1 - x0 + 1), int(y1 - y0 + 1)]
 
 
 def _shifted(frames: list[bytes], shift: float, **override) -> list[bytes]:

@@ -18,17 +18,31 @@ import cv2
 import numpy as np
 
 from armscope.core import protocol
-from armscope.core.overlay import focus_levels, focus_mask, heat_rgba
+from armscope.core.overlay import focus_contours, focus_levels, heat_rgba
 
 
 def focus_bbox(cam: np.ndarray, size: int) -> list[int] | None:
-    """[x, y, w, h] in pixels of a ``size`` square of the AI-focused region (armscope.core.overlay.focus_mask)."""
-    ys, xs = np.nonzero(focus_mask(cam))
-    if len(xs) == 0:
+    """[x, y, w, h] in pixels of a ``size`` square: the bounding box of the
+    focus outline exactly as ``heat_rgba(cam, size)`` draws it (the same
+    contours, ``focus_contours``, and line width, ``max(2, size // 256)``),
+    clipped to the square; None when nothing is outlined (a flat CAM).
+
+    Why the outline as drawn and not the CAM cells above the median: the
+    outline follows the interpolated map, which reaches past those cells'
+    block and is drawn a few pixels wide; a box the size of the cells left
+    part of what the pathologist sees outlined outside it. Only the
+    contours' extreme points are needed: ``cv2.drawContours`` caps and joins
+    a line of width ``t`` with discs of radius ``(t + 1) // 2``, so the
+    drawn outline reaches exactly that far beyond them (tests hold it
+    against the bitmap's opaque pixels)."""
+    contours = focus_contours(cam, size)
+    if not contours:
         return None
-    sy, sx = size / cam.shape[0], size / cam.shape[1]
-    x0, y0 = int(xs.min() * sx), int(ys.min() * sy)
-    return [x0, y0, int((xs.max() + 1) * sx) - x0, int((ys.max() + 1) * sy) - y0]
+    reach = (max(2, size // 256) + 1) // 2
+    x, y, w, h = cv2.boundingRect(np.vstack(contours))
+    x0, y0 = max(0, x - reach), max(0, y - reach)
+    x1, y1 = min(size, x + w + reach), min(size, y + h + reach)
+    return [x0, y0, x1 - x0, y1 - y0]
 
 
 def cam_box(frame_shape, region: dict, whole_image: bool) -> dict:
