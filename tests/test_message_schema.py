@@ -14,7 +14,7 @@ from pathlib import Path
 import jsonschema
 import pytest
 
-from armscope.core import message_schema, protocol
+from armscope.core import message_schema, protocol, schema_files
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -45,9 +45,8 @@ def _check_table(rows: dict, properties: dict, required: set, where: str) -> Non
     """Exactly the schema's keys; each type as ``doc_type`` writes it (a unit may
     follow after a comma); ``yes`` exactly for the required keys."""
     assert set(rows) == set(properties), (where, sorted(set(rows) ^ set(properties)))
-    registry = message_schema._registry()
     for key, (type_cell, req_cell) in rows.items():
-        want = message_schema.doc_type(message_schema._follow(properties[key], registry))
+        want = message_schema.doc_type(properties[key])   # resolved: $ref already followed
         assert type_cell == want or type_cell.startswith(want + ", "), (where, key, type_cell, want)
         assert (req_cell == "yes") == (key in required), (where, key, req_cell)
 
@@ -58,7 +57,7 @@ TOPIC_TABLES = {"1.2": "overlay", "1.3": "rendered", "1.4": "status"}
 def test_protocol_doc_tables_agree_with_the_message_schemas():
     tables = _tables()
     assert set(tables) == {"1.1", "1.2", "1.3", "1.4", "region", "cam"}, sorted(tables)
-    common = message_schema._registry().contents("message-common.json")
+    common = schema_files.schema("message-common")
     _check_table(tables["1.1"], common["properties"], set(common["required"]), "1.1")
     for number, topic in TOPIC_TABLES.items():
         properties, required = message_schema.resolved(topic)
@@ -142,9 +141,10 @@ def test_compiled_predicate_gives_jsonschemas_verdict(topic):
     from armscope.core.schema_compile import Unsupported, compile_schema
 
     # the message schemas compile (no fallback to jsonschema on the per-message path)
-    check = compile_schema(message_schema.schema(topic), message_schema._resolve, f"message-{topic}.json")
-    assert message_schema.compiled(topic) is not message_schema.validator(topic).is_valid
-    reference = message_schema.validator(topic)
+    name = message_schema.schema_name(topic)
+    check = compile_schema(schema_files.schema(name), schema_files.resolve, f"{name}.json")
+    assert schema_files.compiled(name) is not schema_files.validator(name).is_valid
+    reference = schema_files.validator(name)
     header = _valid_headers()[topic]
     assert check(header) and reference.is_valid(header)
     rng = random.Random(20261203)
@@ -159,6 +159,6 @@ def test_compiled_predicate_gives_jsonschemas_verdict(topic):
             assert message_schema.header_problem(topic, mutated).startswith("header")
     assert min(verdicts.values()) > 300, verdicts   # both verdicts well exercised
     with pytest.raises(Unsupported):
-        compile_schema({"type": "object", "additionalProperties": False}, message_schema._resolve)
+        compile_schema({"type": "object", "additionalProperties": False}, schema_files.resolve)
     assert jsonschema.Draft202012Validator({"type": "integer"}).is_valid(1.0) and compile_schema(
-        {"type": "integer"}, message_schema._resolve)(1.0)   # the draft's integer: a number without a fraction
+        {"type": "integer"}, schema_files.resolve)(1.0)   # the draft's integer: a number without a fraction

@@ -1,7 +1,8 @@
 """The package's JSON Schema files (armscope/core/schemas: control requests and
 replies, registration, bundle manifest) are valid schemas, agree with the code
 that reads the same documents, and docs/protocol.md's control table lists
-exactly the reply keys control-reply.json allows. Fast: no model, no sockets."""
+exactly the reply keys control-reply.json allows; the control client checks
+the replies it gets. Fast: no model, one local socket."""
 from __future__ import annotations
 
 import json
@@ -95,3 +96,38 @@ def test_registration_written_is_what_the_schema_and_the_reader_take(tmp_path):
     assert info.value.field == "matrix[2]"
     with pytest.raises(R.RegistrationFileError, match="rms_error"):   # refused before writing
         R.save_registration(R.Registration(matrix=reg.matrix, display_size=(640, 480), rms_error=-1.0), path)
+
+
+def test_control_client_refuses_a_reply_off_the_schema():
+    """``protocol.control_request`` checks what it is told as the daemon checks
+    what it sends: a reply off control-reply.json is a ProtocolError naming the
+    field, not a dict the caller trusts. A real REP socket answers."""
+    import threading
+
+    import zmq
+
+    from armscope.core import protocol
+
+    ctx = zmq.Context()
+    rep = ctx.socket(zmq.REP)
+    rep.setsockopt(zmq.LINGER, 0)
+    port = rep.bind_to_random_port("tcp://127.0.0.1")
+    replies = [{"ok": True, "cmd": "pause", "state": "paused"}, {"ok": True, "cmd": "pause", "state": "asleep"}]
+
+    def serve():
+        for reply in replies:
+            if rep.poll(5000):
+                rep.recv()
+                rep.send(json.dumps(reply).encode())
+
+    server = threading.Thread(target=serve, daemon=True)
+    server.start()
+    try:
+        endpoint = f"tcp://127.0.0.1:{port}"
+        assert protocol.control_request("pause", endpoint, timeout_ms=5000, context=ctx) == replies[0]
+        with pytest.raises(protocol.ProtocolError, match=r"control-reply\.json: field state: 'asleep'"):
+            protocol.control_request("pause", endpoint, timeout_ms=5000, context=ctx)
+    finally:
+        server.join(5)
+        rep.close(0)
+        ctx.term()

@@ -42,7 +42,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from armscope.core import message_schema
+from armscope.core import message_schema, schema_files
 from armscope.core.curve import apply_curve_client, load_keypair, write_keypair  # noqa: F401  (re-exported)
 from armscope.core.errors import ArmscopeError
 
@@ -376,8 +376,10 @@ def format_command(command: str | dict) -> bytes:
 
 
 def parse_command(raw: bytes) -> tuple[str, list[str]]:
-    """A request frame -> (command, args). Text is split on whitespace; JSON is
-    ``{"cmd": str, "args": [str, ...]}``. Raises ProtocolError naming the problem."""
+    """A request frame -> (command, args). Text is split on whitespace; JSON
+    follows ``control-request.json`` (``{"cmd": str, "args": [str or number,
+    ...]}``; numbers become their text). Raises ProtocolError naming the problem
+    (the key, for JSON, as every schema refusal names it)."""
     try:
         text = raw.decode("utf-8").strip()
     except UnicodeDecodeError:
@@ -391,14 +393,12 @@ def parse_command(raw: bytes) -> tuple[str, list[str]]:
             raise ProtocolError(f"request: invalid JSON ({exc})") from None
         except RecursionError:
             raise ProtocolError("request: JSON nested too deeply") from None
-        if not isinstance(obj, dict) or not isinstance(obj.get("cmd"), str):
-            raise ProtocolError("request: JSON requests need a string key 'cmd'")
-        args = obj.get("args", [])
-        if not isinstance(args, list):
-            raise ProtocolError("request key args: expected a list")
-        if not all(isinstance(a, (str, int, float)) and not isinstance(a, bool) for a in args):
-            raise ProtocolError("request key args: expected a list of strings or numbers")
-        return obj["cmd"].lower(), [str(a) for a in args]
+        error = schema_files.first_error("control-request", obj)
+        if error is not None:
+            key = schema_files.missing_key(error) or schema_files.dotted(list(error.absolute_path))
+            raise ProtocolError(f"request key {key}: {error.message[:120]} "
+                                "(expected {\"cmd\": string, \"args\": [strings or numbers]})")
+        return obj["cmd"].lower(), [str(a) for a in obj.get("args", [])]
     parts = text.split()
     return parts[0].lower(), parts[1:]
 
@@ -418,7 +418,10 @@ def control_request(command: str | dict, endpoint: str = DEFAULT_CONTROL, timeou
         sock.send(format_command(command))
         if not sock.poll(timeout_ms, zmq.POLLIN):
             raise ArmscopeError(f"control {endpoint}: no reply within {timeout_ms} ms")
-        return json.loads(sock.recv().decode("utf-8"))
+        reply = json.loads(sock.recv().decode("utf-8"))
+        if (problem := schema_files.problem("control-reply", reply)) is not None:
+            raise ProtocolError(f"control {endpoint}: the reply does not follow control-reply.json: {problem}")
+        return reply
     finally:
         sock.close(0)
 

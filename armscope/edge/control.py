@@ -46,27 +46,6 @@ def clip(text, limit: int = ECHO_CHARS):
     return text if len(text) <= limit else text[:limit] + f"...({len(text)} chars)"
 
 
-def parse_request(raw: bytes) -> tuple[str, list[str]]:
-    """(command, args) of one request frame. A JSON request is checked against
-    ``control-request.json`` first (ProtocolError naming the key); the text form
-    and the conversion are :func:`armscope.core.protocol.parse_command`'s."""
-    text = raw.decode("utf-8", "replace").lstrip()
-    if text.startswith("{"):
-        try:
-            obj = json.loads(text)
-        except ValueError:
-            obj = None            # not JSON: parse_command says why
-        except RecursionError:
-            raise protocol.ProtocolError("request: JSON nested too deeply") from None
-        if isinstance(obj, dict):
-            error = schema_files.first_error("control-request", obj)
-            if error is not None:
-                key = schema_files.missing_key(error) or schema_files.dotted(list(error.absolute_path))
-                raise protocol.ProtocolError(f"request key {key}: {clip(error.message, 120)} "
-                                             "(expected {\"cmd\": string, \"args\": [strings or numbers]})")
-    return protocol.parse_command(raw)
-
-
 def echo(cmd: str | None, frames: list[bytes]) -> str:
     """The reply's ``cmd`` (docs/protocol.md 2: always a string): the command
     if it was understood, else what was sent in its place, clipped: a JSON
@@ -111,7 +90,7 @@ class ControlServer(threading.Thread):
             raw = frames[0]
             if len(raw) > MAX_REQUEST_BYTES:
                 raise ArmscopeError(f"request: {len(raw)} bytes, at most {MAX_REQUEST_BYTES}")
-            cmd, args = parse_request(raw)
+            cmd, args = protocol.parse_command(raw)   # JSON checked against control-request.json
             if len(cmd) > ECHO_CHARS:
                 raise ArmscopeError(f"unknown command {clip(cmd)!r}")
             reply = self.handler(cmd, args)
