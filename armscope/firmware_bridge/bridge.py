@@ -51,11 +51,18 @@ design is driven by that safety requirement rather than by throughput:
 
 The loop is single-threaded on purpose: every decision about what the
 eyepiece shows is made in one place, in order, with no locks.
+
+Why this module is ~500 lines, over the project's ~400: what does not decide
+has left it (``validation``, ``staleness``, ``render``, ``label``,
+``stamping``, the counters and the stats report in ``bridge_stats``). What
+remains is that one loop: ingest, apply, blank and watchdog read and write
+the same few fields (state, pending, current, displayed), and every safety
+rule above is an interplay of two or more of them; split across modules,
+the rules could no longer be checked by reading one class.
 """
 
 from __future__ import annotations
 
-import collections
 import dataclasses
 import json
 import logging
@@ -68,6 +75,10 @@ import numpy as np
 
 from armscope.core import protocol
 
+from .bridge_stats import (
+    BLANK_DISPLAY, BLANK_EXIT, BLANK_INVALID, BLANK_LINK, BLANK_REASONS, BLANK_RUN, BLANK_SILENT, BLANK_STALE,
+    BLANK_STARTUP, BridgeCounters,
+)
 from .displays import Display, paste_on_black
 from .label import add_label, label_text
 from .link import LinkError
@@ -91,18 +102,6 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
-
-# Why the display was blanked (keys of stats()["blanks"]); "state:<state>" for daemon states.
-BLANK_STARTUP = "startup"        # bridge starting: clear whatever the display held
-BLANK_EXIT = "exit"              # bridge stopping (normal exit, SIGTERM, SIGINT, error)
-BLANK_STALE = "stale"            # the shown overlay passed its stale_after_ms
-BLANK_SILENT = "silent"          # no message at all for stale_after_ms: daemon presumed dead
-BLANK_INVALID = "invalid"        # a message failed validation
-BLANK_LINK = "link"              # the display link could not deliver a frame in time
-BLANK_DISPLAY = "display"        # any other error while showing a frame
-BLANK_RUN = "run_change"         # a new daemon run_id (the daemon restarted)
-BLANK_REASONS = (BLANK_STARTUP, BLANK_EXIT, BLANK_STALE, BLANK_SILENT, BLANK_INVALID, BLANK_LINK,
-                 BLANK_DISPLAY, BLANK_RUN) + tuple(f"state:{s}" for s in protocol.STATES if s != protocol.STATE_RUNNING)
 
 _MIN_SEND_BUDGET_S = 0.02        # below this a frame cannot be delivered before what is shown expires
 _DRAIN_LIMIT = 256               # messages per wake-up, so a flood cannot starve the watchdog
@@ -190,17 +189,12 @@ class Bridge:
         self._blank_retry_reason: str | None = None
         self._silent = False
         self._closed = False
-        # counters
-        self.received = collections.Counter()
-        self.rejected = collections.Counter()
-        self.blanks = collections.Counter()
-        self.counts = collections.Counter()   # shown, accepted, superseded, expired_unshown, seq_gaps, ...
-        self.link = collections.Counter()     # frames, resent_chunks, naks, timeouts, resyncs, errors
-        self.last_rejections: collections.deque = collections.deque(maxlen=20)
+        # counters (bridge_stats): observed only, never read by a decision about what is shown
         self.started_at = self.clock()
+        self.counters = BridgeCounters(self.started_at)
+        self.received, self.rejected, self.blanks = self.counters.received, self.counters.rejected, self.counters.blanks
+        self.counts, self.link = self.counters.counts, self.counters.link
         self._last_stats_log = self.started_at
-        self._last_shown_latency_ms: float | None = None   # clock "mono" only: capture -> on the display
-        self._max_shown_latency_ms: float | None = None    # the oldest capture ever shown, when it landed
 
     # -- lifecycle -----------------------------------------------------------
 
@@ -287,7 +281,7 @@ class Bridge:
 
     def _reject(self, category: str, text: str) -> bool:
         self.rejected[category] += 1
-        self.last_rejections.append(f"{category}: {text}")
+        self.counters.last_rejections.append(f"{category}: {text}")
         total = sum(self.rejected.values())
         if category == "schema":  # another protocol version: one line per version, not per message
             if text not in self._refused_versions:
@@ -405,7 +399,7 @@ class Bridge:
         except LinkError as exc:
             self.link["errors"] += 1
             rep = getattr(exc, "report", None)
-            self._add_report(rep)
+            self.counters.add_link_report(rep)
             log.warning("bridge: display link failed for frame %s: %s", ov.msg.header["frame_id"], exc)
             self.displayed = "unknown"  # a partial frame may be pending on the controller
             self._blank(BLANK_LINK)
@@ -416,20 +410,12 @@ class Bridge:
             self.displayed = "unknown"
             self._blank(BLANK_DISPLAY)
             return
-        self._add_report(report)
+        self.counters.add_link_report(report)
         self.current = ov
         self.displayed = "overlay"
         self.counts["shown"] += 1
         if self.clock_mode == "mono":
-            self._last_shown_latency_ms = (self.clock() - float(ov.msg.header["capture_mono"])) * 1000.0
-            self._max_shown_latency_ms = max(self._max_shown_latency_ms or 0.0, self._last_shown_latency_ms)
-
-    def _add_report(self, report) -> None:
-        if report is None or not hasattr(report, "resent_chunks"):
-            return
-        self.link["frames"] += 1
-        for key in ("resent_chunks", "naks", "timeouts", "resyncs"):
-            self.link[key] += int(getattr(report, key))
+            self.counters.shown_latency((self.clock() - float(ov.msg.header["capture_mono"])) * 1000.0)
 
     def _blank(self, reason: str, force: bool = False) -> bool:
         """Blank unless already blank (``force``: always). Counts the reason.
@@ -512,28 +498,6 @@ class Bridge:
         return self._stats()
 
     def _stats(self) -> dict:
-        now = self.clock()
-        counts = dict(self.counts)
-        cur = self.current
-        return {
-            "uptime_s": round(now - self.started_at, 3),
-            "displayed": self.displayed,
-            "shown_frame_id": cur.msg.header["frame_id"] if cur is not None else None,
-            "shown_age_ms": round((now - cur.received) * 1000, 1) if cur is not None else None,
-            "daemon": {"run_id": self.run_id, "state": self.state, "last_frame_id": self.last_frame_id,
-                       "silent_ms": None if self.last_message is None else round((now - self.last_message) * 1000, 1)},
-            "clock_mode": self.clock_mode,
-            "received": dict(self.received),
-            "accepted": counts.pop("accepted", 0),
-            "shown": counts.pop("shown", 0),
-            "rejected": dict(self.rejected),
-            "rejected_total": sum(self.rejected.values()),
-            "last_rejections": list(self.last_rejections)[-5:],
-            "blanks": dict(self.blanks),
-            "blanks_total": sum(self.blanks.values()),
-            "link": dict(self.link),
-            "capture_to_shown_ms": None if self._last_shown_latency_ms is None else round(self._last_shown_latency_ms, 1),
-            "capture_to_shown_max_ms": (None if self._max_shown_latency_ms is None
-                                        else round(self._max_shown_latency_ms, 1)),
-            **counts,
-        }
+        return self.counters.snapshot(self.clock(), displayed=self.displayed, current=self.current,
+                                      run_id=self.run_id, state=self.state, last_frame_id=self.last_frame_id,
+                                      last_message=self.last_message, clock_mode=self.clock_mode)
