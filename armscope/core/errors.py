@@ -9,6 +9,11 @@ class ArmscopeError(Exception):
     """A failure the user can act on (bad file, bad field, missing dependency)."""
 
 
+class ProtocolError(ArmscopeError):
+    """A message or request that does not follow docs/protocol.md (names the
+    frame or key); ``armscope.core.protocol`` and ``control_wire`` raise it."""
+
+
 class MissingDependency(ArmscopeError):
     """An optional extra (tf, gpu) is needed for this command."""
 

@@ -1,7 +1,7 @@
 """The ZeroMQ protocol between the edge daemon and its subscribers (the eyepiece
 bridge, recorders, dashboards): one module imported by both sides, and the
 headers' JSON Schemas (``armscope/core/schemas/message-*.json``, loaded by
-``armscope.core.message_schema``) that both sides validate with, so the
+``armscope.core.schema_files``, topic rules in ``message_schema``) that both sides validate with, so the
 message schema has exactly one definition. ``docs/protocol.md`` is the prose
 version, precise enough to write a subscriber in another language; a test
 keeps its tables and the schemas in agreement.
@@ -29,6 +29,8 @@ only the newest message per topic.
 Control (REQ/REP, default ``tcp://127.0.0.1:5557``): a request is one frame,
 either text (``slide start S-0042``) or JSON (``{"cmd": "slide", "args":
 ["start", "S-0042"]}``); the reply is one JSON object with ``ok`` true/false.
+Its wire format and client are ``armscope.core.control_wire``, re-exported
+here (``protocol.control_request``, ``parse_command``, ...).
 
 Only ``zmq``, jsonschema and the standard library are imported at module
 level; numpy and OpenCV are imported by :func:`cam_array` and
@@ -42,9 +44,12 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from armscope.core import message_schema, schema_files
+from armscope.core import message_schema
+from armscope.core.control_wire import (  # noqa: F401  (re-exported: the control socket's side of the protocol)
+    DEFAULT_CONTROL, control_request, format_command, parse_command,
+)
 from armscope.core.curve import apply_curve_client, load_keypair, write_keypair  # noqa: F401  (re-exported)
-from armscope.core.errors import ArmscopeError
+from armscope.core.errors import ArmscopeError, ProtocolError
 
 SCHEMA_VERSION = 2
 
@@ -55,7 +60,6 @@ TOPICS = (TOPIC_OVERLAY, TOPIC_STATUS, TOPIC_RENDERED)
 SUBSCRIBE_DEFAULT = (TOPIC_OVERLAY, TOPIC_STATUS)
 
 DEFAULT_PUBLISH = "tcp://127.0.0.1:5556"
-DEFAULT_CONTROL = "tcp://127.0.0.1:5557"
 
 # Daemon states carried by every ``status`` message (``state`` field).
 STATE_STARTING = "starting"      # opening the backend / source; nothing classified yet
@@ -76,10 +80,6 @@ ENCODING_PNG = "png"           # rendered: one PNG file (RGBA, 8 bit)
 ENCODING_NONE = "none"         # empty payload (status messages)
 ENCODINGS = (ENCODING_RAW, ENCODING_PNG)
 CAM_DTYPES = {"float16": 2, "uint8": 1}   # cam.dtype -> bytes per value
-
-
-class ProtocolError(ArmscopeError):
-    """A message that does not follow this schema (names the frame or key)."""
 
 
 @dataclass
@@ -367,63 +367,6 @@ class Subscriber:
 
     def __exit__(self, *exc):
         self.close()
-
-
-def format_command(command: str | dict) -> bytes:
-    if isinstance(command, dict):
-        return json.dumps(command).encode()
-    return command.encode()
-
-
-def parse_command(raw: bytes) -> tuple[str, list[str]]:
-    """A request frame -> (command, args). Text is split on whitespace; JSON
-    follows ``control-request.json`` (``{"cmd": str, "args": [str or number,
-    ...]}``; numbers become their text). Raises ProtocolError naming the problem
-    (the key, for JSON, as every schema refusal names it)."""
-    try:
-        text = raw.decode("utf-8").strip()
-    except UnicodeDecodeError:
-        raise ProtocolError("request: not UTF-8 text") from None
-    if not text:
-        raise ProtocolError("request: empty")
-    if text.startswith("{"):
-        try:
-            obj = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise ProtocolError(f"request: invalid JSON ({exc})") from None
-        except RecursionError:
-            raise ProtocolError("request: JSON nested too deeply") from None
-        error = schema_files.first_error("control-request", obj)
-        if error is not None:
-            key = schema_files.missing_key(error) or schema_files.dotted(list(error.absolute_path))
-            raise ProtocolError(f"request key {key}: {error.message[:120]} "
-                                "(expected {\"cmd\": string, \"args\": [strings or numbers]})")
-        return obj["cmd"].lower(), [str(a) for a in obj.get("args", [])]
-    parts = text.split()
-    return parts[0].lower(), parts[1:]
-
-
-def control_request(command: str | dict, endpoint: str = DEFAULT_CONTROL, timeout_ms: int = 3000,
-                    context=None, curve: dict | None = None) -> dict:
-    """Send one control command and return the JSON reply. A fresh REQ socket
-    per call, so a lost reply never wedges the next request."""
-    zmq = _zmq()
-    ctx = context or zmq.Context.instance()
-    sock = ctx.socket(zmq.REQ)
-    sock.setsockopt(zmq.LINGER, 0)
-    try:
-        if curve:
-            apply_curve_client(sock, **curve)
-        sock.connect(endpoint)
-        sock.send(format_command(command))
-        if not sock.poll(timeout_ms, zmq.POLLIN):
-            raise ArmscopeError(f"control {endpoint}: no reply within {timeout_ms} ms")
-        reply = json.loads(sock.recv().decode("utf-8"))
-        if (problem := schema_files.problem("control-reply", reply)) is not None:
-            raise ProtocolError(f"control {endpoint}: the reply does not follow control-reply.json: {problem}")
-        return reply
-    finally:
-        sock.close(0)
 
 
 def now_pair() -> tuple[float, float]:
