@@ -135,13 +135,25 @@ def test_no_client_message_disables_the_control_socket(bundle_dir, camera_frames
     assert not any(e["level"] == "error" for e in entries), [e for e in entries if e["level"] == "error"]
 
 
-def test_a_subscriber_that_never_reads_costs_at_most_a_few_overlays(bundle_dir, camera_frames, tmp_path):
-    """Raw 1024x1024 RGBA overlays are 4 MiB each. With SNDHWM set after bind (libzmq then
-    keeps its default of 1000) the daemon queued every overlay for an idle subscriber."""
+def test_a_subscriber_that_never_reads_costs_at_most_a_few_bitmaps(bundle_dir, camera_frames, tmp_path):
+    """The opt-in ``rendered`` topic (rendered_topic on) carries raw 1024x1024 RGBA
+    bitmaps, 4 MiB each: the one place a message is still large, so the one where
+    a subscriber that stops reading could cost the daemon memory. (With SNDHWM set
+    after bind, libzmq kept its default of 1000 and the daemon queued every
+    bitmap for an idle subscriber.) The v2 ``overlay`` is a few KB and cannot."""
     proc, publish, control, log_path = start(bundle_dir, f"image://{camera_frames[1]}?fps=30", tmp_path,
-                                             "--encoding", "raw")
+                                             "--encoding", "raw", "--rendered-topic")
     try:
-        with protocol.Subscriber(publish) as idle:          # connected, subscribed, never reads
+        # the bitmaps really flow: a reader gets one of 4 MiB, then leaves
+        with protocol.Subscriber(publish, topics=["rendered"], rcvbuf=16 << 20) as reader:
+            deadline = time.monotonic() + 90
+            bitmap = None
+            while bitmap is None and time.monotonic() < deadline:
+                bitmap = reader.recv_latest(1000).get("rendered")
+        assert bitmap is not None, "no rendered bitmap within 90 s"
+        assert bitmap.header["width"] == 1024 and len(bitmap.payload) == 1024 * 1024 * 4
+        # connected, subscribed to the bitmaps with the buffer 1.6 tells a rendered subscriber to ask for, never reads
+        with protocol.Subscriber(publish, topics=["rendered"], rcvbuf=16 << 20) as idle:
             deadline = time.monotonic() + 90
             while time.monotonic() < deadline:
                 published = protocol.control_request("status", control, timeout_ms=15_000)["metrics"]["frames_published"]
@@ -158,6 +170,6 @@ def test_a_subscriber_that_never_reads_costs_at_most_a_few_overlays(bundle_dir, 
             assert idle.socket.getsockopt(zmq.RCVHWM) == 4
     finally:
         assert stop(proc) == 0
-    # 50 overlays of 4 MiB went to a subscriber that read none: at most ~2 may wait in the
-    # daemon's queue plus one in its socket buffer; a queue of 1000 would hold all 200 MiB.
+    # 50 bitmaps of 4 MiB went to a subscriber that read none: at most ~2 may wait in the
+    # daemon's queue plus what its socket buffer holds; a queue of 1000 would hold all 200 MiB.
     assert grown_mib < 48, f"the daemon grew by {grown_mib:.0f} MiB for an idle subscriber"

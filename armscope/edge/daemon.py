@@ -83,7 +83,9 @@ class Daemon(FrameStages):
         self.signal_ok = False
         self.last_reject_id = 0
         self.last_lock = threading.Lock()
-        self.last = None   # (Frame, overlay RGBA, header sent) of the newest overlay published
+        # (Frame, bitmap, header sent) of the newest overlay published; the bitmap is heat_rgba's RGBA if the
+        # rendered topic drew it, else a callable that draws it (only a snapshot needs it: protocol v2)
+        self.last = None
         self.last_status: dict | None = None   # the newest status header sent (a snapshot before any overlay)
         self.published = 0
         self.stale_run = 0                   # overlays refused as stale in a row
