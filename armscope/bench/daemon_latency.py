@@ -29,6 +29,13 @@ STAGES = ("queue", "preprocess", "inference", "render", "total")
 
 
 def free_tcp_endpoint(host: str = "127.0.0.1") -> str:
+    """A port free now, released before the daemon binds it.
+
+    Why not ``tcp://HOST:*`` (the OS's choice at bind, reported in
+    ``Daemon.endpoints``): the bench and the demo connect their subscribers
+    and the bridge before the daemon starts, so that the first overlay is
+    seen; they need the port before the daemon exists. Another process could
+    take it in between; the daemon then fails with one clear error."""
     with socket.socket() as s:
         s.bind((host, 0))
         return f"tcp://{host}:{s.getsockname()[1]}"

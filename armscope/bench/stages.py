@@ -90,14 +90,12 @@ def zmq_roundtrips(topic: bytes, header: dict, payload: bytes, n: int, timeout_s
     time, with the socket options the daemon and a subscriber of ``topic`` use."""
     import zmq
 
-    from armscope.bench.daemon_latency import free_tcp_endpoint
     from armscope.edge.publisher import Publisher, bind, pub_socket
 
-    endpoint = free_tcp_endpoint()
     context = zmq.Context()
     rendered = topic == protocol.TOPIC_RENDERED
     sock = pub_socket(context, header["width"] if rendered else None)
-    bind(sock, endpoint, "publish")
+    endpoint = bind(sock, "tcp://127.0.0.1:*", "publish")   # a port the OS chooses at bind: nothing can take it first
     pub = Publisher(sock, "bench-suite", stale_after_ms=600000)
     # a rendered subscriber takes a receive buffer for a bitmap (protocol.Subscriber's rcvbuf)
     sub = protocol.Subscriber(endpoint, topics=[topic], context=context,

@@ -86,7 +86,7 @@ def status_reply(daemon) -> dict:
             "backend": daemon.backend_info, "source": daemon.config.source,
             "slide_id": daemon.slides.slide_id, "threshold": daemon.effective_threshold(), "paused": daemon.paused,
             "uptime_s": round(time.monotonic() - daemon.started_mono, 3), "measures": daemon.measures,
-            "metrics": daemon.metrics_snapshot()}
+            "endpoints": dict(daemon.endpoints), "metrics": daemon.metrics_snapshot()}
 
 
 def snapshot(daemon) -> list:

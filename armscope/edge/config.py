@@ -168,7 +168,8 @@ def _cross_checks(values: dict, where: str) -> None:
     if values["reconnect_max_s"] < values["reconnect_min_s"]:
         raise ArmscopeError(f"{where}: key 'reconnect_max_s': {values['reconnect_max_s']} is below "
                             f"reconnect_min_s {values['reconnect_min_s']}")
-    if values["publish"] == values["control"]:
+    # tcp://HOST:* twice is two binds to two ports the OS chooses, not one endpoint
+    if values["publish"] == values["control"] and not values["publish"].endswith(":*"):
         raise ArmscopeError(f"{where}: key 'control': same endpoint as 'publish' ({values['publish']})")
     if values["curve_clients_dir"] and not values["curve_server_secret"]:
         raise ArmscopeError(f"{where}: key 'curve_clients_dir' needs 'curve_server_secret'")

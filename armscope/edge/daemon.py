@@ -100,6 +100,10 @@ class Daemon(FrameStages):
         self.backend_info = None
         self.step_backends: dict = {}   # step-one class -> backend of its second step
         self.backend_ready = threading.Event()   # set by the inference thread once it activated (or failed to)
+        # the endpoints bound, {"publish": ..., "control": ...}: a wildcard port (tcp://HOST:*) resolved to the
+        # OS's choice; ``bound`` is set once both are (logged, and in the status reply)
+        self.endpoints: dict[str, str] = {}
+        self.bound = threading.Event()
         self.backend_error: BaseException | None = None
         self.publisher: Publisher | None = None
         self.threads: list[threading.Thread] = []
@@ -133,15 +137,17 @@ class Daemon(FrameStages):
                                                cfg.curve_clients_dir)
                 log.info("CurveZMQ on: %s", "only keys in " + cfg.curve_clients_dir if cfg.curve_clients_dir
                          else "any client with the server key")
-            bind(pub, cfg.publish, "publish")
-            bind(rep, cfg.control, "control")
+            self.endpoints = {"publish": bind(pub, cfg.publish, "publish"),
+                              "control": bind(rep, cfg.control, "control")}
         except BaseException:
             pub.close(0)
             rep.close(0)
             raise
         self.publisher = Publisher(pub, self.model_id, self.stale_after_ms)
         self._rep = rep
-        log.info("publishing on %s, control on %s, source %s", cfg.publish, cfg.control, cfg.source)
+        log.info("publishing on %s, control on %s, source %s", self.endpoints["publish"], self.endpoints["control"],
+                 cfg.source)
+        self.bound.set()
         self._send_status(heartbeat=False)
         self.frames = LatestSlot("capture")
         self.inputs = LatestSlot("preprocessed")
@@ -221,7 +227,7 @@ class Daemon(FrameStages):
         try:
             if self.config.curve_server_secret:
                 make_curve_server(rep, *protocol.load_keypair(self.config.curve_server_secret))
-            bind(rep, self.config.control, "control")
+            bind(rep, self.endpoints["control"], "control")   # the port bound first, even if the OS chose it
         except BaseException:
             rep.close(0)
             raise

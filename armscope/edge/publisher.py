@@ -96,11 +96,17 @@ def rep_socket(context: zmq.Context) -> zmq.Socket:
     return sock
 
 
-def bind(sock: zmq.Socket, endpoint: str, key: str) -> None:
+def bind(sock: zmq.Socket, endpoint: str, key: str) -> str:
+    """Bind ``endpoint`` and return the endpoint actually bound.
+
+    Why return it: ``tcp://HOST:*`` lets the OS choose a free port at bind time
+    (no window in which another process can take a port picked beforehand);
+    ``ZMQ_LAST_ENDPOINT`` is the only place that port is then known."""
     try:
         sock.bind(endpoint)
     except zmq.ZMQError as exc:
         raise ArmscopeError(f"key {key!r}: cannot bind {endpoint} ({exc})") from None
+    return sock.getsockopt(zmq.LAST_ENDPOINT).decode()
 
 
 class Publisher:
