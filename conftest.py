@@ -1,8 +1,10 @@
 """Fixtures shared by tests/ and benchmarks/: the repo's real H&E samples and
-the skip rule for GPU-only tests."""
+the skip rule for GPU-only tests. The paths themselves are in tests/repo_paths.py
+(one place; helper modules and parametrize lists import them at import time)."""
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import cv2
@@ -10,9 +12,10 @@ import numpy as np
 import pytest
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+# tests/ holds the helper modules both suites import by name (repo_paths, daemon_support, ...)
+sys.path.insert(0, str(Path(__file__).resolve().parent / "tests"))
 
-REPO = Path(__file__).resolve().parent
-SAMPLES = REPO / "samples"
+from repo_paths import DEMO_BUNDLE, FRAMES, HE_FIELD, NCT_TILES, REPO  # noqa: E402
 
 
 def _has_gpu() -> bool:
@@ -50,17 +53,37 @@ def pytest_collection_modifyitems(config, items):
 
 
 @pytest.fixture(scope="session")
+def repo() -> Path:
+    """The repository root (subprocesses run with it as their working directory)."""
+    return REPO
+
+
+@pytest.fixture(scope="session")
+def demo_bundle() -> Path:
+    """samples/demo_bundle: 5 mini DenseNets, tumour vs other (a pipeline demonstration)."""
+    assert (DEMO_BUNDLE / "manifest.json").is_file(), f"{DEMO_BUNDLE} is missing; run scripts/build_demo_bundle.sh"
+    return DEMO_BUNDLE
+
+
+@pytest.fixture(scope="session")
 def frame_paths() -> list[Path]:
-    paths = sorted((SAMPLES / "frames").glob("*.jpg"))
-    assert len(paths) >= 4, "samples/frames is missing; run scripts/make_demo_data.py"
-    return paths
+    """The 4 real 1600x1200 H&E camera frames in samples/frames."""
+    assert len(FRAMES) >= 4, "samples/frames is missing; run scripts/make_demo_data.py"
+    return list(FRAMES)
 
 
 @pytest.fixture(scope="session")
 def tile_paths() -> list[Path]:
-    paths = sorted((SAMPLES / "he" / "nct-crc-he-100k").glob("*/*.tif"))
-    assert len(paths) == 9
-    return paths
+    """One real NCT-CRC-HE-100K tile per class (9), samples/he/nct-crc-he-100k."""
+    assert len(NCT_TILES) == 9
+    return list(NCT_TILES)
+
+
+@pytest.fixture(scope="session")
+def he_field() -> Path:
+    """The large real H&E field (CMU-1, 2220x2967) in samples/he/cmu-small-region."""
+    assert HE_FIELD.is_file(), HE_FIELD
+    return HE_FIELD
 
 
 @pytest.fixture(scope="session")

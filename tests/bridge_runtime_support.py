@@ -11,7 +11,6 @@ import contextlib
 import secrets
 import threading
 import time
-from pathlib import Path
 
 import cv2
 import numpy as np
@@ -23,8 +22,8 @@ from armscope.firmware_bridge import pixel_formats as pf
 from armscope.firmware_bridge.bridge import Bridge
 from armscope.firmware_bridge.registration import Registration, warp
 
-REPO = Path(__file__).resolve().parents[1]
-HE_IMAGE = REPO / "samples" / "he" / "cmu-small-region" / "cmu_small_region_level0.jpg"
+from repo_paths import HE_FIELD as HE_IMAGE
+from repo_paths import REPO  # noqa: F401  (re-exported: test_bridge_runtime_e2e imports it from here)
 
 CAMERA = (640, 480)                 # camera frame (w, h)
 DISPLAY = (160, 120)                # eyepiece display (w, h)

@@ -1,7 +1,8 @@
 """Test fixtures: a small exported bundle built once per session from
 random-initialised mini DenseNet members (parity and CAM checks do not need
-trained weights; the demo bundle covers those). Real-image fixtures live in
-the repository's root conftest.py."""
+trained weights; the demo bundle covers those). The repository's paths and
+real-image fixtures (``repo``, ``demo_bundle``, ``frame_paths``, ``tile_paths``,
+``he_field``) are in the root conftest.py, the paths in tests/repo_paths.py."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -49,9 +50,7 @@ def mini_bundle(mini_members, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def camera_frames() -> list[Path]:
-    """The real 1600x1200 H&E camera frames in samples/frames."""
-    root = Path(__file__).resolve().parents[1] / "samples" / "frames"
-    paths = sorted(root.glob("*.jpg"))
-    assert len(paths) >= 4, f"{root}: expected the 4 sample camera frames"
-    return paths
+def camera_frames(frame_paths) -> list[Path]:
+    """The real 1600x1200 H&E camera frames in samples/frames (the root conftest's
+    ``frame_paths``, under the name the daemon and bridge tests use)."""
+    return frame_paths

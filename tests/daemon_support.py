@@ -1,10 +1,19 @@
-"""Helpers shared by the tests/test_daemon_*.py files: free ports, the bundle
-the daemon tests run (the demo bundle when present, else the session's
-mini bundle), a real H&E video with a slow pan and a focus change, and
-bounded-time waits on a real SUB socket."""
+"""Helpers shared by the tests/test_daemon_*.py files: daemons on ports the OS
+chooses, the bundle the daemon tests run (the demo bundle when present, else
+the session's mini bundle), a real H&E video with a slow pan and a focus
+change, and bounded-time waits on a real SUB socket.
+
+Ports: the daemon binds ``OS_PORT`` (``tcp://127.0.0.1:*``) and reports the
+port the OS chose (``Daemon.endpoints``, its log line, the ``status`` reply),
+so no other process can take a port between its choice and the bind.
+``free_endpoint`` (a port picked, then released, then bound by someone else:
+a race, rare but real on a busy CI box) is kept only for what must be known
+before the daemon exists (see its docstring)."""
 from __future__ import annotations
 
+import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -17,12 +26,18 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-REPO = Path(__file__).resolve().parents[1]
-LARGE_FIELD = REPO / "samples" / "he" / "cmu-small-region" / "cmu_small_region_level0.jpg"
-DEMO_BUNDLE = REPO / "samples" / "demo_bundle"
+from repo_paths import DEMO_BUNDLE, REPO
+from repo_paths import HE_FIELD as LARGE_FIELD
+
+OS_PORT = "tcp://127.0.0.1:*"   # bind to a port the OS chooses; the daemon reports which
 
 
 def free_endpoint() -> str:
+    """A port free now, for what needs an endpoint before any daemon exists: a
+    socket connected before the daemon binds (to hear its very first messages),
+    or an address that is not a ZeroMQ bind (``metrics_http``). It is released
+    before the daemon binds it, so another process could take it meanwhile:
+    prefer ``OS_PORT`` with ``running``/``start``."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return f"tcp://127.0.0.1:{s.getsockname()[1]}"
@@ -85,16 +100,39 @@ def wait_for(sub, predicate, timeout: float, topic: str | None = None):
     raise AssertionError(f"condition not met within {timeout} s; {len(seen)} messages, last states {states}")
 
 
+BOUND_LINE = re.compile(r"publishing on (\S+), control on (\S+), source ")
+
+
+def bound_endpoints(log_path: Path, proc, timeout: float = 120) -> tuple[str, str]:
+    """The (publish, control) endpoints a daemon subprocess logged once bound
+    (JSON logs); fails if it exits or does not bind within ``timeout`` s."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for line in log_path.read_text().splitlines():
+            if line.startswith("{") and (found := BOUND_LINE.match(json.loads(line).get("msg", ""))):
+                return found.group(1), found.group(2)
+        if proc.poll() is not None:
+            raise AssertionError(f"daemon exited ({proc.returncode}) before binding: {log_path.read_text()[-2000:]}")
+        time.sleep(0.05)
+    raise AssertionError(f"daemon did not bind within {timeout} s")
+
+
 def start(bundle_dir, source, tmp_path, *extra):
-    """``armscope run`` as a subprocess with fresh ports and JSON logs in ``tmp_path/daemon.log``.
+    """``armscope run`` as a subprocess on ports the OS chooses, JSON logs in ``tmp_path/daemon.log``;
+    returns once it has bound (before its model is loaded: it says ``starting`` meanwhile).
     Returns (process, publish endpoint, control endpoint, log path)."""
-    publish, control = free_endpoint(), free_endpoint()
     cmd = [sys.executable, "-m", "armscope.cli", "run", "--bundle", str(bundle_dir), "--source", source,
-           "--publish", publish, "--control", control, "--threads", "1", "--heartbeat-hz", "5",
+           "--publish", OS_PORT, "--control", OS_PORT, "--threads", "1", "--heartbeat-hz", "5",
            "--log-format", "json", "--slides-dir", str(tmp_path / "slides"), *extra]
-    log = open(tmp_path / "daemon.log", "w")
-    proc = subprocess.Popen(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
-    return proc, publish, control, tmp_path / "daemon.log"
+    log_path = tmp_path / "daemon.log"
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        publish, control = bound_endpoints(log_path, proc)
+    except BaseException:
+        stop(proc)
+        raise
+    return proc, publish, control, log_path
 
 
 def stop(proc, timeout=60):
@@ -118,12 +156,14 @@ def rss_kib(pid: int) -> int:
 
 
 @contextmanager
-def running(bundle_dir, source, tmp_path, **overrides):
-    """A daemon in a background thread of this process, with fresh ports; stopped and checked on exit."""
+def running(bundle_dir, source, tmp_path, wait_bound=True, **overrides):
+    """A daemon in a background thread of this process, on ports the OS chooses unless ``publish``/``control``
+    are given; yields once its sockets are bound (``daemon.endpoints``; at once with ``wait_bound=False``,
+    for a test that watches the start-up itself), stopped and checked on exit."""
     from armscope.edge.config import load_config
     from armscope.edge.daemon import Daemon
 
-    options = dict(bundle=str(bundle_dir), source=source, publish=free_endpoint(), control=free_endpoint(),
+    options = dict(bundle=str(bundle_dir), source=source, publish=OS_PORT, control=OS_PORT,
                    threads=2, heartbeat_hz=5.0, reconnect_min_s=0.2, reconnect_max_s=1.0,
                    slides_dir=str(tmp_path / "slides"), snapshot_dir=str(tmp_path / "snapshots"))
     options.update(overrides)
@@ -133,6 +173,8 @@ def running(bundle_dir, source, tmp_path, **overrides):
                               name="daemon-under-test", daemon=True)
     thread.start()
     try:
+        while wait_bound and not daemon.bound.wait(0.05):
+            assert thread.is_alive(), "the daemon stopped before binding its sockets"
         yield daemon
     finally:
         daemon.request_stop("test over")

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,9 +13,11 @@ import pytest
 from armscope.calibration import agreement, charts
 from armscope.calibration.accuracy import accuracy_report
 
-REPO = Path(__file__).resolve().parents[1]
-BUNDLE = REPO / "samples" / "demo_bundle"
-FRAMES = sorted((REPO / "samples" / "frames").glob("*.jpg"))[:3]
+from repo_paths import DEMO_BUNDLE as BUNDLE
+from repo_paths import REPO
+from repo_paths import FRAMES as ALL_FRAMES
+
+FRAMES = ALL_FRAMES[:3]
 
 
 @pytest.mark.tf  # scikit-learn and scipy come with the [tf] extra, not the base install

@@ -2,12 +2,11 @@
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 
 from armscope.core.bundle import load_bundle
 from armscope.edge.backends import open_backend
 
-DEMO = Path(__file__).resolve().parents[1] / "samples" / "demo_bundle"
+from repo_paths import DEMO_BUNDLE as DEMO
 
 
 def test_auto_on_this_machine_logs_the_runtime_and_why(caplog):

@@ -17,7 +17,7 @@ from armscope.core.errors import ArmscopeError
 from armscope.calibration.derive import subset_bundle
 from armscope.edge.backends.onnxruntime_backend import OnnxRuntimeBackend
 
-SAMPLES = Path(__file__).resolve().parents[1] / "samples"
+from repo_paths import SAMPLES
 
 
 def _fails_when_run(member: Path) -> None:

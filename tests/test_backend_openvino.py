@@ -2,7 +2,6 @@
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,8 +14,7 @@ from armscope.edge.backends import open_backend  # noqa: E402
 from armscope.edge.backends.onnxruntime_backend import OnnxRuntimeBackend  # noqa: E402
 from armscope.edge.backends.openvino_backend import OpenVinoBackend, cpu_capabilities  # noqa: E402
 
-REPO = Path(__file__).resolve().parents[1]
-DEMO = REPO / "samples" / "demo_bundle"
+from repo_paths import DEMO_BUNDLE as DEMO
 
 
 @pytest.fixture(scope="module")
@@ -30,6 +28,7 @@ def reference(demo, real_inputs):
         return backend.infer(real_inputs)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("layout", ["members", "merged"])
 def test_fp32_matches_onnxruntime_on_real_frames(demo, real_inputs, reference, layout):
     with open_backend(demo, "openvino", layout=layout) as backend:
@@ -47,6 +46,7 @@ def test_fp32_matches_onnxruntime_on_real_frames(demo, real_inputs, reference, l
     assert (out["probs"].argmax(1) == reference["probs"].argmax(1)).all()
 
 
+@pytest.mark.slow
 def test_bf16_runs_where_the_cpu_has_it_and_is_refused_where_not(demo, real_inputs, reference):
     if "BF16" in cpu_capabilities():
         with OpenVinoBackend(demo, precision="bf16") as backend:
@@ -65,6 +65,7 @@ def test_bad_options_are_clear_errors(demo):
         OpenVinoBackend(demo, precision="fp8")
 
 
+@pytest.mark.slow
 def test_classify_cli_with_openvino(tmp_path, frame_paths):
     out = tmp_path / "r.json"
     proc = subprocess.run([sys.executable, "-m", "armscope.cli", "classify", *map(str, frame_paths[:2]),
@@ -75,6 +76,7 @@ def test_classify_cli_with_openvino(tmp_path, frame_paths):
     assert len(report["images"]) == 2 and "slide" in report
 
 
+@pytest.mark.slow
 def test_accuracy_report_runs_the_candidate_on_openvino(tmp_path, frame_paths):
     """``armscope accuracy --backend openvino`` measures what will run: the same FP32 bundle on
     OpenVINO agrees with ONNX Runtime FP32 on real frames, and the report says which runtime ran."""
@@ -89,6 +91,7 @@ def test_accuracy_report_runs_the_candidate_on_openvino(tmp_path, frame_paths):
         accuracy_report(DEMO, None, frame_paths, tmp_path / "rep2")
 
 
+@pytest.mark.slow
 def test_auto_layout_is_the_faster_one_per_backend(demo):
     """The daemon's and classify's default layout: OpenVINO one merged graph,
     ONNX Runtime concurrent member sessions (BENCHMARKS.md, section 4)."""

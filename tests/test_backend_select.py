@@ -25,9 +25,9 @@ from armscope.edge.backends import fidelity, open_backend
 from armscope.edge.backends.cpu_features import int8_exact
 from armscope.edge.backends.select import Machine, choose, decide
 
-REPO = Path(__file__).resolve().parents[1]
-DEMO = REPO / "samples" / "demo_bundle"
-FRAMES = REPO / "samples" / "frames"
+from repo_paths import DEMO_BUNDLE as DEMO
+from repo_paths import FRAMES_DIR as FRAMES
+from repo_paths import REPO
 CPUINFO = Path(__file__).resolve().parent / "data" / "cpuinfo"
 AVX2 = (CPUINFO / "amd-ryzen-5950x-avx2.txt").read_text()
 AVX512_BF16 = (CPUINFO / "amd-epyc-avx512-bf16.txt").read_text()
@@ -352,6 +352,6 @@ def test_classify_and_the_daemon_status_report_the_choice(recorded, tmp_path):
     assert out.returncode == 0, out.stderr
     assert json.loads(report.read_text())["backend"]["selected"] == want
     with running(root, f"dir://{FRAMES}/?fps=2&loop=1", tmp_path) as daemon:
-        status = protocol.control_request("status", daemon.config.control, timeout_ms=30000)
+        status = protocol.control_request("status", daemon.endpoints["control"], timeout_ms=30000)
     assert status["backend"]["selected"] == want and status["backend"]["requested"] == "auto"
     assert "agreement gate" in status["backend"]["why"] or "not faster" in status["backend"]["why"]

@@ -10,7 +10,6 @@ import json
 import math
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -18,7 +17,7 @@ import pytest
 from armscope.core import stamp
 from armscope.bench import report, sampling
 
-REPO = Path(__file__).resolve().parents[1]
+from repo_paths import DEMO_BUNDLE, FRAMES, REPO
 
 
 def _real_summary(s) -> bool:
@@ -33,7 +32,7 @@ def test_quick_suite_end_to_end(tmp_path):
                   "hand-written text after\n")
     out = tmp_path / "suite"
     proc = subprocess.run([sys.executable, "-m", "armscope.cli", "bench", "--suite", "--quick", "--bundle",
-                           str(REPO / "samples" / "demo_bundle"), "--out", str(out), "--benchmarks-md", str(md)],
+                           str(DEMO_BUNDLE), "--out", str(out), "--benchmarks-md", str(md)],
                           cwd=REPO, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads((out / "suite.json").read_text())
@@ -111,7 +110,7 @@ def test_stamp_round_trip_through_a_camera_view():
     import cv2
 
     size = (1280, 720)
-    tissue = cv2.imread(str(REPO / "samples" / "frames" / "cmu1_frame_0.jpg"))
+    tissue = cv2.imread(str(FRAMES[0]))   # cmu1_frame_0.jpg
     box = stamp.box(size)
     for value in (0, 1, 4660, 65535, 70000):
         display = np.zeros((size[1], size[0], 3), np.uint8)

@@ -7,7 +7,6 @@ from __future__ import annotations
 import importlib.util
 import json
 from collections import Counter
-from pathlib import Path
 
 import numpy as np
 import onnx
@@ -22,8 +21,9 @@ from armscope.calibration.derive import subset_bundle
 from armscope.calibration.graph import sensitive_nodes
 from armscope.calibration.quantize import make_reduced_bundle
 
-SAMPLES = Path(__file__).resolve().parents[1] / "samples"
-FIELD = SAMPLES / "he" / "cmu-small-region"
+from repo_paths import HE, SAMPLES
+
+FIELD = HE / "cmu-small-region"
 
 
 @pytest.fixture(scope="module")
@@ -53,6 +53,7 @@ def test_sensitive_nodes_found_by_structure():
     assert cam_ops["MatMul"] == 1 and cam_ops["Softmax"] == 2 and "Conv" not in cam_ops
 
 
+@pytest.mark.slow
 def test_int8_bundle_measured_both_ways_and_gated(work, int8_auto):
     out, rc = int8_auto
     bundle = load_bundle(out)
@@ -68,16 +69,25 @@ def test_int8_bundle_measured_both_ways_and_gated(work, int8_auto):
         assert -1 <= s["cam_pearson_mean"] <= 1
     ops = Counter(n.op_type for n in onnx.load(str(bundle.ensemble_path)).graph.node)
     assert ops["QuantizeLinear"] > 0 and ops["DequantizeLinear"] > 0
-    # the gate: deployable exactly when agreement >= 99%, no positive->negative flip, CAM r mean >= 0.95
-    s = q["variants"][q["variant"]]["summary"]
-    passes = s["top1_agreement"] >= 0.99 and s["positive_to_negative_flips"] == 0 and s["cam_pearson_mean"] >= 0.95
-    assert q["deployable"] is passes and q["forced"] is False
-    assert rc == (0 if passes else 3)
+    # The outcome, pinned (member 0 of the demo bundle, the 3-frame calibration set of the CMU field,
+    # the 4 frames as hold-out): the gate judges the exact Q/DQ graph (float arithmetic on integer values,
+    # the same on any x86 CPU). Measured: both variants agree 4/4 at top-1, no flip, CAM r 0.997 / 0.998,
+    # max |delta p| 0.050 / 0.018; the one keeping first_conv, heads and cam in FP32 is chosen (smaller delta).
+    for v in q["variants"].values():
+        s = v["summary"]
+        assert s["top1_agreement"] == 1.0 and s["decision_flips"] == 0 and s["cam_pearson_mean"] > 0.99, s
+        assert accuracy.gate(s) == []
+    assert q["variant"] == "keep-fp32:first_conv,heads,cam"
+    assert q["variants"]["keep-fp32:first_conv,heads,cam"]["summary"]["max_abs_delta_p"] < 0.03
+    assert q["variants"]["all-int8"]["summary"]["max_abs_delta_p"] < 0.1
+    assert q["gate"]["failed"] == [] and q["deployable"] is True and q["forced"] is False
+    assert rc == 0
     # it runs like any bundle on ONNX Runtime
     out_probs = accuracy.run_bundle(bundle, np.full((1, 640, 640, 3), 128, np.float32))["probs"]
     assert out_probs.shape == (1, 2) and abs(float(out_probs.sum()) - 1) < 1e-3
 
 
+@pytest.mark.slow
 def test_auto_runs_an_int8_bundle_on_openvino_where_int8_is_exact(int8_auto, real_inputs, monkeypatch):
     """``--backend auto`` on the CPU: an INT8 bundle goes to OpenVINO where the CPU computes INT8
     exactly (there ONNX Runtime ran INT8 slower than FP32, OpenVINO 1.8-2.4x faster). On a CPU
@@ -104,6 +114,7 @@ def test_auto_runs_an_int8_bundle_on_openvino_where_int8_is_exact(int8_auto, rea
             np.testing.assert_allclose(out["probs"], ort_backend.infer(frames)["probs"], atol=2e-3)
 
 
+@pytest.mark.slow
 def test_already_quantized_bundle_is_refused(work, int8_auto):
     out = work["root"] / "twice"
     assert main(["quantize", str(int8_auto[0]), "--out", str(out), "--calib", str(work["calib"])]) == 2
@@ -112,12 +123,16 @@ def test_already_quantized_bundle_is_refused(work, int8_auto):
     assert not out.exists()
 
 
+@pytest.mark.slow
 def test_force_marks_deployable_and_records_it(work):
     out = work["root"] / "forced"
     block = make_reduced_bundle(work["fp32"], out, "int8", calib=work["calib"], keep_fp32="first_conv,heads,cam",
                                 method="minmax", force_deployable=True)
     assert block["evaluated_on"].startswith("calibration set")  # no hold-out: never deployable on its own
-    assert block["deployable"] is True and block["forced"] is True and block["gate"]["failed"]
+    assert block["deployable"] is True and block["forced"] is True
+    # the only reason it failed: no hold-out (on the calibration frames it agrees 3/3, CAM r > 0.999)
+    assert block["gate"]["failed"] == ["not evaluated on a hold-out set (pass --holdout DIR, disjoint from the "
+                                       "calibration set)"]
     assert load_bundle(out).manifest["quantization"]["keep_fp32"] == ["first_conv", "heads", "cam"]
 
 
@@ -214,6 +229,7 @@ def test_gate_fails_a_candidate_whose_heat_maps_differ():
     assert [r for r in accuracy.gate(s_other) if "Grad-CAM" in r] == accuracy.gate(s_other) != []
 
 
+@pytest.mark.slow
 def test_classify_refuses_a_bundle_that_failed_its_gate(int8_auto, frame_paths, tmp_path, capsys):
     import shutil
 
@@ -246,14 +262,24 @@ def test_int8_exactness_by_cpu():
     assert cpu_flags("processor\t: 0\nflags\t\t: fpu avx2 avx512_vnni\n") == {"fpu", "avx2", "avx512_vnni"}
 
 
+@pytest.mark.slow
 def test_quantize_gates_the_exact_qdq_graph_and_records_this_cpu(int8_auto):
     """The gate judges the Q/DQ graph (exact arithmetic, as TensorRT and VNNI CPUs);
     this CPU's own INT8 kernels are measured as well and recorded."""
+    from armscope.edge.backends.cpu_features import cpu_flags
+
     q = load_bundle(int8_auto[0]).manifest["quantization"]
     assert q["evaluation"].startswith("exact Q/DQ")
     here = q["this_cpu"]
-    assert isinstance(here["int8_exact"], bool) and here["why"]
-    assert 0 <= here["onnxruntime_int8_kernels"]["top1_agreement"] <= 1
+    kernels = here["onnxruntime_int8_kernels"]
+    assert kernels["n_images"] == 4 and 0 <= kernels["top1_agreement"] <= 1
+    # Per CPU, from /proc/cpuinfo's flags, not from the function that wrote the record.
+    vnni = bool(cpu_flags() & {"avx512_vnni", "avx_vnni", "amx_int8"})
+    if vnni:   # measured on an AMD EPYC with AVX512-VNNI: the INT8 kernels agree as the exact graph does
+        assert here["int8_exact"] is True and "32 bits" in here["why"]
+        assert kernels["top1_agreement"] == 1.0 and kernels["cam_pearson_mean"] > 0.99, kernels
+    else:      # AVX2 only: saturating 16-bit sums; recorded, and the bundle is refused at run time here
+        assert here["int8_exact"] is False and "vpmaddubsw" in here["why"]
 
 
 def test_entropy_calibration_clips_outliers_unlike_minmax(tmp_path, work):

@@ -13,7 +13,7 @@ from armscope.core.errors import ArmscopeError
 from armscope.core.preprocess import Preprocessing, load_image, preprocess_frame
 from armscope.calibration.calibration_set import build_calibration_set, load_calibration_set
 
-SAMPLES = Path(__file__).resolve().parents[1] / "samples"
+from repo_paths import SAMPLES
 FIELD = SAMPLES / "he" / "cmu-small-region"
 
 

@@ -23,7 +23,7 @@ from armscope.edge.backends import open_backend
 from armscope.edge.backends.tensorrt_backend import FLAVOURS, CudaRuntime, cuda_flavours
 from armscope.calibration.trt_build import read_calibration_cache
 
-SAMPLES = Path(__file__).resolve().parents[1] / "samples"
+from repo_paths import SAMPLES
 BUILT_ON = {"gpu": "NVIDIA Jetson AGX Orin", "compute_capability": "8.7"}  # what a manifest engine entry records
 
 

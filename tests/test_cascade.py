@@ -27,12 +27,11 @@ from armscope.edge.daemon import Daemon
 from armscope.core.overlay import heat_rgba
 from armscope.edge.capture import Frame
 
-from daemon_support import free_endpoint
+from daemon_support import OS_PORT
 
-REPO = Path(__file__).resolve().parents[1]
-STEP_ONE = REPO / "samples" / "demo_bundle"
-TISSUE = REPO / "samples" / "demo_tissue_bundle"
-FRAMES = sorted((REPO / "samples" / "frames").glob("*.jpg"))
+from repo_paths import DEMO_BUNDLE as STEP_ONE
+from repo_paths import FRAMES
+from repo_paths import TISSUE_BUNDLE as TISSUE
 
 
 @pytest.fixture(scope="module")
@@ -87,7 +86,7 @@ def test_classify_runs_the_selected_step_on_the_same_field(cascade, tissue_outpu
 
 def _daemon(cascade, tmp_path, threshold):
     config = load_config(None, {"bundle": str(cascade), "source": f"image://{FRAMES[0]}", "threshold": threshold,
-                                "publish": free_endpoint(), "control": free_endpoint(), "threads": 2,
+                                "publish": OS_PORT, "control": OS_PORT, "threads": 2,
                                 "slides_dir": str(tmp_path / "slides"), "snapshot_dir": str(tmp_path / "snap")})
     daemon = Daemon(config)
     daemon.open()
@@ -97,7 +96,7 @@ def _daemon(cascade, tmp_path, threshold):
 
 def test_daemon_publishes_the_second_step_and_its_cam(cascade, tissue_outputs, tmp_path):
     daemon = _daemon(cascade, tmp_path, 0.99)
-    sub = protocol.Subscriber(daemon.config.publish)
+    sub = protocol.Subscriber(daemon.endpoints["publish"])
     try:
         assert daemon.status_reply()["steps"] == {"other": daemon.steps["other"].result([0.0] * 8)["model_id"]}
         time.sleep(0.3)  # let the SUB socket connect before the first overlay

@@ -92,9 +92,9 @@ def test_overlay_outline_marks_cells_above_median():
 ])
 def test_classify_refuses_a_threshold_it_cannot_use(frame_paths, capsys, bundle, value, message):
     import re
-    from pathlib import Path
 
-    samples = Path(__file__).resolve().parents[1] / "samples"
+    from repo_paths import SAMPLES as samples
+
     assert main(["classify", "--bundle", str(samples / bundle), "--threshold", value, str(frame_paths[0])]) == 2
     assert re.search(message, capsys.readouterr().err)
 

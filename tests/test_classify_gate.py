@@ -17,9 +17,8 @@ from armscope.cli import main
 from armscope.core.errors import ArmscopeError
 from armscope.edge.classify import classify_images
 
-REPO = Path(__file__).resolve().parents[1]
-DEMO = REPO / "samples" / "demo_bundle"
-FIELD = REPO / "samples" / "he" / "cmu-small-region" / "cmu_small_region_level0.jpg"
+from repo_paths import DEMO_BUNDLE as DEMO
+from repo_paths import HE_FIELD as FIELD
 
 
 @pytest.fixture(scope="module")

@@ -14,9 +14,10 @@ from armscope.core.bundle import check_out_apart, sha256_file
 from armscope.cli import main
 from armscope.core.errors import ArmscopeError
 
-REPO = Path(__file__).resolve().parents[1]
-BUNDLE = REPO / "samples" / "demo_bundle"
-FRAME = REPO / "samples" / "frames" / "cmu1_frame_1.jpg"
+from repo_paths import DEMO_BUNDLE as BUNDLE
+from repo_paths import FRAMES, REPO
+
+FRAME = FRAMES[1]   # cmu1_frame_1.jpg
 
 
 def _hashes(root: Path) -> dict:

@@ -13,7 +13,7 @@ import pytest
 
 from armscope.core import cpus
 
-REPO = Path(__file__).resolve().parents[1]
+from repo_paths import REPO
 
 PINNED = """
 import json, os

@@ -22,6 +22,8 @@ from armscope.firmware_bridge.render import camera_to_display_matrix, render_cam
 
 from daemon_support import free_endpoint, make_pan_video, pick_bundle, running, wait_for
 
+pytestmark = pytest.mark.e2e   # a real daemon on real sockets
+
 @pytest.fixture(scope="module")
 def bundle_dir(request) -> Path:
     return pick_bundle(request)
@@ -35,15 +37,15 @@ def pan_video(tmp_path_factory):
 
 
 def ctl(daemon, command, timeout_ms=5000):
-    return protocol.control_request(command, daemon.config.control, timeout_ms=timeout_ms)
+    return protocol.control_request(command, daemon.endpoints["control"], timeout_ms=timeout_ms)
 
 
+@pytest.mark.slow
 def test_pan_video_end_to_end(bundle_dir, pan_video, tmp_path):
     video, sigmas = pan_video
-    publish = free_endpoint()
-    sub = protocol.Subscriber(publish)
     messages, received = [], []
-    with running(bundle_dir, f"file://{video}", tmp_path, publish=publish) as daemon:
+    with running(bundle_dir, f"file://{video}", tmp_path) as daemon:
+        sub = protocol.Subscriber(daemon.endpoints["publish"])   # bound before the model loads: no frame missed
         first, seen = wait_for(sub, lambda m: True, 60, topic="overlay")
         messages += seen
         received += [time.monotonic()] * len(seen)
@@ -144,13 +146,14 @@ def test_pan_video_end_to_end(bundle_dir, pan_video, tmp_path):
 
 
 def test_control_commands(bundle_dir, camera_frames, tmp_path):
-    publish = free_endpoint()
-    sub = protocol.Subscriber(publish, topics=protocol.TOPICS, rcvbuf=1 << 20)   # rendered too: opt-in bitmaps
     source = f"dir://{camera_frames[0].parent}/?fps=6&loop=1"
+    sub = None
     try:
-        http = free_endpoint().removeprefix("tcp://")
-        with running(bundle_dir, source, tmp_path, publish=publish, overlay_size=256, encoding="png",
+        http = free_endpoint().removeprefix("tcp://")   # HTTP, not ZeroMQ: no OS-chosen port to ask for
+        with running(bundle_dir, source, tmp_path, overlay_size=256, encoding="png",
                      rendered_topic=True, metrics_http=http) as daemon:
+            sub = protocol.Subscriber(daemon.endpoints["publish"], topics=protocol.TOPICS,
+                                      rcvbuf=1 << 20)   # rendered too: opt-in bitmaps
             wait_for(sub, lambda m: True, 60, topic="overlay")
             import urllib.request
 
@@ -200,18 +203,19 @@ def test_control_commands(bundle_dir, camera_frames, tmp_path):
             wait_for(sub, lambda m: True, 30, topic="overlay")
             assert ctl(daemon, "help")["commands"]
     finally:
-        sub.close()
+        if sub is not None:
+            sub.close()
 
 
 def test_slow_dead_and_late_subscribers_do_not_slow_the_daemon(bundle_dir, camera_frames, tmp_path):
-    publish = free_endpoint()
     ctx = zmq.Context()
     never_reads = ctx.socket(zmq.SUB)           # default RCVHWM, subscribed to everything, never reads
     never_reads.setsockopt(zmq.SUBSCRIBE, b"")
     never_reads.setsockopt(zmq.LINGER, 0)
-    never_reads.connect(publish)
     try:
-        with running(bundle_dir, f"image://{camera_frames[1]}?fps=8", tmp_path, publish=publish) as daemon:
+        with running(bundle_dir, f"image://{camera_frames[1]}?fps=8", tmp_path) as daemon:
+            publish = daemon.endpoints["publish"]
+            never_reads.connect(publish)        # before the model is loaded: before the first overlay
             with protocol.Subscriber(publish, topics=["overlay"]) as first:
                 wait_for(first, lambda m: True, 60)
                 last, _ = wait_for(first, lambda m: True, 30)
@@ -239,9 +243,8 @@ def test_corrupt_frames_are_skipped_and_counted(bundle_dir, camera_frames, tmp_p
     (frames / "f1.jpg").write_bytes(b"\xff\xd8\xff\xe0 garbage, truncated jpeg" + bytes(100))
     shutil.copy(camera_frames[2], frames / "f2.jpg")
     (frames / "f3.jpg").write_bytes(b"")
-    publish = free_endpoint()
-    with protocol.Subscriber(publish) as sub:
-        with running(bundle_dir, f"dir://{frames}/?fps=8&loop=1", tmp_path, publish=publish) as daemon:
+    with running(bundle_dir, f"dir://{frames}/?fps=8&loop=1", tmp_path) as daemon:
+        with protocol.Subscriber(daemon.endpoints["publish"]) as sub:
             wait_for(sub, lambda m: True, 60, topic="overlay")
             wait_for(sub, lambda m: m.header["detail"]["corrupt"] >= 4, 30, topic="status")
             before = daemon.published
@@ -256,9 +259,8 @@ def test_source_vanishes_and_comes_back(bundle_dir, camera_frames, tmp_path):
     frames.mkdir()
     for p in camera_frames[:2]:
         shutil.copy(p, frames / p.name)
-    publish = free_endpoint()
-    with protocol.Subscriber(publish) as sub:
-        with running(bundle_dir, f"dir://{frames}/?fps=8&loop=1", tmp_path, publish=publish) as daemon:
+    with running(bundle_dir, f"dir://{frames}/?fps=8&loop=1", tmp_path) as daemon:
+        with protocol.Subscriber(daemon.endpoints["publish"]) as sub:
             wait_for(sub, lambda m: True, 60, topic="overlay")
             frames.rename(tmp_path / "unplugged")
             lost, _ = wait_for(sub, lambda m: m.header["state"] == "no_signal", 15, topic="status")

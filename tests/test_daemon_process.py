@@ -21,7 +21,9 @@ from daemon_support import (
     LARGE_FIELD, pick_bundle, rss_kib, start, stop, wait_for,
 )
 
-REPO = Path(__file__).resolve().parents[1]
+from repo_paths import REPO
+
+pytestmark = pytest.mark.e2e   # `armscope run` as a real process
 
 
 @pytest.fixture(scope="module")

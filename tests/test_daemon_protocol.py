@@ -8,6 +8,7 @@ doc says means a dead daemon. Every wait is bounded."""
 from __future__ import annotations
 
 import json
+import logging
 import threading
 import time
 from pathlib import Path
@@ -21,7 +22,9 @@ from armscope.core import protocol
 from armscope.core.schema_files import problem
 
 from bridge_runtime_support import running_bridge
-from daemon_support import free_endpoint, pick_bundle, running, wait_for
+from daemon_support import OS_PORT, free_endpoint, pick_bundle, running, wait_for
+
+pytestmark = pytest.mark.e2e   # a real daemon on real sockets
 
 
 @pytest.fixture(scope="module")
@@ -30,7 +33,7 @@ def bundle_dir(request) -> Path:
 
 
 def ctl(daemon, command, timeout_ms=10000):
-    reply = protocol.control_request(command, daemon.config.control, timeout_ms=timeout_ms)
+    reply = protocol.control_request(command, daemon.endpoints["control"], timeout_ms=timeout_ms)
     assert problem("control-reply", reply) is None, (command, reply, problem("control-reply", reply))
     return reply
 
@@ -49,15 +52,32 @@ def raw_request(endpoint: str, frames: list[bytes], timeout_ms: int = 10000) -> 
         sock.close(0)
 
 
+def test_ports_the_os_chose_are_reported_and_answer(bundle_dir, camera_frames, tmp_path, caplog):
+    """Both sockets on ``tcp://127.0.0.1:*``: two ports the OS chose at bind (no
+    port picked beforehand that another process could take), reported in
+    ``Daemon.endpoints``, the log line and the ``status`` reply, and reachable there."""
+    caplog.set_level(logging.INFO, logger="armscope.edge.daemon")
+    with running(bundle_dir, f"image://{camera_frames[1]}?fps=5", tmp_path, publish=OS_PORT,
+                 control=OS_PORT) as daemon:
+        publish, control = daemon.endpoints["publish"], daemon.endpoints["control"]
+        ports = {int(endpoint.removeprefix("tcp://127.0.0.1:")) for endpoint in (publish, control)}
+        assert len(ports) == 2 and min(ports) > 0, daemon.endpoints
+        assert f"publishing on {publish}, control on {control}, source " in caplog.text
+        reply = ctl(daemon, "status")                       # sent to the reported control endpoint
+        assert reply["endpoints"] == {"publish": publish, "control": control}
+        with protocol.Subscriber(publish) as sub:
+            heard, _ = wait_for(sub, lambda m: True, 30, topic="status")
+        assert heard.header["model_id"] == reply["model_id"]
+
+
 def test_snapshot_before_any_overlay_saves_the_frame_and_the_status(bundle_dir, camera_frames, tmp_path):
     """A field out of focus is never classified; a snapshot then is the camera
     frame and the status the daemon publishes (why there is no overlay)."""
     blurred = cv2.GaussianBlur(cv2.imread(str(camera_frames[1])), (0, 0), 9)
     source = tmp_path / "blurred.png"
     cv2.imwrite(str(source), blurred)
-    publish = free_endpoint()
-    with protocol.Subscriber(publish) as sub, \
-            running(bundle_dir, f"image://{source}?fps=10", tmp_path, publish=publish) as daemon:
+    with running(bundle_dir, f"image://{source}?fps=10", tmp_path) as daemon, \
+            protocol.Subscriber(daemon.endpoints["publish"]) as sub:
         wait_for(sub, lambda m: m.header["state"] == "no_tissue" and m.header["heartbeat"], 60, topic="status")
         reply = ctl(daemon, "snapshot")
     assert reply["ok"], reply
@@ -71,9 +91,10 @@ def test_snapshot_before_any_overlay_saves_the_frame_and_the_status(bundle_dir, 
 
 
 def test_saved_header_stopping_reason_and_echoed_cmd(bundle_dir, camera_frames, tmp_path):
-    publish = free_endpoint()
-    with protocol.Subscriber(publish) as sub:
-        with running(bundle_dir, f"image://{camera_frames[1]}?fps=10", tmp_path, publish=publish) as daemon:
+    sub = None
+    try:
+        with running(bundle_dir, f"image://{camera_frames[1]}?fps=10", tmp_path) as daemon:
+            sub = protocol.Subscriber(daemon.endpoints["publish"])   # outlives the daemon: hears 'stopping'
             _, heard = wait_for(sub, lambda m: True, 60, topic="overlay")
             _, more = wait_for(sub, lambda m: True, 30, topic="overlay")   # the first is the daemon's last by now
             snap = ctl(daemon, "snapshot")
@@ -81,11 +102,14 @@ def test_saved_header_stopping_reason_and_echoed_cmd(bundle_dir, camera_frames, 
             _, rest = wait_for(sub, lambda m: m.header["seq"] >= saved["seq"], 30)
             seen = heard + more + rest
             # A request whose cmd is no string, or no request at all, still names what was sent, as a string.
-            control = daemon.config.control
+            control = daemon.endpoints["control"]
             replies = [raw_request(control, [frame]) for frame in
                        (b'{"cmd": 5}', b'{"cmd": null, "args": []}', b'{"cmd": ["status"]}', b"\xff\xfe", b"  ")]
             replies.append(raw_request(control, [b"status", b"now"]))
         stopping, _ = wait_for(sub, lambda m: m.header["state"] == "stopping", 30, topic="status")
+    finally:
+        if sub is not None:
+            sub.close()
 
     # The saved header is the header as published, schema, topic and payload_bytes included.
     published = {m.header["seq"]: m.header for m in seen}
@@ -110,6 +134,8 @@ def test_start_up_publishes_starting_while_the_model_loads(bundle_dir, camera_fr
     from armscope.firmware_bridge.bridge import Bridge
     from armscope.firmware_bridge.displays import PngDisplay
 
+    # A port known before the daemon exists: the subscriber and the bridge connect first, to hear
+    # everything from the bind on (an OS-chosen port would be known only once bound).
     publish, hz = free_endpoint(), 20.0
     sub = protocol.Subscriber(publish)
     bridge = Bridge(PngDisplay(tmp_path / "eyepiece", width=320, height=240), connect=publish, stats_interval=0)
@@ -126,7 +152,7 @@ def test_start_up_publishes_starting_while_the_model_loads(bundle_dir, camera_fr
     try:
         with running_bridge(bridge), \
                 running(bundle_dir, f"image://{camera_frames[1]}?fps=5", tmp_path, publish=publish,
-                        heartbeat_hz=hz) as daemon:
+                        heartbeat_hz=hz, wait_bound=False) as daemon:   # the watcher sees the bind itself
             watcher = threading.Thread(target=watch, args=(daemon,), daemon=True)
             watcher.start()
             first, _ = wait_for(sub, lambda m: True, 60, topic="status")

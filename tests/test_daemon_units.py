@@ -22,7 +22,7 @@ from armscope.edge.slides import SlideRecorder
 from armscope.edge.sources import gstreamer_csi_pipeline, open_source, parse_source, resolve_relative
 from armscope.core.tissue import TissueGate
 
-from daemon_support import free_endpoint
+from daemon_support import OS_PORT
 
 
 def _overlay_header(w=4, h=3, encoding="raw"):
@@ -91,8 +91,8 @@ def test_keys_are_zpl_certificates_and_curve_works(tmp_path):
     ctx = zmq.Context()
     pub = ctx.socket(zmq.PUB)
     setup_curve_server(ctx, [pub], str(server_sec), "")
-    endpoint = free_endpoint()
-    pub.bind(endpoint)
+    pub.bind(OS_PORT)
+    endpoint = pub.getsockopt(zmq.LAST_ENDPOINT).decode()   # the port the OS chose
     try:
         with protocol.Subscriber(endpoint, context=ctx, topics=protocol.TOPICS,
                                  curve={"server_public": server_pub, "client_secret": client_sec}) as sub:
@@ -257,11 +257,12 @@ def test_metrics_percentiles_and_prometheus():
 
 def test_deploy_edge_toml_names_every_option_and_loads():
     """deploy/edge.toml is documented as holding every daemon option, commented."""
-    from pathlib import Path
 
     from armscope.edge.config import OPTIONS, load_config, tomllib  # tomli on Python 3.10
 
-    path = Path(__file__).resolve().parents[1] / "deploy" / "edge.toml"
+    from repo_paths import REPO
+
+    path = REPO / "deploy" / "edge.toml"
     keys = set(tomllib.loads(path.read_text()))
     missing = [o.name for o in OPTIONS if o.name not in keys]
     assert not missing, f"{path} lacks {missing}"

@@ -7,9 +7,8 @@ import cv2
 import numpy as np
 
 from armscope.cli import main
-from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+from repo_paths import REPO
 
 
 def test_demo_runs_the_whole_chain(tmp_path, capsys, monkeypatch):

@@ -17,7 +17,7 @@ from armscope.core.errors import ArmscopeError
 from armscope.edge.slides import SlideRecorder
 from armscope.edge.storage import check_output_dir
 
-from daemon_support import free_endpoint, pick_bundle, wait_for
+from daemon_support import OS_PORT, pick_bundle, wait_for
 
 
 @contextmanager
@@ -96,7 +96,7 @@ def test_daemon_refuses_to_start_with_an_unwritable_slides_dir(bundle_dir, tmp_p
 
     with small_fs(tmp_path / "ro", "1m", readonly=True) as fs:
         code = main(["run", "--bundle", str(bundle_dir), "--source", f"image://{camera_frames[0]}",
-                     "--publish", free_endpoint(), "--control", free_endpoint(),
+                     "--publish", OS_PORT, "--control", OS_PORT,
                      "--slides-dir", str(fs / "slides"), "--snapshot-dir", str(tmp_path / "snaps")])
     assert code == 2
     err = capsys.readouterr().err
@@ -108,10 +108,9 @@ def test_daemon_slide_end_and_snapshot_on_a_full_disk(bundle_dir, tmp_path, came
     from armscope.edge.daemon import Daemon
 
     with small_fs(tmp_path / "fs", "20m") as fs:
-        publish, control = free_endpoint(), free_endpoint()
         config = load_config(None, dict(
-            bundle=str(bundle_dir), source=f"image://{camera_frames[1]}?fps=5", publish=publish,
-            control=control, threads=2, heartbeat_hz=5.0, stale_after_ms=30000,
+            bundle=str(bundle_dir), source=f"image://{camera_frames[1]}?fps=5", publish=OS_PORT,
+            control=OS_PORT, threads=2, heartbeat_hz=5.0, stale_after_ms=30000,
             slides_dir=str(fs / "slides"), snapshot_dir=str(fs / "snapshots")))
         daemon = Daemon(config)
         result = {}
@@ -119,11 +118,12 @@ def test_daemon_slide_end_and_snapshot_on_a_full_disk(bundle_dir, tmp_path, came
                                   daemon=True)
 
         def ctl(command):
-            return protocol.control_request(command, control, timeout_ms=10000)
+            return protocol.control_request(command, daemon.endpoints["control"], timeout_ms=10000)
 
-        with protocol.Subscriber(publish, topics=["overlay"]) as sub:
-            runner.start()
-            try:
+        runner.start()
+        try:
+            assert daemon.bound.wait(60), "the daemon did not bind its sockets"
+            with protocol.Subscriber(daemon.endpoints["publish"], topics=["overlay"]) as sub:
                 wait_for(sub, lambda m: True, 60)
                 assert ctl("slide start S-2")["ok"]
                 wait_for(sub, lambda m: m.header["slide_id"] == "S-2", 60)
@@ -143,7 +143,7 @@ def test_daemon_slide_end_and_snapshot_on_a_full_disk(bundle_dir, tmp_path, came
                 assert ended["slide"]["n_frames"] >= 1 and Path(ended["record"]).is_file()
                 assert ctl("snapshot")["ok"]
                 assert ctl("status")["slide_id"] is None
-            finally:
-                daemon.request_stop("test over")
-                runner.join(60)
+        finally:
+            daemon.request_stop("test over")
+            runner.join(60)
         assert result.get("rc") == 0

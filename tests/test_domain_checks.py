@@ -3,15 +3,13 @@ so a Python caller gets the same refusal, with the same words, as the command li
 and nothing is written first (tests/test_cli_inputs.py has the command-line side)."""
 from __future__ import annotations
 
-from pathlib import Path
 
 import pytest
 
 from armscope.core.errors import ArmscopeError, check_output_file
 
-REPO = Path(__file__).resolve().parents[1]
-BUNDLE = REPO / "samples" / "demo_bundle"
-FRAMES = REPO / "samples" / "frames"
+from repo_paths import DEMO_BUNDLE as BUNDLE
+from repo_paths import FRAMES_DIR as FRAMES
 
 
 def test_tissue_gate_text():

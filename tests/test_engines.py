@@ -20,7 +20,7 @@ from armscope.edge.backends import gpu_choice, open_backend
 from armscope.gpu.engines import ENGINE_DIR, INDEX, bundle_hash, engine_key, engine_sets, find_engines
 from armscope.gpu.trt_env import gpu_info, is_jetson, tensorrt_available
 
-SAMPLES = Path(__file__).resolve().parents[1] / "samples"
+from repo_paths import SAMPLES
 ORIN = {"name": "NVIDIA Jetson AGX Orin", "compute_capability": "8.7"}  # as gpu_info() reports it
 H100 = {"name": "NVIDIA H100 80GB HBM3", "compute_capability": "9.0"}
 TRT = "10.3.0.30"

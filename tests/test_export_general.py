@@ -87,6 +87,7 @@ def test_tf_keras_h5_reshape_permute_timedistributed(tmp_path, frame_paths, caps
     np.testing.assert_allclose(got["patch_probs"], model.predict(x, verbose=0)[1], atol=1e-4)
 
 
+@pytest.mark.slow
 def test_tf_keras_h5_cropping_shared_backbone_multi_output(tmp_path, frame_paths, capsys):
     """(b) Cropping2D patches, one shared nested backbone, maps reassembled by Concatenate,
     16 separate per-patch GAP + Dense outputs: [final, patch_0..patch_15]."""
@@ -105,6 +106,7 @@ def test_tf_keras_h5_cropping_shared_backbone_multi_output(tmp_path, frame_paths
     np.testing.assert_allclose(got["patch_probs"], np.stack(model.predict(x, verbose=0)[1:], axis=1), atol=1e-4)
 
 
+@pytest.mark.slow
 def test_lambda_slicing_refused_unless_trusted(tmp_path, frame_paths, capsys):
     """(c) Lambda patch slicing: the file carries Python code, so it is refused by name
     (export and --explain) and written nowhere; --trust-code loads and exports it."""
@@ -175,6 +177,7 @@ def test_whole_image_bundle_runs_in_classify(tmp_path, frame_paths, capsys):
     np.testing.assert_allclose([image["probs"]["normal"], image["probs"]["tumour"]], expected, atol=1e-4)
 
 
+@pytest.mark.slow
 def test_savedmodels(tmp_path, frame_paths, capsys):
     """A tf.keras SavedModel exports with its structure; a Keras 3 export() SavedModel of a
     lab's model holds no layers and is refused, naming what to give instead."""

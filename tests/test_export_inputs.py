@@ -10,6 +10,7 @@ from armscope.core.errors import ArmscopeError
 pytest.importorskip("tensorflow")
 
 
+@pytest.mark.slow
 def test_h5_and_savedmodel_load_to_the_same_model(mini_members, real_inputs, tmp_path):
     import keras
 
@@ -61,6 +62,7 @@ def test_failed_export_leaves_no_output(mini_members, tmp_path, capsys):
     assert not out.exists() and not list(tmp_path.glob(".bundle*"))
 
 
+@pytest.mark.slow
 def test_train_command_writes_loadable_members(tmp_path, frame_paths):
     import shutil
 

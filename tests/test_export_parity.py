@@ -6,6 +6,8 @@ import onnxruntime as ort
 import pytest
 
 pytest.importorskip("tensorflow")
+# Keras predictions and gradient tapes of the mini members (module fixture): 20-30 s a test on 2 cores
+pytestmark = [pytest.mark.tf, pytest.mark.slow]
 
 
 def _run(path, x):

@@ -13,7 +13,7 @@ import pytest
 from armscope.cli import main
 
 pytest.importorskip("tensorflow")
-pytestmark = pytest.mark.tf
+pytestmark = [pytest.mark.tf, pytest.mark.slow]   # each test exports from Keras: 5-16 s on 2 cores
 
 import keras_zoo_support as zoo  # noqa: E402  (tests/ is on sys.path: rootdir conftest)
 from test_export_general import check_parity, manifest_of, real_inputs  # noqa: E402

@@ -5,7 +5,6 @@ giving the same graph on a narrow seeded model (real H&E tiles)."""
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import cv2
 import numpy as np
@@ -15,9 +14,7 @@ from armscope.cli import build_parser, main
 from armscope.core.errors import ArmscopeError
 from armscope.export.scalings import ALIASES, HELP, SCALINGS, parse_scaling
 
-REPO = Path(__file__).resolve().parents[1]
-HE = sorted(REPO.parent.joinpath("shared/data/he/nct-crc-he-100k").glob("*/*.tif")) or sorted(
-    REPO.joinpath("samples/he/nct-crc-he-100k").glob("*/*"))
+from repo_paths import NCT_TILES as HE
 SIZE = 48
 
 

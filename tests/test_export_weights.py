@@ -114,6 +114,7 @@ def test_a_keras2_densenet121_file_maps_by_name_onto_the_tiled_architecture(tmp_
     assert any("patch_heads/kernel" in line and "patch_0/kernel:0 .. " in line for line in lines)
 
 
+@pytest.mark.slow
 def test_export_weights_cli_end_to_end_and_classify(tmp_path, real_inputs, frame_paths, capsys):
     """A tf.keras file with Lambda layers -> --weights -> bundle -> ONNX probs equal the lab model's."""
     import onnxruntime as ort

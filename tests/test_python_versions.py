@@ -11,11 +11,10 @@ from __future__ import annotations
 import re
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
+from repo_paths import REPO
 PACKAGES = ["armscope"]  # every package lives under armscope/
 
 pytest.importorskip("vermin")

@@ -32,8 +32,7 @@ pytestmark = pytest.mark.tf
 
 import resnet_zoo_support as rz  # noqa: E402  (tests/ is on sys.path: rootdir conftest)
 
-REPO = Path(__file__).resolve().parents[1]
-TILES = REPO / "samples" / "he" / "nct-crc-he-100k"
+from repo_paths import DEMO_BUNDLE, REPO
 HOST = 96  # the bundle's input: the plain member's size; the SVM member (64) resizes in its graph
 
 
@@ -223,7 +222,7 @@ def test_a_pickle_is_refused_without_trust_code(renal, tmp_path, capsys):
 def test_classify_and_the_daemon_run_it(renal, tmp_path, capsys):
     from armscope.core import protocol
     from armscope.core.preprocess import load_image, preprocess_frame
-    from daemon_support import free_endpoint, wait_for
+    from daemon_support import OS_PORT, wait_for
     from armscope.edge.config import load_config
     from armscope.edge.daemon import Daemon
 
@@ -244,21 +243,21 @@ def test_classify_and_the_daemon_run_it(renal, tmp_path, capsys):
         overlay = cv2.imread(str(overlays / f"{path.stem}_overlay.png"))
         assert overlay is not None and overlay.shape == load_image(path).shape
     capsys.readouterr()
-    publish = free_endpoint()
-    options = dict(bundle=str(renal["bundle"]), source=f"image://{tiles[0]}?fps=6", publish=publish,
-                   control=free_endpoint(), threads=2, heartbeat_hz=5.0, slides_dir=str(tmp_path / "slides"),
+    options = dict(bundle=str(renal["bundle"]), source=f"image://{tiles[0]}?fps=6", publish=OS_PORT,
+                   control=OS_PORT, threads=2, heartbeat_hz=5.0, slides_dir=str(tmp_path / "slides"),
                    snapshot_dir=str(tmp_path / "snapshots"), backend="onnxruntime", overlay_size=120)
     daemon = Daemon(load_config(None, options))
     result = {}
-    with protocol.Subscriber(publish, topics=["overlay"]) as sub:
-        thread = threading.Thread(target=lambda: result.setdefault("rc", daemon.run(install_signals=False)),
-                                  daemon=True)
-        thread.start()
-        try:
+    thread = threading.Thread(target=lambda: result.setdefault("rc", daemon.run(install_signals=False)),
+                              daemon=True)
+    thread.start()
+    try:
+        assert daemon.bound.wait(60), "the daemon did not bind its sockets"
+        with protocol.Subscriber(daemon.endpoints["publish"], topics=["overlay"]) as sub:
             message, _ = wait_for(sub, lambda m: True, 90)
-        finally:
-            daemon.request_stop("test over")
-            thread.join(60)
+    finally:
+        daemon.request_stop("test over")
+        thread.join(60)
     assert result.get("rc") == 0
     assert message.header["classes"] == renal["classes"]
     np.testing.assert_allclose(message.header["probs"], expected[0], atol=1e-4)
@@ -296,10 +295,10 @@ def test_int8_and_fp16_pass_through_the_accuracy_gate(renal, tmp_path, capsys):
 
 
 def test_schema_1_bundles_still_load_and_v2_fields_need_v2(tmp_path):
-    demo = load_bundle(REPO / "samples" / "demo_bundle")
+    demo = load_bundle(DEMO_BUNDLE)
     assert demo.manifest["schema_version"] == 1
     copy = tmp_path / "demo"
-    shutil.copytree(REPO / "samples" / "demo_bundle", copy)
+    shutil.copytree(DEMO_BUNDLE, copy)
     m = json.loads((copy / "manifest.json").read_text())
     m["members"][0]["preprocessing"] = {"input_size": 640, "resize": "none", "scaling": "none"}
     (copy / "manifest.json").write_text(json.dumps(m))

@@ -22,9 +22,7 @@ pytest.importorskip("tensorflow")
 pydicom = pytest.importorskip("pydicom")
 pytestmark = pytest.mark.tf
 
-HE = sorted(Path(__file__).resolve().parents[2].joinpath("shared/data/he/nct-crc-he-100k").glob("*/*.tif"))
-if not HE:
-    HE = sorted(Path(__file__).resolve().parents[1].joinpath("samples/he/nct-crc-he-100k").glob("*/*"))
+from repo_paths import NCT_TILES as HE
 
 
 def mr_file(name: str) -> Path:
@@ -182,15 +180,13 @@ def test_files_that_are_not_images_are_refused(tsc, capsys):
 
 def test_daemon_runs_the_tsc_bundle_on_grey_slices(tsc, tmp_path):
     from armscope.core import protocol
-    from daemon_support import free_endpoint, wait_for
-    from daemon_support import running
+    from daemon_support import running, wait_for
 
     _, bundle, root = tsc
     frame = tmp_path / "slice.png"
     assert cv2.imwrite(str(frame), cv2.imread(str(slices(root)["mr8.jpg"])))
-    publish = free_endpoint()
-    with protocol.Subscriber(publish, topics=["overlay"]) as sub:
-        with running(bundle, f"image://{frame}?fps=4", tmp_path, publish=publish, backend="onnxruntime"):
+    with running(bundle, f"image://{frame}?fps=4", tmp_path, backend="onnxruntime") as daemon:
+        with protocol.Subscriber(daemon.endpoints["publish"], topics=["overlay"]) as sub:
             message, _ = wait_for(sub, lambda m: True, 60)
     c = message.header["cam"]   # protocol v2: the CAM as data over the whole (square) slice
     maps = protocol.cam_array(message)

@@ -261,7 +261,7 @@ def test_daemon_never_classifies_a_frame_rewritten_in_place(bundle_dir, camera_f
     from armscope.edge.daemon import Daemon
     from armscope.core.tissue import TissueGate
 
-    from daemon_support import free_endpoint
+    from daemon_support import OS_PORT
 
     frames = tmp_path / "cam"
     frames.mkdir()
@@ -283,30 +283,30 @@ def test_daemon_never_classifies_a_frame_rewritten_in_place(bundle_dir, camera_f
             i += 1
             stop.wait(0.15)
 
-    publish = free_endpoint()
     config = load_config(None, dict(
-        bundle=str(bundle_dir), source=f"dir://{frames}/?fps=20&loop=1&settle_ms=0", publish=publish,
-        control=free_endpoint(), threads=2, heartbeat_hz=5.0, reconnect_min_s=0.05, reconnect_max_s=0.2,
+        bundle=str(bundle_dir), source=f"dir://{frames}/?fps=20&loop=1&settle_ms=0", publish=OS_PORT,
+        control=OS_PORT, threads=2, heartbeat_hz=5.0, reconnect_min_s=0.05, reconnect_max_s=0.2,
         stale_after_ms=30000, slides_dir=str(tmp_path / "slides"), snapshot_dir=str(tmp_path / "snaps")))
     daemon = Daemon(config)
     result = {}
     runner = threading.Thread(target=lambda: result.setdefault("rc", daemon.run(install_signals=False)), daemon=True)
     writer = threading.Thread(target=careless_writer, daemon=True)
     overlays = []
-    with protocol.Subscriber(publish, topics=["overlay"]) as sub:
-        runner.start()
-        writer.start()
-        try:
+    runner.start()
+    writer.start()
+    try:
+        assert daemon.bound.wait(60), "the daemon did not bind its sockets"
+        with protocol.Subscriber(daemon.endpoints["publish"], topics=["overlay"]) as sub:
             deadline = time.monotonic() + 60
             while time.monotonic() < deadline and (len(overlays) < 4 or daemon.capture.corrupt < 10):
                 message = sub.recv(1000)
                 if message is not None:
                     overlays.append(message.header["measures"])
-        finally:
-            stop.set()
-            writer.join(5)
-            daemon.request_stop("test over")
-            runner.join(60)
+    finally:
+        stop.set()
+        writer.join(5)
+        daemon.request_stop("test over")
+        runner.join(60)
     assert result.get("rc") == 0
     # every overlay shown came from one of the two whole frames, none from a mix of them
     assert all(m in whole for m in overlays), [m for m in overlays if m not in whole]
