@@ -10,7 +10,6 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import cv2
 import numpy as np
@@ -22,9 +21,11 @@ from armscope.firmware_bridge import link as L  # noqa: E402
 from armscope.firmware_bridge import pixel_formats as pf  # noqa: E402
 from armscope.firmware_bridge.pixel_formats import PixelFormat  # noqa: E402
 from armscope.firmware_bridge.simulator import ControllerCore, FaultPlan, PtyController  # noqa: E402
+from repo_paths import REPO  # noqa: E402
+
+pytestmark = pytest.mark.e2e   # the bridge's link against a controller on a real pty
 
 W, H = 128, 96
-REPO = Path(__file__).resolve().parents[1]
 
 
 def overlay(seed: int, w: int = W, h: int = H) -> np.ndarray:

@@ -1,6 +1,5 @@
 """Link framing: CRC, COBS (vectors, round trip, cross-check), chunk encoding, decoder fuzzing."""
 
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,7 +14,9 @@ try:
 except ImportError:  # optional cross-check
     cobs_pkg = None
 
-DOC = Path(__file__).resolve().parents[1] / "docs" / "link-protocol.md"
+from repo_paths import REPO
+
+DOC = REPO / "docs" / "link-protocol.md"
 EXAMPLE_WIRE = "04 01 10 01 01 01 01 01 02 01 01 01 01 01 01 01 01 01 01 01 02 02 02 01 02 02 01 03 f8 1f 05 3b 94 2b 5f 00"
 
 

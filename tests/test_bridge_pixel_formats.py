@@ -1,6 +1,5 @@
 """Pixel conversion: exact layouts, error bounds, MONO1 packing, LUT, on synthetic and H&E data."""
 
-from pathlib import Path
 
 import cv2
 import numpy as np
@@ -9,7 +8,7 @@ import pytest
 from armscope.firmware_bridge import pixel_formats as pf
 from armscope.firmware_bridge.pixel_formats import PixelFormat
 
-HE_IMAGE = Path(__file__).resolve().parents[1] / "samples/he/cmu-small-region/cmu_small_region_level0.jpg"
+from repo_paths import HE_FIELD as HE_IMAGE
 
 
 @pytest.fixture(scope="module")

@@ -29,6 +29,8 @@ from armscope.firmware_bridge.registration import save_registration  # noqa: E40
 from armscope.firmware_bridge.render import render_cam_for_display  # noqa: E402
 from armscope.firmware_bridge.simulator import ControllerCore, PtyController  # noqa: E402
 
+pytestmark = pytest.mark.e2e   # the bridge runtime between real sockets, displays and processes
+
 
 @pytest.fixture
 def sim(tmp_path):

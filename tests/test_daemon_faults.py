@@ -16,6 +16,8 @@ import zmq
 from armscope.core import protocol
 from bridge_runtime_support import running_bridge
 from daemon_support import pick_bundle, rss_kib, start, stop, wait_for
+
+pytestmark = pytest.mark.e2e   # `armscope run` as a real process, with a bridge
 from armscope.firmware_bridge.bridge import Bridge
 from armscope.firmware_bridge.displays import PngDisplay
 
@@ -31,6 +33,7 @@ def log_entries(path):
     return [json.loads(line) for line in path.read_text().splitlines() if line.startswith("{")]
 
 
+@pytest.mark.slow
 def test_a_frozen_daemon_never_shows_an_overlay_from_before_the_freeze(bundle_dir, camera_frames, tmp_path):
     # A camera faster than the warmed-up inference: a frame is always in the pipeline after an overlay.
     proc, publish, control, log_path = start(bundle_dir, f"image://{camera_frames[1]}?fps=50", tmp_path)
@@ -135,6 +138,7 @@ def test_no_client_message_disables_the_control_socket(bundle_dir, camera_frames
     assert not any(e["level"] == "error" for e in entries), [e for e in entries if e["level"] == "error"]
 
 
+@pytest.mark.slow
 def test_a_subscriber_that_never_reads_costs_at_most_a_few_bitmaps(bundle_dir, camera_frames, tmp_path):
     """The opt-in ``rendered`` topic (rendered_topic on) carries raw 1024x1024 RGBA
     bitmaps, 4 MiB each: the one place a message is still large, so the one where

@@ -9,14 +9,13 @@ import copy
 import json
 import random
 import re
-from pathlib import Path
 
 import jsonschema
 import pytest
 
 from armscope.core import message_schema, protocol, schema_files
 
-REPO = Path(__file__).resolve().parents[1]
+from repo_paths import REPO
 
 
 def _tables() -> dict[str, dict[str, tuple[str, str]]]:

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import re
-from pathlib import Path
 
 import jsonschema
 import pytest
@@ -16,7 +15,7 @@ from armscope.core import schema_files
 from armscope.core.bundle import SUPPORTED_SCHEMA_VERSIONS, load_bundle
 from armscope.firmware_bridge import registration as R
 
-REPO = Path(__file__).resolve().parents[1]
+from repo_paths import REPO
 NAMES = ("control-request", "control-reply", "registration", "manifest")
 
 
