@@ -16,6 +16,7 @@ from armscope.core import protocol
 from armscope.core.decision import check_threshold, decide
 from armscope.core.errors import ArmscopeError
 from armscope.edge.cascade import model_id
+from armscope.edge.slides import check_slide_id
 from armscope.edge.snapshots import write_snapshot
 
 log = logging.getLogger(__name__)
@@ -45,6 +46,7 @@ def handle_command(daemon, cmd: str, args: list[str]) -> dict:
         return {"state": daemon.state}
     if cmd == "slide":
         if args[:1] == ["start"] and len(args) == 2:
+            check_slide_id(args[1])      # a bad ID is refused before the running slide is touched
             ended = None
             if daemon.slides.slide_id is not None:
                 ended = end_slide(daemon)

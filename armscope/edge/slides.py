@@ -20,6 +20,15 @@ from armscope.edge.storage import os_reason, write_atomic
 SLIDE_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 
 
+def check_slide_id(slide_id: str) -> str:
+    """The ID as given, or ArmscopeError: it names the record file, so no path
+    separators and no leading dot. Apart from ``start`` so that ``slide start``
+    can refuse a bad ID before it ends the slide that is running."""
+    if not SLIDE_ID.match(slide_id) or slide_id.startswith("."):
+        raise ArmscopeError(f"slide id {slide_id!r}: expected 1-64 characters from A-Z a-z 0-9 . _ -")
+    return slide_id
+
+
 class SlideRecorder:
     def __init__(self, directory: str | Path, classes: list[str], steps: dict | None = None):
         self.directory = Path(directory)
@@ -33,8 +42,7 @@ class SlideRecorder:
         self._started = 0.0
 
     def start(self, slide_id: str) -> None:
-        if not SLIDE_ID.match(slide_id) or slide_id.startswith("."):
-            raise ArmscopeError(f"slide id {slide_id!r}: expected 1-64 characters from A-Z a-z 0-9 . _ -")
+        check_slide_id(slide_id)
         with self.lock:
             self.slide_id, self._sum, self._n, self._started = slide_id, np.zeros(len(self.classes)), 0, time.time()
             self._subtypes = SubtypeMeans(self.steps)
