@@ -23,6 +23,7 @@ from armscope.core.schema_files import problem
 
 from bridge_runtime_support import running_bridge
 from daemon_support import OS_PORT, free_endpoint, pick_bundle, running, wait_for
+from repo_paths import DEMO_BUNDLE, TISSUE_BUNDLE
 
 pytestmark = pytest.mark.e2e   # a real daemon on real sockets
 
@@ -125,14 +126,24 @@ def test_saved_header_stopping_reason_and_echoed_cmd(bundle_dir, camera_frames, 
     assert [r["cmd"] for r in replies[:3]] == ["5", "null", '["status"]']
 
 
-def test_start_up_publishes_starting_while_the_model_loads(bundle_dir, camera_frames, tmp_path):
+def test_start_up_publishes_starting_while_the_model_loads(camera_frames, tmp_path):
     """Sockets bound and ``starting`` heartbeats from before the backends load
     (ONNX Runtime sessions and the stale window's timed inferences: seconds for
     the demo ensemble on 2 cores): a subscriber hears the daemon all along, the
     control socket answers, and an eyepiece bridge is blank for ``starting``,
-    never "silent"."""
+    never "silent".
+
+    The bundle is the demo cascade (two real ensembles: step one and the tissue
+    step) on one inference thread, so the load (both ensembles' sessions and the
+    timed inferences of step one plus a second step) lasts long enough to watch
+    on any machine; the demo ensemble alone on two threads loads in 0.6 s on a
+    quiet 2-core box, too short to tell."""
+    from armscope.edge.cascade import assemble
     from armscope.firmware_bridge.bridge import Bridge
     from armscope.firmware_bridge.displays import PngDisplay
+
+    bundle_dir = tmp_path / "cascade"
+    assemble(DEMO_BUNDLE, {"other": TISSUE_BUNDLE}, bundle_dir)
 
     # A port known before the daemon exists: the subscriber and the bridge connect first, to hear
     # everything from the bind on (an OS-chosen port would be known only once bound).
@@ -152,7 +163,7 @@ def test_start_up_publishes_starting_while_the_model_loads(bundle_dir, camera_fr
     try:
         with running_bridge(bridge), \
                 running(bundle_dir, f"image://{camera_frames[1]}?fps=5", tmp_path, publish=publish,
-                        heartbeat_hz=hz, wait_bound=False) as daemon:   # the watcher sees the bind itself
+                        heartbeat_hz=hz, threads=1, wait_bound=False) as daemon:   # the watcher sees the bind itself
             watcher = threading.Thread(target=watch, args=(daemon,), daemon=True)
             watcher.start()
             first, _ = wait_for(sub, lambda m: True, 60, topic="status")

@@ -155,6 +155,7 @@ def test_refusals_name_the_command_and_write_nothing(tmp_path, capsys):
     for a whole-image model, another backbone, and two backbones in one model are refused."""
     lab = whole_image_lab_model(seed=6)
     lab.export(tmp_path / "lab_sm", verbose=False)
+    capsys.readouterr()   # what making the test's SavedModel printed (TensorFlow's own INFO lines) is not under test
     out = tmp_path / "out"
 
     def refused(args) -> str:
