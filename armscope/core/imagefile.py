@@ -178,7 +178,8 @@ def decode_image(data: bytes, name: str, unchanged: bool = False) -> np.ndarray:
     ``armscope.core.preprocess.read_frame``, which converts it as the bundle's manifest says."""
     kind = image_format(data)
     if kind is None:
-        raise NotAnImage(f"{name}: not a readable image (expected PNG, JPEG, TIFF or BMP)")
+        what = "an empty file (0 bytes)" if not data else "not a readable image"
+        raise NotAnImage(f"{name}: {what} (expected PNG, JPEG, TIFF or BMP)")
     problem = jpeg_problem(data) if kind == "JPEG" else png_problem(data) if kind == "PNG" else None
     if problem is None:
         flags = cv2.IMREAD_UNCHANGED if unchanged else cv2.IMREAD_COLOR

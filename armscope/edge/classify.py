@@ -24,7 +24,7 @@ import numpy as np
 
 from armscope.core.bundle import Bundle, load_bundle, require_deployable, staged_directory
 from armscope.core.errors import ArmscopeError
-from armscope.core.imagefile import CorruptImage
+from armscope.core.imagefile import CorruptImage, NotAnImage
 from armscope.core.preprocess import crop_box, gate_region, preprocess_frame, read_frame
 from armscope.edge.backends import open_backend
 from armscope.edge.cascade import SubtypeMeans, load_steps
@@ -78,11 +78,15 @@ def _gate(path: Path, spec, gate: TissueGate, window=None,
           feed: str = "float32") -> tuple[np.ndarray | None, np.ndarray | None, dict]:
     """(frame, model input, gate result) for one image. The daemon's gate decides
     whether it gets a decision; a damaged image file (``armscope.core.imagefile``,
-    ``armscope.core.dicomfile``) gets none either. A file that is not an image, or is
-    smaller than the crop, is bad input and raises."""
+    ``armscope.core.dicomfile``) gets none either, and neither does a file whose
+    bytes are no image at all (empty, text, a copy cut off before its header):
+    among camera images that is a damaged frame, as the daemon counts it, and one
+    such file must not stop the others being classified. A path that is missing,
+    a directory or unreadable, and an image smaller than the crop, are what the
+    user asked for being wrong, so they raise, naming the file."""
     try:
         frame, info = read_frame(path, spec, window)
-    except CorruptImage as exc:
+    except (CorruptImage, NotAnImage) as exc:
         return None, None, {"reason": REASON_CORRUPT, "detail": str(exc), "measures": None, "input": None}
     if feed == "uint8":  # the camera crop as it is: the bundle's uint8 front resizes it in the graph
         from armscope.core.front import camera_crop
