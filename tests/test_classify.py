@@ -49,10 +49,12 @@ def test_small_image_fails_cleanly_and_writes_nothing(mini_bundle, tile_paths, f
 
 
 def test_unreadable_image(mini_bundle, tmp_path, capsys):
+    """No image at all among the inputs: no decision, not an abort (tests/test_classify_damaged.py has the rest)."""
     bad = tmp_path / "frame.jpg"
     bad.write_bytes(b"\xff\xd8 not really a jpeg")
-    assert main(["classify", "--bundle", str(mini_bundle), str(bad)]) == 2
-    assert "frame.jpg: not a readable image" in capsys.readouterr().err
+    assert main(["classify", "--bundle", str(mini_bundle), str(bad)]) == 0
+    out = capsys.readouterr().out
+    assert "no decision: corrupt_image" in out and "frame.jpg: not a readable image" in out
 
 
 def test_member_and_merged_layouts_agree(mini_bundle, real_inputs):
