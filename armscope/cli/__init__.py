@@ -43,6 +43,9 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    from armscope.edge.logs import opencv_logs
+
+    opencv_logs(loud=args.verbose or getattr(args, "log_level", None) == "debug")
     prefix = getattr(args, "error_prefix", f"armscope {args.command}: error: ")
     try:
         rc = args.func(args)

@@ -72,8 +72,13 @@ def _cmd_cascade(args) -> int:
 
 
 def _cmd_classify(args) -> int:
+    from armscope.core.errors import check_output_dir, check_output_file
     from armscope.edge.classify import classify_images
 
+    # before the images are classified, named as given (not the temporary names the outputs are staged under)
+    check_output_file(args.json, "--json")
+    check_output_file(args.contact_sheet, "--contact-sheet")
+    check_output_dir(args.overlay_dir, "--overlay-dir")
     window = None
     if args.window:
         from armscope.core.preprocess import parse_window

@@ -9,17 +9,18 @@ file and field named instead of producing a wrong overlay in an eyepiece.
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
+import secrets
 import shutil
-import tempfile
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 from armscope.core import schema_files
-from armscope.core.errors import ArmscopeError
+from armscope.core.errors import ArmscopeError, cannot_create
 from armscope.core.preprocess import Preprocessing
 
 SCHEMA_VERSION = 2
@@ -272,6 +273,19 @@ def check_out_apart(out: "Path | str", inputs, option: str = "--out") -> None:
             raise ArmscopeError(f"{option} {out}: must not be, lie inside or contain an input ({path})")
 
 
+def _stage_beside(final: Path) -> Path:
+    """A new, uniquely named sibling of ``final``, made as a plain mkdir makes one: the umask decides its mode
+    (tempfile.mkdtemp makes 0700, which kept other lab accounts out of overlays and bundles)."""
+    for _ in range(100):
+        stage = final.with_name(f".{final.name}.{secrets.token_hex(4)}")
+        try:
+            stage.mkdir(mode=0o777)
+            return stage
+        except FileExistsError:
+            continue
+    raise FileExistsError(errno.EEXIST, "no free temporary name beside it", str(final))
+
+
 @contextmanager
 def staged_directory(final: Path, overwrite: bool = False):
     """Yield a temporary sibling directory; on success it replaces ``final``
@@ -280,8 +294,11 @@ def staged_directory(final: Path, overwrite: bool = False):
     if final.exists() and not overwrite:
         if not final.is_dir() or any(final.iterdir()):
             raise ArmscopeError(f"{final}: already exists and is not empty (use --force to replace it)")
-    final.parent.mkdir(parents=True, exist_ok=True)
-    stage = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
+    try:
+        final.parent.mkdir(parents=True, exist_ok=True)
+        stage = _stage_beside(final)
+    except OSError as exc:
+        raise cannot_create(final, exc) from None
     try:
         yield stage
     except BaseException as exc:

@@ -238,8 +238,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         if opt.type is bool:
             parser.add_argument(flag, dest=opt.name, action=argparse.BooleanOptionalAction, default=None, help=text)
         else:
+            # argparse's own {a,b} form for options with choices, as the other commands show them
+            metavar = "{" + ",".join(map(str, opt.choices)) + "}" if opt.choices else opt.name.upper()
             parser.add_argument(flag, dest=opt.name, type=opt.type, default=None, choices=opt.choices,
-                                help=text, metavar=opt.name.upper())
+                                help=text, metavar=metavar)
 
 
 def from_args(args: argparse.Namespace) -> Config:

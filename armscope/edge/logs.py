@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 import time
 
@@ -33,3 +34,23 @@ def setup_logging(fmt: str = "text", level: str = "info", stream=None) -> None:
         root.removeHandler(old)
     root.addHandler(handler)
     root.setLevel(getattr(logging, level.upper()))
+    if level == "debug":  # the CLI quietened OpenCV (armscope.cli.main); debug wants its warnings back
+        opencv_logs(loud=True)
+
+
+_USER_OPENCV_LEVEL = os.environ.get("OPENCV_LOG_LEVEL")  # the user's own setting, read before we set ours
+
+
+def opencv_logs(loud: bool) -> None:
+    """OpenCV writes its own warnings straight to stderr ('[ WARN:0@1.0] global cap.cpp:212 open VIDEOIO(V4L2):
+    ...' on every reconnect to a missing camera, 'loadsave.cpp ... imwrite_' on a refused write); armscope reports
+    those failures itself, once and in words. So OpenCV says only errors unless -v or debug logging asks for its
+    warnings; a user's own OPENCV_LOG_LEVEL wins. The environment variable covers a cv2 not imported yet (and child
+    processes), setLogLevel one already imported (opencv-python-headless 4.x and 5.x read the variable once)."""
+    name = (_USER_OPENCV_LEVEL or ("WARNING" if loud else "ERROR")).upper()
+    os.environ["OPENCV_LOG_LEVEL"] = name
+    cv2 = sys.modules.get("cv2")
+    utils = getattr(getattr(cv2, "utils", None), "logging", None)
+    level = getattr(utils, f"LOG_LEVEL_{name}", None)
+    if level is not None:
+        utils.setLogLevel(level)

@@ -144,7 +144,7 @@ class VideoCaptureSource(FrameSource):
         cap = cv2.VideoCapture(target, api)
         if not cap.isOpened():
             cap.release()
-            raise SourceLost(f"{self.spec.uri}: could not open (backend {api})")
+            raise SourceLost(self._open_failure(target))
         p = self.spec.params
         if self.spec.scheme == "v4l2":
             for key, prop in (("width", cv2.CAP_PROP_FRAME_WIDTH), ("height", cv2.CAP_PROP_FRAME_HEIGHT),
@@ -157,6 +157,21 @@ class VideoCaptureSource(FrameSource):
             fps = self.spec.fps(native if native > 0 else 25.0)
             self.pace = None if fps is None else 1.0 / fps
         self.cap, self.failures = cap, 0
+
+    def _open_failure(self, target: str) -> str:
+        """What failed, in words (the capture thread's warning already names the URI)."""
+        scheme = self.spec.scheme
+        if scheme == "v4l2":
+            if not Path(target).exists():
+                return f"camera {target} not found (no such V4L2 device; is it plugged in?)"
+            return (f"camera {target} exists but could not be opened for capture (in use by another program, "
+                    "no permission: the video group, or not a capture device)")
+        if scheme == "csi":
+            return (f"CSI camera {target} could not be opened through GStreamer (nvarguscamerasrc; needs a Jetson "
+                    "and an OpenCV built with GStreamer)")
+        if scheme in ("rtsp", "rtsps"):
+            return "stream could not be opened (host unreachable, wrong path or credentials, or refused)"
+        return f"{target}: OpenCV could not open it as a video (unknown format or codec)"
 
     def read(self) -> np.ndarray:
         ok, frame = self.cap.read()

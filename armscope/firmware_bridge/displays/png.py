@@ -18,6 +18,8 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from armscope.core.errors import cannot_create
+
 from ..pixel_formats import PixelFormat
 from .base import DisplayURIError, Region, _PictureDisplay
 
@@ -50,7 +52,10 @@ class PngDisplay(_PictureDisplay):
         self.directory = Path(directory)
         if self.directory.exists() and not self.directory.is_dir():
             raise DisplayURIError(f"png://{directory}: not a directory (png:// writes numbered PNGs into one)")
-        self.directory.mkdir(parents=True, exist_ok=True)
+        try:
+            self.directory.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:  # named as given, the cause in words: not a bare "[Errno 2]"
+            raise DisplayURIError(f"png://{directory}: {cannot_create(directory, exc)}") from None
         if not os.access(self.directory, os.W_OK | os.X_OK):
             raise DisplayURIError(f"png://{directory}: cannot write into this directory")
         # Number on from what an earlier run left: the highest-numbered PNG is always what the display shows now
