@@ -50,7 +50,8 @@ def markdown(result: dict, relative_to: Path | None = None) -> str:
         "| stage | median | p95 | p99 | n |",
         "|---|---|---|---|---|",
     ]
-    lines += [f"| {r['stage']} | {_ms(r['ms'])} |" for r in result["stages"]]
+    lines += [f"| {r['stage']} | absent: {r['absent']} | - | - | - |" if r.get("absent")
+              else f"| {r['stage']} | {_ms(r['ms'])} |" for r in result["stages"]]
     lines += inference_tables(result)
     c = result.get("comparison") or {}
     if c:

@@ -138,43 +138,71 @@ def zmq_cases(cam: np.ndarray, size: int, n: int) -> dict[str, list[float]]:
             ZMQ_V1: zmq_roundtrips(protocol.TOPIC_RENDERED, v1, v1_payload, n)}
 
 
-def bridge_stage_times(n: int, warmup: int = 3) -> dict[str, list[float]]:
+BRIDGE_ENCODE = "bridge encode (COBS + CRC framing)"
+
+
+def bridge_stage_times(n: int, warmup: int = 3) -> tuple[dict[str, list[float]], dict[str, str]]:
     """ms per overlay of the bridge's stages (``armscope.firmware_bridge.bench.STAGES``, protocol v2)
-    and their total, and the v1 ``rendered`` bitmap's total beside it."""
+    and their total, and the v1 ``rendered`` bitmap's total beside it; and {stage: why absent}.
+    Without the ``[serial]`` extra (numba) the link's framing cannot run: the other stages are
+    timed on a detached display of the same size and format, and the framing and the two
+    totals (which include it) are absent, with the reason and the pip command."""
+    from contextlib import nullcontext
+
     from armscope.firmware_bridge.bench import STAGES, bridge_path, sample_messages
     from armscope.firmware_bridge.displays import open_display
+    from armscope.firmware_bridge.displays.serial import SerialDisplay, serial_extra_missing
     from armscope.firmware_bridge.simulator import ControllerCore, PtyController
     from armscope.firmware_bridge.pixel_formats import PixelFormat
 
     w, h = DISPLAY
     names = {"decode": "bridge decode (v2 overlay: schema + CAM)", "render": "bridge render (v2: CAM in display px)",
-             "pack": "bridge convert (RGB565)", "frame": "bridge encode (COBS + CRC framing)"}
-    labels = [names.get(s, f"bridge {s}") for s in STAGES]
-    out = {label: [] for label in labels} | {BRIDGE_TOTAL: [], BRIDGE_TOTAL_V1: []}
-    with PtyController(ControllerCore(w, h, PixelFormat.parse("rgb565le"), max_payload=4096)) as sim:
-        with open_display(f"serial://{sim.slave_path}?baud=921600&deadline=5&max_payload=4096") as display:
-            display.blank()
+             "pack": "bridge convert (RGB565)", "frame": BRIDGE_ENCODE}
+    missing = serial_extra_missing()
+    stages = STAGES if missing is None else tuple(s for s in STAGES if s != "frame")
+    labels = [names.get(s, f"bridge {s}") for s in stages]
+    out = {label: [] for label in labels}
+    absent = {}
+    if missing is None:
+        out |= {BRIDGE_TOTAL: [], BRIDGE_TOTAL_V1: []}
+    else:
+        total = "includes the encode stage, absent without the [serial] extra: pip install 'armscope[serial]'"
+        absent = {BRIDGE_ENCODE: missing, BRIDGE_TOTAL: total, BRIDGE_TOTAL_V1: total}
+    fmt = PixelFormat.parse("rgb565le")
+    with (PtyController(ControllerCore(w, h, fmt, max_payload=4096)) if missing is None else nullcontext()) as sim:
+        display = (open_display(f"serial://{sim.slave_path}?baud=921600&deadline=5&max_payload=4096")
+                   if missing is None else SerialDisplay.detached(w, h, fmt))
+        with display:
+            if missing is None:
+                display.blank()
             messages, registration = sample_messages("daemon", DISPLAY, None, (1600, 1200), 1024)
             for i in range(warmup + n):   # v2 and v1 interleaved, so a busy machine slows both alike
-                _, stage = bridge_path(messages["v2"], display, registration, seq0=i, clock=time.perf_counter)
-                _, stage_v1 = bridge_path(messages["v1"], display, registration, seq0=i, clock=time.perf_counter)
+                _, stage = bridge_path(messages["v2"], display, registration, seq0=i, clock=time.perf_counter,
+                                       encode=missing is None)
+                _, stage_v1 = bridge_path(messages["v1"], display, registration, seq0=i, clock=time.perf_counter,
+                                          encode=missing is None)
                 if i >= warmup:
                     for label, seconds in zip(labels, stage):
                         out[label].append(seconds * 1000.0)
-                    out[BRIDGE_TOTAL].append(sum(stage) * 1000.0)
-                    out[BRIDGE_TOTAL_V1].append(sum(stage_v1) * 1000.0)
-    return out
+                    if missing is None:
+                        out[BRIDGE_TOTAL].append(sum(stage) * 1000.0)
+                        out[BRIDGE_TOTAL_V1].append(sum(stage_v1) * 1000.0)
+    return out, absent
 
 
 def run_stages(frame_paths: list[Path], spec: Preprocessing, cams: list[np.ndarray], rounds: int) -> list[dict]:
-    """One row per stage: {"stage", "ms": summary, "what"}."""
+    """One row per stage: {"stage", "ms": summary}, or {"stage", "ms": None, "absent": why} for a
+    stage this install cannot run."""
     jpegs = [Path(p).read_bytes() for p in frame_paths]
     cases = preprocessing_cases(jpegs, spec) | render_cases(cams, spec.center_crop)
     times = interleaved(cases, rounds, warmup=2)
     times |= zmq_cases(cams[0], spec.center_crop, rounds)
-    times |= bridge_stage_times(rounds)
+    bridge, absent = bridge_stage_times(rounds)
+    times |= bridge
     rows = []
     for name, values in times.items():
         if values:
             rows.append({"stage": name, "ms": summarize(values)})
+    # what could not run on this install, with why (e.g. the [serial] extra's pip command)
+    rows += [{"stage": name, "ms": None, "absent": why} for name, why in absent.items()]
     return rows

@@ -105,7 +105,17 @@ def _cmd_run(args) -> int:
     return code
 
 
+def _require_serial_extra(what: str, hint: str = "") -> None:
+    """One line, before any work, where the link's codec (numba, the [serial] extra) is absent."""
+    from armscope.firmware_bridge.displays.serial import serial_extra_missing
+
+    if serial_extra_missing() is not None:
+        raise ArmscopeError(f"{what}, which needs the [serial] extra (numba, for the link's framing): "
+                            f"pip install 'armscope[serial]'{hint}")
+
+
 def _cmd_simulate(args) -> int:
+    _require_serial_extra("the simulated display controller speaks the serial link")
     from armscope.firmware_bridge.simulator import ControllerCore, FaultPlan
     from armscope.firmware_bridge.tasks import serve_simulator
 
@@ -151,6 +161,11 @@ def _cmd_bench(args) -> int:
 
     if args.json and (problem := output_file_problem(args.json)):
         raise ArmscopeError(f"--json {args.json}: {problem}")  # before the run, not after
+    if not args.display:
+        # the offline bench is the link's cost on a simulated controller (wire KB, efficiency, time at
+        # the baud rate): without the link nothing it reports remains; --display png://... still runs
+        _require_serial_extra("without --display, bridge bench times the serial link to a simulated controller",
+                              "; without it, --display png://DIR?width=W&height=H times the render")
     if args.frames is None:
         args.frames = 20 if args.display else 200
     return bench_display(args) if args.display else bench_offline(args)

@@ -149,19 +149,23 @@ def decode_and_render(frames: list[bytes], display: Display, registration: Regis
 
 
 def bridge_path(frames: list[bytes], display: Display, registration: Registration | None = None, *,
-                seq0: int = 0, max_payload: int = 4096, clock=None) -> tuple[L.EncodedFrame, list[float]]:
+                seq0: int = 0, max_payload: int = 4096, clock=None,
+                encode: bool = True) -> tuple[L.EncodedFrame | None, list[float]]:
     """Decode + render + convert + frame encode of one received overlay
     message, as the bridge does it for ``display``; with ``clock``, also the
-    seconds each of ``STAGES`` took."""
+    seconds each of ``STAGES`` took. ``encode=False``: the first three only
+    (no EncodedFrame), where the link's codec (the ``[serial]`` extra) is absent."""
     (image, region), times = decode_and_render(frames, display, registration, clock)
     t = [clock()] if clock else []
     data, send = display.prepare(image, region)
     if clock:
         t.append(clock())
-    enc = L.encode_frame_chunks(data, seq0=seq0, frame_id=seq0 + 1, region=send, fmt=display.fmt,
-                                max_payload=max_payload)
-    if clock:
-        t.append(clock())
+    enc = None
+    if encode:
+        enc = L.encode_frame_chunks(data, seq0=seq0, frame_id=seq0 + 1, region=send, fmt=display.fmt,
+                                    max_payload=max_payload)
+        if clock:
+            t.append(clock())
     return enc, times + [b - a for a, b in zip(t, t[1:])]
 
 

@@ -24,12 +24,22 @@ from ..pixel_formats import PixelFormat
 from .base import Display, DisplayURIError, Region, align_to_bytes
 
 
-def _require_serial_extra(port_path: str | None) -> None:
-    """The link's compiled codec, imported now so a missing extra is one clear error."""
+def serial_extra_missing() -> str | None:
+    """None when the link's compiled codec (numba, the ``[serial]`` extra) imports,
+    else why not, naming ``pip install 'armscope[serial]'``: for the commands that
+    can do part of their work without it (``armscope bench --suite``, ``bridge bench``)
+    or must refuse in one line (``bridge simulate``)."""
     try:
         from ..link import chunks  # noqa: F401  numba (and isal): the [serial] extra
     except ImportError as exc:
-        raise DisplayURIError(f"serial://{port_path}: {exc}") from None
+        return str(exc)
+    return None
+
+
+def _require_serial_extra(port_path: str | None) -> None:
+    """The link's compiled codec, imported now so a missing extra is one clear error."""
+    if (problem := serial_extra_missing()) is not None:
+        raise DisplayURIError(f"serial://{port_path}: {problem}")
 
 
 class SerialDisplay(Display):
@@ -80,6 +90,23 @@ class SerialDisplay(Display):
         self.brightness, self.gamma, self.dither = brightness, gamma, dither
         pf.make_lut(brightness, gamma)
         self._lit = (0, 0, info.width, info.height)  # unknown until the first blank or frame
+
+    @classmethod
+    def detached(cls, width: int, height: int, fmt: "PixelFormat | str", *, brightness: float = 1.0,
+                 gamma: float = 1.0, dither: bool = False) -> "SerialDisplay":
+        """The display's pixel work (``prepare``) for a controller of this size and
+        format, with no port and no link, starting blank: what a benchmark times
+        where the ``[serial]`` extra is absent (the link cannot run, the render and
+        the pixel conversion can). ``show`` and ``blank`` need the link and fail."""
+        self = cls.__new__(cls)
+        self.port = self.sender = None
+        self.size = (int(width), int(height))
+        self.fmt = PixelFormat.parse(fmt)
+        self.luma_input = self.fmt.grey
+        self.brightness, self.gamma, self.dither = brightness, gamma, dither
+        pf.make_lut(brightness, gamma)
+        self._lit = None
+        return self
 
     def align(self, region: Region) -> Region:
         return align_to_bytes(region, self.size[0]) if self.fmt is PixelFormat.MONO1 else region
