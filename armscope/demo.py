@@ -9,6 +9,7 @@ transparent) instead of a framebuffer or a serial link.
 """
 from __future__ import annotations
 
+import shutil
 import threading
 import time
 from pathlib import Path
@@ -16,9 +17,43 @@ from pathlib import Path
 import numpy as np
 
 from armscope.core import protocol
+from armscope.core.bundle import description_line
 from armscope.core.errors import ArmscopeError
 from armscope.bench.daemon_latency import free_tcp_endpoint
 from armscope.edge.config import load_config
+
+CHECKOUT = Path(__file__).resolve().parents[1]   # a source checkout's root: samples/ lies beside armscope/
+
+
+def in_checkout(path: str) -> str:
+    """``path`` as given where it exists here (the CWD), else the checkout's copy where that exists: the demo's
+    defaults name the repository's samples/, which ``armscope demo`` run from another directory must still find."""
+    if Path(path).is_absolute() or Path(path).exists() or not (CHECKOUT / path).exists():
+        return path
+    return str(CHECKOUT / path)
+
+
+def source_in_checkout(uri: str) -> str:
+    """A dir://, file:// or image:// source with a relative path, resolved as ``in_checkout`` resolves paths."""
+    scheme, sep, rest = uri.partition("://")
+    path, query_sep, query = rest.partition("?")
+    if not sep or scheme.lower() not in ("dir", "file", "image", "watch") or not path:
+        return uri
+    bare = path.rstrip("/") or path
+    found = in_checkout(bare)
+    if found == bare:
+        return uri
+    return f"{scheme}://{found}{'/' if path.endswith('/') else ''}{query_sep}{query}"
+
+
+def _first_missing(path: Path) -> Path | None:
+    """The outermost directory of ``path`` that does not exist yet (what creating it would create), or None."""
+    path = path.absolute()
+    if path.exists():
+        return None
+    while not path.parent.exists():
+        path = path.parent
+    return path
 
 
 def run_demo(bundle: str, source: str, overlays: int, out: Path, timeout_s: float,
@@ -30,13 +65,22 @@ def run_demo(bundle: str, source: str, overlays: int, out: Path, timeout_s: floa
 
     if overlays < 1:
         raise ArmscopeError(f"--overlays {overlays}: expected 1 or more")
+    bundle, source = in_checkout(bundle), source_in_checkout(source)
     config = load_config(None, {
         "bundle": bundle, "source": source, "threads": threads,
         "publish": free_tcp_endpoint(), "control": free_tcp_endpoint(),
         "slides_dir": str(out / "slides"), "snapshot_dir": str(out / "snapshots"),
     })
-    out.mkdir(parents=True, exist_ok=True)
-    daemon = Daemon(config)
+    created = _first_missing(out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        daemon = Daemon(config)
+    except BaseException:  # a bad bundle or source: leave no empty output folders behind
+        if created is not None:
+            shutil.rmtree(created, ignore_errors=True)
+        raise
+    if (about := description_line(daemon.bundle.manifest)) is not None:
+        print_fn(about)
     subscriber = protocol.Subscriber(config.publish, topics=[protocol.TOPIC_OVERLAY, protocol.TOPIC_STATUS])
     for old in numbered_pngs(out / "eyepiece"):  # the previous demo's images: this run's must not mix with them
         old.unlink()

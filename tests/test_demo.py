@@ -37,3 +37,19 @@ def test_demo_runs_the_whole_chain(tmp_path, capsys, monkeypatch):
     text = below[below.max(axis=2) > 0]
     assert len(text) > 200 and (text.max(axis=1) - text.min(axis=1) <= 1).all()
     assert np.nonzero(below.max(axis=2) > 0)[1].min() >= 288
+
+
+def test_demo_from_another_directory_finds_the_samples_and_says_demo_only(tmp_path, capsys, monkeypatch):
+    """From /tmp the defaults (samples/demo_bundle, dir://samples/frames/) named nothing; now the checkout's copies."""
+    monkeypatch.chdir(tmp_path)
+    assert main(["demo", "--overlays", "1", "--timeout", "120"]) == 0
+    printed = capsys.readouterr().out
+    assert "model demo-tumour-vs-other: DEMO ONLY, not a diagnostic model" in printed.splitlines()[0]
+    assert sorted((tmp_path / "out" / "demo" / "eyepiece").glob("*_frame.png"))
+
+
+def test_demo_with_a_bad_bundle_leaves_no_output_folders(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert main(["demo", "--bundle", "no_such_bundle", "--out", "out/demo", "--timeout", "30"]) == 2
+    assert "no_such_bundle: not a bundle directory" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []

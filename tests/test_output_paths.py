@@ -127,3 +127,18 @@ def test_classify_overlay_directory_is_readable_by_other_accounts(tmp_path, caps
     overlays = list((tmp_path / "ov").iterdir())
     assert overlays and (tmp_path / "ov").stat().st_mode & 0o777 == 0o755
     assert all(p.stat().st_mode & 0o777 == 0o644 for p in overlays)
+
+
+def test_the_bundle_description_is_shown_by_inspect_and_classify(capsys):
+    assert main(["inspect", str(BUNDLE)]) == 0
+    assert "\nabout       DEMO ONLY, not a diagnostic model" in capsys.readouterr().out
+    assert main(["classify", "--bundle", str(BUNDLE), FRAME]) == 0
+    assert capsys.readouterr().out.startswith("model demo-tumour-vs-other: DEMO ONLY, not a diagnostic model")
+
+
+def test_run_help_shows_the_choices_it_enforces(capsys):
+    assert main(["run", "--help"]) == 0
+    usage = capsys.readouterr().out
+    for shown in ("--backend {auto,", "--layout {auto,merged,members}", "--log-format {text,json}",
+                  "--log-level {debug,info,warning,error}", "--cam-dtype {", "--encoding {"):
+        assert shown in usage, shown

@@ -22,6 +22,8 @@ def _cmd_inspect(args) -> int:
     print(f"name        {m['name']}  (schema {m['schema_version']}, precision {m['precision']}, opset {m['opset']})")
     extra = f", positive {task['positive_class']!r} at threshold {task['threshold']}" if "threshold" in task else ""
     print(f"task        {task['type']}: {', '.join(task['classes'])}{extra}")
+    if m.get("description"):
+        print(f"about       {' '.join(str(m['description']).split())}")
     steps = load_steps(bundle)  # what classify and the daemon would load, checked the same way
     for entry in task.get("steps", []):
         sub = steps[entry["when"]].bundle
@@ -92,6 +94,11 @@ def _cmd_classify(args) -> int:
                              overlay_dir=Path(args.overlay_dir) if args.overlay_dir else None,
                              backend=args.backend, threshold=args.threshold, force=args.force, window=window,
                              contact_sheet=Path(args.contact_sheet) if args.contact_sheet else None, **options)
+    from armscope.core.bundle import MANIFEST, description_line
+
+    # the bundle's own word on what it is (e.g. DEMO ONLY): read after classify_images verified the bundle
+    if (about := description_line(json.loads((Path(args.bundle) / MANIFEST).read_text()))) is not None:
+        print(about)
     classes = report["classes"]
     width = max(len(Path(r["image"]).name) for r in report["images"])
     print(f"{'image':<{width}}  " + "  ".join(f"{c:>10}" for c in classes) + "  decision")

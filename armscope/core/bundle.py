@@ -258,6 +258,13 @@ def write_manifest(root: Path, manifest: dict) -> None:
     (root / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
 
 
+def description_line(manifest: dict) -> str | None:
+    """The bundle's own description (e.g. "DEMO ONLY, not a diagnostic model ..."), one line, shown wherever the
+    bundle classifies so no one mistakes a demo model for a diagnostic one."""
+    text = " ".join(str(manifest.get("description") or "").split())
+    return f"model {manifest.get('name', '?')}: {text}" if text else None
+
+
 def check_out_apart(out: "Path | str", inputs, option: str = "--out") -> None:
     """Refuse an output path that is, lies inside or contains one of ``inputs``:
     writing it (and replacing it with --force) would overwrite or delete what
