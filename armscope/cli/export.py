@@ -26,14 +26,19 @@ def _cmd_export(args) -> int:
 
 def add_parsers(sub) -> None:
     p = sub.add_parser("train", help="train a member or a K-fold ensemble on a folder of class subfolders (needs [tf])")
-    p.add_argument("data_dir")
+    p.add_argument("data_dir", help="one subfolder per class, holding that class's camera images")
     p.add_argument("--out", required=True, help="directory for member_N.keras and their .json sidecars")
-    p.add_argument("--backbone", default="densenet-mini", choices=["densenet121", "densenet-mini"])
-    p.add_argument("--folds", type=int, default=1)
-    p.add_argument("--epochs", type=int, default=10)
-    p.add_argument("--batch-size", type=int, default=4)
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--seed", type=SEED, default=0)
+    p.add_argument("--backbone", default="densenet-mini", choices=["densenet121", "densenet-mini"],
+                   help="the tiled model's backbone: densenet121 (the paper's) or densenet-mini (small, for CPU "
+                        "demos and tests) (default: %(default)s)")
+    p.add_argument("--folds", type=int, default=1,
+                   help="1: one member on all images; K > 1: a K-fold ensemble, one member per fold, validated on "
+                        "its held-out fold (default: %(default)s)")
+    p.add_argument("--epochs", type=int, default=10, help="passes over the training images (default: %(default)s)")
+    p.add_argument("--batch-size", type=int, default=4, help="images per step (default: %(default)s)")
+    p.add_argument("--lr", type=float, default=1e-3, help="learning rate (default: %(default)s)")
+    p.add_argument("--seed", type=SEED, default=0, help="seed of the folds, shuffling and augmentation "
+                                                        "(default: %(default)s)")
     p.set_defaults(func=_cmd_train)
 
     p = sub.add_parser("export", help="Keras members -> ONNX bundle with in-graph tiling and Grad-CAM (needs [tf])")

@@ -105,8 +105,12 @@ def add_parsers(sub) -> None:
 
     p = sub.add_parser("demo", help="daemon + eyepiece bridge on the bundled real H&E frames, on the CPU: "
                        "prints decisions and latency, writes what the eyepiece display shows")
-    p.add_argument("--bundle", default="samples/demo_bundle")
-    p.add_argument("--source", default="dir://samples/frames/?fps=2&loop=1", help="camera URI (see 'run --help')")
+    p.add_argument("--bundle", default="samples/demo_bundle",
+                   help="model bundle (default: %(default)s, a DEMO ONLY model; a relative path not found here "
+                        "is looked for in the armscope checkout)")
+    p.add_argument("--source", default="dir://samples/frames/?fps=2&loop=1",
+                   help="camera URI, as 'run --source' (default: %(default)s: the bundled real H&E frames; a "
+                        "relative path not found here is looked for in the armscope checkout)")
     p.add_argument("--overlays", type=int, default=8, help="stop after this many overlays reached the eyepiece")
     p.add_argument("--out", default="out/demo", help="eyepiece PNGs go to OUT/eyepiece")
     p.add_argument("--timeout", type=float, default=180.0, help="give up after this many seconds")
