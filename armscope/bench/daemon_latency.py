@@ -50,9 +50,15 @@ def percentiles(values) -> dict:
             "mean": round(float(v.mean()), 2), "max": round(float(v.max()), 2), "n": int(v.size)}
 
 
+FIRST_FRAME_S = 10.0   # a camera or file that delivers nothing by then is not going to: say so, not wait
+
+
 def run_bench(config: Config, frames: int = 50, json_out: str | None = None, plot: str | None = None,
-              warmup: int = 3, timeout_s: float | None = None) -> dict:
-    """Run the daemon until ``warmup + frames`` overlays were received; return the report."""
+              warmup: int = 3, timeout_s: float | None = None, first_frame_s: float = FIRST_FRAME_S) -> dict:
+    """Run the daemon until ``warmup + frames`` overlays were received; return the report.
+    Stops with one error when the source has delivered no frame ``first_frame_s`` after
+    capture started (the model is loaded by then): the default source is a camera
+    (``v4l2:///dev/video0``), and a machine without one would otherwise keep retrying."""
     from armscope.edge.daemon import Daemon
 
     if frames < 2:
@@ -82,8 +88,15 @@ def run_bench(config: Config, frames: int = 50, json_out: str | None = None, plo
     end = time.monotonic() + limit
     # Also stop waiting when the daemon stops on its own (a file source that ended, a fatal error): the
     # missing overlays are not coming.
+    capture_since = None
+    no_frames = False
     while not (finished := done.wait(0.5)) and runner.is_alive() and time.monotonic() < end:
-        pass
+        capture = getattr(daemon, "capture", None)   # set once the backend is ready and capture starts
+        if capture is not None and capture_since is None:
+            capture_since = time.monotonic()
+        if capture is not None and capture.captured == 0 and time.monotonic() - capture_since > first_frame_s:
+            no_frames = True
+            break
     if not finished and not runner.is_alive():
         finished = done.wait(1.0)  # overlays still in flight from its last frames
     stopped_early = not finished and not runner.is_alive()
@@ -92,6 +105,9 @@ def run_bench(config: Config, frames: int = 50, json_out: str | None = None, plo
     done.set()
     collector.join(5)
     sub.close()
+    if no_frames:
+        raise ArmscopeError(f"no frames from {config.source} in {first_frame_s:.0f} s; give --source "
+                            "(e.g. --source 'dir://samples/frames/?fps=2&loop=1', or the camera's v4l2:// URI)")
     if stopped_early:
         raise ArmscopeError(f"bench: the daemon stopped after {len(headers)} of {warmup + frames} overlays (source "
                             f"{config.source} ended, or see the log above); use a longer or looping source "
