@@ -181,6 +181,7 @@ def test_refusals_name_the_command_and_write_nothing(tmp_path, capsys):
 
     twin = whole_image_lab_model(seed=7, backbones=2)
     twin.export(tmp_path / "twin_sm", verbose=False)
+    capsys.readouterr()
     err = refused(["--weights", str(tmp_path / "twin_sm"), "--architecture", "densenet-mini", *scaling])
     assert "twin_sm: its weights do not map onto the architecture" in err
     assert "by name: no backbone weight's layer name is in the file" in err
