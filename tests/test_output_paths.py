@@ -133,7 +133,9 @@ def test_the_bundle_description_is_shown_by_inspect_and_classify(capsys):
     assert main(["inspect", str(BUNDLE)]) == 0
     assert "\nabout       DEMO ONLY, not a diagnostic model" in capsys.readouterr().out
     assert main(["classify", "--bundle", str(BUNDLE), FRAME]) == 0
-    assert capsys.readouterr().out.startswith("model demo-tumour-vs-other: DEMO ONLY, not a diagnostic model")
+    printed = capsys.readouterr()
+    assert printed.err.startswith("model demo-tumour-vs-other: DEMO ONLY, not a diagnostic model")
+    assert printed.out.startswith("image ")   # stdout: the results table only
 
 
 def test_run_help_shows_the_choices_it_enforces(capsys):

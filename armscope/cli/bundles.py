@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 from armscope.cli.common import THREADS
@@ -96,9 +97,10 @@ def _cmd_classify(args) -> int:
                              contact_sheet=Path(args.contact_sheet) if args.contact_sheet else None, **options)
     from armscope.core.bundle import MANIFEST, description_line
 
-    # the bundle's own word on what it is (e.g. DEMO ONLY): read after classify_images verified the bundle
+    # the bundle's own word on what it is (e.g. DEMO ONLY): read after classify_images verified the bundle;
+    # on stderr, so stdout stays the results table that scripts read
     if (about := description_line(json.loads((Path(args.bundle) / MANIFEST).read_text()))) is not None:
-        print(about)
+        print(about, file=sys.stderr)
     classes = report["classes"]
     width = max(len(Path(r["image"]).name) for r in report["images"])
     print(f"{'image':<{width}}  " + "  ".join(f"{c:>10}" for c in classes) + "  decision")
