@@ -168,12 +168,19 @@ def test_classify_dicom_16bit_grey_with_overlays_and_contact_sheet(tsc, capsys):
 
 
 def test_files_that_are_not_images_are_refused(tsc, capsys):
+    """A file whose bytes are no image is a damaged image (no decision, the others classified, as
+    the daemon counts a corrupt frame); a path that does not exist is a typo: one error, exit 2."""
     _, bundle, root = tsc
     files = slices(root)
-    for bad in (files["notes.dcm"], root / "missing.dcm"):
-        assert main(["classify", "--bundle", str(bundle), str(files["MR_small.dcm"]), str(bad)]) == 2
-        err = capsys.readouterr().err.strip()
-        assert str(bad) in err and len(err.splitlines()) == 1 and "Traceback" not in err
+    assert main(["classify", "--bundle", str(bundle), str(files["MR_small.dcm"]), str(files["notes.dcm"])]) == 0
+    printed = capsys.readouterr()
+    row = next(line for line in printed.out.splitlines() if line.startswith("notes.dcm"))
+    assert "no decision: corrupt_image" in row and "Traceback" not in printed.err
+    assert any(line.startswith("MR_small.dcm") and "no decision" not in line for line in printed.out.splitlines())
+    bad = root / "missing.dcm"
+    assert main(["classify", "--bundle", str(bundle), str(files["MR_small.dcm"]), str(bad)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert str(bad) in err and len(err.splitlines()) == 1 and "Traceback" not in err
     assert main(["classify", "--bundle", str(bundle), "--window", "600,-5", str(files["MR_small.dcm"])]) == 2
     assert "--window '600,-5'" in capsys.readouterr().err
 
