@@ -40,10 +40,14 @@ def main(argv: list[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
     except SystemExit as exc:  # --help (0) or a bad argument (2): returned, as from the commands themselves
         return int(exc.code or 0)
+    from armscope.edge.logs import CurrentStderrHandler, opencv_logs
+
+    # force: main() may run more than once in a process (an application, the tests); each run
+    # replaces the handlers the last one made, and they write to the current sys.stderr
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        handlers=[CurrentStderrHandler()], force=True)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    from armscope.edge.logs import opencv_logs
 
     opencv_logs(loud=args.verbose or getattr(args, "log_level", None) == "debug")
     prefix = getattr(args, "error_prefix", f"armscope {args.command}: error: ")

@@ -22,9 +22,27 @@ class JsonLineFormatter(logging.Formatter):
         return json.dumps(entry, default=str)
 
 
+class CurrentStderrHandler(logging.StreamHandler):
+    """Writes to whatever ``sys.stderr`` is when a record is emitted, not to the
+    stream it was when the handler was made: whoever swaps ``sys.stderr`` (an
+    embedding application, a test's capture) never leaves a handler writing to a
+    closed stream, which logging reports as a traceback of its own."""
+
+    def __init__(self):
+        super().__init__(sys.stderr)
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value):  # StreamHandler.__init__/setStream assign it; the current one is always used
+        pass
+
+
 def setup_logging(fmt: str = "text", level: str = "info", stream=None) -> None:
     """Replace the root handlers (the CLI may have configured them already)."""
-    handler = logging.StreamHandler(stream or sys.stderr)
+    handler = logging.StreamHandler(stream) if stream is not None else CurrentStderrHandler()
     if fmt == "json":
         handler.setFormatter(JsonLineFormatter())
     else:
