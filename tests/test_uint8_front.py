@@ -114,7 +114,7 @@ def test_backends_fed_uint8_agree_with_float32(fronted, kind, options, bound):
             assert np.abs(a["probs"] - b["probs"]).max() <= bound
             for x, y in zip(a["cam"][0], b["cam"][0]):
                 assert np.corrcoef(x.ravel(), y.ravel())[0, 1] >= 0.9999
-        directory = Path(u8.front_dir.name)
+        directory = Path(u8.graphs.composed_dir.name)
         assert directory.is_dir()
     assert not directory.exists()  # the composed graphs go with deactivate()
 

@@ -20,6 +20,7 @@ from abc import ABC, abstractmethod
 
 import numpy as np
 
+from armscope.core import front
 from armscope.core.errors import ArmscopeError
 
 # every output a bundle graph may have, in the order backends return them
@@ -137,3 +138,30 @@ def check_graph_io(where, inputs: list[str], outputs, wanted: tuple[str, ...], i
             f"{where}: a graph has inputs {list(inputs)} and outputs {sorted(outputs)}; "
             f"expected input [{input_name!r}] and outputs {list(wanted)} (as the manifest's outputs declare)"
         )
+
+
+class GraphFiles:
+    """The graph files a CPU backend loads: the bundle's merged graph or its
+    members, or, with feed uint8, the same graphs behind the bundle's uint8 front,
+    composed into a temporary directory that lives while the backend is active.
+    One place for what ONNX Runtime and OpenVINO both need: ``paths`` is always
+    what to load now, and ``close`` gives back the bundle's own."""
+
+    def __init__(self, bundle, layout: str, feed: str):
+        front.require(bundle, feed)
+        self.bundle = bundle
+        self.feed = feed
+        self.input_name = front.INPUT if feed == "uint8" else "image"
+        self.bundle_paths = [bundle.ensemble_path] if layout == "merged" else list(bundle.member_paths)
+        self.paths = list(self.bundle_paths)
+        self.composed_dir = None
+
+    def open(self) -> None:
+        if self.feed == "uint8":
+            self.composed_dir, self.paths = front.composed(self.bundle, self.bundle_paths)
+
+    def close(self) -> None:
+        if self.composed_dir is not None:
+            self.composed_dir.cleanup()
+            self.composed_dir = None
+        self.paths = list(self.bundle_paths)

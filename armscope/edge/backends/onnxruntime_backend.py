@@ -19,7 +19,7 @@ from armscope.core import front
 from armscope.core.bundle import Bundle
 from armscope.core.cpus import usable_cpus
 from armscope.core.errors import ArmscopeError
-from armscope.edge.backends.base import InferenceBackend, check_graph_io
+from armscope.edge.backends.base import GraphFiles, InferenceBackend, check_graph_io
 from armscope.edge.backends.cpu_features import require_exact_int8
 
 LAYOUTS = ("merged", "members")
@@ -66,24 +66,21 @@ class OnnxRuntimeBackend(InferenceBackend):
         self.outputs = list(bundle.output_names)  # patch_probs only where the bundle has it
         self.layout = layout
         self.threads = threads or usable_cpus()
-        self.paths = [bundle.ensemble_path] if layout == "merged" else list(bundle.member_paths)
-        front.require(bundle, feed)
+        self.graphs = GraphFiles(bundle, layout, feed)
         self.feed = feed
-        self.input_name = front.INPUT if feed == "uint8" else "image"
-        self.front_dir = None  # the composed graphs' temporary directory (feed uint8)
+        self.input_name = self.graphs.input_name
         self.sessions: list = []
         self.pool: ThreadPoolExecutor | None = None
 
     def _activate(self) -> None:
-        if self.feed == "uint8":
-            self.front_dir, self.paths = front.composed(self.bundle, self.paths)
+        self.graphs.open()
         if self.layout == "merged":
-            self.sessions.append(open_session(self.paths[0], self.threads))
+            self.sessions.append(open_session(self.graphs.paths[0], self.threads))
         else:
-            per = max(1, self.threads // len(self.paths))
+            per = max(1, self.threads // len(self.graphs.paths))
             # the member threads first, so a failure below shuts them down with the sessions (_release)
-            self.pool = ThreadPoolExecutor(max_workers=len(self.paths), thread_name_prefix="ort-member")
-            for path in self.paths:
+            self.pool = ThreadPoolExecutor(max_workers=len(self.graphs.paths), thread_name_prefix="ort-member")
+            for path in self.graphs.paths:
                 self.sessions.append(open_session(path, per))
         self._check_io()
         self._warm_up()
@@ -93,10 +90,7 @@ class OnnxRuntimeBackend(InferenceBackend):
             self.pool.shutdown(wait=True)
             self.pool = None
         self.sessions = []
-        if self.front_dir is not None:
-            self.front_dir.cleanup()
-            self.front_dir = None
-            self.paths = [self.bundle.ensemble_path] if self.layout == "merged" else list(self.bundle.member_paths)
+        self.graphs.close()
 
     def _check_io(self) -> None:
         for session in self.sessions:
@@ -146,7 +140,7 @@ class OnnxRuntimeBackend(InferenceBackend):
 
         # the members in parallel, as infer() runs them
         failures = list(self.pool.map(failure, self.sessions)) if self.pool else [failure(self.sessions[0])]
-        for path, exc in zip(self.paths, failures):
+        for path, exc in zip(self.graphs.paths, failures):
             if exc is not None:
                 detail = str(exc).split("\n")[0][:400]
                 hint = ("INT8 MatMul weights quantized per channel need onnxruntime >= 1.32; upgrade it, or "
@@ -172,5 +166,5 @@ class OnnxRuntimeBackend(InferenceBackend):
     def _details(self) -> dict:
         import onnxruntime as ort
 
-        return {"layout": self.layout, "threads": self.threads, "sessions": len(self.paths),
+        return {"layout": self.layout, "threads": self.threads, "sessions": len(self.graphs.paths),
                 "onnxruntime": ort.__version__, "feed": self.feed}

@@ -33,11 +33,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from armscope.core import front
 from armscope.core.bundle import Bundle
 from armscope.core.cpus import usable_cpus
 from armscope.core.errors import ArmscopeError, require_module
-from armscope.edge.backends.base import InferenceBackend, check_graph_io
+from armscope.edge.backends.base import GraphFiles, InferenceBackend, check_graph_io
 from armscope.edge.backends.cpu_features import require_exact_int8
 
 LAYOUTS = ("merged", "members")
@@ -92,11 +91,9 @@ class OpenVinoBackend(InferenceBackend):
         self.core = None
         self.precision = None          # what OpenVINO settled on, once active
         self.capabilities: list[str] = []
-        self.paths = [bundle.ensemble_path] if layout == "merged" else list(bundle.member_paths)
-        front.require(bundle, feed)
+        self.graphs = GraphFiles(bundle, layout, feed)
         self.feed = feed
-        self.input_name = front.INPUT if feed == "uint8" else "image"
-        self.front_dir = None  # the composed graphs' temporary directory (feed uint8)
+        self.input_name = self.graphs.input_name
         self.compiled: list = []
         self.requests: list = []  # for one frame (static shape)
         self.any_batch: list = []  # for other batch sizes, compiled when the first comes
@@ -110,9 +107,8 @@ class OpenVinoBackend(InferenceBackend):
                 f"reports {', '.join(self.capabilities)}); use f32"
             )
         self.core = core
-        if self.feed == "uint8":
-            self.front_dir, self.paths = front.composed(self.bundle, self.paths)
-        for path in self.paths:
+        self.graphs.open()
+        for path in self.graphs.paths:
             self.compiled.append(compile_graph(core, path, self.threads, self.requested_precision, batch=1))
         hint = self.compiled[0].get_property("INFERENCE_PRECISION_HINT")  # what OpenVINO settled on
         self.precision = hint.get_type_name() if hasattr(hint, "get_type_name") else str(hint)
@@ -124,10 +120,7 @@ class OpenVinoBackend(InferenceBackend):
         self.any_batch = []
         self.compiled = []
         self.core = None
-        if self.front_dir is not None:
-            self.front_dir.cleanup()
-            self.front_dir = None
-            self.paths = [self.bundle.ensemble_path] if self.layout == "merged" else list(self.bundle.member_paths)
+        self.graphs.close()
 
     def _check_io(self) -> None:
         for compiled in self.compiled:
@@ -141,7 +134,7 @@ class OpenVinoBackend(InferenceBackend):
         if len(images) != 1:
             if not self.any_batch:
                 self.any_batch = [compile_graph(self.core, path, self.threads, self.requested_precision)
-                                  .create_infer_request() for path in self.paths]
+                                  .create_infer_request() for path in self.graphs.paths]
             requests = self.any_batch
         results = []
         for request in requests:
@@ -153,5 +146,5 @@ class OpenVinoBackend(InferenceBackend):
 
     def _details(self) -> dict:
         return {"layout": self.layout, "threads": self.threads,
-                "precision": self.precision or self.requested_precision, "requests": len(self.paths),
+                "precision": self.precision or self.requested_precision, "requests": len(self.graphs.paths),
                 "openvino": self.ov.__version__, "cpu_capabilities": self.capabilities, "feed": self.feed}
