@@ -6,7 +6,8 @@
 #      with ONNX Runtime, activation on another thread with each flavour, CUDA graphs on/off),
 #      then samples/demo_bundle built FP16, FP32, INT8 (in that order, as time allows), each
 #      checked against ONNX Runtime on the real frames and run through the daemon (bench,
-#      N frames on the GPU): the precision table in the report.
+#      N frames on the GPU): the precision table in the report; then the uint8 front: FP16 engines
+#      built with --feed uint8, parity and the daemon fed the camera crop.
 # Without a GPU (or without TensorRT) those parts are skipped and the report says so.
 #
 # Offline wheels: for a GPU machine without network access, put the wheels this project
@@ -115,6 +116,28 @@ assert r['backend']['backend'] == 'tensorrt', r['backend']; print(r['fps'], r['l
     note "| $precision | failed (see $precision build log) | - | - | - |"
   fi
 done
+# the uint8 front on the GPU: FP16 engines with the front inside (the camera crop uploaded as uint8,
+# resized on the device), compared with ONNX Runtime on the CPU-preprocessed float32 frames, and the
+# daemon fed the crop
+if step front 120 $ARMSCOPE front --bundle "$WORK/demo" --images samples/frames \
+   && step build-fp16-uint8 240 $ARMSCOPE build "$WORK/demo" --precision fp16 --feed uint8 --out "$WORK/demo-fp16"; then
+  dp=$($ARMSCOPE classify --bundle "$WORK/demo" --backend auto --feed uint8 --json "$WORK/u8.json" samples/frames/*.jpg \
+         >/dev/null 2>&1 && $ARMSCOPE classify --bundle "$WORK/demo" --backend onnxruntime --json "$WORK/ref.json" \
+         samples/frames/*.jpg >/dev/null 2>&1 && $PY -c "
+import json; a, r = (json.load(open(f)) for f in ('$WORK/u8.json', '$WORK/ref.json'))
+assert a['backend']['backend'] == 'tensorrt' and a['backend']['feed'] == 'uint8', a['backend']
+print(max(abs(x['probs'][c] - y['probs'][c]) for x, y in zip(a['images'], r['images']) if x['probs'] for c in x['probs']))" 2>&1 | tail -1)
+  printf 'bundle = "%s"\nsource = "dir://%s/samples/frames/?fps=30&loop=1"\nbackend = "auto"\nfeed = "uint8"\n' \
+    "$WORK/demo" "$PWD" > "$WORK/run_u8.toml"
+  fps="-"; p50="-"
+  if step bench-fp16-uint8 120 $ARMSCOPE bench --config "$WORK/run_u8.toml" --frames "$FRAMES_N" --json "$OUT/bench_fp16_uint8.json"; then
+    read -r fps p50 < <($PY -c "import json; r = json.load(open('$OUT/bench_fp16_uint8.json')); \
+assert r['backend']['feed'] == 'uint8', r['backend']; print(r['fps'], r['latency_ms']['inference']['p50'])" 2>&1 | tail -1)
+  fi
+  note "| fp16, feed uint8 (vs FP32 float32 on ONNX Runtime) | ok | $dp | $fps | $p50 |"
+else
+  note "| fp16, feed uint8 | failed (see the front / build-fp16-uint8 logs) | - | - | - |"
+fi
 cp -r "$WORK/demo/engines" "$OUT/engines_index" 2>/dev/null && find "$OUT/engines_index" -name '*.engine' -delete
 note ""; note "finished in $SECONDS s"
 cat "$REPORT"

@@ -132,6 +132,27 @@ def test_build_without_gpu_prepares_fp16_and_says_where_engines_are_built(tmp_pa
     assert main(["build", str(out), "--precision", "int8", "--out", str(tmp_path / "y")]) == 2  # fp16 -> int8
 
 
+def test_build_feed_uint8_needs_the_front_and_names_the_device_command(tmp_path, one_member, capsys):
+    """``build --feed uint8`` without a GPU: refused (naming ``armscope front``) for a
+    bundle without the front, refused with implicit INT8 (its calibrator feeds float32
+    frames), and with the front it prints the device's command with ``--feed uint8``."""
+    import shutil
+
+    from armscope.export.uint8_front import add_front
+
+    assert main(["build", str(one_member), "--precision", "fp32", "--feed", "uint8"]) == 2
+    assert "armscope front --bundle" in capsys.readouterr().err
+    fronted = tmp_path / "fronted"
+    shutil.copytree(one_member, fronted)
+    add_front(fronted, [SAMPLES / "frames" / "cmu1_frame_0.jpg"])
+    capsys.readouterr()
+    assert main(["build", str(fronted), "--precision", "int8", "--int8-mode", "implicit", "--calib", "x.npz",
+                 "--feed", "uint8"]) == 2
+    assert "--int8-mode explicit" in capsys.readouterr().err
+    assert main(["build", str(fronted), "--precision", "fp32", "--feed", "uint8"]) == 0
+    assert capsys.readouterr().out.strip().endswith(f"armscope build {fronted} --precision fp32 --feed uint8")
+
+
 # ----------------------------------------------------------------------------- on a GPU
 
 
@@ -270,3 +291,40 @@ def test_int8_explicit_engine_from_qdq_bundle(tmp_path, one_member, frames):
     with TensorRTBackend(load_bundle(tmp_path / "b")) as backend:
         got = backend.infer(frames)
     assert np.abs(got["probs"] - ref["probs"]).max() < 0.05
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("precision,atol", [("fp32", 2e-3), ("fp16", 3e-2)])
+def test_uint8_engines_take_the_camera_crop(tmp_path, one_member, precision, atol):
+    """``build --feed uint8``: engines with the uint8 front inside, found by ``auto``
+    with feed uint8 only, given the camera crops (uint8 BGR) and agreeing with ONNX
+    Runtime on the CPU-preprocessed float32 frames; the front's layers stay FP32 in
+    the FP16 build and TF32 is kept (the 1024 -> 640 INTER_AREA weights are exact in it)."""
+    import shutil
+
+    from armscope.core import front
+    from armscope.calibration.trt_build import build_bundle
+    from armscope.edge.backends.onnxruntime_backend import OnnxRuntimeBackend
+    from armscope.export.uint8_front import add_front
+
+    bundle_dir = tmp_path / "b"
+    shutil.copytree(one_member, bundle_dir)
+    add_front(bundle_dir, sorted((SAMPLES / "frames").glob("*.jpg")))
+    result = build_bundle(bundle_dir, precision, workspace_mb=1024, max_batch=2, feed="uint8",
+                          holdout=[SAMPLES / "frames"] if precision != "fp32" else None)
+    bundle = load_bundle(bundle_dir)
+    index = json.loads((Path(result["engines"]) / "engine.json").read_text())
+    assert Path(result["engines"]).name.endswith("-u8") and index["feed"] == "uint8" and index["tf32"] is True
+    paths = sorted((SAMPLES / "frames").glob("*.jpg"))
+    crops = np.stack([front.camera_crop(load_image(p), bundle.preprocessing) for p in paths])
+    floats = np.stack([preprocess_frame(load_image(p), bundle.preprocessing) for p in paths])
+    with OnnxRuntimeBackend(bundle) as ort_backend:
+        ref = ort_backend.infer(floats)
+    with open_backend(bundle, "auto", feed="uint8", max_batch=2) as backend:
+        info = backend.describe()
+        assert info["backend"] == "tensorrt" and info["feed"] == "uint8"
+        got = backend.infer(crops)  # 4 crops through a max-batch-2 engine: chunked
+    np.testing.assert_allclose(got["probs"], ref["probs"], atol=atol)
+    assert np.corrcoef(got["cam"].ravel(), ref["cam"].ravel())[0, 1] > 0.99
+    with pytest.raises(ArmscopeError, match="built for feed uint8, feed float32 was asked for"):
+        open_backend(bundle, "auto")

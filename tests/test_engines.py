@@ -34,11 +34,12 @@ def bundle(tmp_path):
 
 
 def store(bundle, precision="fp16", trt=TRT, gpu=ORIN, dla=None, graphs=None, built="2026-12-01T10:00:00+00:00",
-          source_sha=None) -> Path:
-    """Write an engine set as ``armscope build`` lays it out (placeholder engine bytes)."""
+          source_sha=None, feed=None, front_sha=None) -> Path:
+    """Write an engine set as ``armscope build`` lays it out (placeholder engine bytes);
+    ``feed=None``: an index from before the uint8 front (no ``feed`` field)."""
     graphs = graphs if graphs is not None else [f"member_{i}" for i in range(len(bundle.member_paths))]
     sha = source_sha or bundle_hash(bundle)
-    directory = bundle.root / ENGINE_DIR / engine_key(sha, precision, trt, gpu, dla)
+    directory = bundle.root / ENGINE_DIR / engine_key(sha, precision, trt, gpu, dla, feed or "float32")
     directory.mkdir(parents=True)
     engines = {}
     for graph in graphs:
@@ -47,6 +48,8 @@ def store(bundle, precision="fp16", trt=TRT, gpu=ORIN, dla=None, graphs=None, bu
     index = {"format": 1, "bundle_sha256": sha, "precision": precision, "tensorrt": trt, "gpu": gpu["name"],
              "compute_capability": gpu["compute_capability"], "dla_core": dla, "gpu_fallback": dla is not None,
              "built": built, "engines": engines}
+    if feed is not None:
+        index.update(feed=feed, front_sha256=front_sha)
     (directory / INDEX).write_text(json.dumps(index))
     return directory
 
@@ -159,3 +162,37 @@ def test_auto_with_engines_it_cannot_run_falls_back_loudly(bundle, caplog):
     assert line.levelno == logging.WARNING and "on the CPU" in line.getMessage() and directory.name in line.getMessage()
     assert info["backend"] in ("onnxruntime", "openvino") and info["requested"] == "auto"
     assert directory.name in info["why"] and info["thread"] == "MainThread"
+
+
+@pytest.fixture(scope="module")
+def fronted_demo(tmp_path_factory):
+    """The demo bundle with its uint8 front (``armscope front``, parity on one real frame)."""
+    from armscope.export.uint8_front import add_front
+
+    root = tmp_path_factory.mktemp("fronted") / "b"
+    shutil.copytree(SAMPLES / "demo_bundle", root)
+    add_front(root, [SAMPLES / "frames" / "cmu1_frame_0.jpg"])
+    return root
+
+
+def test_uint8_engines_are_a_set_of_their_own_tied_to_the_front(fronted_demo, tmp_path):
+    shutil.copytree(fronted_demo, tmp_path / "b")
+    bundle = load_bundle(tmp_path / "b")
+    front_sha = bundle.manifest["uint8_front"]["sha256"]
+    sha = bundle_hash(bundle)
+    assert engine_key(sha, "fp16", TRT, ORIN, None, "uint8") == engine_key(sha, "fp16", TRT, ORIN, None) + "-u8"
+    store(bundle, "fp16")  # a float32 set from before the front: never runs a uint8 feed
+    with pytest.raises(ArmscopeError, match=r"built for feed float32, feed uint8 was asked for; build them here "
+                                            rf"with: armscope build {bundle.root} --precision fp16 --feed uint8$"):
+        find_engines(bundle, TRT, ORIN, feed="uint8")
+    stale = store(bundle, "fp16", feed="uint8", front_sha="0" * 64, built="2026-12-02T10:00:00+00:00")
+    with pytest.raises(ArmscopeError, match=r"built with another uint8 front"):
+        find_engines(bundle, TRT, ORIN, feed="uint8")
+    shutil.rmtree(stale)
+    u8 = store(bundle, "fp16", feed="uint8", front_sha=front_sha, built="2026-12-03T10:00:00+00:00")
+    found = find_engines(bundle, TRT, ORIN, feed="uint8")
+    assert found.root == u8 and found.feed == "uint8"
+    # the newer uint8 set does not shadow the float32 one for a float32 feed, and vice versa
+    assert find_engines(bundle, TRT, ORIN).feed == "float32"
+    with pytest.raises(ArmscopeError, match="feed 'bgr': expected one of float32, uint8"):
+        find_engines(bundle, TRT, ORIN, feed="bgr")

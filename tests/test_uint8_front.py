@@ -151,8 +151,8 @@ def test_the_daemon_feeds_the_crop(fronted, tmp_path):
 def test_errors_are_one_clear_line(fronted, tmp_path):
     with pytest.raises(ArmscopeError, match="feed uint8 needs the bundle's uint8 front.*armscope front"):
         open_backend(load_bundle(DEMO), "onnxruntime", feed="uint8")
-    with pytest.raises(ArmscopeError, match="TensorRT backend takes float32 frames only"):
-        open_backend(load_bundle(fronted), "tensorrt", feed="uint8")
+    with pytest.raises(ArmscopeError, match="feed 'rgb': expected one of float32, uint8"):
+        open_backend(load_bundle(fronted), "onnxruntime", feed="rgb")
     tampered = tmp_path / "bundle"
     shutil.copytree(fronted, tampered)
     data = bytearray((tampered / front.FILE).read_bytes())
@@ -167,3 +167,76 @@ def test_errors_are_one_clear_line(fronted, tmp_path):
     whole = dataclasses.replace(load_bundle(DEMO).preprocessing, center_crop=0)
     with pytest.raises(ArmscopeError, match="center_crop is 0"):
         front.front_model(whole, 17, 8)
+
+
+def test_composing_keeps_the_front_apart_from_a_lab_graphs_names(tmp_path):
+    """A lab's graph may use the front's own inner names (``x``, ``z``, ``rows_w``):
+    composing prefixes the front's nodes and tensors (``front.PREFIX``, also what a
+    TensorRT build keeps in FP32), so the graphs do not collide and the composed graph
+    computes the front, then the graph."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    spec = load_bundle(DEMO).preprocessing
+    model, _ = front.front_model(spec, 17, 8)
+    onnx.save(model, str(tmp_path / "front.onnx"))
+    s = spec.resize
+    lab = helper.make_model(helper.make_graph(
+        [helper.make_node("Mul", ["image", "rows_w"], ["x"]), helper.make_node("ReduceMean", ["x"], ["z"], keepdims=0),
+         helper.make_node("Identity", ["z"], ["probs"])], "lab",
+        [helper.make_tensor_value_info("image", TensorProto.FLOAT, ["N", s, s, 3])],
+        [helper.make_tensor_value_info("probs", TensorProto.FLOAT, [])],
+        [numpy_helper.from_array(np.float32(0.5), "rows_w")]), opset_imports=[helper.make_opsetid("", 17)])
+    lab.ir_version = 8
+    onnx.save(lab, str(tmp_path / "lab.onnx"))
+    composed = onnx.load(str(front.compose(tmp_path / "front.onnx", tmp_path / "lab.onnx", tmp_path / "c.onnx")))
+    front_nodes = [n for n in composed.graph.node if n.name.startswith(front.PREFIX)]
+    assert len(front_nodes) == len(model.graph.node)
+    assert [i.name for i in composed.graph.input] == [front.INPUT]
+    frame = load_image(FRAMES[0])
+    got = ort.InferenceSession(str(tmp_path / "c.onnx"), providers=["CPUExecutionProvider"]).run(
+        ["probs"], {front.INPUT: front.camera_crop(frame, spec)[None]})[0]
+    want = ort.InferenceSession(str(tmp_path / "lab.onnx"), providers=["CPUExecutionProvider"]).run(
+        ["probs"], {"image": preprocess_frame(frame, spec)[None]})[0]
+    assert got == want and got == pytest.approx(0.5 * preprocess_frame(frame, spec).mean(dtype=np.float64), rel=1e-3)
+
+
+def _tf32(a: np.ndarray) -> np.ndarray:
+    """float32 rounded to TF32 (10 explicit mantissa bits, nearest even), as a GPU's
+    tensor cores round each operand of an FP32 matrix product with TF32 on."""
+    bits = np.asarray(a, np.float32).view(np.uint32).astype(np.uint64)
+    bits = (bits + 0xFFF + ((bits >> 13) & 1)) & ~np.uint64(0x1FFF)
+    return bits.astype(np.uint32).view(np.float32)
+
+
+def _front_in_tf32(model, crop: np.ndarray) -> np.ndarray:
+    """The MatMul form of the front with TF32 operands and float32 accumulation."""
+    from onnx import numpy_helper
+
+    w = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+    x = crop[None].astype(np.float32)
+    y = np.matmul(_tf32(w["rows_w"]).astype(np.float64), _tf32(x.reshape(w["rows_shape"])).astype(np.float64))
+    z = np.matmul(_tf32(y.astype(np.float32).reshape(w["cols_shape"])).astype(np.float64),
+                  _tf32(w["cols_w"]).astype(np.float64)).astype(np.float32)
+    return np.clip(np.round(z.reshape(w["out_shape"])), 0, 255)[0]
+
+
+@pytest.mark.parametrize("interpolation", ["area", "linear"])
+def test_tf32_exactness_is_decided_by_the_weights(interpolation):
+    """``front.tf32_exact`` says whether a GPU's TF32 MatMul keeps the front's pixels
+    (a TensorRT build switches TF32 off where it does not): the demo's INTER_AREA
+    1024 -> 640 weights are multiples of 1/8 and, emulated in TF32, still give
+    exactly ``preprocess_frame``'s pixels; INTER_LINEAR's (0.3, 0.7, ...) are not,
+    and in TF32 they change pixels."""
+    spec = dataclasses.replace(load_bundle(DEMO).preprocessing, interpolation=interpolation)
+    model, _ = front.front_model(spec, 17, 8)
+    exact, why = front.tf32_exact(model)
+    assert exact == (interpolation == "area"), why
+    exact_session = _front_session(spec)
+    changed = 0
+    for path in FRAMES:
+        frame = load_image(path)
+        crop = front.camera_crop(frame, spec)
+        fp32 = exact_session.run([front.OUTPUT], {front.INPUT: crop[None]})[0][0]
+        changed += int((_front_in_tf32(model, crop) != fp32).sum())
+    assert (changed == 0) == exact, changed

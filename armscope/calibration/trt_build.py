@@ -26,6 +26,16 @@ from this bundle (so it can be prepared on a workstation and copied to the
 device with the bundle), and refused if it failed its accuracy gate. The
 engines still go into ``BUNDLE``, keyed by ``BUNDLE``'s hash.
 
+``--feed uint8``: engines that take the camera crop as uint8 (the bundle's
+uint8 front, ``armscope front``, composed in front of each graph before
+TensorRT parses it; ``run``/``classify --feed uint8`` use them). The front
+must make the same pixels as the CPU preprocessing, so its layers are kept in
+FP32 in FP16/INT8 builds (layer precision + ``OBEY_PRECISION_CONSTRAINTS`` on
+TensorRT 10; a strongly typed TensorRT 11 network keeps the ONNX's FP32), and
+TF32 (TensorRT's default for FP32 matrix products) is switched off for the
+build unless the front's weights are exact in TF32 (``front.tf32_exact``:
+INTER_AREA at 1024 -> 640 is).
+
 Without a GPU (or without TensorRT) the command prepares what can be prepared
 here (the FP16 or Q/DQ bundle) and prints the command that builds the engines
 on the target.
@@ -36,152 +46,24 @@ import logging
 import shutil
 from pathlib import Path
 
-import numpy as np
-
-from armscope.core.bundle import Bundle, load_bundle, refuse_cascade, require_deployable, sha256_file, staged_directory
-from armscope.core.errors import ArmscopeError
-
-log = logging.getLogger(__name__)
-
-from armscope.gpu.engines import ENGINE_DIR, LAYOUTS, TIMING_CACHE, engine_key, graphs_for, new_index, write_index
+from armscope.calibration.trt_engine import (  # noqa: F401  (read_calibration_cache re-exported)
+    build_engine, make_entropy_calibrator, read_calibration_cache,
+)
+from armscope.gpu.engines import (
+    ENGINE_DIR, FEEDS, LAYOUTS, TIMING_CACHE, engine_key, graphs_for, new_index, write_index,
+)
 from armscope.gpu.trt_env import (  # noqa: F401  (re-exported: callers import them from here)
     JETSON_TENSORRT, gpu_info, import_cudart, require_tensorrt, strongly_typed_only, tensorrt_available, trt_logger,
     trt_major,
 )
 
+from armscope.core import front
+from armscope.core.bundle import Bundle, load_bundle, refuse_cascade, require_deployable, sha256_file, staged_directory
+from armscope.core.errors import ArmscopeError
+
+log = logging.getLogger(__name__)
+
 PRECISIONS = ("fp32", "fp16", "int8")
-CALIB_CACHE_HEADER = "TRT-"  # TensorRT calibration caches start "TRT-<version>-EntropyCalibration2"
-
-
-# ----------------------------------------------------------------------------- caches
-
-def read_timing_cache(path: Path) -> bytes:
-    if not path.is_file():
-        return b""
-    data = path.read_bytes()
-    if not data:
-        raise ArmscopeError(f"{path}: empty TensorRT timing cache; delete it to start a fresh one")
-    return data
-
-
-def read_calibration_cache(path: Path) -> bytes | None:
-    """A TensorRT INT8 calibration cache, checked before TensorRT sees it: a
-    header line, then 'tensor: hexscale' lines."""
-    if not path.is_file():
-        return None
-    data = path.read_bytes()
-    try:
-        lines = data.decode("ascii").splitlines()
-    except UnicodeDecodeError:
-        lines = []
-    ok = bool(lines) and lines[0].startswith(CALIB_CACHE_HEADER) and all(
-        ":" in line and _is_hex(line.rsplit(":", 1)[1].strip()) for line in lines[1:] if line.strip())
-    if not ok or len(lines) < 2:
-        raise ArmscopeError(f"{path}: corrupt TensorRT calibration cache (expected a '{CALIB_CACHE_HEADER}...' "
-                            f"header and 'tensor: hexscale' lines); delete it and rebuild with --calib")
-    return data
-
-
-def _is_hex(s: str) -> bool:
-    try:
-        int(s, 16)
-        return True
-    except ValueError:
-        return False
-
-
-# ----------------------------------------------------------------------------- calibrator (implicit INT8)
-
-def make_entropy_calibrator(trt, images: np.ndarray, cache_path: Path, batch: int = 1):
-    """IInt8EntropyCalibrator2 over the calibration frames (TensorRT 10.x implicit INT8)."""
-    from armscope.edge.backends.tensorrt_backend import CudaRuntime
-
-    class EntropyCalibrator(trt.IInt8EntropyCalibrator2):
-        def __init__(self):
-            super().__init__()
-            self.cuda = CudaRuntime()
-            self.images = np.ascontiguousarray(images, dtype=np.float32)
-            self.batch = batch
-            self.index = 0
-            self.host = self.cuda.pinned((batch, *self.images.shape[1:]), np.float32)
-            self.device = self.cuda.device(self.host.nbytes)
-            self.stream = self.cuda.stream()
-
-        def get_batch_size(self):
-            return self.batch
-
-        def get_batch(self, names):
-            if self.index + self.batch > len(self.images):
-                return None
-            self.host[:] = self.images[self.index : self.index + self.batch]
-            self.cuda.htod(self.device, self.host, self.host.nbytes, self.stream)
-            self.cuda.synchronize(self.stream)
-            self.index += self.batch
-            return [self.device]
-
-        def read_calibration_cache(self):
-            return read_calibration_cache(cache_path)
-
-        def write_calibration_cache(self, cache):
-            cache_path.write_bytes(bytes(cache))
-
-    return EntropyCalibrator()
-
-
-# ----------------------------------------------------------------------------- building
-
-def build_engine(trt, onnx_path: Path, engine_path: Path, precision: str, *, workspace_mb: int,
-                 timing_cache: Path, input_shape: tuple[int, int, int], dla_core: int | None = None,
-                 max_batch: int = 1, calibrator=None, explicit_int8: bool = True) -> None:
-    """Parse one ONNX graph and serialise an engine (see the module docstring for the flags).
-    ``input_shape``: (S, S, 3) from the bundle's manifest (``inputs[0].shape``), so the
-    optimisation profile fits any input size the bundle was exported for."""
-    logger = trt_logger()  # the process's one logger (armscope.gpu.trt_env)
-    builder = trt.Builder(logger)
-    # TensorRT 11 removed weak typing: every network is strongly typed, precision comes from the ONNX
-    # (its STRONGLY_TYPED creation flag is kept only as a deprecated no-op, so it is not passed);
-    # TensorRT 10 builds weakly typed networks with the FP16/INT8 flags below.
-    strongly_typed = strongly_typed_only(trt.__version__)
-    network = builder.create_network(0)
-    parser = trt.OnnxParser(network, logger)
-    if not parser.parse_from_file(str(onnx_path)):
-        errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
-        raise ArmscopeError(f"{onnx_path}: TensorRT's ONNX parser failed: {errors[:500]}")
-    config = builder.create_builder_config()
-    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_mb) << 20)
-    if not strongly_typed:
-        if precision in ("fp16", "int8"):
-            config.set_flag(trt.BuilderFlag.FP16)
-        if precision == "int8":
-            config.set_flag(trt.BuilderFlag.INT8)
-            if not explicit_int8:
-                config.int8_calibrator = calibrator  # deprecated since 10.1, removed in 11
-    if dla_core is not None:
-        if precision == "fp32":
-            raise ArmscopeError("--dla needs --precision fp16 or int8 (DLA has no FP32)")
-        if int(dla_core) >= builder.num_DLA_cores:
-            raise ArmscopeError(f"--dla {dla_core}: this device has {builder.num_DLA_cores} DLA core(s)")
-        # IBuilderConfig: layers go to DLA core N; those DLA cannot run fall back to the GPU
-        # (GPU_FALLBACK, recorded as engine.json "gpu_fallback"); the runtime must then set
-        # IRuntime.DLA_core to the same core before deserializing (tensorrt_backend).
-        config.default_device_type = trt.DeviceType.DLA
-        config.DLA_core = int(dla_core)
-        config.set_flag(trt.BuilderFlag.GPU_FALLBACK)
-    profile = builder.create_optimization_profile()
-    profile.set_shape(network.get_input(0).name, (1, *input_shape), (1, *input_shape), (max_batch, *input_shape))
-    config.add_optimization_profile(profile)
-    if not explicit_int8 and precision == "int8":
-        config.set_calibration_profile(profile)
-    cache = config.create_timing_cache(read_timing_cache(timing_cache))
-    if cache is None:
-        raise ArmscopeError(f"{timing_cache}: TensorRT rejected this timing cache; delete it and rebuild")
-    config.set_timing_cache(cache, ignore_mismatch=False)
-    serialized = builder.build_serialized_network(network, config)
-    if serialized is None:
-        raise ArmscopeError(f"{onnx_path}: TensorRT could not build an engine (precision {precision}); "
-                            "see the TensorRT log above")
-    engine_path.write_bytes(bytes(serialized))
-    timing_cache.write_bytes(bytes(config.get_timing_cache().serialize()))
 
 
 def derived_from(candidate: Path, source: Bundle, precision: str) -> Bundle | None:
@@ -233,7 +115,7 @@ def prepare_onnx(bundle: Bundle, precision: str, calib: Path | None, out: Path |
 def build_bundle(bundle_dir: Path, precision: str, calib: Path | None = None, workspace_mb: int = 2048,
                  dla_core: int | None = None, out: Path | None = None, int8_mode: str = "explicit",
                  max_batch: int = 1, force: bool = False, holdout: list[Path] | None = None,
-                 layout: str = "members") -> dict:
+                 layout: str = "members", feed: str = "float32") -> dict:
     """Returns {'bundle': path, 'compiled': path, 'engines': engines/<key> path or None, 'message': str}."""
     if precision not in PRECISIONS:
         raise ArmscopeError(f"--precision {precision!r}: expected one of {', '.join(PRECISIONS)}")
@@ -241,8 +123,15 @@ def build_bundle(bundle_dir: Path, precision: str, calib: Path | None = None, wo
         raise ArmscopeError(f"--int8-mode {int8_mode!r}: expected explicit or implicit")
     if layout not in LAYOUTS:
         raise ArmscopeError(f"--layout {layout!r}: expected one of {', '.join(LAYOUTS)}")
+    if feed not in FEEDS:
+        raise ArmscopeError(f"--feed {feed!r}: expected one of {', '.join(FEEDS)}")
     bundle = load_bundle(bundle_dir)
     refuse_cascade(bundle, "armscope build")
+    if feed == "uint8":
+        front.require(bundle, feed)
+        if precision == "int8" and int8_mode == "implicit":
+            raise ArmscopeError("--feed uint8 with --int8-mode implicit: the calibrator feeds float32 frames to "
+                                "the graph's 'image' input; use --int8-mode explicit (the Q/DQ bundle)")
     calib_set = None
     if calib is not None:
         from armscope.calibration.calibration_set import load_calibration_set
@@ -262,6 +151,8 @@ def build_bundle(bundle_dir: Path, precision: str, calib: Path | None = None, wo
             cmd += f" --int8-mode implicit --calib {calib}"
         if layout == "merged":
             cmd += " --layout merged"
+        if feed == "uint8":
+            cmd += " --feed uint8"
         return {"bundle": str(bundle.root), "compiled": str(target.root), "engines": None,
                 "message": f"{why}: engines are built on the target device (with {bundle.root}"
                            + (f" and {target.root}" if target is not bundle else "") + f") with: {cmd}"}
@@ -281,13 +172,47 @@ def build_bundle(bundle_dir: Path, precision: str, calib: Path | None = None, wo
     onnx_of = {"ensemble": target.ensemble_path, **{f"member_{i}": p for i, p in enumerate(target.member_paths)}}
     graphs = graphs_for(target, layout)  # only the layout that will run
     shape = tuple(target.manifest["inputs"][0]["shape"][1:])
+    tf32, composed_dir = True, None
+    if feed == "uint8":  # each graph behind the bundle's uint8 front, as TensorRT will parse it
+        crop = bundle.preprocessing.center_crop
+        shape = (crop, crop, 3)
+        tf32, why = front.tf32_exact(onnx_load(bundle.root / front.entry(bundle)["file"]))
+        print(f"uint8 front: {why}" + ("" if tf32 else "; TF32 off for this build (FP32 layers at full precision)"))
+        composed_dir, paths = front.composed(bundle, [onnx_of[g] for g in graphs])
+        onnx_of = dict(onnx_of, **dict(zip(graphs, paths)))
     engines_root = bundle.root / ENGINE_DIR
-    key = engine_key(bundle.manifest["ensemble"]["sha256"], precision, trt.__version__, gpu, dla_core)
+    key = engine_key(bundle.manifest["ensemble"]["sha256"], precision, trt.__version__, gpu, dla_core, feed)
     final = engines_root / key
     index = new_index(bundle, target, precision, trt.__version__, gpu, dla_core=dla_core,
                       int8_mode=int8_mode if precision == "int8" else None, max_batch=max_batch,
-                      workspace_mb=workspace_mb)
+                      workspace_mb=workspace_mb, feed=feed, tf32=tf32)
     engines_root.mkdir(exist_ok=True)
+    try:
+        _build_set(trt, graphs, onnx_of, final, index, engines_root, key, precision, implicit, calib_set,
+                   workspace_mb=workspace_mb, dla_core=dla_core, max_batch=max_batch, shape=shape, feed=feed,
+                   tf32=tf32)
+    finally:
+        if composed_dir is not None:
+            composed_dir.cleanup()
+    built = sorted(index["engines"])
+    return {"bundle": str(bundle.root), "compiled": str(target.root), "engines": str(final),
+            "message": f"built {len(graphs)} engine(s) into {final} for {gpu['name']} (sm "
+                       f"{gpu['compute_capability']}), TensorRT {trt.__version__}, {precision}"
+                       + (", feed uint8" if feed == "uint8" else "") + f"; 'armscope run' / 'classify "
+                       f"--backend auto{' --feed uint8' if feed == 'uint8' else ''}' with {bundle.root} use them"
+                       + (f" (this set also holds {', '.join(g for g in built if g not in graphs)})"
+                          if len(built) > len(graphs) else "")}
+
+
+def onnx_load(path: Path):
+    import onnx
+
+    return onnx.load(str(path))
+
+
+def _build_set(trt, graphs, onnx_of, final, index, engines_root, key, precision, implicit, calib_set, *,
+               workspace_mb, dla_core, max_batch, shape, feed, tf32) -> None:
+    """Build ``graphs`` into a staged copy of ``final`` and swap it in (with ``engine.json``)."""
     with staged_directory(final, overwrite=True) as stage:
         old = read_index_or_none(final)
         for graph in graphs:
@@ -304,7 +229,8 @@ def build_bundle(bundle_dir: Path, precision: str, calib: Path | None = None, wo
             try:
                 build_engine(trt, onnx_of[graph], stage / file, precision, workspace_mb=workspace_mb,
                              timing_cache=engines_root / TIMING_CACHE, dla_core=dla_core, max_batch=max_batch,
-                             calibrator=calibrator, explicit_int8=not implicit, input_shape=shape)
+                             calibrator=calibrator, explicit_int8=not implicit, input_shape=shape,
+                             front_prefix=front.PREFIX if feed == "uint8" else None, tf32=tf32)
             finally:
                 if calibrator is not None:
                     calibrator.cuda.close()
@@ -318,13 +244,6 @@ def build_bundle(bundle_dir: Path, precision: str, calib: Path | None = None, wo
                     shutil.copy2(final / entry["file"], stage / entry["file"])
                     index["engines"][graph] = entry
         write_index(stage, index)
-    built = sorted(index["engines"])
-    return {"bundle": str(bundle.root), "compiled": str(target.root), "engines": str(final),
-            "message": f"built {len(graphs)} engine(s) into {final} for {gpu['name']} (sm "
-                       f"{gpu['compute_capability']}), TensorRT {trt.__version__}, {precision}; "
-                       f"'armscope run' / 'classify --backend auto' with {bundle.root} use them"
-                       + (f" (this set also holds {', '.join(g for g in built if g not in graphs)})"
-                          if len(built) > len(graphs) else "")}
 
 
 def read_index_or_none(directory: Path) -> dict | None:

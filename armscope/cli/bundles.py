@@ -176,7 +176,7 @@ def add_parsers(sub) -> None:
     p.add_argument("--threads", type=THREADS, help="onnxruntime intra-op threads (default: all cores)")
     p.add_argument("--feed", default="float32", choices=["float32", "uint8"],
                    help="uint8: give the backend the camera crop and let the bundle's uint8 front resize it in "
-                        "the graph ('armscope front' adds one; ONNX Runtime and OpenVINO)")
+                        "the graph ('armscope front' adds one; TensorRT: engines from 'armscope build --feed uint8')")
     p.add_argument("--threshold", type=float, help="override the manifest's decision threshold")
     p.add_argument("--force", action="store_true", help="replace an existing overlay directory")
     p.set_defaults(func=_cmd_classify)

@@ -50,7 +50,8 @@ def _cmd_build(args) -> int:
     result = build_bundle(Path(args.bundle), args.precision, calib=Path(args.calib) if args.calib else None,
                           workspace_mb=args.workspace, dla_core=args.dla, out=Path(args.out) if args.out else None,
                           int8_mode=args.int8_mode, max_batch=args.max_batch, force=args.force,
-                          holdout=[Path(p) for p in args.holdout or []] or None, layout=args.layout)
+                          holdout=[Path(p) for p in args.holdout or []] or None, layout=args.layout,
+                          feed=args.feed)
     print(result["message"])
     return 0
 
@@ -147,7 +148,7 @@ def add_parsers(sub) -> None:
 
     p = sub.add_parser("build", help="TensorRT engines for a bundle on this GPU (prepares FP16/Q-DQ ONNX without one)",
                        description="Build TensorRT engines on this device into BUNDLE/engines/<key>/ (key: bundle "
-                                   "hash, precision, TensorRT version, GPU, DLA core), where 'run' and 'classify "
+                                   "hash, precision, TensorRT version, GPU, DLA core, feed), where 'run' and 'classify "
                                    "--backend auto' with the same BUNDLE find them; the last build that fits the "
                                    "device is the one that runs.")
     p.add_argument("bundle")
@@ -161,6 +162,9 @@ def add_parsers(sub) -> None:
     p.add_argument("--layout", default="members", choices=["members", "merged"],
                    help="members (default): one engine per member, what the TensorRT backend runs by default; "
                         "merged: one engine for the merged ensemble (for --layout merged at run time)")
+    p.add_argument("--feed", default="float32", choices=["float32", "uint8"],
+                   help="uint8: engines that take the camera crop as uint8 through the bundle's uint8 front "
+                        "('armscope front'), resized on the GPU; for 'run --feed uint8' (kept beside float32 sets)")
     p.add_argument("--out", help="where a derived FP16/INT8 bundle goes (default BUNDLE-PRECISION; reused if it "
                                  "was made from BUNDLE, unless --force)")
     p.add_argument("--holdout", nargs="+", help="hold-out images for the derived bundle's gate")

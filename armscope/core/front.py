@@ -40,6 +40,7 @@ from armscope.core.preprocess import INTERPOLATIONS, Preprocessing
 FILE = "front_uint8.onnx"
 INPUT = "camera_bgr"
 OUTPUT = "front_image"  # connected to the bundle graphs' ``image`` input by ``compose``
+PREFIX = "armscope_front/"  # the front's node and tensor names in a composed graph
 
 
 def axis_weights(n_in: int, n_out: int, interpolation: str) -> np.ndarray:
@@ -149,14 +150,65 @@ def front_model(spec: Preprocessing, opset: int, ir_version: int):
     return model, how
 
 
+def prefixed(front) -> None:
+    """Give every node and inner tensor of ``front`` (an ONNX ModelProto) the
+    ``PREFIX``, in place; its input and output keep their names. Why: the
+    composed graph must not collide with a lab model's own tensor names, and a
+    TensorRT build finds the front's layers by this prefix to keep them in FP32
+    (``armscope.calibration.trt_build``)."""
+    keep = {INPUT, OUTPUT}
+
+    def rename(name: str) -> str:
+        return name if not name or name in keep or name.startswith(PREFIX) else PREFIX + name
+
+    graph = front.graph
+    for init in graph.initializer:
+        init.name = rename(init.name)
+    for node in graph.node:
+        node.name = PREFIX + (node.name or f"{node.op_type}_{node.output[0]}")
+        node.input[:] = [rename(n) for n in node.input]
+        node.output[:] = [rename(n) for n in node.output]
+    for info in graph.value_info:
+        info.name = rename(info.name)
+
+
+def tf32_exact(front) -> tuple[bool, str]:
+    """Whether the front (an ONNX ModelProto) makes the same pixels when its
+    ``MatMul`` run in TF32, a GPU's default for float32 matrix products
+    (TensorRT: ``BuilderFlag.TF32``, on by default; it rounds each operand to
+    10 explicit mantissa bits, i.e. 11 significant bits, and accumulates in
+    float32). The first MatMul multiplies pixels (integers 0..255, exact in
+    TF32) by the weights; its results feed the second MatMul, so they must
+    fit 11 significant bits too: with every weight a multiple of 2**-k and
+    each output row summing to at most 1, a result is a multiple of 2**-k
+    below 256, which needs 8 + k bits, so k <= 3. The second MatMul's
+    products are then multiples of 2**-2k below 256 (8 + 2k <= 14 bits),
+    exact in the float32 accumulator. The Gather form (no MatMul) and
+    elementwise layers are not affected by TF32. Returns (exact, why)."""
+    from onnx import numpy_helper
+
+    matmul_inputs = {name for node in front.graph.node if node.op_type == "MatMul" for name in node.input}
+    weights = [numpy_helper.to_array(i) for i in front.graph.initializer if i.name in matmul_inputs]
+    if not weights:
+        return True, "no MatMul in the front (Gather form): TF32 does not apply"
+    values = np.concatenate([w.ravel().astype(np.float64) for w in weights])
+    scaled = values * 8
+    if not np.array_equal(scaled, np.round(scaled)) or np.abs(values).max() > 1:
+        return False, ("the front's MatMul weights are not all multiples of 1/8, so TF32 would round its "
+                       "intermediate pixels")
+    return True, "every MatMul weight is a multiple of 1/8: exact in TF32 (8 + 3 significant bits)"
+
+
 def compose(front_path: Path, graph_path: Path, out_path: Path) -> Path:
     """``graph_path`` (a bundle graph with input ``image``) with the front in
-    front of it, written to ``out_path``: input ``camera_bgr``, the graph's outputs."""
+    front of it, written to ``out_path``: input ``camera_bgr``, the graph's
+    outputs; the front's nodes and inner tensors named ``PREFIX...``."""
     import onnx
     from onnx import compose as onnx_compose
 
     graph = onnx.load(str(graph_path))
     front = onnx.load(str(front_path))
+    prefixed(front)
     opset = next((o.version for o in graph.opset_import if o.domain in ("", "ai.onnx")), None)
     front_opset = next(o.version for o in front.opset_import if o.domain in ("", "ai.onnx"))
     if opset != front_opset:  # the front's operators mean the same from opset 13 on

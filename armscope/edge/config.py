@@ -78,7 +78,7 @@ OPTIONS: tuple[Option, ...] = (
     Option("cam_dtype", str, "float16", "how the 'overlay' topic carries the CAM", choices=("float16", "uint8")),
     Option("feed", str, "float32", "what the backend gets per frame: float32 (resized on the host CPU) or uint8 "
            "(the camera crop; the bundle's uint8 front resizes it in the graph: 'armscope front' adds one; "
-           "ONNX Runtime and OpenVINO so far)", choices=("float32", "uint8")),
+           "TensorRT runs the engines 'armscope build --feed uint8' made)", choices=("float32", "uint8")),
     Option("overlay_size", int, 0, "overlay side in pixels (0 = the model's crop size)", minimum=0, maximum=8192),
     Option("max_alpha", float, 0.6, "overlay opacity at the hottest CAM value", minimum=0.0, maximum=1.0),
     Option("threshold", float, -1.0, "decision threshold on the positive class (-1 = the manifest's)",

@@ -13,6 +13,12 @@ file's sha256:
         member_0.engine ...  per-member engines (the default layout), or ensemble.engine (--layout merged)
     BUNDLE/engines/timing.cache   TensorRT's timing cache, shared by every build on this device
 
+With ``build --feed uint8`` the engines take the camera crop as uint8 through
+the bundle's uint8 front (``armscope.core.front``), composed in front of each
+graph before TensorRT parses it: the key ends ``-u8`` and the index records
+``feed`` and the front's sha256, so float32 and uint8 engine sets live side by
+side and a changed front makes its engines stale.
+
 The bundle hash in the key is the sha256 of ``BUNDLE``'s ensemble graph
 (manifest ``ensemble.sha256``), which covers its members: an FP16 or INT8
 build compiles the derived graphs (``BUNDLE-fp16``, ``BUNDLE-int8``) but is
@@ -40,6 +46,7 @@ INDEX = "engine.json"
 TIMING_CACHE = "timing.cache"
 FORMAT = 1
 LAYOUTS = ("merged", "members")
+FEEDS = ("float32", "uint8")
 
 
 def bundle_hash(bundle: Bundle) -> str:
@@ -54,12 +61,20 @@ def graphs_for(bundle: Bundle, layout: str) -> list[str]:
     return ["ensemble"] if layout == "merged" else [f"member_{i}" for i in range(len(bundle.member_paths))]
 
 
-def engine_key(source_sha256: str, precision: str, trt_version: str, gpu: dict, dla_core: int | None) -> str:
+def engine_key(source_sha256: str, precision: str, trt_version: str, gpu: dict, dla_core: int | None,
+               feed: str = "float32") -> str:
     """The directory name of one engine set: everything an engine is only valid for."""
     slug = re.sub(r"[^a-z0-9]+", "-", gpu["name"].lower()).strip("-") or "gpu"
     cc = gpu["compute_capability"].replace(".", "")
     dla = f"-dla{int(dla_core)}" if dla_core is not None else ""
-    return f"{precision}-trt{trt_version}-sm{cc}-{slug}{dla}-{source_sha256[:12]}"
+    u8 = "-u8" if feed == "uint8" else ""
+    return f"{precision}-trt{trt_version}-sm{cc}-{slug}{dla}-{source_sha256[:12]}{u8}"
+
+
+def front_sha256(bundle: Bundle) -> str | None:
+    """The sha256 of the bundle's uint8 front (manifest ``uint8_front``), None without one."""
+    block = bundle.manifest.get("uint8_front")
+    return block.get("sha256") if block else None
 
 
 @dataclass
@@ -76,6 +91,10 @@ class EngineSet:
     @property
     def dla_core(self) -> int | None:
         return self.index.get("dla_core")
+
+    @property
+    def feed(self) -> str:
+        return self.index.get("feed", "float32")   # sets built before the uint8 front took float32
 
     def path(self, graph: str) -> Path:
         return self.root / self.index["engines"][graph]["file"]
@@ -123,10 +142,17 @@ def engine_sets(bundle: Bundle) -> list[EngineSet]:
     return sorted(found, key=lambda s: s.index.get("built", ""), reverse=True)
 
 
-def mismatch(index: dict, source_sha256: str, trt_version: str, gpu: dict, dla_core: int | None = None) -> str | None:
-    """Why an engine set cannot run here (None when it can)."""
+def mismatch(index: dict, source_sha256: str, trt_version: str, gpu: dict, dla_core: int | None = None,
+             feed: str = "float32", front: str | None = None) -> str | None:
+    """Why an engine set cannot run here (None when it can); ``front``: the
+    bundle's uint8 front sha256, checked for uint8 sets."""
     if index["bundle_sha256"] != source_sha256:
         return "built for another version of this bundle (its ensemble sha256 differs)"
+    built_feed = index.get("feed", "float32")
+    if built_feed != feed:
+        return f"built for feed {built_feed}, feed {feed} was asked for"
+    if feed == "uint8" and index.get("front_sha256") != front:
+        return "built with another uint8 front (the bundle's front_uint8.onnx changed since)"
     if index["tensorrt"] != trt_version:
         return f"built with TensorRT {index['tensorrt']}, this device has TensorRT {trt_version}"
     if index["compute_capability"] != gpu["compute_capability"]:
@@ -139,22 +165,25 @@ def mismatch(index: dict, source_sha256: str, trt_version: str, gpu: dict, dla_c
     return None
 
 
-def build_command(bundle: Bundle, precision: str | None = None, layout: str = "members") -> str:
+def build_command(bundle: Bundle, precision: str | None = None, layout: str = "members",
+                  feed: str = "float32") -> str:
     cmd = f"armscope build {bundle.root} --precision {precision or bundle.manifest['precision']}"
-    return cmd + (" --layout merged" if layout == "merged" else "")
+    return cmd + (" --layout merged" if layout == "merged" else "") + (" --feed uint8" if feed == "uint8" else "")
 
 
 def find_engines(bundle: Bundle, trt_version: str, gpu: dict, layout: str = "members",
-                 dla_core: int | None = None) -> EngineSet:
-    """The newest engine set stored with ``bundle`` that runs ``layout`` on this TensorRT
-    and GPU, its files checked; else one error saying what was found and the command
-    that builds what is missing."""
+                 dla_core: int | None = None, feed: str = "float32") -> EngineSet:
+    """The newest engine set stored with ``bundle`` that runs ``layout`` with ``feed``
+    on this TensorRT and GPU, its files checked; else one error saying what was found
+    and the command that builds what is missing."""
+    if feed not in FEEDS:
+        raise ArmscopeError(f"feed {feed!r}: expected one of {', '.join(FEEDS)}")
     graphs = graphs_for(bundle, layout)
     sets = engine_sets(bundle)
-    here = bundle_hash(bundle)
+    here, front = bundle_hash(bundle), front_sha256(bundle)
     reasons = []
     for engine_set in sets:
-        why = mismatch(engine_set.index, here, trt_version, gpu, dla_core)
+        why = mismatch(engine_set.index, here, trt_version, gpu, dla_core, feed, front)
         if why is None and not engine_set.has(graphs):
             why = (f"has engines for {', '.join(sorted(engine_set.index['engines']))}, not the {layout} layout's "
                    f"{', '.join(graphs)}")
@@ -167,11 +196,12 @@ def find_engines(bundle: Bundle, trt_version: str, gpu: dict, layout: str = "mem
              if reasons else f"no engines in {bundle.root / ENGINE_DIR}")
     raise ArmscopeError(f"{bundle.root}: no TensorRT engines for this device ({gpu['name']}, sm "
                         f"{gpu['compute_capability']}, TensorRT {trt_version}): {found}; build them here with: "
-                        f"{build_command(bundle, precision, layout)}")
+                        f"{build_command(bundle, precision, layout, feed)}")
 
 
 def new_index(source: Bundle, compiled: Bundle, precision: str, trt_version: str, gpu: dict, *,
-              dla_core: int | None, int8_mode: str | None, max_batch: int, workspace_mb: int) -> dict:
+              dla_core: int | None, int8_mode: str | None, max_batch: int, workspace_mb: int,
+              feed: str = "float32", tf32: bool = True) -> dict:
     """engine.json for a set being built; ``add_engine`` fills ``engines``."""
     return {
         "format": FORMAT, "bundle": source.manifest.get("name"), "bundle_sha256": bundle_hash(source),
@@ -182,6 +212,7 @@ def new_index(source: Bundle, compiled: Bundle, precision: str, trt_version: str
                           "ensemble_sha256": bundle_hash(compiled),
                           "deployable": compiled.manifest.get("quantization", {}).get("deployable", True)},
         "int8_mode": int8_mode, "max_batch": max_batch, "workspace_mb": workspace_mb,
+        "feed": feed, "front_sha256": front_sha256(source) if feed == "uint8" else None, "tf32": tf32,
         "built": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "engines": {},
     }
 

@@ -13,7 +13,7 @@ BACKENDS = ("auto", "onnxruntime", "openvino", "tensorrt")
 CPU_PRECISIONS = ("f32", "bf16", "auto")  # OpenVINO inference precision (armscope/edge/backends/openvino_backend.py)
 
 
-def gpu_choice(bundle: Bundle, layout: str = "members"):
+def gpu_choice(bundle: Bundle, layout: str = "members", feed: str = "float32"):
     """What ``auto`` does about the GPU: (engine set, why) to run TensorRT; or (None,
     why not, loud) to run on the CPU, ``loud`` (a WARNING) wherever a GPU run was to be
     expected: a GPU or a Jetson without TensorRT, TensorRT without a GPU, or engines in
@@ -27,7 +27,7 @@ def gpu_choice(bundle: Bundle, layout: str = "members"):
     if trt_ok and gpu is not None:
         import tensorrt
 
-        engines = find_engines(bundle, tensorrt.__version__, gpu, layout)  # or the error with the build command
+        engines = find_engines(bundle, tensorrt.__version__, gpu, layout, feed=feed)  # or the error naming the build
         return engines, f"engines {engines.root.name} for this GPU and TensorRT", False
     stored = engine_sets(bundle)
     if gpu is not None:
@@ -54,19 +54,20 @@ def open_backend(bundle: Bundle, kind: str = "auto", **options) -> InferenceBack
     and by ``auto``, which chooses it.
     Option ``layout`` ``auto`` (default) is the faster one for the backend chosen.
     Option ``feed``: ``float32`` (default) or ``uint8``, the camera crop through the
-    bundle's uint8 front (``armscope.core.front``; ONNX Runtime and OpenVINO so far)."""
+    bundle's uint8 front (``armscope.core.front``; TensorRT runs the engines that
+    ``armscope build --feed uint8`` made)."""
     if kind not in BACKENDS:
         raise ArmscopeError(f"backend {kind!r}: expected one of {', '.join(BACKENDS)}")
     layout = options.get("layout", "auto")
     if kind == "auto":
-        engines, why, loud = gpu_choice(bundle, "members" if layout == "auto" else layout)
+        engines, why, loud = gpu_choice(bundle, "members" if layout == "auto" else layout,
+                                        options.get("feed", "float32"))
         if engines is not None:
             from armscope.edge.backends.tensorrt_backend import TensorRTBackend
 
-            refuse_uint8_feed(options)
             log.info("backend: tensorrt (%s in %s)", why, bundle.root)
             options = {k: v for k, v in options.items()
-                       if k not in ("threads", "cpu_precision", "allow_inexact_int8", "feed")}
+                       if k not in ("threads", "cpu_precision", "allow_inexact_int8")}
             backend = TensorRTBackend(bundle, **dict(options, layout="members" if layout == "auto" else layout),
                                       engines=engines)
             backend.selection = {"requested": "auto", "why": why}
@@ -85,7 +86,6 @@ def open_backend(bundle: Bundle, kind: str = "auto", **options) -> InferenceBack
     if kind == "tensorrt":
         from armscope.edge.backends.tensorrt_backend import TensorRTBackend
 
-        refuse_uint8_feed(options)
         options.pop("threads", None)
         return TensorRTBackend(bundle, **options)
     options.pop("max_batch", None)
@@ -97,11 +97,3 @@ def open_backend(bundle: Bundle, kind: str = "auto", **options) -> InferenceBack
 
     return OnnxRuntimeBackend(bundle, allow_inexact_int8=allow_inexact_int8, **options)
 
-
-def refuse_uint8_feed(options: dict) -> None:
-    """The TensorRT backend builds its engines from the float32 graphs: the
-    uint8 front is not in them yet (docs/status.md, docs/backends.md 'The uint8 front')."""
-    feed = options.pop("feed", "float32")
-    if feed != "float32":
-        raise ArmscopeError(f"feed {feed!r}: the TensorRT backend takes float32 frames only so far (its engines are "
-                            "built without the uint8 front); use feed float32, or a CPU backend for uint8")

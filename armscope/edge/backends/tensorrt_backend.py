@@ -29,6 +29,10 @@ off; env ``ARMSCOPE_ZERO_COPY``). Each member's enqueue is replayed as a
 CUDA graph captured at activation, as ``trtexec --useCudaGraph`` does
 (``cuda_graphs``; env ``ARMSCOPE_CUDA_GRAPHS=0`` turns it off); an engine
 TensorRT cannot enqueue under capture runs directly and ``describe()`` says so.
+``feed="uint8"`` runs the engines ``build --feed uint8`` made, with the
+bundle's uint8 front inside them: ``infer`` takes the camera crops (N, C, C, 3)
+uint8 BGR, 3 MB a 1024 x 1024 frame instead of 4.9 MB of float32 640 x 640,
+and the GPU resizes them; the input buffer is uint8 and everything else the same.
 DLA engines (``build --dla N``): ``IRuntime.DLA_core`` is set to the core the
 engine was built for before deserializing, and layers DLA cannot run fall
 back to the GPU (``gpu_fallback`` in ``describe()``).
@@ -40,6 +44,7 @@ import os
 
 import numpy as np
 
+from armscope.core import front
 from armscope.core.bundle import Bundle
 from armscope.core.errors import ArmscopeError
 from armscope.edge.backends.base import InferenceBackend, check_graph_io
@@ -48,7 +53,6 @@ from armscope.gpu.engines import LAYOUTS, EngineSet, find_engines, graphs_for
 
 log = logging.getLogger(__name__)
 
-INPUT = "image"
 ZERO_COPY = ("auto", "on", "off")
 
 
@@ -56,10 +60,11 @@ class _Member:
     """One engine with its execution context, stream, event, output buffers and CUDA graphs."""
 
     def __init__(self, cuda: CudaRuntime, engine, max_batch: int, input_ptr: int, wanted: tuple[str, ...],
-                 zero_copy: bool):
+                 zero_copy: bool, input_name: str = "image", input_dtype=np.float32):
         import tensorrt as trt
 
         self.engine = engine
+        self.input_name = input_name
         self.context = None
         try:
             self.context = engine.create_execution_context()
@@ -73,13 +78,16 @@ class _Member:
             self.graphs: dict[int, object] = {}   # batch size -> instantiated CUDA graph of the enqueue
             names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
             inputs = [n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
-            check_graph_io("engine", inputs, names, wanted)
+            check_graph_io("engine", inputs, names, wanted, input_name)
+            got = np.dtype(trt.nptype(engine.get_tensor_dtype(input_name)))
+            if got != np.dtype(input_dtype):
+                raise ArmscopeError(f"engine input {input_name} is {got}, expected {np.dtype(input_dtype)}")
             # shapes at the largest batch the engine's profile allows us to use
-            profile_max = engine.get_tensor_profile_shape(INPUT, 0)[2]
+            profile_max = engine.get_tensor_profile_shape(input_name, 0)[2]
             self.max_batch = min(max_batch, int(profile_max[0]))
             self.shape = (self.max_batch, *profile_max[1:])
             self._set_shape(self.shape)
-            self._address(INPUT, input_ptr)  # every member reads the one input
+            self._address(input_name, input_ptr)  # every member reads the one input
             for name in wanted:  # the bundle's outputs (patch_probs only where it has per-patch heads)
                 shape = tuple(self.context.get_tensor_shape(name))
                 dtype = trt.nptype(engine.get_tensor_dtype(name))
@@ -98,7 +106,7 @@ class _Member:
             raise
 
     def _set_shape(self, shape: tuple) -> None:
-        if not self.context.set_input_shape(INPUT, shape):
+        if not self.context.set_input_shape(self.input_name, shape):
             raise ArmscopeError(f"TensorRT refused input shape {shape} (outside the engine's optimisation profile)")
         self.current = tuple(shape)
 
@@ -158,7 +166,7 @@ def run_members(cuda: CudaRuntime, members: list, host_input: np.ndarray, input_
     "engine" is stream-ordered copies, to check this sequence where TensorRT
     is not installed. Batches larger than the smallest ``max_batch`` run in chunks.
     The outputs are those of the first member's ``outputs`` (every member has the same)."""
-    images = np.ascontiguousarray(images, dtype=np.float32)
+    images = np.ascontiguousarray(images, dtype=host_input.dtype)  # float32 frames, or uint8 crops (feed uint8)
     names = list(members[0].outputs)
     if images.ndim != host_input.ndim or images.shape[1:] != host_input.shape[1:]:
         raise ArmscopeError(f"input batch of shape {images.shape}: expected (N, {', '.join(map(str, host_input.shape[1:]))})")
@@ -200,7 +208,7 @@ class TensorRTBackend(InferenceBackend):
 
     def __init__(self, bundle: Bundle, layout: str = "members", max_batch: int = 1, *,
                  engines: EngineSet | None = None, cuda_graphs: bool | None = None, zero_copy: str | None = None,
-                 flavour: str | None = None, dla_core: int | None = None, **_ignored):
+                 flavour: str | None = None, dla_core: int | None = None, feed: str = "float32", **_ignored):
         from armscope.gpu.trt_env import gpu_info, require_tensorrt
 
         super().__init__()
@@ -213,8 +221,13 @@ class TensorRTBackend(InferenceBackend):
         gpu = gpu_info()
         if gpu is None:
             raise ArmscopeError("the TensorRT backend needs an NVIDIA GPU; none was found (use --backend onnxruntime)")
+        front.require(bundle, feed)
         self.bundle, self.layout, self.gpu, self.trt_version = bundle, layout, gpu, trt.__version__
-        self.engine_set = engines or find_engines(bundle, trt.__version__, gpu, layout, dla_core)
+        self.feed = feed
+        self.engine_set = engines or find_engines(bundle, trt.__version__, gpu, layout, dla_core, feed)
+        if self.engine_set.feed != feed:
+            raise ArmscopeError(f"{self.engine_set.root}: built for feed {self.engine_set.feed}, feed {feed} was "
+                                "asked for")
         self.graph_names = graphs_for(bundle, layout)
         self.requested_batch = max_batch
         self.want_graphs = (cuda_graphs if cuda_graphs is not None
@@ -244,11 +257,11 @@ class TensorRTBackend(InferenceBackend):
             # set before deserialize_cuda_engine (TensorRT API, nvinfer1::IRuntime; Python: Runtime.DLA_core)
             self.runtime.DLA_core = int(dla)
         self.zero_copy, self.zero_copy_why = self._zero_copy_decision()
-        shape = (self.requested_batch, *self.bundle.manifest["inputs"][0]["shape"][1:])
+        shape, dtype, input_name = self._input()
         if self.zero_copy:
-            self.host_input, self.input_ptr = self.cuda.mapped(shape, np.float32)
+            self.host_input, self.input_ptr = self.cuda.mapped(shape, dtype)
         else:
-            self.host_input = self.cuda.pinned(shape, np.float32)
+            self.host_input = self.cuda.pinned(shape, dtype)
             self.input_ptr = self.cuda.device(self.host_input.nbytes)
         self.input_ready = self.cuda.event()
         for graph in self.graph_names:
@@ -261,11 +274,19 @@ class TensorRTBackend(InferenceBackend):
                                         "(see the TensorRT error logged above); rebuild it: "
                                         f"armscope build {self.bundle.root} --precision {self.engine_set.precision}")
                 self.members.append(_Member(self.cuda, engine, self.requested_batch, self.input_ptr,
-                                            self.bundle.output_names, self.zero_copy))
+                                            self.bundle.output_names, self.zero_copy, input_name, dtype))
             finally:
                 engine = None  # the member holds it; after a failure nothing may (a traceback keeps this frame)
         self.max_batch = min(m.max_batch for m in self.members)
         self.graphs_state = self._capture_graphs()
+
+    def _input(self) -> tuple[tuple, type, str]:
+        """(shape at the requested batch, dtype, tensor name) of the engines' input: the
+        preprocessed frame, or with feed uint8 the camera crop the front takes."""
+        if self.feed == "uint8":
+            crop = self.bundle.preprocessing.center_crop
+            return (self.requested_batch, crop, crop, 3), np.uint8, front.INPUT
+        return (self.requested_batch, *self.bundle.manifest["inputs"][0]["shape"][1:]), np.float32, "image"
 
     def _zero_copy_decision(self) -> tuple[bool, str]:
         if self.want_zero_copy == "off":
@@ -322,4 +343,5 @@ class TensorRTBackend(InferenceBackend):
                 "precision": self.engine_set.precision, "dla_core": index.get("dla_core"),
                 "gpu_fallback": bool(index.get("gpu_fallback")),
                 "cuda": self.cuda.flavour if self.cuda is not None else None, "max_batch": self.max_batch,
-                "cuda_graphs": self.graphs_state, "zero_copy": self.zero_copy, "zero_copy_why": self.zero_copy_why}
+                "cuda_graphs": self.graphs_state, "zero_copy": self.zero_copy, "zero_copy_why": self.zero_copy_why,
+                "feed": self.feed, "tf32": index.get("tf32", True)}
