@@ -234,14 +234,19 @@ def test_staleness_counts_from_the_capture(tmp_path):
         daemon.close()
 
 
-def test_header_stale_after_ms_is_capped(tmp_path):
+def test_header_stale_after_ms_is_capped(tmp_path, caplog):
+    """The bridge's --max-stale-ms wins over a longer daemon window (blank sooner: safe),
+    and says so once per daemon run, since the pathologist will see the eyepiece go dark."""
     clock = FakeClock()
     display, bridge = feed_bridge(tmp_path, clock=clock, max_stale_ms=800)
     daemon = FakeDaemon(stale_after_ms=3_600_000)  # a daemon asking for an hour
     try:
-        bridge.feed(daemon.status_frames("running"))
-        bridge.feed(daemon.overlay_frames(OVERLAY))
-        bridge.feed(daemon.status_frames("running"))
+        with caplog.at_level("WARNING", logger="armscope.firmware_bridge.bridge"):
+            bridge.feed(daemon.status_frames("running"))
+            bridge.feed(daemon.overlay_frames(OVERLAY))
+            bridge.feed(daemon.status_frames("running"))
+        capped = [r for r in caplog.records if "caps them at 800 ms" in r.getMessage()]
+        assert len(capped) == 1 and "3600000 ms" in capped[0].getMessage()
         assert bridge.displayed == "overlay"
         clock.t += 0.81
         bridge.tick()

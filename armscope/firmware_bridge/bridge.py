@@ -182,6 +182,7 @@ class Bridge:
         self.last_seq: int | None = None
         self.last_message: float | None = None
         self.stale_s = self.max_stale_s    # silence window; the newest message's stale_after_ms once one arrived
+        self.capped_run: str | None = None  # the daemon run whose stale_after_ms max_stale_ms caps (warned once)
         # what the display shows: "unknown" (start-up or a failed blank), "blank" or "overlay"
         self.displayed = "unknown"
         self.current: _Overlay | None = None
@@ -305,6 +306,12 @@ class Bridge:
         self.received[msg.topic] += 1
         self.last_message = received
         self.stale_s = min(float(h["stale_after_ms"]) / 1000.0, self.max_stale_s)
+        if h["stale_after_ms"] > self.max_stale_s * 1000.0 and self.capped_run != h["run_id"]:
+            self.capped_run = h["run_id"]   # safe (blank sooner), but the pathologist sees gaps: say so once a run
+            log.warning("bridge: the daemon keeps overlays valid %d ms (its stale_after_ms), --max-stale-ms caps them "
+                        "at %d ms: the eyepiece goes dark between overlays that come slower than that; raise "
+                        "--max-stale-ms if overlays that old are acceptable", h["stale_after_ms"],
+                        self.max_stale_s * 1000.0)
         if h["run_id"] != self.run_id:
             if self.run_id is not None:
                 self.counts["run_changes"] += 1

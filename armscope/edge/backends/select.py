@@ -52,9 +52,6 @@ from armscope.edge.backends.cpu_features import cpu_flags, int8_exact
 log = logging.getLogger("armscope.edge.backends")
 
 X86 = ("x86_64", "amd64", "i386", "i686")
-# One DenseNet-121 member, real frames, OpenVINO BF16 against ONNX Runtime FP32 (BENCHMARKS.md section 4)
-BF16_SPEEDUP = ("2.1-2.3x ONNX Runtime FP32 on a full-size DenseNet-121 member (AVX512-BF16, 2 cores), "
-                "2.2x (AMX, 2 cores)")
 
 
 @dataclass(frozen=True)
@@ -129,7 +126,7 @@ def decide(bundle, machine: Machine, records: "list[dict] | ArmscopeError", layo
     if machine.openvino is None:
         return CpuChoice("onnxruntime", "fp32", "f32",
                          f"FP32: this CPU has {unit}, but BF16 runs on OpenVINO, which is not installed "
-                         f"(pip install 'armscope[openvino]'; BF16 measured {BF16_SPEEDUP})")
+                         "(pip install 'armscope[openvino]'; BF16 against FP32: BENCHMARKS.md section 4)")
     if isinstance(records, ArmscopeError):
         return CpuChoice("onnxruntime", "fp32", "f32", f"FP32: {records}", warn=True)
     key = fidelity.make_key(bundle.manifest["ensemble"]["sha256"], machine.openvino, unit)

@@ -28,8 +28,8 @@ try:
 except ImportError as exc:  # the [serial] extra is not installed
     raise ImportError(
         f"the serial link's COBS framing is compiled with numba, which is not installed ({exc}): "
-        "pip install 'armscope[serial]'. There is no pure-Python fallback: whole-array NumPy took ~7 ms "
-        "a 1280x720 RGB565 frame, more than the bridge's 5 ms budget", name="numba") from None
+        "pip install 'armscope[serial]'. There is no pure-Python fallback: NumPy framing of a display-sized "
+        "frame misses the bridge's 5 ms budget (BENCHMARKS.md section 3)", name="numba") from None
 
 __all__ = ["cobs_into", "encode_chunks", "chunk_crcs", "HAVE_COMPILED_CRC", "max_encoded_size"]
 

@@ -32,8 +32,8 @@ def slow_warp_warning() -> str | None:
         return None
     if major >= FAST_WARP_OPENCV:
         return None
-    return (f"OpenCV {cv2.__version__} (from {getattr(cv2, '__file__', '?')}): its warp is about 2x slower "
-            f"than OpenCV {FAST_WARP_OPENCV}'s; pip install 'opencv-python-headless>={FAST_WARP_OPENCV}' "
+    return (f"OpenCV {cv2.__version__} (from {getattr(cv2, '__file__', '?')}): its warp is slower than "
+            f"OpenCV {FAST_WARP_OPENCV}'s (BENCHMARKS.md section 3); pip install 'opencv-python-headless>={FAST_WARP_OPENCV}' "
             f"and make sure that one is imported")
 
 
