@@ -15,19 +15,18 @@ written.
 """
 from __future__ import annotations
 
-import datetime as dt
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-import armscope
-from armscope.core.bundle import SCHEMA_VERSION, sha256_file, staged_directory, write_manifest
+from armscope.core.bundle import sha256_file, staged_directory, write_manifest
 from armscope.core.errors import ArmscopeError, require_module
 from armscope.core.preprocess import Preprocessing
 from armscope.export import member_input
 from armscope.export.keras_io import load_member, quiet_libraries
+from armscope.export.manifests import bundle_manifest, producer
 from armscope.export.scalings import SCALINGS
 
 log = logging.getLogger(__name__)
@@ -274,9 +273,8 @@ def export_multi(sources: list[MemberSource], out_dir: Path, task=None, name: st
         raise ArmscopeError("no members given: expected one or more .keras/.h5 files or SavedModel directories")
     if opset < 17:
         raise ArmscopeError(f"--opset {opset}: expected 17 or newer")
-    tf = require_module("tensorflow", "tf", "ONNX export")
-    keras = require_module("keras", "tf", "ONNX export")
-    tf2onnx = require_module("tf2onnx", "tf", "ONNX export")
+    for module in ("tensorflow", "keras", "tf2onnx"):  # one clear error naming the [tf] extra where one is missing
+        require_module(module, "tf", "ONNX export")
     import onnx
     import sklearn
 
@@ -317,37 +315,23 @@ def export_multi(sources: list[MemberSource], out_dir: Path, task=None, name: st
             raise ArmscopeError(f"ONNX graphs disagree with Keras/scikit-learn: max |delta probs| = {worst:.2e} > "
                                 f"{PARITY_LIMIT:g} ({'; '.join(bad)}); not writing {out_dir}")
         scores = "; ".join(f"member {i} ({e['source']}): {e['model']['cam']['score']}" for i, e in enumerate(entries))
-        manifest = {
-            "schema_version": SCHEMA_VERSION,
-            "name": name or out_dir.name,
-            "description": description,
-            "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-            "task": task.to_manifest(),
-            "preprocessing": preprocessing.to_manifest(),
-            "model": {
-                "architecture": "whole-image-classifier",
-                "backbone": " + ".join(e["model"].get("backbone", "?") for e in entries),
-                "input_size": size,
-                **({"map_size": h} if h == w else {}),
-                "members_differ": "see members[i].preprocessing and members[i].model",
-                "cam": {"method": "each member's own Grad-CAM (members[i].model.cam), resized to "
-                                  f"{h}x{w} where a member's map differs, averaged",
-                        "definition": "cam = mean over members of cam_member (bilinear-resized to the bundle's map)",
-                        "score": scores, "layout": f"N x C x {h} x {w}, raw (not normalised)"},
-            },
-            "inputs": [{"name": "image", "shape": ["N", size, size, 3], "dtype": "float32"}],
-            "outputs": [{"name": "probs", "shape": ["N", len(task.classes)], "dtype": "float32"},
-                        {"name": "cam", "shape": ["N", len(task.classes), h, w], "dtype": "float32"}],
-            "members": entries,
-            "ensemble": {"file": ensemble.name, "sha256": sha256_file(ensemble),
-                         "parity_max_abs_probs": ensemble_parity},
-            "precision": "fp32",
-            "opset": opset,
-            "producer": {"armscope": armscope.__version__, "tensorflow": tf.__version__, "keras": keras.__version__,
-                         "tf2onnx": tf2onnx.__version__, "onnx": onnx.__version__,
-                         "scikit-learn": sklearn.__version__},
+        model = {
+            "architecture": "whole-image-classifier",
+            "backbone": " + ".join(e["model"].get("backbone", "?") for e in entries),
+            "input_size": size,
+            **({"map_size": h} if h == w else {}),
+            "members_differ": "see members[i].preprocessing and members[i].model",
+            "cam": {"method": "each member's own Grad-CAM (members[i].model.cam), resized to "
+                              f"{h}x{w} where a member's map differs, averaged",
+                    "definition": "cam = mean over members of cam_member (bilinear-resized to the bundle's map)",
+                    "score": scores, "layout": f"N x C x {h} x {w}, raw (not normalised)"},
         }
-        if tissue_gate:  # this modality's tissue/focus gate thresholds (armscope.core.tissue.TissueGate)
-            manifest["tissue_gate"] = dict(tissue_gate)
+        manifest = bundle_manifest(
+            name=name or out_dir.name, description=description, task=task.to_manifest(),
+            preprocessing=preprocessing.to_manifest(), model=model, input_size=size,
+            outputs=[{"name": "probs", "shape": ["N", len(task.classes)], "dtype": "float32"},
+                     {"name": "cam", "shape": ["N", len(task.classes), h, w], "dtype": "float32"}],
+            members=entries, ensemble=ensemble, ensemble_parity=ensemble_parity, opset=opset,
+            producer_block=producer(**{"scikit-learn": sklearn.__version__}), tissue_gate=tissue_gate)
         write_manifest(stage, manifest)
     return out_dir

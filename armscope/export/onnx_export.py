@@ -11,7 +11,6 @@ renamed into place, so a failed export leaves nothing behind.
 from __future__ import annotations
 
 import dataclasses
-import datetime as dt
 import json
 import logging
 from dataclasses import dataclass, field
@@ -19,13 +18,13 @@ from pathlib import Path
 
 import numpy as np
 
-import armscope
-from armscope.core.bundle import SCHEMA_VERSION, sha256_file, staged_directory, write_manifest
+from armscope.core.bundle import sha256_file, staged_directory, write_manifest
 from armscope.core.errors import ArmscopeError, require_module
 from armscope.core.preprocess import Preprocessing
 from armscope.export import architecture as arch
 from armscope.export.convert import SharedConversionUnsupported, convert_members
 from armscope.export.keras_io import load_member, quiet_libraries
+from armscope.export.manifests import bundle_manifest, producer
 from armscope.export.merge import merge_members
 from armscope.export.scalings import parse_scaling
 from armscope.export.structure import GRADCAM_GRADIENT, PATCH_WEIGHTED, ModelStructure, find_structure
@@ -184,9 +183,8 @@ def export_bundle(
         raise ArmscopeError(f"--opset {opset}: expected 17 or newer")
     if not member_paths:
         raise ArmscopeError("no members given: expected one or more .keras/.h5 files or SavedModel directories")
-    tf = require_module("tensorflow", "tf", "ONNX export")
-    keras = require_module("keras", "tf", "ONNX export")
-    tf2onnx = require_module("tf2onnx", "tf", "ONNX export")
+    for module in ("tensorflow", "keras", "tf2onnx"):  # one clear error naming the [tf] extra where one is missing
+        require_module(module, "tf", "ONNX export")
     import onnx
 
     member_paths = [Path(p) for p in member_paths]
@@ -249,31 +247,10 @@ def export_bundle(
                 "score": st.score, "layout": f"N x C x {st.input_size} x {st.input_size}, raw (not normalised)"}
             outputs_info.append({"name": "saliency", "shape": ["N", n_classes, st.input_size, st.input_size],
                                  "dtype": "float32"})
-        manifest = {
-            "schema_version": SCHEMA_VERSION,
-            "name": name or out_dir.name,
-            "description": description,
-            "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-            "task": task.to_manifest(),
-            "preprocessing": pre_block,
-            "model": model_info,
-            "inputs": [{"name": "image", "shape": ["N", st.input_size, st.input_size, 3], "dtype": "float32"}],
-            "outputs": outputs_info,
-            "members": members,
-            "ensemble": {"file": ensemble.name, "sha256": sha256_file(ensemble),
-                         "parity_max_abs_probs": ensemble_parity},
-            "precision": "fp32",
-            "opset": opset,
-            "producer": {
-                "armscope": armscope.__version__,
-                "tensorflow": tf.__version__,
-                "keras": keras.__version__,
-                "tf2onnx": tf2onnx.__version__,
-                "onnx": onnx.__version__,
-            },
-        }
-        if tissue_gate:
-            manifest["tissue_gate"] = dict(tissue_gate)
+        manifest = bundle_manifest(
+            name=name or out_dir.name, description=description, task=task.to_manifest(), preprocessing=pre_block,
+            model=model_info, input_size=st.input_size, outputs=outputs_info, members=members, ensemble=ensemble,
+            ensemble_parity=ensemble_parity, opset=opset, producer_block=producer(), tissue_gate=tissue_gate)
         worst = max([m["parity_max_abs_probs"] for m in members] + [ensemble_parity])
         if worst > 1e-4:
             raise ArmscopeError(
