@@ -310,8 +310,9 @@ def _write_contact_sheet(target: Path, bundle: Bundle, images, checked, by_index
             detail = detail if len(detail) <= 60 else detail[:57] + "..."
             cells.append({"title": f"{name}: {detail}", "headline": f"no decision: {g['reason']}",
                           "colour": (0, 200, 255), "panels": [("not classified", greyed(frame))]})
+    maps_drawn = "Grad-CAM and saliency" if "saliency" in bundle.output_names else "Grad-CAM"
     sheet = contact_sheet(cells, title=f"{bundle.manifest['name']}: {len(images)} images, "
-                                       f"{len(by_index)} classified (Grad-CAM and saliency of the decided class)")
+                                       f"{len(by_index)} classified ({maps_drawn} of the decided class)")
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.with_name(f".{target.stem}.tmp.png")
     _write_png(tmp, sheet)

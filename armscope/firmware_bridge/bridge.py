@@ -261,7 +261,8 @@ class Bridge:
             finally:
                 self.subscriber = None
                 self.display.close()
-                log.info("bridge stopped: %s", json.dumps(self.stats(), default=str))
+                log.info("bridge closed: display blanked and released (stats(): %d overlays shown)",
+                         self.counts.get("shown", 0))
 
     def __enter__(self) -> "Bridge":
         self.start()
