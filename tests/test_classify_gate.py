@@ -93,7 +93,7 @@ def test_only_images_without_tissue_give_a_slide_without_decision(inputs, capsys
     assert main(["classify", "--bundle", str(DEMO), str(inputs["white"]), str(inputs["glass"])]) == 0
     printed = capsys.readouterr().out
     slide_line = next(x for x in printed.splitlines() if x.startswith("slide (mean)"))
-    assert "no decision: no_classified_image (no image had in-focus tissue)" in slide_line
+    assert "no decision: no_classified_image (no image was classified: no_tissue)" in slide_line
 
 
 def test_the_manifest_carries_the_gate_for_its_modality(inputs, tmp_path):

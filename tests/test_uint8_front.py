@@ -240,3 +240,25 @@ def test_tf32_exactness_is_decided_by_the_weights(interpolation):
         fp32 = exact_session.run([front.OUTPUT], {front.INPUT: crop[None]})[0][0]
         changed += int((_front_in_tf32(model, crop) != fp32).sum())
     assert (changed == 0) == exact, changed
+
+
+def test_bundles_derived_from_a_fronted_bundle_keep_its_front(fronted, tmp_path, capsys):
+    """FP16 (``quantize``/``build``) and subset bundles made from a bundle with a front
+    carry the front file its manifest names, so ``front`` then ``build --precision fp16
+    --feed uint8`` works in that order; ``inspect`` lists it."""
+    from armscope.calibration.derive import subset_bundle
+    from armscope.calibration.quantize import make_reduced_bundle
+    from armscope.cli import main
+
+    make_reduced_bundle(fronted, tmp_path / "fp16", "fp16", holdout=FRAMES)
+    subset_bundle(load_bundle(fronted), [0], tmp_path / "one")
+    frame = load_image(FRAMES[0])
+    for root in (tmp_path / "fp16", tmp_path / "one"):
+        derived = load_bundle(root)   # verifies the front's sha256 against the copied manifest block
+        assert front.entry(derived) == front.entry(load_bundle(fronted))
+        with open_backend(derived, "onnxruntime", feed="uint8") as u8, open_backend(derived, "onnxruntime") as f32:
+            got = u8.infer(front.camera_crop(frame, derived.preprocessing)[None])["probs"]
+            want = f32.infer(preprocess_frame(frame, derived.preprocessing)[None])["probs"]
+        np.testing.assert_allclose(got, want, atol=1e-5)
+    assert main(["inspect", str(tmp_path / "fp16")]) == 0
+    assert f"uint8 front {front.FILE}" in capsys.readouterr().out

@@ -52,7 +52,18 @@ def move_graphs(source: Bundle, src_folder: Path, stage: Path) -> None:
         shutil.move(str(src_folder / entry["file"]), str(dst))
 
 
+def copy_front(source: Bundle, stage: Path) -> None:
+    """The source's uint8 front (``armscope.core.front``), if it has one, into a bundle
+    derived from it: the manifest's ``uint8_front`` block names the file and its sha256,
+    and the front takes the camera crop and makes the float32 input every precision's
+    graphs take, so it is the same file for the FP16, INT8 or subset bundle."""
+    block = source.manifest.get("uint8_front")
+    if block is not None:
+        shutil.copy2(source.root / block["file"], stage / block["file"])
+
+
 def derived_manifest(source: Bundle, stage: Path, precision: str, block: dict, name_suffix: str) -> dict:
+    copy_front(source, stage)
     manifest = copy.deepcopy(source.manifest)
     manifest["name"] = f"{source.manifest['name']}-{name_suffix}"
     manifest["created"] = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
@@ -95,6 +106,7 @@ def subset_bundle(source: Bundle, members: list[int], out: Path, force: bool = F
             shutil.copy2(source.root / entry["file"], stage / entry["file"])
             paths.append(stage / entry["file"])
         onnx.save(merge_members(paths), str(stage / source.manifest["ensemble"]["file"]))
+        copy_front(source, stage)
         manifest = copy.deepcopy(source.manifest)
         manifest["name"] = f"{source.manifest['name']}-members-{'-'.join(map(str, members))}"
         manifest["members"] = copy.deepcopy(picked)

@@ -38,6 +38,8 @@ def _cmd_inspect(args) -> int:
     for member in m["members"]:
         print(f"member      {member['file']}  fold {member['fold']}  sha256 {member['sha256'][:16]}...  ok")
     print(f"ensemble    {m['ensemble']['file']}  sha256 {m['ensemble']['sha256'][:16]}...  ok")
+    if (front := m.get("uint8_front")) is not None:
+        print(f"uint8 front {front['file']}  sha256 {front['sha256'][:16]}...  ok  (feed uint8: the camera crop in)")
     print("producer    " + ", ".join(f"{k} {v}" for k, v in m["producer"].items()))
     print("hashes      all verified")
     return 0

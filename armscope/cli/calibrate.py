@@ -167,7 +167,8 @@ def add_parsers(sub) -> None:
                         "('armscope front'), resized on the GPU; for 'run --feed uint8' (kept beside float32 sets)")
     p.add_argument("--out", help="where a derived FP16/INT8 bundle goes (default BUNDLE-PRECISION; reused if it "
                                  "was made from BUNDLE, unless --force)")
-    p.add_argument("--holdout", nargs="+", help="hold-out images for the derived bundle's gate")
+    p.add_argument("--holdout", nargs="+", help="hold-out images for the derived FP16/INT8 bundle's accuracy gate "
+                                                "(needed when build makes that bundle)")
     p.add_argument("--force", action="store_true", help="replace an existing derived bundle")
     p.set_defaults(func=_cmd_build)
 

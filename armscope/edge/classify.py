@@ -174,7 +174,8 @@ def classify_images(
         slide.update(probs=_probs_dict(bundle.classes, slide_probs), decision=slide_decision)
     else:
         slide.update(probs=None, decision=None,
-                     no_decision={"reason": "no_classified_image", "detail": "no image had in-focus tissue"})
+                     no_decision={"reason": "no_classified_image", "detail": "no image was classified: "
+                                  + ", ".join(sorted({r["no_decision"]["reason"] for r in results}))})
     report = {
         "bundle": bundle.manifest["name"],
         "backend": classifier.backend.describe(),
