@@ -134,3 +134,43 @@ def test_run_members_sequence_on_the_gpu(cuda, real_inputs, members):
         np.testing.assert_allclose(out["cam"], expected)
     with pytest.raises(ArmscopeError, match=r"input batch of shape \(1, 320, 320, 3\): expected \(N, 640, 640, 3\)"):
         run_members(cuda, engines, host_input, input_ptr, ready, np.zeros((1, 320, 320, 3), np.float32))
+
+
+def test_a_captured_copy_replays_and_its_graph_goes_first(cuda):
+    """The CUDA-graph calls the TensorRT backend makes around ``execute_async_v3``
+    (cuda-python only; pycuda reports them unsupported): a stream-ordered copy is
+    captured, the graph replays it on new data, ``destroy_graphs`` frees the graph
+    before the buffers it references, and ``close`` still frees the rest."""
+    if not cuda.graphs_supported:
+        assert cuda.flavour == "pycuda"
+        pytest.skip("stream capture is driven through cuda-python only")
+    src, dst = cuda.pinned((256,), np.uint8), cuda.pinned((256,), np.uint8)
+    device = cuda.device(256)
+    stream = cuda.stream()
+    cuda.begin_capture(stream)
+    cuda.htod(device, src, 256, stream)
+    cuda.dtoh(dst, device, 256, stream)
+    graph = cuda.end_capture(stream, True)
+    assert graph is not None
+    for value in (7, 201):   # replays read the pinned source as it is now
+        src[:] = value
+        cuda.launch(graph, stream)
+        cuda.synchronize(stream)
+        assert (dst == value).all()
+    cuda.destroy_graphs()
+    assert not any(kind.startswith("graph") for kind, _ in cuda._allocations)
+    assert any(kind == "device" for kind, _ in cuda._allocations)
+
+
+def test_run_members_takes_uint8_crops(cuda):
+    """feed uint8: the input buffer is uint8 and ``run_members`` uploads the crops as
+    they are (no float32 conversion), 3 bytes a pixel."""
+    from armscope.edge.backends.tensorrt_backend import run_members
+
+    shape = (1, 64, 64, 3)
+    host_input = cuda.pinned(shape, np.uint8)
+    input_ptr = cuda.device(host_input.nbytes)
+    engine = CopyEngine(cuda, 0, 1, input_ptr, (16, 16, 3))   # reads the first 8 bytes of the upload back
+    crop = np.random.default_rng(0).integers(0, 256, shape, dtype=np.uint8)
+    out = run_members(cuda, [engine], host_input, input_ptr, cuda.event(), crop)
+    np.testing.assert_array_equal(out["probs"][0].view(np.uint8), crop.reshape(-1)[:8])

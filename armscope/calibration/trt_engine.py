@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from armscope.core.errors import ArmscopeError
-from armscope.gpu.trt_env import strongly_typed_only, trt_logger
+from armscope.gpu.trt_env import strongly_typed_only, trt_logger, trt_major
 
 log = logging.getLogger(__name__)
 
@@ -107,7 +107,9 @@ def fp32_layers(trt, network, prefix: str) -> list[int]:
     for i in range(network.num_layers):
         layer = network.get_layer(i)
         outputs = [layer.get_output(j) for j in range(layer.num_outputs)]
-        if not (layer.name.startswith(prefix) or any(t.name.startswith(prefix) for t in outputs)):
+        inputs = [t for t in (layer.get_input(j) for j in range(layer.num_inputs)) if t is not None]
+        # a layer the parser adds inside a front node (its own name) still reads or writes the front's tensors
+        if not (layer.name.startswith(prefix) or any(t.name.startswith(prefix) for t in outputs + inputs)):
             continue
         if layer.type == trt.LayerType.CAST or any(t.dtype != trt.float32 for t in outputs):
             continue
@@ -169,7 +171,9 @@ def build_engine(trt, onnx_path: Path, engine_path: Path, precision: str, *, wor
         if precision == "fp32":
             raise ArmscopeError("--dla needs --precision fp16 or int8 (DLA has no FP32)")
         if int(dla_core) >= builder.num_DLA_cores:
-            raise ArmscopeError(f"--dla {dla_core}: this device has {builder.num_DLA_cores} DLA core(s)")
+            none = (f" (TensorRT {trt.__version__} has no DLA support: DLA is in TensorRT 10.x up to 10.7, "
+                    "JetPack 6's)" if builder.num_DLA_cores == 0 and trt_major(trt.__version__) >= 11 else "")
+            raise ArmscopeError(f"--dla {dla_core}: this device has {builder.num_DLA_cores} DLA core(s){none}")
         # IBuilderConfig: layers go to DLA core N; those DLA cannot run fall back to the GPU
         # (GPU_FALLBACK, recorded as engine.json "gpu_fallback"); the runtime must then set
         # IRuntime.DLA_core to the same core before deserializing (tensorrt_backend).
@@ -184,10 +188,18 @@ def build_engine(trt, onnx_path: Path, engine_path: Path, precision: str, *, wor
     cache = config.create_timing_cache(read_timing_cache(timing_cache))
     if cache is None:
         raise ArmscopeError(f"{timing_cache}: TensorRT rejected this timing cache; delete it and rebuild")
-    config.set_timing_cache(cache, ignore_mismatch=False)
+    if not config.set_timing_cache(cache, ignore_mismatch=False):
+        # made on a device with other CUDA properties, or by another TensorRT (IBuilderConfig::setTimingCache
+        # returns false): time afresh, and the cache written below replaces it
+        log.warning("%s: timing cache from another device or TensorRT version; timing afresh", timing_cache)
+        cache = config.create_timing_cache(b"")
+        if cache is None or not config.set_timing_cache(cache, ignore_mismatch=False):
+            raise ArmscopeError(f"{timing_cache}: TensorRT could not start an empty timing cache")
     serialized = builder.build_serialized_network(network, config)
     if serialized is None:
         raise ArmscopeError(f"{onnx_path}: TensorRT could not build an engine (precision {precision}); "
                             "see the TensorRT log above")
     engine_path.write_bytes(bytes(serialized))
-    timing_cache.write_bytes(bytes(config.get_timing_cache().serialize()))
+    used = config.get_timing_cache()
+    if used is not None:
+        timing_cache.write_bytes(bytes(used.serialize()))

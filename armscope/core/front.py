@@ -114,10 +114,12 @@ def front_model(spec: Preprocessing, opset: int, ir_version: int):
         q, p = block.shape
         g = c // p
         # rows: [N, g, p, C*3] -> [N, g, q, C*3]; columns: [N, S, g, p*3] -> [N, S, g, q*3]
+        # the weights at the rank of the data (1 x 1 x ...): TensorRT's ONNX parser would otherwise insert a
+        # broadcast Shuffle of its own naming, which a build could not find to keep in FP32 (trt_engine)
         nodes += [helper.make_node("Reshape", ["x", const("rows_shape", [-1, g, p, c * 3])], ["xr"]),
-                  helper.make_node("MatMul", [const("rows_w", block), "xr"], ["yr"]),
+                  helper.make_node("MatMul", [const("rows_w", block[None, None]), "xr"], ["yr"]),
                   helper.make_node("Reshape", ["yr", const("cols_shape", [-1, s, g, p * 3])], ["yc"]),
-                  helper.make_node("MatMul", ["yc", const("cols_w", np.kron(block.T, flip))], ["z"]),
+                  helper.make_node("MatMul", ["yc", const("cols_w", np.kron(block.T, flip)[None, None])], ["z"]),
                   helper.make_node("Reshape", ["z", const("out_shape", [-1, s, s, 3])], ["resized"])]
         how = f"two MatMul of OpenCV's {spec.interpolation} weights in {q}x{p} blocks"
     else:

@@ -29,11 +29,14 @@ first, with the context current.
 from __future__ import annotations
 
 import ctypes
+import logging
 import threading
 
 import numpy as np
 
 from armscope.core.errors import ArmscopeError
+
+log = logging.getLogger(__name__)
 
 FLAVOURS = ("cuda-python", "pycuda")
 
@@ -68,6 +71,7 @@ class CudaRuntime:
             raise ArmscopeError(f"CUDA flavour {flavour!r} is not installed here (installed: {installed or 'none'})")
         self._allocations: list[tuple[str, object]] = []
         self._pushed: set[int] = set()  # threads where the pycuda context is pushed by us
+        self._creator = threading.get_ident()  # pycuda detaches a context only on the thread that made it
         self.context = None
         failed = []
         for candidate in [flavour] if flavour else installed:  # by default, the next one if an import fails
@@ -285,6 +289,22 @@ class CudaRuntime:
     def launch(self, executable, stream) -> None:
         self._check(self.cudart.cudaGraphLaunch(executable, stream))
 
+    def destroy_graphs(self) -> None:
+        """Destroy the CUDA graphs now, newest first, before what they reference goes
+        (TensorRT's execution contexts: their kernels and scratch memory); the rest
+        stays for ``close``."""
+        if self.flavour != "cuda-python":
+            return
+        keep = []
+        for kind, item in reversed(self._allocations):
+            if kind == "graph_exec":
+                self.cudart.cudaGraphExecDestroy(item)
+            elif kind == "graph":
+                self.cudart.cudaGraphDestroy(item)
+            else:
+                keep.append((kind, item))
+        self._allocations = keep[::-1]
+
     # ------------------------------------------------------------ teardown
 
     def close(self) -> None:
@@ -309,6 +329,9 @@ class CudaRuntime:
         del allocations  # pycuda streams/events are freed as their last reference goes, context current
         if self.flavour == "pycuda":
             self._release_current()
+            if threading.get_ident() != self._creator:
+                log.warning("CUDA (pycuda): closed on another thread than the one that opened it; pycuda cannot "
+                            "release the context from here (it stays retained until the process exits)")
             try:
                 self.context.detach()   # the retain_primary_context reference
             except self.driver.Error:

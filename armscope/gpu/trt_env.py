@@ -25,7 +25,7 @@ from armscope.core.errors import ArmscopeError, require_module
 
 log = logging.getLogger(__name__)
 
-MIN_MAJOR = 10  # JetPack 6.0 ships TensorRT 8.6/10.x; named-tensor execute_async_v3 is what the backend uses
+MIN_MAJOR = 10  # JetPack 6.1 and later ship TensorRT 10.3 (6.0: 8.6); the backend uses named-tensor execute_async_v3
 STRONGLY_TYPED_FROM = 11  # TensorRT 11: weak typing and implicit INT8 removed
 
 # JetPack installs TensorRT's Python module system-wide (apt), and pip has no Jetson wheels for it
@@ -46,7 +46,8 @@ def require_tensorrt(purpose: str):
     or a version this code does not drive."""
     trt = require_module("tensorrt", "gpu", purpose, JETSON_TENSORRT)
     if trt_major(trt.__version__) < MIN_MAJOR:
-        raise ArmscopeError(f"{purpose} needs TensorRT >= {MIN_MAJOR} (JetPack 6); this is TensorRT {trt.__version__}")
+        raise ArmscopeError(f"{purpose} needs TensorRT >= {MIN_MAJOR} (JetPack 6.1 or newer); this is TensorRT "
+                           f"{trt.__version__}")
     return trt
 
 

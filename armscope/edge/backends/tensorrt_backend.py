@@ -25,8 +25,9 @@ On a Jetson (integrated GPU sharing DRAM with the CPU) the input and output
 buffers are pinned host memory mapped into the device (zero-copy): the
 engines read the frame where the CPU wrote it and write results where the
 CPU reads them, so the per-frame copies disappear (``zero_copy``: auto, on,
-off; env ``ARMSCOPE_ZERO_COPY``). Each member's enqueue is replayed as a
-CUDA graph captured at activation, as ``trtexec --useCudaGraph`` does
+off; env ``ARMSCOPE_ZERO_COPY``). With ``max_batch`` 1 (the daemon's) each
+member's enqueue is replayed as a CUDA graph captured at activation, as
+``trtexec --useCudaGraph`` does
 (``cuda_graphs``; env ``ARMSCOPE_CUDA_GRAPHS=0`` turns it off); an engine
 TensorRT cannot enqueue under capture runs directly and ``describe()`` says so.
 ``feed="uint8"`` runs the engines ``build --feed uint8`` made, with the
@@ -302,6 +303,10 @@ class TensorRTBackend(InferenceBackend):
             return "off (ARMSCOPE_CUDA_GRAPHS=0 or cuda_graphs=False)"
         if not self.cuda.graphs_supported:
             return f"not used with {self.cuda.flavour} (stream capture is driven through cuda-python)"
+        if self.max_batch > 1:
+            # a graph replays the kernels of the shapes it was captured with; after a direct run at another
+            # batch size the execution context is no longer in that state (trtexec captures only final shapes)
+            return f"off (max_batch {self.max_batch}: a graph fixes the batch it was captured with)"
         shape = (1, *self.host_input.shape[1:])
         failed = [why for m in self.members if (why := m.capture(self.cuda, shape)) is not None]
         if failed:
@@ -317,7 +322,9 @@ class TensorRTBackend(InferenceBackend):
                 self.cuda.make_current()
             except ArmscopeError:
                 pass
+            self.cuda.destroy_graphs()   # they hold the contexts' kernels and scratch memory: first
         for member in self.members:
+            member.graphs = {}
             member.context = None
             member.engine = None
         self.members = []
