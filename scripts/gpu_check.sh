@@ -120,7 +120,8 @@ done
 # resized on the device), compared with ONNX Runtime on the CPU-preprocessed float32 frames, and the
 # daemon fed the crop
 if step front 120 $ARMSCOPE front --bundle "$WORK/demo" --images samples/frames \
-   && step build-fp16-uint8 240 $ARMSCOPE build "$WORK/demo" --precision fp16 --feed uint8 --out "$WORK/demo-fp16"; then
+   && step build-fp16-uint8 240 $ARMSCOPE build "$WORK/demo" --precision fp16 --feed uint8 --out "$WORK/demo-fp16" \
+        --holdout samples/frames; then
   dp=$($ARMSCOPE classify --bundle "$WORK/demo" --backend auto --feed uint8 --json "$WORK/u8.json" samples/frames/*.jpg \
          >/dev/null 2>&1 && $ARMSCOPE classify --bundle "$WORK/demo" --backend onnxruntime --json "$WORK/ref.json" \
          samples/frames/*.jpg >/dev/null 2>&1 && $PY -c "

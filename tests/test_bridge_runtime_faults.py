@@ -256,6 +256,20 @@ def test_header_stale_after_ms_is_capped(tmp_path, caplog):
         daemon.close()
 
 
+def test_a_window_equal_to_the_cap_is_not_called_capped(tmp_path, caplog):
+    display, bridge = feed_bridge(tmp_path, max_stale_ms=1001)
+    daemon = FakeDaemon(stale_after_ms=1001)   # 1001 / 1000 * 1000 is not 1001 in floating point
+    try:
+        with caplog.at_level("WARNING", logger="armscope.firmware_bridge.bridge"):
+            bridge.feed(daemon.status_frames("running"))
+            bridge.feed(daemon.overlay_frames(OVERLAY))
+        assert bridge.displayed == "overlay"
+        assert not [r for r in caplog.records if "caps them" in r.getMessage()]
+    finally:
+        bridge.close()
+        daemon.close()
+
+
 # ---------------------------------------------------------------- display link
 
 

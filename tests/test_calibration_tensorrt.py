@@ -132,6 +132,7 @@ def test_build_without_gpu_prepares_fp16_and_says_where_engines_are_built(tmp_pa
     assert main(["build", str(out), "--precision", "int8", "--out", str(tmp_path / "y")]) == 2  # fp16 -> int8
 
 
+@pytest.mark.skipif(__import__("armscope.calibration.trt_build", fromlist=["x"]).gpu_info() is not None, reason="needs a machine without a GPU")
 def test_build_feed_uint8_needs_the_front_and_names_the_device_command(tmp_path, one_member, capsys):
     """``build --feed uint8`` without a GPU: refused (naming ``armscope front``) for a
     bundle without the front, refused with implicit INT8 (its calibrator feeds float32

@@ -153,6 +153,10 @@ def test_errors_are_one_clear_line(fronted, tmp_path):
         open_backend(load_bundle(DEMO), "onnxruntime", feed="uint8")
     with pytest.raises(ArmscopeError, match="feed 'rgb': expected one of float32, uint8"):
         open_backend(load_bundle(fronted), "onnxruntime", feed="rgb")
+    with open_backend(load_bundle(fronted), "onnxruntime", feed="uint8") as backend:
+        spec = load_bundle(fronted).preprocessing
+        with pytest.raises(ArmscopeError, match="feed uint8: expected the camera crops as uint8 BGR, got float32"):
+            backend.infer(np.zeros((1, spec.center_crop, spec.center_crop, 3), np.float32))
     tampered = tmp_path / "bundle"
     shutil.copytree(fronted, tampered)
     data = bytearray((tampered / front.FILE).read_bytes())
@@ -255,7 +259,12 @@ def test_bundles_derived_from_a_fronted_bundle_keep_its_front(fronted, tmp_path,
     frame = load_image(FRAMES[0])
     for root in (tmp_path / "fp16", tmp_path / "one"):
         derived = load_bundle(root)   # verifies the front's sha256 against the copied manifest block
-        assert front.entry(derived) == front.entry(load_bundle(fronted))
+        source = front.entry(load_bundle(fronted))
+        block = front.entry(derived)
+        assert block["sha256"] == source["sha256"] and block["parity"]["max_abs_pixel"] == 0
+        # measured on the source's graphs; bit-identical pixels carry it over, and the block says so
+        assert block["parity"]["measured_on"]["ensemble_sha256"] == load_bundle(fronted).manifest["ensemble"]["sha256"]
+        assert block["parity"]["decision_flips"] == 0 and "bit-identical" in block["parity"]["note"]
         with open_backend(derived, "onnxruntime", feed="uint8") as u8, open_backend(derived, "onnxruntime") as f32:
             got = u8.infer(front.camera_crop(frame, derived.preprocessing)[None])["probs"]
             want = f32.infer(preprocess_frame(frame, derived.preprocessing)[None])["probs"]

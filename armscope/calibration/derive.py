@@ -52,19 +52,35 @@ def move_graphs(source: Bundle, src_folder: Path, stage: Path) -> None:
         shutil.move(str(src_folder / entry["file"]), str(dst))
 
 
-def copy_front(source: Bundle, stage: Path) -> None:
+def copy_front(source: Bundle, stage: Path, manifest: dict) -> None:
     """The source's uint8 front (``armscope.core.front``), if it has one, into a bundle
-    derived from it: the manifest's ``uint8_front`` block names the file and its sha256,
-    and the front takes the camera crop and makes the float32 input every precision's
-    graphs take, so it is the same file for the FP16, INT8 or subset bundle."""
+    derived from it (FP16, INT8, a subset of members), and its ``uint8_front`` block
+    into that bundle's ``manifest``. The front takes the camera crop and makes the
+    float32 input every precision's graphs take, so it is the same file. Its parity
+    was measured on the source's graphs: where the front made exactly the CPU's pixels
+    (max |pixel| 0) every graph gets the same input either way and the parity holds
+    for this bundle too; otherwise the probability part is not claimed for it."""
     block = source.manifest.get("uint8_front")
-    if block is not None:
-        shutil.copy2(source.root / block["file"], stage / block["file"])
+    if block is None:
+        manifest.pop("uint8_front", None)
+        return
+    shutil.copy2(source.root / block["file"], stage / block["file"])
+    block = copy.deepcopy(block)
+    parity = block.get("parity", {})
+    parity["measured_on"] = {"bundle": source.manifest["name"], "ensemble_sha256": source.manifest["ensemble"]["sha256"]}
+    if parity.get("max_abs_pixel") != 0:
+        for key in ("max_abs_delta_p", "decision_flips", "cam_pearson_min"):
+            parity[key] = None
+        parity["note"] = ("the front's pixels differ from the CPU preprocessing, so its effect on this bundle's "
+                          "graphs is not measured: 'armscope front --bundle THIS --images FRAMES --force'")
+    else:
+        parity["note"] = "bit-identical input pixels: the same outputs for this bundle's graphs either way"
+    manifest["uint8_front"] = block
 
 
 def derived_manifest(source: Bundle, stage: Path, precision: str, block: dict, name_suffix: str) -> dict:
-    copy_front(source, stage)
     manifest = copy.deepcopy(source.manifest)
+    copy_front(source, stage, manifest)
     manifest["name"] = f"{source.manifest['name']}-{name_suffix}"
     manifest["created"] = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
     manifest["precision"] = precision
@@ -106,8 +122,8 @@ def subset_bundle(source: Bundle, members: list[int], out: Path, force: bool = F
             shutil.copy2(source.root / entry["file"], stage / entry["file"])
             paths.append(stage / entry["file"])
         onnx.save(merge_members(paths), str(stage / source.manifest["ensemble"]["file"]))
-        copy_front(source, stage)
         manifest = copy.deepcopy(source.manifest)
+        copy_front(source, stage, manifest)
         manifest["name"] = f"{source.manifest['name']}-members-{'-'.join(map(str, members))}"
         manifest["members"] = copy.deepcopy(picked)
         manifest["ensemble"] = {"file": source.manifest["ensemble"]["file"],

@@ -236,7 +236,8 @@ def _build_set(trt, graphs, onnx_of, final, index, engines_root, key, precision,
                     calibrator.cuda.close()
             index["engines"][graph] = {"file": file, "sha256": sha256_file(stage / file),
                                        "onnx_sha256": sha256_file(onnx_of[graph])}
-        same_settings = old is not None and all(old.get(k) == index[k] for k in ("max_batch", "int8_mode", "format"))
+        same_settings = old is not None and all(old.get(k) == index[k] for k in (
+            "max_batch", "int8_mode", "format", "feed", "front_sha256", "tf32", "compiled_from"))
         if same_settings:
             # engines of the other layout built earlier under this key and with these settings stay usable
             for graph, entry in old["engines"].items():

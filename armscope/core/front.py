@@ -189,16 +189,18 @@ def tf32_exact(front) -> tuple[bool, str]:
     elementwise layers are not affected by TF32. Returns (exact, why)."""
     from onnx import numpy_helper
 
-    matmul_inputs = {name for node in front.graph.node if node.op_type == "MatMul" for name in node.input}
-    weights = [numpy_helper.to_array(i) for i in front.graph.initializer if i.name in matmul_inputs]
-    if not weights:
+    constants = {i.name: numpy_helper.to_array(i).astype(np.float64) for i in front.graph.initializer}
+    # (weights, the axis summed into one output): A @ X sums A's last axis, X @ B sums B's second-last
+    used = [(constants[name], -1 if position == 0 else -2) for node in front.graph.node if node.op_type == "MatMul"
+            for position, name in enumerate(node.input) if name in constants]
+    if not used:
         return True, "no MatMul in the front (Gather form): TF32 does not apply"
-    values = np.concatenate([w.ravel().astype(np.float64) for w in weights])
-    scaled = values * 8
-    if not np.array_equal(scaled, np.round(scaled)) or np.abs(values).max() > 1:
-        return False, ("the front's MatMul weights are not all multiples of 1/8, so TF32 would round its "
-                       "intermediate pixels")
-    return True, "every MatMul weight is a multiple of 1/8: exact in TF32 (8 + 3 significant bits)"
+    for weights, axis in used:
+        scaled = weights * 8
+        if (weights < 0).any() or (weights.sum(axis=axis) > 1 + 1e-12).any() or not np.array_equal(scaled, np.round(scaled)):
+            return False, ("the front's MatMul weights are not all non-negative multiples of 1/8 summing to at "
+                           "most 1 per output, so TF32 would round its intermediate pixels")
+    return True, "every MatMul weight is a non-negative multiple of 1/8, at most 1 per output: exact in TF32"
 
 
 def compose(front_path: Path, graph_path: Path, out_path: Path) -> Path:

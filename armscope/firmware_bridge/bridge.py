@@ -161,7 +161,8 @@ class Bridge:
         self.curve = curve
         self.context = context
         self.poll_interval = float(poll_interval)
-        self.max_stale_s = float(max_stale_ms) / 1000.0
+        self.max_stale_ms = float(max_stale_ms)
+        self.max_stale_s = self.max_stale_ms / 1000.0
         self.clock_mode = resolve_mode(clock_mode, connect)
         self.offset = OffsetEstimate()     # clock "offset": daemon monotonic -> bridge monotonic
         self._refused_versions: set = set()
@@ -252,8 +253,9 @@ class Bridge:
         if self._closed:
             return
         self._closed = True
+        blanked = False
         try:
-            self._blank(BLANK_EXIT, force=True)
+            blanked = self._blank(BLANK_EXIT, force=True)
         finally:
             try:
                 if self.subscriber is not None:
@@ -261,8 +263,12 @@ class Bridge:
             finally:
                 self.subscriber = None
                 self.display.close()
-                log.info("bridge closed: display blanked and released (stats(): %d overlays shown)",
-                         self.counts.get("shown", 0))
+                if blanked:
+                    log.info("bridge closed: display blanked and released (%d overlays shown)",
+                             self.counts.get("shown", 0))
+                else:
+                    log.error("bridge closed, but the display could NOT be blanked: it may still show the last "
+                              "overlay (armscope bridge blank --display URI)")
 
     def __enter__(self) -> "Bridge":
         self.start()
@@ -307,12 +313,11 @@ class Bridge:
         self.received[msg.topic] += 1
         self.last_message = received
         self.stale_s = min(float(h["stale_after_ms"]) / 1000.0, self.max_stale_s)
-        if h["stale_after_ms"] > self.max_stale_s * 1000.0 and self.capped_run != h["run_id"]:
+        if h["stale_after_ms"] > self.max_stale_ms and self.capped_run != h["run_id"]:
             self.capped_run = h["run_id"]   # safe (blank sooner), but the pathologist sees gaps: say so once a run
-            log.warning("bridge: the daemon keeps overlays valid %d ms (its stale_after_ms), --max-stale-ms caps them "
-                        "at %d ms: the eyepiece goes dark between overlays that come slower than that; raise "
-                        "--max-stale-ms if overlays that old are acceptable", h["stale_after_ms"],
-                        self.max_stale_s * 1000.0)
+            log.warning("bridge: the daemon keeps overlays valid %.10g ms (its stale_after_ms), --max-stale-ms caps them "
+                        "at %.10g ms: the eyepiece goes dark between overlays that come slower than that; raise "
+                        "--max-stale-ms if overlays that old are acceptable", h["stale_after_ms"], self.max_stale_ms)
         if h["run_id"] != self.run_id:
             if self.run_id is not None:
                 self.counts["run_changes"] += 1

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import logging
 
+from armscope.core import front
 from armscope.core.bundle import Bundle
 from armscope.core.errors import ArmscopeError
 from armscope.edge.backends.base import InferenceBackend
@@ -58,6 +59,7 @@ def open_backend(bundle: Bundle, kind: str = "auto", **options) -> InferenceBack
     ``armscope build --feed uint8`` made)."""
     if kind not in BACKENDS:
         raise ArmscopeError(f"backend {kind!r}: expected one of {', '.join(BACKENDS)}")
+    front.require(bundle, options.get("feed", "float32"))  # before any engine lookup: the missing front is the cause
     layout = options.get("layout", "auto")
     if kind == "auto":
         engines, why, loud = gpu_choice(bundle, "members" if layout == "auto" else layout,
