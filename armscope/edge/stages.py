@@ -250,6 +250,9 @@ class FrameStages:
         times["total"] = (t1 - frame.capture_mono) * 1000
         header["latency_ms"] = {k: round(v, 2) for k, v in times.items() if not k.startswith("_")}
         slide_id = self.slides.slide_id
+        # The field was classified: it counts for the slide even when too old to show, and before its overlay
+        # goes out, so a client that ends the slide on seeing an overlay finds that frame in the record.
+        self.slides.add(probs, slide_id, work.subtype)
         with self.last_lock:   # sent and recorded together: a snapshot asked for by a client that
             sent = self.publisher.send(protocol.TOPIC_OVERLAY, header, payload, slide_id)   # saw it finds it
             if sent is not None:
@@ -258,8 +261,6 @@ class FrameStages:
             rendered["latency_ms"] = header["latency_ms"]
             self.publisher.send(protocol.TOPIC_RENDERED, rendered, rendered_payload, slide_id)
         t2 = time.monotonic()
-        # The field was classified: it counts for the slide even when too old to show.
-        self.slides.add(probs, slide_id, work.subtype)
         if sent is None:
             self._stale_overlay(frame)
             return False
