@@ -4,10 +4,10 @@
 #   1. the CUDA runtime tests and benchmark (both CUDA flavours present; no TensorRT needed)
 #   2. with TensorRT importable: the `gpu` tests (one-member engines FP32/FP16/INT8, parity
 #      with ONNX Runtime, activation on another thread with each flavour, CUDA graphs on/off),
-#      then samples/demo_bundle built FP16, FP32, INT8 (in that order, as time allows), each
-#      checked against ONNX Runtime on the real frames and run through the daemon (bench,
-#      N frames on the GPU): the precision table in the report; then the uint8 front: FP16 engines
-#      built with --feed uint8, parity and the daemon fed the camera crop.
+#      then samples/demo_bundle built FP16, FP32, FP16 with the uint8 front (--feed uint8, the
+#      camera crop uploaded), INT8 (in that order, as time allows), each checked against ONNX
+#      Runtime on the real frames and run through the daemon (bench, N frames on the GPU): the
+#      precision table in the report.
 # Without a GPU (or without TensorRT) those parts are skipped and the report says so.
 #
 # Offline wheels: for a GPU machine without network access, put the wheels this project
@@ -60,7 +60,7 @@ TRT=$($PY -c "from armscope.gpu.trt_env import tensorrt_available; print(int(ten
 note "## results"
 if [ -z "$GPU" ]; then
   note "- SKIP everything that needs a GPU: no NVIDIA GPU found (cuda-python, pycuda, nvidia-smi). Not run:"
-  note "  CUDA runtime tests, TensorRT engine builds (FP32/FP16/INT8), parity vs ONNX Runtime, daemon on the GPU,"
+  note "  CUDA runtime tests, TensorRT engine builds (FP32/FP16/INT8, FP16 with the uint8 front), parity vs ONNX Runtime, daemon on the GPU,"
   note "  precision benchmark. What the GPU tests would run, collected and skipped here:"
   step gpu-tests-collected 120 $PY -m pytest -q -p no:cacheprovider -rs tests/test_cuda_runtime.py \
     tests/test_calibration_tensorrt.py -m "gpu or cuda"
@@ -91,12 +91,13 @@ import json; a, r = (json.load(open(f))['images'] for f in ('$WORK/auto.json', '
 assert json.load(open('$WORK/auto.json'))['backend']['backend'] == 'tensorrt', 'auto did not run TensorRT'
 print(max(abs(x['probs'][c] - y['probs'][c]) for x, y in zip(a, r) if x['probs'] for c in x['probs']))"
 }
-for precision in fp16 fp32 int8; do
+precision_row() {  # build one precision into the demo copy, check parity, run the daemon: one table row
+  local precision=$1
   extra=""; compiled="$WORK/demo"
   if [ $precision != fp32 ]; then extra="--out $WORK/demo-$precision --holdout samples/frames"; compiled="$WORK/demo-$precision"; fi
   if [ $precision = int8 ]; then
     step calib 60 $ARMSCOPE calibration-set samples/he/cmu-small-region --out "$WORK/calib.npz" --size 8 \
-      --frame-size 1600x1200 --bundle "$WORK/demo" || continue
+      --frame-size 1600x1200 --bundle "$WORK/demo" || return
     extra="$extra --calib $WORK/calib.npz"
   fi
   if step build-$precision 240 $ARMSCOPE build "$WORK/demo" --precision $precision $extra; then
@@ -115,7 +116,11 @@ assert r['backend']['backend'] == 'tensorrt', r['backend']; print(r['fps'], r['l
   else
     note "| $precision | failed (see $precision build log) | - | - | - |"
   fi
-done
+}
+# FP16 and FP32 first, then the uint8 front (its reason to exist: the upload), then INT8 (calibration
+# and a Q/DQ build, the longest): what is left out when time runs short is the least asked for
+precision_row fp16
+precision_row fp32
 # the uint8 front on the GPU: FP16 engines with the front inside (the camera crop uploaded as uint8,
 # resized on the device), compared with ONNX Runtime on the CPU-preprocessed float32 frames, and the
 # daemon fed the crop
@@ -139,6 +144,7 @@ assert r['backend']['feed'] == 'uint8', r['backend']; print(r['fps'], r['latency
 else
   note "| fp16, feed uint8 | failed (see the front / build-fp16-uint8 logs) | - | - | - |"
 fi
+precision_row int8
 cp -r "$WORK/demo/engines" "$OUT/engines_index" 2>/dev/null && find "$OUT/engines_index" -name '*.engine' -delete
 note ""; note "finished in $SECONDS s"
 cat "$REPORT"
