@@ -91,6 +91,17 @@ import json; a, r = (json.load(open(f))['images'] for f in ('$WORK/auto.json', '
 assert json.load(open('$WORK/auto.json'))['backend']['backend'] == 'tensorrt', 'auto did not run TensorRT'
 print(max(abs(x['probs'][c] - y['probs'][c]) for x, y in zip(a, r) if x['probs'] for c in x['probs']))"
 }
+daemon_bench() {  # NAME FEED: the daemon on the demo copy with --backend auto for N frames; prints "fps p50"
+  printf 'bundle = "%s"\nsource = "dir://%s/samples/frames/?fps=30&loop=1"\nbackend = "auto"\nfeed = "%s"\n' \
+    "$WORK/demo" "$PWD" "$2" > "$WORK/run_$1.toml"
+  # step's line goes to the report and stderr: stdout carries only "fps p50" for the caller's read
+  if step bench-$1 120 $ARMSCOPE bench --config "$WORK/run_$1.toml" --frames "$FRAMES_N" --json "$OUT/bench_$1.json" >&2; then
+    $PY -c "import json; r = json.load(open('$OUT/bench_$1.json')); b = r['backend']
+assert b['backend'] == 'tensorrt' and b['feed'] == '$2', b; print(r['fps'], r['latency_ms']['inference']['p50'])" 2>&1 | tail -1
+  else
+    echo "- -"
+  fi
+}
 precision_row() {  # build one precision into the demo copy, check parity, run the daemon: one table row
   local precision=$1
   extra=""; compiled="$WORK/demo"
@@ -102,16 +113,7 @@ precision_row() {  # build one precision into the demo copy, check parity, run t
   fi
   if step build-$precision 240 $ARMSCOPE build "$WORK/demo" --precision $precision $extra; then
     dp=$(parity "$compiled" 2>&1 | tail -1)
-    cat > "$WORK/run.toml" <<TOML
-bundle = "$WORK/demo"
-source = "dir://$PWD/samples/frames/?fps=30&loop=1"
-backend = "auto"
-TOML
-    fps="-"; p50="-"
-    if step bench-$precision 120 $ARMSCOPE bench --config "$WORK/run.toml" --frames "$FRAMES_N" --json "$OUT/bench_$precision.json"; then
-      read -r fps p50 < <($PY -c "import json; r = json.load(open('$OUT/bench_$precision.json')); \
-assert r['backend']['backend'] == 'tensorrt', r['backend']; print(r['fps'], r['latency_ms']['inference']['p50'])" 2>&1 | tail -1)
-    fi
+    read -r fps p50 < <(daemon_bench "$precision" float32)
     note "| $precision | ok | $dp | $fps | $p50 |"
   else
     note "| $precision | failed (see $precision build log) | - | - | - |"
@@ -133,13 +135,7 @@ if step front 120 $ARMSCOPE front --bundle "$WORK/demo" --images samples/frames 
 import json; a, r = (json.load(open(f)) for f in ('$WORK/u8.json', '$WORK/ref.json'))
 assert a['backend']['backend'] == 'tensorrt' and a['backend']['feed'] == 'uint8', a['backend']
 print(max(abs(x['probs'][c] - y['probs'][c]) for x, y in zip(a['images'], r['images']) if x['probs'] for c in x['probs']))" 2>&1 | tail -1)
-  printf 'bundle = "%s"\nsource = "dir://%s/samples/frames/?fps=30&loop=1"\nbackend = "auto"\nfeed = "uint8"\n' \
-    "$WORK/demo" "$PWD" > "$WORK/run_u8.toml"
-  fps="-"; p50="-"
-  if step bench-fp16-uint8 120 $ARMSCOPE bench --config "$WORK/run_u8.toml" --frames "$FRAMES_N" --json "$OUT/bench_fp16_uint8.json"; then
-    read -r fps p50 < <($PY -c "import json; r = json.load(open('$OUT/bench_fp16_uint8.json')); \
-assert r['backend']['feed'] == 'uint8', r['backend']; print(r['fps'], r['latency_ms']['inference']['p50'])" 2>&1 | tail -1)
-  fi
+  read -r fps p50 < <(daemon_bench fp16-uint8 uint8)
   note "| fp16, feed uint8 (vs FP32 float32 on ONNX Runtime) | ok | $dp | $fps | $p50 |"
 else
   note "| fp16, feed uint8 | failed (see the front / build-fp16-uint8 logs) | - | - | - |"
