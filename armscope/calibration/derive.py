@@ -62,7 +62,6 @@ def copy_front(source: Bundle, stage: Path, manifest: dict) -> None:
     for this bundle too; otherwise the probability part is not claimed for it."""
     block = source.manifest.get("uint8_front")
     if block is None:
-        manifest.pop("uint8_front", None)
         return
     shutil.copy2(source.root / block["file"], stage / block["file"])
     block = copy.deepcopy(block)

@@ -50,7 +50,7 @@ from armscope.calibration.trt_engine import (  # noqa: F401  (read_calibration_c
     build_engine, make_entropy_calibrator, read_calibration_cache,
 )
 from armscope.gpu.engines import (
-    ENGINE_DIR, FEEDS, LAYOUTS, TIMING_CACHE, engine_key, graphs_for, new_index, write_index,
+    ENGINE_DIR, FEEDS, LAYOUTS, TIMING_CACHE, build_command, engine_key, graphs_for, new_index, write_index,
 )
 from armscope.gpu.trt_env import (  # noqa: F401  (re-exported: callers import them from here)
     JETSON_TENSORRT, gpu_info, import_cudart, require_tensorrt, strongly_typed_only, tensorrt_available, trt_logger,
@@ -144,15 +144,9 @@ def build_bundle(bundle_dir: Path, precision: str, calib: Path | None = None, wo
     implicit = precision == "int8" and int8_mode == "implicit"
     if gpu is None:
         why = "TensorRT is not installed" if not tensorrt_available() else "no NVIDIA GPU was found"
-        cmd = f"armscope build {bundle.root} --precision {precision}"
-        if target is not bundle and out:
-            cmd += f" --out {target.root}"
-        if implicit:
-            cmd += f" --int8-mode implicit --calib {calib}"
-        if layout == "merged":
-            cmd += " --layout merged"
-        if feed == "uint8":
-            cmd += " --feed uint8"
+        options = (f" --out {target.root}" if target is not bundle and out else "") + (
+            f" --int8-mode implicit --calib {calib}" if implicit else "")
+        cmd = build_command(bundle, precision, layout, feed, options)
         return {"bundle": str(bundle.root), "compiled": str(target.root), "engines": None,
                 "message": f"{why}: engines are built on the target device (with {bundle.root}"
                            + (f" and {target.root}" if target is not bundle else "") + f") with: {cmd}"}
@@ -174,9 +168,10 @@ def build_bundle(bundle_dir: Path, precision: str, calib: Path | None = None, wo
     shape = tuple(target.manifest["inputs"][0]["shape"][1:])
     tf32, composed_dir = True, None
     if feed == "uint8":  # each graph behind the bundle's uint8 front, as TensorRT will parse it
-        crop = bundle.preprocessing.center_crop
-        shape = (crop, crop, 3)
-        tf32, why = front.tf32_exact(onnx_load(bundle.root / front.entry(bundle)["file"]))
+        import onnx
+
+        shape = front.crop_shape(bundle.preprocessing)
+        tf32, why = front.tf32_exact(onnx.load(str(bundle.root / front.entry(bundle)["file"])))
         print(f"uint8 front: {why}" + ("" if tf32 else "; TF32 off for this build (FP32 layers at full precision)"))
         composed_dir, paths = front.composed(bundle, [onnx_of[g] for g in graphs])
         onnx_of = dict(onnx_of, **dict(zip(graphs, paths)))
@@ -202,12 +197,6 @@ def build_bundle(bundle_dir: Path, precision: str, calib: Path | None = None, wo
                        f"--backend auto{' --feed uint8' if feed == 'uint8' else ''}' with {bundle.root} use them"
                        + (f" (this set also holds {', '.join(g for g in built if g not in graphs)})"
                           if len(built) > len(graphs) else "")}
-
-
-def onnx_load(path: Path):
-    import onnx
-
-    return onnx.load(str(path))
 
 
 def _build_set(trt, graphs, onnx_of, final, index, engines_root, key, precision, implicit, calib_set, *,

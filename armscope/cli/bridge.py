@@ -17,6 +17,7 @@ import argparse
 import json
 import sys
 
+from armscope.core import protocol
 from armscope.core.argtypes import number
 from armscope.core.errors import ArmscopeError, output_file_problem
 
@@ -213,8 +214,8 @@ def add_parsers(sub) -> None:
                    help="staleness also from the capture time: mono (same host), offset (another host: the clock "
                    "offset estimated from the heartbeats), wall (synchronised clocks), receipt (bridge clock only), "
                    "auto (mono for loopback/ipc endpoints, else offset); docs/protocol.md 1.5")
-    p.add_argument("--max-stale-ms", type=number(0.0, 3_600_000.0, above=True), default=5000.0,
-                   help="cap on the daemon's stale_after_ms")
+    p.add_argument("--max-stale-ms", type=number(0.0, 3_600_000.0, above=True), default=protocol.BRIDGE_MAX_STALE_MS,
+                   help="cap on the daemon's stale_after_ms (default %(default)g)")
     p.add_argument("--poll-ms", type=number(0.0, 1000.0, above=True), default=50.0,
                    help="watchdog poll interval, ms (<= 1000)")
     p.add_argument("--stats-interval", type=SECONDS, default=10.0, help="log counters every N s (0 = never)")

@@ -232,6 +232,11 @@ def entry(bundle) -> dict | None:
     return bundle.manifest.get("uint8_front")
 
 
+def crop_shape(spec: Preprocessing) -> tuple[int, int, int]:
+    """(C, C, 3): one camera crop as the front takes it (its input is N of them)."""
+    return (spec.center_crop, spec.center_crop, 3)
+
+
 def camera_crop(frame_bgr: np.ndarray, spec: Preprocessing, source: str = "frame") -> np.ndarray:
     """What the front takes for one frame: the centre crop, uint8 BGR (C, C, 3),
     contiguous (a runtime's input buffer), nothing else done on the host."""

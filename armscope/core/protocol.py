@@ -60,6 +60,9 @@ TOPICS = (TOPIC_OVERLAY, TOPIC_STATUS, TOPIC_RENDERED)
 SUBSCRIBE_DEFAULT = (TOPIC_OVERLAY, TOPIC_STATUS)
 
 DEFAULT_PUBLISH = "tcp://127.0.0.1:5556"
+# The bridge's default cap on a message's stale_after_ms (``--max-stale-ms``): the daemon warns
+# when the window it derives is longer, since such a bridge blanks between its overlays
+BRIDGE_MAX_STALE_MS = 5000.0
 
 # Daemon states carried by every ``status`` message (``state`` field).
 STATE_STARTING = "starting"      # opening the backend / source; nothing classified yet

@@ -19,7 +19,7 @@ frame rate and ZeroMQ, not inference, set the pace); the margin covers
 preprocessing, rendering and scheduling noise. An inference time of 2.75 s
 per frame (a full-size five-member DenseNet-121 ensemble on a small CPU,
 BENCHMARKS.md section 2) gets ~8.8 s: there the eyepiece shows overlays up to that old, and the bridge's own
-``--max-stale-ms`` (default 5000) still caps what it shows. The daemon logs the
+``--max-stale-ms`` (default ``protocol.BRIDGE_MAX_STALE_MS``, 5000) still caps what it shows. The daemon logs the
 measured T and the window it chose.
 """
 from __future__ import annotations

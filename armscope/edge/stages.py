@@ -22,7 +22,7 @@ import numpy as np
 from armscope.core import protocol
 from armscope.core.decision import decide
 from armscope.core.overlay import heat_rgba
-from armscope.core.front import camera_crop
+from armscope.core.front import camera_crop, crop_shape
 from armscope.core.preprocess import crop_box, gate_region, preprocess_frame
 from armscope.edge import pacing
 from armscope.edge.capture import Frame
@@ -160,7 +160,7 @@ class FrameStages:
         size = self.bundle.input_size
         crop = None   # feed uint8: a mid-grey camera crop, so the front's resize is timed too
         if self.config.feed == "uint8":
-            crop = np.full((1, self.spec.center_crop, self.spec.center_crop, 3), 128, np.uint8)
+            crop = np.full((1, *crop_shape(self.spec)), 128, np.uint8)
         frame_ms = pacing.time_inference_ms(self.backend.infer, size, crop)
         frame_ms += max((pacing.time_inference_ms(b.infer, size, crop) for b in self.step_backends.values()),
                         default=0.0)
@@ -170,9 +170,9 @@ class FrameStages:
         self.gap_watch.stale_after_ms = float(window)
         log.info("stale_after_ms auto: %d ms from %.0f ms per frame measured here (3 x frame + %d ms, at least %d)",
                  window, frame_ms, pacing.MARGIN_MS, pacing.FLOOR_MS)
-        if window > 5000:
+        if window > protocol.BRIDGE_MAX_STALE_MS:
             log.warning("stale_after_ms auto = %d ms: overlays may be up to that old on this machine; a bridge with "
-                        "the default --max-stale-ms 5000 blanks them sooner", window)
+                        "the default --max-stale-ms %g blanks them sooner", window, protocol.BRIDGE_MAX_STALE_MS)
 
     def _infer(self, work: Work) -> Work:
         """Step one, and for a cascade bundle the second step its decision

@@ -143,7 +143,7 @@ class Bridge:
         curve: dict | None = None,
         context=None,
         poll_interval: float = 0.05,
-        max_stale_ms: float = 5000.0,
+        max_stale_ms: float = protocol.BRIDGE_MAX_STALE_MS,
         clock_mode: str = "auto",
         stats_interval: float = 10.0,
         label: bool = False,

@@ -166,8 +166,10 @@ def mismatch(index: dict, source_sha256: str, trt_version: str, gpu: dict, dla_c
 
 
 def build_command(bundle: Bundle, precision: str | None = None, layout: str = "members",
-                  feed: str = "float32") -> str:
-    cmd = f"armscope build {bundle.root} --precision {precision or bundle.manifest['precision']}"
+                  feed: str = "float32", options: str = "") -> str:
+    """The ``armscope build`` command that makes these engines; ``options``: more of its
+    options (``--out``, ``--int8-mode``), placed after ``--precision``."""
+    cmd = f"armscope build {bundle.root} --precision {precision or bundle.manifest['precision']}{options}"
     return cmd + (" --layout merged" if layout == "merged" else "") + (" --feed uint8" if feed == "uint8" else "")
 
 

@@ -45,6 +45,8 @@ class InferenceBackend(ABC):
     """
 
     name: str = "abstract"
+    #: what infer() takes: float32 frames, or with "uint8" the camera crops (the bundle's uint8 front)
+    feed: str = "float32"
     #: infer() only on the thread that activated (a CUDA context is current per thread)
     thread_bound: bool = False
 
@@ -102,10 +104,10 @@ class InferenceBackend(ABC):
         if self.thread_bound and owner is not threading.current_thread():
             raise ArmscopeError(f"{self.name} backend: activated on thread {owner.name!r}, infer() called on "
                                 f"{threading.current_thread().name!r}; activate it on the thread that infers")
-        if getattr(self, "feed", "float32") == "uint8" and np.asarray(images).dtype != np.uint8:
+        dtype = np.asarray(images).dtype
+        if self.feed == "uint8" and dtype != np.uint8:
             # a float frame cast to uint8 would be read as camera bytes: refuse, never convert
-            raise ArmscopeError(f"{self.name} backend, feed uint8: expected the camera crops as uint8 BGR, got "
-                                f"{np.asarray(images).dtype}")
+            raise ArmscopeError(f"{self.name} backend, feed uint8: expected the camera crops as uint8 BGR, got {dtype}")
         return self._infer(images)
 
     def describe(self) -> dict:

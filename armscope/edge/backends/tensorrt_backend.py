@@ -285,8 +285,7 @@ class TensorRTBackend(InferenceBackend):
         """(shape at the requested batch, dtype, tensor name) of the engines' input: the
         preprocessed frame, or with feed uint8 the camera crop the front takes."""
         if self.feed == "uint8":
-            crop = self.bundle.preprocessing.center_crop
-            return (self.requested_batch, crop, crop, 3), np.uint8, front.INPUT
+            return (self.requested_batch, *front.crop_shape(self.bundle.preprocessing)), np.uint8, front.INPUT
         return (self.requested_batch, *self.bundle.manifest["inputs"][0]["shape"][1:]), np.float32, "image"
 
     def _zero_copy_decision(self) -> tuple[bool, str]:
