@@ -181,3 +181,20 @@ def running(bundle_dir, source, tmp_path, wait_bound=True, **overrides):
         thread.join(60)
         assert not thread.is_alive(), "daemon did not stop within 60 s"
         assert result.get("rc") == 0
+
+
+def raw_request(endpoint: str, frames: list[bytes], timeout_ms: int = 5000) -> bytes | None:
+    """One request of any frames (well-formed or not) on a fresh REQ socket: the
+    reply's bytes, or None when none came within ``timeout_ms``."""
+    import zmq
+
+    sock = zmq.Context.instance().socket(zmq.REQ)
+    sock.setsockopt(zmq.LINGER, 0)
+    try:
+        sock.connect(endpoint)
+        sock.send_multipart(frames)
+        if not sock.poll(timeout_ms, zmq.POLLIN):
+            return None
+        return sock.recv()
+    finally:
+        sock.close(0)

@@ -15,7 +15,7 @@ import zmq
 
 from armscope.core import protocol
 from bridge_runtime_support import running_bridge
-from daemon_support import pick_bundle, rss_kib, start, stop, wait_for
+from daemon_support import pick_bundle, raw_request, rss_kib, start, stop, wait_for
 
 pytestmark = pytest.mark.e2e   # `armscope run` as a real process, with a bridge
 from armscope.firmware_bridge.bridge import Bridge
@@ -81,26 +81,12 @@ def test_a_frozen_daemon_never_shows_an_overlay_from_before_the_freeze(bundle_di
     assert 1 <= len(warnings) <= 2, warnings
 
 
-def _request(endpoint, frames, timeout_ms=5000):
-    ctx = zmq.Context.instance()
-    sock = ctx.socket(zmq.REQ)
-    sock.setsockopt(zmq.LINGER, 0)
-    try:
-        sock.connect(endpoint)
-        sock.send_multipart(frames)
-        if not sock.poll(timeout_ms, zmq.POLLIN):
-            return None
-        return sock.recv()
-    finally:
-        sock.close(0)
-
-
 def test_no_client_message_disables_the_control_socket(bundle_dir, camera_frames, tmp_path):
     proc, publish, control, log_path = start(bundle_dir, f"image://{camera_frames[1]}?fps=5", tmp_path)
     try:
         assert protocol.control_request("status", control, timeout_ms=90_000)["ok"]
         # A multipart request: an error reply, not a dead socket.
-        reply = json.loads(_request(control, [b"status", b"x"]))
+        reply = json.loads(raw_request(control, [b"status", b"x"]))
         assert reply["ok"] is False and "one frame" in reply["error"]
         assert protocol.control_request("status", control)["ok"]
         # Raw bytes on the TCP port (not ZMTP).
@@ -112,15 +98,15 @@ def test_no_client_message_disables_the_control_socket(bundle_dir, camera_frames
         # JSON nested too deeply for the parser, under the size limit.
         deep = ('{"cmd": "status", "args": ' + "[" * 2000 + "]" * 2000 + "}").encode()
         assert len(deep) < 4096
-        reply = json.loads(_request(control, [deep]))
+        reply = json.loads(raw_request(control, [deep]))
         assert reply["ok"] is False and "nested too deeply" in reply["error"]
         # A 1 MB unknown command: refused without echoing it back.
         huge = b"x" * 1_000_000
-        raw_reply = _request(control, [huge])
+        raw_reply = raw_request(control, [huge])
         assert raw_reply is not None and len(raw_reply) < 300, len(raw_reply or b"")
         assert json.loads(raw_reply)["ok"] is False
         # Over ZMQ_MAXMSGSIZE: libzmq drops that connection; the socket lives on.
-        assert _request(control, [b"y" * 2_000_000], timeout_ms=1000) is None
+        assert raw_request(control, [b"y" * 2_000_000], timeout_ms=1000) is None
         # Every command still works.
         for command in ("pause", "resume", "slide start S-1", "slide end", "status"):
             reply = protocol.control_request(command, control)

@@ -16,13 +16,12 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
-import zmq
 
 from armscope.core import protocol
 from armscope.core.schema_files import problem
 
 from bridge_runtime_support import running_bridge
-from daemon_support import OS_PORT, free_endpoint, pick_bundle, running, wait_for
+from daemon_support import OS_PORT, free_endpoint, pick_bundle, raw_request, running, wait_for
 from repo_paths import DEMO_BUNDLE, TISSUE_BUNDLE
 
 pytestmark = pytest.mark.e2e   # a real daemon on real sockets
@@ -39,18 +38,11 @@ def ctl(daemon, command, timeout_ms=10000):
     return reply
 
 
-def raw_request(endpoint: str, frames: list[bytes], timeout_ms: int = 10000) -> dict:
+def json_request(endpoint: str, frames: list[bytes], timeout_ms: int = 10000) -> dict:
     """One request of any frames on a fresh REQ socket; the reply parsed."""
-    ctx = zmq.Context.instance()
-    sock = ctx.socket(zmq.REQ)
-    sock.setsockopt(zmq.LINGER, 0)
-    try:
-        sock.connect(endpoint)
-        sock.send_multipart(frames)
-        assert sock.poll(timeout_ms, zmq.POLLIN), f"no reply to {frames!r}"
-        return json.loads(sock.recv())
-    finally:
-        sock.close(0)
+    reply = raw_request(endpoint, frames, timeout_ms)
+    assert reply is not None, f"no reply to {frames!r}"
+    return json.loads(reply)
 
 
 def test_ports_the_os_chose_are_reported_and_answer(bundle_dir, camera_frames, tmp_path, caplog):
@@ -104,9 +96,9 @@ def test_saved_header_stopping_reason_and_echoed_cmd(bundle_dir, camera_frames, 
             seen = heard + more + rest
             # A request whose cmd is no string, or no request at all, still names what was sent, as a string.
             control = daemon.endpoints["control"]
-            replies = [raw_request(control, [frame]) for frame in
+            replies = [json_request(control, [frame]) for frame in
                        (b'{"cmd": 5}', b'{"cmd": null, "args": []}', b'{"cmd": ["status"]}', b"\xff\xfe", b"  ")]
-            replies.append(raw_request(control, [b"status", b"now"]))
+            replies.append(json_request(control, [b"status", b"now"]))
         stopping, _ = wait_for(sub, lambda m: m.header["state"] == "stopping", 30, topic="status")
     finally:
         if sub is not None:
